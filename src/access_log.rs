@@ -1,0 +1,240 @@
+//! The access log: one line per request, written by a dedicated thread.
+//!
+//! A request formats its own line (text or JSON) when it ends, then hands the line over a
+//! channel; the writer thread batches lines into a buffered writer and flushes whenever the
+//! channel runs dry, so a burst costs one write system call and a request never waits on
+//! the disk. If the writer falls behind, lines queue in memory rather than slow requests.
+
+use std::fmt::Write as _;
+use std::io::{self, Write};
+use std::net::SocketAddr;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use http::{Method, Uri, Version};
+
+use crate::config::{self, LogFormat};
+
+/// Where finished requests are reported.
+#[derive(Debug)]
+pub struct AccessLog {
+    format: LogFormat,
+    tx: Option<mpsc::Sender<String>>,
+}
+
+/// Everything known about one request when it ends.
+#[derive(Debug)]
+pub struct Record<'a> {
+    pub start_millis: u64,
+    pub client: SocketAddr,
+    pub listener: &'a str,
+    pub method: &'a Method,
+    pub uri: &'a Uri,
+    pub version: Version,
+    pub status: u16,
+    pub pool: Option<&'a str>,
+    pub backend: Option<&'a str>,
+    pub upstream: Option<Duration>,
+    pub total: Duration,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// Why Tether answered itself, or why the response was cut short.
+    pub error: Option<&'a str>,
+}
+
+impl AccessLog {
+    /// Opens the log and starts its writer thread; `Off` writes nothing and starts nothing.
+    pub fn open(cfg: &config::AccessLog) -> io::Result<AccessLog> {
+        if cfg.format == LogFormat::Off {
+            return Ok(AccessLog { format: LogFormat::Off, tx: None });
+        }
+        let out: Box<dyn Write + Send> = match &cfg.path {
+            None => Box::new(io::stdout()),
+            Some(p) => Box::new(std::fs::OpenOptions::new().create(true).append(true).open(p)?),
+        };
+        let (tx, rx) = mpsc::channel::<String>();
+        std::thread::Builder::new().name("access-log".into()).spawn(move || write_lines(rx, out))?;
+        Ok(AccessLog { format: cfg.format, tx: Some(tx) })
+    }
+
+    pub fn disabled() -> AccessLog {
+        AccessLog { format: LogFormat::Off, tx: None }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.tx.is_some()
+    }
+
+    pub fn write(&self, r: &Record<'_>) {
+        let Some(tx) = &self.tx else { return };
+        let mut line = String::with_capacity(256);
+        match self.format {
+            LogFormat::Json => format_json(&mut line, r),
+            _ => format_text(&mut line, r),
+        }
+        line.push('\n');
+        let _ = tx.send(line);
+    }
+}
+
+fn write_lines(rx: mpsc::Receiver<String>, out: Box<dyn Write + Send>) {
+    let mut out = io::BufWriter::with_capacity(64 * 1024, out);
+    while let Ok(line) = rx.recv() {
+        let _ = out.write_all(line.as_bytes());
+        while let Ok(line) = rx.try_recv() {
+            let _ = out.write_all(line.as_bytes());
+        }
+        let _ = out.flush();
+    }
+}
+
+fn version(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_09 => "HTTP/0.9",
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_11 => "HTTP/1.1",
+        Version::HTTP_2 => "HTTP/2.0",
+        Version::HTTP_3 => "HTTP/3.0",
+        _ => "HTTP/?",
+    }
+}
+
+fn millis(d: Duration) -> f64 {
+    (d.as_micros() as f64) / 1000.0
+}
+
+/// `2026-11-23T10:04:05.123Z 127.0.0.1:51234 web "GET /cart HTTP/1.1" 200 pool=shop
+/// backend=app-1 upstream_ms=1.204 total_ms=1.391 bytes_in=0 bytes_out=512`
+pub fn format_text(s: &mut String, r: &Record<'_>) {
+    crate::time::write_rfc3339(s, r.start_millis);
+    let _ = write!(s, " {} {} \"{} ", r.client, r.listener, r.method);
+    push_escaped(s, &r.uri.to_string(), false);
+    let _ = write!(
+        s,
+        " {}\" {} pool={} backend={}",
+        version(r.version),
+        r.status,
+        r.pool.unwrap_or("-"),
+        r.backend.unwrap_or("-")
+    );
+    match r.upstream {
+        Some(u) => {
+            let _ = write!(s, " upstream_ms={:.3}", millis(u));
+        }
+        None => s.push_str(" upstream_ms=-"),
+    }
+    let _ = write!(s, " total_ms={:.3} bytes_in={} bytes_out={}", millis(r.total), r.bytes_in, r.bytes_out);
+    if let Some(e) = r.error {
+        let _ = write!(s, " error={e}");
+    }
+}
+
+pub fn format_json(s: &mut String, r: &Record<'_>) {
+    s.push_str("{\"time\":\"");
+    crate::time::write_rfc3339(s, r.start_millis);
+    let _ = write!(s, "\",\"client\":\"{}\",\"listener\":", r.client);
+    push_json_str(s, r.listener);
+    let _ = write!(s, ",\"method\":");
+    push_json_str(s, r.method.as_str());
+    s.push_str(",\"uri\":");
+    push_json_str(s, &r.uri.to_string());
+    let _ = write!(s, ",\"protocol\":\"{}\",\"status\":{}", version(r.version), r.status);
+    s.push_str(",\"pool\":");
+    push_json_opt(s, r.pool);
+    s.push_str(",\"backend\":");
+    push_json_opt(s, r.backend);
+    match r.upstream {
+        Some(u) => {
+            let _ = write!(s, ",\"upstream_ms\":{:.3}", millis(u));
+        }
+        None => s.push_str(",\"upstream_ms\":null"),
+    }
+    let _ = write!(s, ",\"total_ms\":{:.3},\"bytes_in\":{},\"bytes_out\":{}", millis(r.total), r.bytes_in, r.bytes_out);
+    s.push_str(",\"error\":");
+    push_json_opt(s, r.error);
+    s.push('}');
+}
+
+fn push_json_opt(s: &mut String, v: Option<&str>) {
+    match v {
+        Some(v) => push_json_str(s, v),
+        None => s.push_str("null"),
+    }
+}
+
+fn push_json_str(s: &mut String, v: &str) {
+    s.push('"');
+    push_escaped(s, v, true);
+    s.push('"');
+}
+
+/// Escapes quotes, backslashes and control characters so a hostile path cannot forge a
+/// log line or break the JSON.
+fn push_escaped(s: &mut String, v: &str, json: bool) {
+    for c in v.chars() {
+        match c {
+            '"' => s.push_str("\\\""),
+            '\\' => s.push_str("\\\\"),
+            c if c.is_control() => {
+                if json {
+                    let _ = write!(s, "\\u{:04x}", c as u32);
+                } else {
+                    let _ = write!(s, "\\x{:02x}", c as u32);
+                }
+            }
+            c => s.push(c),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record<'a>(method: &'a Method, uri: &'a Uri) -> Record<'a> {
+        Record {
+            start_millis: 1_795_341_845_123,
+            client: "127.0.0.1:5000".parse().unwrap(),
+            listener: "web",
+            method,
+            uri,
+            version: Version::HTTP_11,
+            status: 200,
+            pool: Some("shop"),
+            backend: Some("app-1"),
+            upstream: Some(Duration::from_micros(1204)),
+            total: Duration::from_micros(1391),
+            bytes_in: 3,
+            bytes_out: 512,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn text_line_has_every_field() {
+        let (m, u) = (Method::GET, Uri::from_static("/cart?id=1"));
+        let mut s = String::new();
+        format_text(&mut s, &record(&m, &u));
+        assert_eq!(
+            s,
+            "2026-11-22T10:04:05.123Z 127.0.0.1:5000 web \"GET /cart?id=1 HTTP/1.1\" 200 pool=shop backend=app-1 \
+             upstream_ms=1.204 total_ms=1.391 bytes_in=3 bytes_out=512"
+        );
+    }
+
+    #[test]
+    fn json_line_parses_and_escapes() {
+        let (m, u) = (Method::POST, Uri::from_static("/a%22b"));
+        let mut r = record(&m, &u);
+        r.error = Some("backend \"x\"\n");
+        r.upstream = None;
+        let mut s = String::new();
+        format_json(&mut s, &r);
+        let v: serde_json::Value = serde_json::from_str(&s).unwrap();
+        assert_eq!(v["method"], "POST");
+        assert_eq!(v["status"], 200);
+        assert_eq!(v["error"], "backend \"x\"\n");
+        assert!(v["upstream_ms"].is_null());
+        assert_eq!(v["bytes_out"], 512);
+    }
+}

@@ -1,0 +1,256 @@
+//! Load-balancing algorithms: which backend of a pool takes a new request or session.
+//!
+//! A [`Balancer`] is built once per pool snapshot, off the request path, from the
+//! backends' weights. Picking reads that table and a few atomics, takes no lock and
+//! allocates nothing. The caller says which backends are eligible right now and what
+//! each one's load is (requests in flight) through two closures, so this module knows
+//! nothing of sockets, health checks or hyper and is tested as plain code.
+//!
+//! It does not decide affinity: a request that already belongs to a session is routed by
+//! `affinity` and only falls back to a balancer when its session must be placed.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::config::Algorithm;
+
+/// How a pool chooses among its eligible backends.
+#[derive(Debug)]
+pub struct Balancer {
+    algorithm: Algorithm,
+    /// Weight of each backend for new work; 0 means "takes no new work" (draining, disabled).
+    weights: Vec<u32>,
+    /// One period of NGINX's smooth weighted round robin over `weights`, as backend indices.
+    /// Round robin walks it with one shared counter; `random` and `p2c` sample it at random
+    /// positions, which is a weighted draw without any per-request arithmetic over weights.
+    sequence: Vec<u16>,
+    next: AtomicUsize,
+}
+
+impl Balancer {
+    /// Builds the tables for `weights` (index = backend index).
+    pub fn new(algorithm: Algorithm, weights: &[u32]) -> Balancer {
+        assert!(weights.len() <= usize::from(u16::MAX), "too many backends in one pool");
+        Balancer { algorithm, weights: weights.to_vec(), sequence: smooth_sequence(weights), next: AtomicUsize::new(0) }
+    }
+
+    pub fn algorithm(&self) -> Algorithm {
+        self.algorithm
+    }
+
+    /// Picks a backend among those for which `eligible` is true, using `load` (requests in
+    /// flight) for the load-aware algorithms. `None` when no backend with a non-zero weight
+    /// is eligible.
+    pub fn pick(&self, eligible: impl Fn(usize) -> bool, load: impl Fn(usize) -> u32) -> Option<usize> {
+        if self.sequence.is_empty() {
+            return None;
+        }
+        match self.algorithm {
+            Algorithm::RoundRobin => {
+                let start = self.next.fetch_add(1, Ordering::Relaxed);
+                self.walk(start, &eligible)
+            }
+            Algorithm::Random => self.walk(random_below(self.sequence.len()), &eligible),
+            Algorithm::LeastConn => self.least_loaded(&eligible, &load),
+            Algorithm::P2c => {
+                let a = self.walk(random_below(self.sequence.len()), &eligible)?;
+                // The second draw excludes the first so that the two choices are distinct
+                // whenever two eligible backends exist.
+                let b = self.walk(random_below(self.sequence.len()), &|i| i != a && eligible(i));
+                match b {
+                    Some(b) if self.lighter(b, a, &load) => Some(b),
+                    _ => Some(a),
+                }
+            }
+        }
+    }
+
+    /// The first eligible backend in the sequence from position `start` on.
+    fn walk(&self, start: usize, eligible: &impl Fn(usize) -> bool) -> Option<usize> {
+        let n = self.sequence.len();
+        (0..n).map(|k| usize::from(self.sequence[(start + k) % n])).find(|&i| eligible(i))
+    }
+
+    /// Weighted least load: the smallest `load / weight`, ties broken by a rotating start
+    /// so that idle backends share the work instead of the first one taking all of it.
+    fn least_loaded(&self, eligible: &impl Fn(usize) -> bool, load: &impl Fn(usize) -> u32) -> Option<usize> {
+        let n = self.weights.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut best: Option<usize> = None;
+        for k in 0..n {
+            let i = (start + k) % n;
+            if self.weights[i] == 0 || !eligible(i) {
+                continue;
+            }
+            best = match best {
+                Some(b) if !self.lighter(i, b, load) => Some(b),
+                _ => Some(i),
+            };
+        }
+        best
+    }
+
+    /// True when backend `a` carries strictly less load per unit of weight than `b`.
+    fn lighter(&self, a: usize, b: usize, load: &impl Fn(usize) -> u32) -> bool {
+        let (la, lb) = (u64::from(load(a)), u64::from(load(b)));
+        let (wa, wb) = (u64::from(self.weights[a].max(1)), u64::from(self.weights[b].max(1)));
+        la * wb < lb * wa
+    }
+}
+
+/// One period of smooth weighted round robin (the algorithm NGINX uses): every step each
+/// backend gains its weight, the one with the highest running total is chosen and loses
+/// the sum of all weights. The period is `sum / gcd` steps long and interleaves heavy and
+/// light backends instead of sending bursts to the heavy one.
+pub fn smooth_sequence(weights: &[u32]) -> Vec<u16> {
+    let g = weights.iter().copied().filter(|&w| w > 0).fold(0, gcd);
+    if g == 0 {
+        return Vec::new();
+    }
+    let reduced: Vec<i64> = weights.iter().map(|&w| i64::from(w / g)).collect();
+    let total: i64 = reduced.iter().sum();
+    let mut current = vec![0i64; weights.len()];
+    let mut sequence = Vec::with_capacity(total as usize);
+    for _ in 0..total {
+        let mut best = usize::MAX;
+        for (i, &w) in reduced.iter().enumerate() {
+            if w == 0 {
+                continue;
+            }
+            current[i] += w;
+            if best == usize::MAX || current[i] > current[best] {
+                best = i;
+            }
+        }
+        current[best] -= total;
+        sequence.push(best as u16);
+    }
+    sequence
+}
+
+fn gcd(a: u32, b: u32) -> u32 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+thread_local! {
+    static RNG: Cell<u64> = Cell::new(seed());
+}
+
+/// A per-thread seed; balancing needs spread, not secrecy, so the address of a local and
+/// the clock are enough.
+fn seed() -> u64 {
+    let local = 0u8;
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    (t ^ (&local as *const u8 as u64).rotate_left(32)) | 1
+}
+
+/// A uniform number below `n` from a per-thread xorshift64* generator.
+pub fn random_below(n: usize) -> usize {
+    RNG.with(|s| {
+        let mut x = s.get();
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        s.set(x);
+        // Multiply-shift maps the 64-bit draw onto 0..n without the bias of a modulo.
+        ((u128::from(x.wrapping_mul(0x2545_F491_4F6C_DD1D)) * n as u128) >> 64) as usize
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counts(b: &Balancer, n: usize, picks: usize, eligible: impl Fn(usize) -> bool) -> Vec<usize> {
+        let mut c = vec![0; n];
+        for _ in 0..picks {
+            c[b.pick(&eligible, |_| 0).unwrap()] += 1;
+        }
+        c
+    }
+
+    #[test]
+    fn smooth_sequence_interleaves_like_nginx() {
+        // NGINX's documented example: weights 5, 1, 1 give a a b a c a a, not a a a a a b c.
+        let s = smooth_sequence(&[5, 1, 1]);
+        assert_eq!(s, vec![0, 0, 1, 0, 2, 0, 0]);
+        assert_eq!(smooth_sequence(&[2, 2]), vec![0, 1]);
+        assert_eq!(smooth_sequence(&[0, 3]), vec![1]);
+        assert!(smooth_sequence(&[0, 0]).is_empty());
+    }
+
+    #[test]
+    fn round_robin_follows_weights_exactly() {
+        let b = Balancer::new(Algorithm::RoundRobin, &[1, 2, 3]);
+        assert_eq!(counts(&b, 3, 600, |_| true), vec![100, 200, 300]);
+    }
+
+    #[test]
+    fn round_robin_skips_ineligible() {
+        let b = Balancer::new(Algorithm::RoundRobin, &[1, 1, 1]);
+        let c = counts(&b, 3, 300, |i| i != 1);
+        assert_eq!(c[1], 0);
+        assert_eq!(c[0] + c[2], 300);
+        assert!(b.pick(|_| false, |_| 0).is_none());
+    }
+
+    #[test]
+    fn zero_weight_takes_no_new_work() {
+        for alg in [Algorithm::RoundRobin, Algorithm::Random, Algorithm::LeastConn, Algorithm::P2c] {
+            let b = Balancer::new(alg, &[1, 0, 1]);
+            let c = counts(&b, 3, 1000, |_| true);
+            assert_eq!(c[1], 0, "{alg:?}");
+        }
+    }
+
+    #[test]
+    fn random_is_weighted() {
+        let b = Balancer::new(Algorithm::Random, &[1, 3]);
+        let c = counts(&b, 2, 40_000, |_| true);
+        let share = c[1] as f64 / 40_000.0;
+        assert!((share - 0.75).abs() < 0.02, "share {share}");
+    }
+
+    #[test]
+    fn least_conn_prefers_the_least_loaded_per_weight() {
+        let b = Balancer::new(Algorithm::LeastConn, &[1, 1, 2]);
+        let load = [3u32, 1, 3];
+        // Per unit of weight: 3, 1, 1.5 → backend 1.
+        assert_eq!(b.pick(|_| true, |i| load[i]), Some(1));
+        let load = [3u32, 4, 3];
+        // 3, 4, 1.5 → backend 2.
+        assert_eq!(b.pick(|_| true, |i| load[i]), Some(2));
+        // Ties rotate rather than always choosing the first.
+        let seen: std::collections::HashSet<usize> = (0..6).map(|_| b.pick(|_| true, |_| 0).unwrap()).collect();
+        assert_eq!(seen.len(), 3);
+    }
+
+    #[test]
+    fn p2c_never_picks_the_heavier_of_two() {
+        let b = Balancer::new(Algorithm::P2c, &[1, 1]);
+        let load = [10u32, 0];
+        for _ in 0..200 {
+            assert_eq!(b.pick(|_| true, |i| load[i]), Some(1));
+        }
+        // With three backends the most loaded one can only win when drawn twice, which the
+        // distinct second draw forbids.
+        let b = Balancer::new(Algorithm::P2c, &[1, 1, 1]);
+        let load = [0u32, 5, 9];
+        for _ in 0..500 {
+            assert_ne!(b.pick(|_| true, |i| load[i]), Some(2));
+        }
+    }
+
+    #[test]
+    fn random_below_stays_in_range() {
+        for n in [1usize, 2, 7, 1000] {
+            for _ in 0..1000 {
+                assert!(random_below(n) < n);
+            }
+        }
+    }
+}

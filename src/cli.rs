@@ -1,0 +1,149 @@
+//! The command line: `tether run`, `tether check`, `tether demo`.
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config;
+use crate::demo::{self, DemoBackend};
+use crate::server::{self, Server};
+
+#[derive(Debug, Parser)]
+#[command(name = "tether", version, about = "An HTTP load balancer whose speciality is session persistence")]
+struct Cli {
+    /// More log output: -v for debug, -vv for trace (RUST_LOG overrides).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the balancer with a config file.
+    Run {
+        /// The config file.
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+        /// Worker threads, overriding `runtime.threads` (1 is the fastest per core).
+        #[arg(long)]
+        threads: Option<usize>,
+    },
+    /// Check a config file and exit: 0 when it is valid, 1 with located errors otherwise.
+    Check {
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Run three demo backends and a balancer in front of them, ready to curl.
+    Demo {
+        /// Port of the balancer on 127.0.0.1.
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        /// Port of the first demo backend; the others take the next two.
+        #[arg(long, default_value_t = 9001)]
+        backend_port: u16,
+        /// Worker threads.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    let result = match cli.command {
+        Command::Check { config } => match config::load(&config) {
+            Ok(c) => {
+                let backends: usize = c.pools.iter().map(|p| p.backends.len()).sum();
+                println!(
+                    "{}: ok ({} listeners, {} pools, {} backends)",
+                    config.display(),
+                    c.listeners.len(),
+                    c.pools.len(),
+                    backends
+                );
+                return ExitCode::SUCCESS;
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        Command::Run { config, threads } => run(config, threads),
+        Command::Demo { port, backend_port, threads } => run_demo(port, backend_port, threads),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+fn run(path: PathBuf, threads: Option<usize>) -> anyhow::Result<()> {
+    let mut config = match config::load(&path) {
+        Ok(c) => c,
+        Err(e) => anyhow::bail!("invalid config:\n{e}"),
+    };
+    if let Some(t) = threads {
+        anyhow::ensure!((1..=1024).contains(&t), "--threads must be 1 to 1024");
+        config.threads = t;
+    }
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), threads = config.threads, "starting tether");
+    server::runtime(config.threads)?
+        .block_on(async move { Server::start(config, Some(path)).await?.run_until_signal().await })
+}
+
+fn run_demo(port: u16, backend_port: u16, threads: usize) -> anyhow::Result<()> {
+    anyhow::ensure!(backend_port <= u16::MAX - 2, "--backend-port must leave room for three ports");
+    let ports = [backend_port, backend_port + 1, backend_port + 2];
+    let mut config = config::parse(&demo::config_text(port, ports), "<demo config>")?;
+    config.threads = threads.clamp(1, 1024);
+    server::runtime(config.threads)?.block_on(async move {
+        let mut backends = Vec::new();
+        for (i, p) in ports.iter().enumerate() {
+            let name = format!("app-{}", i + 1);
+            let b = DemoBackend::start(&name, SocketAddr::from(([127, 0, 0, 1], *p))).await.map_err(|e| {
+                anyhow::anyhow!(
+                    "demo backend {name}: cannot bind 127.0.0.1:{p}: {e} (choose others with --backend-port)"
+                )
+            })?;
+            backends.push(b);
+        }
+        let server = Server::start(config, None).await?;
+        let lb = server.addresses[0].1;
+        let list: Vec<String> = backends.iter().map(|b| format!("{} on {}", b.name, b.address)).collect();
+        println!(
+            "\nTether demo: a balancer on http://{lb}/ in front of three demo backends ({}).\n\
+             Each backend counts your visits in its own memory.\n\n\
+             Try, from another shell:\n\
+             \x20 curl -s http://{lb}/                  # round robin: app-1, app-2, app-3 in turn\n\
+             \x20 curl -s -b jar -c jar http://{lb}/    # a visitor with a cookie jar\n\
+             \x20 curl -s http://{lb}/headers           # the request as a backend sees it\n\n\
+             Every request is logged below. Stop with Ctrl-C.\n",
+            list.join(", ")
+        );
+        server.run_until_signal().await?;
+        drop(backends);
+        Ok(())
+    })
+}

@@ -1,0 +1,90 @@
+//! The configuration file as it is written: serde types that mirror the TOML one to one.
+//!
+//! Nothing here is validated beyond what serde checks (types, unknown keys); values that
+//! need checking are wrapped in [`Spanned`] so that `resolve` can point at the exact line
+//! and column when it rejects them. The rest of Tether never sees these types: it uses the
+//! resolved [`crate::config::Config`].
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct File {
+    #[serde(default)]
+    pub runtime: Runtime,
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    #[serde(default)]
+    pub access_log: AccessLog,
+    #[serde(default)]
+    pub listeners: Vec<Listener>,
+    /// Keyed by pool name; a `BTreeMap` so that iteration (and so error order) is stable.
+    #[serde(default)]
+    pub pools: BTreeMap<String, Spanned<Pool>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Runtime {
+    pub threads: Option<Spanned<i64>>,
+    pub shutdown_grace: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Timeouts {
+    pub connect: Option<Spanned<String>>,
+    pub request_header: Option<Spanned<String>>,
+    pub client_idle: Option<Spanned<String>>,
+    pub backend_response: Option<Spanned<String>>,
+    pub backend_idle: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLog {
+    pub format: Option<Spanned<String>>,
+    pub path: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listener {
+    pub name: Option<Spanned<String>>,
+    pub bind: Spanned<String>,
+    pub protocol: Option<Spanned<String>>,
+    /// Shorthand for one catch-all route to this pool.
+    pub pool: Option<Spanned<String>>,
+    #[serde(default)]
+    pub trusted_proxies: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    pub host: Option<Spanned<String>>,
+    pub path_prefix: Option<Spanned<String>>,
+    pub pool: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pool {
+    pub algorithm: Option<Spanned<String>>,
+    #[serde(default)]
+    pub backends: Vec<Spanned<Backend>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Backend {
+    pub name: Option<Spanned<String>>,
+    pub address: Spanned<String>,
+    pub weight: Option<Spanned<i64>>,
+    pub state: Option<Spanned<String>>,
+}

@@ -1,0 +1,620 @@
+//! Configuration: read a TOML file, check it, and resolve it into a [`Config`].
+//!
+//! Two stages, as ripgrep does with its flags: [`file`] mirrors the file for serde, then
+//! [`resolve`] validates every value and produces the plain, typed [`Config`] that the rest
+//! of Tether uses. Every error carries the file, line and column of the offending key or
+//! value and says what was expected; all errors of a file are reported at once. Only this
+//! module knows TOML. It does not open sockets or resolve names beyond `host:port` lookups.
+
+mod file;
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::ops::Range;
+use std::path::Path;
+use std::time::Duration;
+
+use toml::Spanned;
+
+// === resolved types ===
+
+/// The validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Worker threads; 1 runs a single-threaded runtime, which is the fastest per core.
+    pub threads: usize,
+    /// How long in-flight requests may take to finish after SIGTERM or SIGINT.
+    pub shutdown_grace: Duration,
+    pub timeouts: Timeouts,
+    pub access_log: AccessLog,
+    pub listeners: Vec<Listener>,
+    pub pools: Vec<Pool>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Timeouts {
+    /// TCP connect to a backend.
+    pub connect: Duration,
+    /// From the first byte of a request head to its end; a client dribbling its headers is cut off.
+    pub request_header: Duration,
+    /// How long a client keep-alive connection may sit with no request.
+    pub client_idle: Duration,
+    /// From sending a request to a backend to receiving its response head.
+    pub backend_response: Duration,
+    /// How long an idle pooled connection to a backend is kept for reuse.
+    pub backend_idle: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        // The defaults follow common practice: NGINX uses 60s for proxy_read_timeout and
+        // client_header_timeout; connect is kept short because a backend that takes longer
+        // than a few seconds to accept is better skipped for another one.
+        Timeouts {
+            connect: Duration::from_secs(3),
+            request_header: Duration::from_secs(10),
+            client_idle: Duration::from_secs(60),
+            backend_response: Duration::from_secs(60),
+            backend_idle: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AccessLog {
+    pub format: LogFormat,
+    /// `None` writes to standard output.
+    pub path: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Off,
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Listener {
+    pub name: String,
+    pub bind: SocketAddr,
+    pub trusted_proxies: Vec<Cidr>,
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Route {
+    /// Lower-case host without port; `None` matches any host.
+    pub host: Option<String>,
+    pub path_prefix: String,
+    /// Index into [`Config::pools`].
+    pub pool: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pool {
+    pub name: String,
+    pub algorithm: Algorithm,
+    pub backends: Vec<Backend>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Algorithm {
+    RoundRobin,
+    LeastConn,
+    P2c,
+    Random,
+}
+
+impl Algorithm {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Algorithm::RoundRobin => "round_robin",
+            Algorithm::LeastConn => "least_conn",
+            Algorithm::P2c => "p2c",
+            Algorithm::Random => "random",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Backend {
+    /// The backend's identity: it survives reloads and restarts.
+    pub name: String,
+    pub address: SocketAddr,
+    pub weight: u32,
+    pub state: AdminState,
+}
+
+/// What an operator allows a backend to take, independent of its health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminState {
+    Enabled,
+    Draining,
+    Disabled,
+}
+
+impl AdminState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdminState::Enabled => "enabled",
+            AdminState::Draining => "draining",
+            AdminState::Disabled => "disabled",
+        }
+    }
+}
+
+/// The largest weight a backend may have. Weights expand into a round-robin sequence whose
+/// length is their sum divided by their gcd, so a bound keeps that table small.
+pub const MAX_WEIGHT: u32 = 1000;
+
+/// An IP network such as `10.0.0.0/8`, used for trusted proxies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, canonical(ip)) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Cidr, String> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr =
+            addr.trim().parse().map_err(|_| format!("\"{s}\" is not an IP address or network like 10.0.0.0/8"))?;
+        let addr = canonical(addr);
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => match p.trim().parse::<u8>() {
+                Ok(p) if p <= max => p,
+                _ => return Err(format!("\"{s}\": prefix length must be 0 to {max}")),
+            },
+        };
+        Ok(Cidr { addr, prefix })
+    }
+}
+
+/// IPv4-mapped IPv6 addresses (`::ffff:1.2.3.4`) are treated as the IPv4 address they carry,
+/// so a dual-stack listener matches the same networks as an IPv4 one.
+pub fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => ip,
+        },
+        v4 => v4,
+    }
+}
+
+// === errors ===
+
+/// One problem in a config file, with where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Located {
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+/// Everything wrong with one config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    pub errors: Vec<Located>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.errors.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            if e.line == 0 {
+                write!(f, "{}: {}", self.file, e.message)?;
+            } else {
+                write!(f, "{}:{}:{}: {}", self.file, e.line, e.column, e.message)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+// === loading ===
+
+/// Reads and resolves a config file.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let file = path.display().to_string();
+    let src = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: file.clone(),
+        errors: vec![Located { line: 0, column: 0, message: format!("cannot read: {e}") }],
+    })?;
+    parse(&src, &file)
+}
+
+/// Parses and resolves config text; `file` is only used in error messages.
+pub fn parse(src: &str, file: &str) -> Result<Config, ConfigError> {
+    let parsed: file::File = toml::from_str(src).map_err(|e| {
+        let span = e.span().unwrap_or(0..0);
+        let mut message = e.message().trim().to_string();
+        if let Some(key) = key_at(src, span.start) {
+            if !message.contains(&key) {
+                message = format!("key `{key}`: {message}");
+            }
+        }
+        ConfigError { file: file.to_string(), errors: vec![locate(src, span, message)] }
+    })?;
+    let mut r = Resolver { src, errors: Vec::new() };
+    let config = r.resolve(parsed);
+    if r.errors.is_empty() {
+        Ok(config)
+    } else {
+        Err(ConfigError { file: file.to_string(), errors: r.errors })
+    }
+}
+
+/// The key written on the line of `offset`, if that line reads `key = ...`, so that serde's
+/// type errors (which carry only a span) can name the key too.
+fn key_at(src: &str, offset: usize) -> Option<String> {
+    let start = src[..offset.min(src.len())].rfind('\n').map_or(0, |i| i + 1);
+    let line = src[start..].lines().next()?;
+    let (key, _) = line.split_once('=')?;
+    let key = key.trim().trim_start_matches('{').trim();
+    let ok = !key.is_empty() && key.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '"'));
+    ok.then(|| key.to_string())
+}
+
+fn locate(src: &str, span: Range<usize>, message: String) -> Located {
+    let offset = span.start.min(src.len());
+    let before = &src[..offset];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rfind('\n').map_or(offset, |i| offset - i - 1) + 1;
+    Located { line, column, message }
+}
+
+/// Parses a duration such as `500ms`, `30s`, `5m`, `12h` or `1d`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, unit) = s.split_at(split);
+    let expected = || {
+        format!("\"{s}\" is not a duration: expected a number and a unit, like \"500ms\", \"30s\", \"5m\", \"12h\" or \"1d\"")
+    };
+    let n: u64 = digits.parse().map_err(|_| expected())?;
+    let d = match unit.trim() {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        "d" => Duration::from_secs(n.saturating_mul(86400)),
+        _ => return Err(expected()),
+    };
+    Ok(d)
+}
+
+struct Resolver<'a> {
+    src: &'a str,
+    errors: Vec<Located>,
+}
+
+impl Resolver<'_> {
+    fn error<T>(&mut self, at: &Spanned<T>, message: String) {
+        self.errors.push(locate(self.src, at.span(), message));
+    }
+
+    fn duration(&mut self, v: &Option<Spanned<String>>, key: &str, default: Duration) -> Duration {
+        let Some(v) = v else { return default };
+        match parse_duration(v.get_ref()) {
+            Ok(d) if d.is_zero() => {
+                self.error(v, format!("{key}: must be greater than zero"));
+                default
+            }
+            Ok(d) => d,
+            Err(e) => {
+                self.error(v, format!("{key}: {e}"));
+                default
+            }
+        }
+    }
+
+    fn resolve(&mut self, f: file::File) -> Config {
+        let threads = match &f.runtime.threads {
+            None => 1,
+            Some(t) if (1..=1024).contains(t.get_ref()) => *t.get_ref() as usize,
+            Some(t) => {
+                self.error(t, format!("runtime.threads: {} is out of range: expected 1 to 1024", t.get_ref()));
+                1
+            }
+        };
+        let shutdown_grace =
+            self.duration(&f.runtime.shutdown_grace, "runtime.shutdown_grace", Duration::from_secs(30));
+        let d = Timeouts::default();
+        let t = &f.timeouts;
+        let timeouts = Timeouts {
+            connect: self.duration(&t.connect, "timeouts.connect", d.connect),
+            request_header: self.duration(&t.request_header, "timeouts.request_header", d.request_header),
+            client_idle: self.duration(&t.client_idle, "timeouts.client_idle", d.client_idle),
+            backend_response: self.duration(&t.backend_response, "timeouts.backend_response", d.backend_response),
+            backend_idle: self.duration(&t.backend_idle, "timeouts.backend_idle", d.backend_idle),
+        };
+        let access_log = self.access_log(&f.access_log);
+
+        let pool_names: Vec<&String> = f.pools.keys().collect();
+        let mut pools = Vec::new();
+        for (name, pool) in &f.pools {
+            pools.push(self.pool(name, pool));
+        }
+        if f.pools.is_empty() {
+            self.errors.push(Located {
+                line: 1,
+                column: 1,
+                message: "no pools: add at least one [pools.NAME] with backends".into(),
+            });
+        }
+        if f.listeners.is_empty() {
+            self.errors.push(Located {
+                line: 1,
+                column: 1,
+                message: "no listeners: add at least one [[listeners]] with a bind address".into(),
+            });
+        }
+        let mut listeners = Vec::new();
+        let mut names = HashSet::new();
+        let mut binds = HashSet::new();
+        for (i, l) in f.listeners.iter().enumerate() {
+            let listener = self.listener(i, l, &pool_names);
+            if !names.insert(listener.name.clone()) {
+                let at = l.name.as_ref().unwrap_or(&l.bind);
+                self.error(at, format!("listener \"{}\": the name is used twice", listener.name));
+            }
+            if listener.bind.port() != 0 && !binds.insert(listener.bind) {
+                self.error(&l.bind, format!("listener \"{}\": bind {} is used twice", listener.name, listener.bind));
+            }
+            listeners.push(listener);
+        }
+        Config { threads, shutdown_grace, timeouts, access_log, listeners, pools }
+    }
+
+    fn access_log(&mut self, a: &file::AccessLog) -> AccessLog {
+        let format = match &a.format {
+            None => LogFormat::Text,
+            Some(v) => {
+                match v.get_ref().as_str() {
+                    "text" => LogFormat::Text,
+                    "json" => LogFormat::Json,
+                    "off" => LogFormat::Off,
+                    other => {
+                        self.error(v, format!("access_log.format: \"{other}\" is not a format: expected \"text\", \"json\" or \"off\""));
+                        LogFormat::Text
+                    }
+                }
+            }
+        };
+        let path = match &a.path {
+            None => None,
+            Some(p) if p.get_ref() == "-" => None,
+            Some(p) if p.get_ref().is_empty() => {
+                self.error(p, "access_log.path: must not be empty (use \"-\" for standard output)".into());
+                None
+            }
+            Some(p) => Some(p.get_ref().clone()),
+        };
+        AccessLog { format, path }
+    }
+
+    fn listener(&mut self, i: usize, l: &file::Listener, pools: &[&String]) -> Listener {
+        let name = l.name.as_ref().map_or_else(|| format!("listener-{}", i + 1), |n| n.get_ref().clone());
+        let bind = match l.bind.get_ref().parse::<SocketAddr>() {
+            Ok(a) => a,
+            Err(_) => {
+                self.error(
+                    &l.bind,
+                    format!(
+                        "listener \"{name}\": bind \"{}\" is not an IP address and port like 127.0.0.1:8080",
+                        l.bind.get_ref()
+                    ),
+                );
+                SocketAddr::from(([127, 0, 0, 1], 0))
+            }
+        };
+        if let Some(p) = &l.protocol {
+            if p.get_ref() != "http" {
+                self.error(
+                    p,
+                    format!(
+                        "listener \"{name}\": protocol \"{}\" is not supported yet: expected \"http\"",
+                        p.get_ref()
+                    ),
+                );
+            }
+        }
+        let mut trusted_proxies = Vec::new();
+        for t in &l.trusted_proxies {
+            match Cidr::parse(t.get_ref()) {
+                Ok(c) => trusted_proxies.push(c),
+                Err(e) => self.error(t, format!("listener \"{name}\": trusted_proxies: {e}")),
+            }
+        }
+        let mut routes = Vec::new();
+        for r in &l.routes {
+            let pool = self.pool_ref(&name, &r.pool, pools);
+            let host = r.host.as_ref().map(|h| h.get_ref().trim().to_ascii_lowercase());
+            if let (Some(h), Some(raw)) = (&host, &r.host) {
+                if h.is_empty() || h.contains(['/', ' ']) {
+                    self.error(raw, format!("listener \"{name}\": route host \"{h}\" is not a host name"));
+                }
+            }
+            let path_prefix = match &r.path_prefix {
+                None => "/".to_string(),
+                Some(p) if p.get_ref().starts_with('/') => p.get_ref().clone(),
+                Some(p) => {
+                    self.error(
+                        p,
+                        format!("listener \"{name}\": route path_prefix \"{}\" must start with /", p.get_ref()),
+                    );
+                    "/".to_string()
+                }
+            };
+            routes.push(Route { host: host.map(|h| strip_port(&h).to_string()), path_prefix, pool });
+        }
+        if let Some(p) = &l.pool {
+            let pool = self.pool_ref(&name, p, pools);
+            routes.push(Route { host: None, path_prefix: "/".into(), pool });
+        }
+        if routes.is_empty() {
+            self.error(
+                &l.bind,
+                format!("listener \"{name}\": no routes: set `pool = \"NAME\"` or add [[listeners.routes]]"),
+            );
+        }
+        Listener { name, bind, trusted_proxies, routes }
+    }
+
+    fn pool_ref(&mut self, listener: &str, p: &Spanned<String>, pools: &[&String]) -> usize {
+        match pools.iter().position(|n| *n == p.get_ref()) {
+            Some(i) => i,
+            None => {
+                let known: Vec<String> = pools.iter().map(|n| format!("\"{n}\"")).collect();
+                self.error(
+                    p,
+                    format!(
+                        "listener \"{listener}\": pool \"{}\" is not defined (pools: {})",
+                        p.get_ref(),
+                        known.join(", ")
+                    ),
+                );
+                0
+            }
+        }
+    }
+
+    fn pool(&mut self, name: &str, p: &Spanned<file::Pool>) -> Pool {
+        let algorithm = match &p.get_ref().algorithm {
+            None => Algorithm::RoundRobin,
+            Some(a) => match a.get_ref().as_str() {
+                "round_robin" => Algorithm::RoundRobin,
+                "least_conn" => Algorithm::LeastConn,
+                "p2c" => Algorithm::P2c,
+                "random" => Algorithm::Random,
+                other => {
+                    self.error(
+                        a,
+                        format!("pool \"{name}\": algorithm \"{other}\" is not known: expected \"round_robin\", \"least_conn\", \"p2c\" or \"random\""),
+                    );
+                    Algorithm::RoundRobin
+                }
+            },
+        };
+        let mut backends: Vec<Backend> = Vec::new();
+        for b in &p.get_ref().backends {
+            let Some(backend) = self.backend(name, b) else { continue };
+            if backends.iter().any(|o| o.name == backend.name) {
+                self.error(b, format!("pool \"{name}\": backend \"{}\": the name is used twice", backend.name));
+                continue;
+            }
+            backends.push(backend);
+        }
+        if p.get_ref().backends.is_empty() {
+            self.error(p, format!("pool \"{name}\": no backends"));
+        }
+        Pool { name: name.to_string(), algorithm, backends }
+    }
+
+    fn backend(&mut self, pool: &str, b: &Spanned<file::Backend>) -> Option<Backend> {
+        let b = b.get_ref();
+        let raw = b.address.get_ref();
+        let name = b.name.as_ref().map_or_else(|| raw.clone(), |n| n.get_ref().clone());
+        if let Some(n) = &b.name {
+            if n.get_ref().trim().is_empty() {
+                self.error(n, format!("pool \"{pool}\": backend name must not be empty"));
+            }
+        }
+        let address = match resolve_address(raw) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                self.error(&b.address, format!("pool \"{pool}\": backend \"{name}\": address \"{raw}\" {e}"));
+                None
+            }
+        };
+        let weight = match &b.weight {
+            None => 1,
+            Some(w) if (1..=i64::from(MAX_WEIGHT)).contains(w.get_ref()) => *w.get_ref() as u32,
+            Some(w) => {
+                self.error(
+                    w,
+                    format!(
+                        "pool \"{pool}\": backend \"{name}\": weight {} is out of range: expected 1 to {MAX_WEIGHT}",
+                        w.get_ref()
+                    ),
+                );
+                1
+            }
+        };
+        let state = match &b.state {
+            None => AdminState::Enabled,
+            Some(s) => match s.get_ref().as_str() {
+                "enabled" => AdminState::Enabled,
+                "draining" => AdminState::Draining,
+                "disabled" => AdminState::Disabled,
+                other => {
+                    self.error(
+                        s,
+                        format!("pool \"{pool}\": backend \"{name}\": state \"{other}\" is not known: expected \"enabled\", \"draining\" or \"disabled\""),
+                    );
+                    AdminState::Enabled
+                }
+            },
+        };
+        Some(Backend { name, address: address?, weight, state })
+    }
+}
+
+fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        return host.split_once(']').map_or(host, |(h, _)| &h[1..]);
+    }
+    match host.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') && p.chars().all(|c| c.is_ascii_digit()) => h,
+        _ => host,
+    }
+}
+
+/// Resolves `host:port` once, at load time; the error completes a sentence that starts
+/// with the address.
+fn resolve_address(raw: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = raw.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    if raw.parse::<IpAddr>().is_ok() || !raw.contains(':') {
+        return Err("has no port: expected host:port like 10.0.0.2:8080".into());
+    }
+    let (_, port) = raw.rsplit_once(':').unwrap_or((raw, ""));
+    if port.parse::<u16>().is_err() {
+        return Err(format!("has a bad port \"{port}\": expected 1 to 65535"));
+    }
+    match raw.to_socket_addrs() {
+        Ok(mut addrs) => addrs.next().ok_or_else(|| "resolves to no address".to_string()),
+        Err(e) => Err(format!("cannot be resolved: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,160 @@
+use super::*;
+
+const GOOD: &str = r#"
+[runtime]
+threads = 2
+shutdown_grace = "5s"
+
+[timeouts]
+connect = "500ms"
+client_idle = "2m"
+
+[access_log]
+format = "json"
+
+[[listeners]]
+name = "web"
+bind = "127.0.0.1:8080"
+trusted_proxies = ["10.0.0.0/8", "::1"]
+
+[[listeners.routes]]
+host = "Shop.Example:8080"
+pool = "shop"
+
+[[listeners.routes]]
+path_prefix = "/api"
+pool = "api"
+
+[pools.shop]
+algorithm = "least_conn"
+backends = [
+  { name = "app-1", address = "127.0.0.1:9001", weight = 3 },
+  { name = "app-2", address = "127.0.0.1:9002", state = "draining" },
+]
+
+[pools.api]
+backends = [{ address = "127.0.0.1:9101" }]
+"#;
+
+fn errors(src: &str) -> Vec<String> {
+    match parse(src, "t.toml") {
+        Ok(_) => panic!("expected errors"),
+        Err(e) => e.to_string().lines().map(str::to_string).collect(),
+    }
+}
+
+#[test]
+fn resolves_a_full_config() {
+    let c = parse(GOOD, "t.toml").unwrap();
+    assert_eq!(c.threads, 2);
+    assert_eq!(c.shutdown_grace, Duration::from_secs(5));
+    assert_eq!(c.timeouts.connect, Duration::from_millis(500));
+    assert_eq!(c.timeouts.client_idle, Duration::from_secs(120));
+    assert_eq!(c.timeouts.backend_response, Timeouts::default().backend_response);
+    assert_eq!(c.access_log.format, LogFormat::Json);
+    let names: Vec<&str> = c.pools.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["api", "shop"]);
+    let shop = &c.pools[1];
+    assert_eq!(shop.algorithm, Algorithm::LeastConn);
+    assert_eq!(shop.backends[0].weight, 3);
+    assert_eq!(shop.backends[1].state, AdminState::Draining);
+    // A backend without a name is named by its address.
+    assert_eq!(c.pools[0].backends[0].name, "127.0.0.1:9101");
+    let l = &c.listeners[0];
+    assert_eq!(l.routes[0].host.as_deref(), Some("shop.example"));
+    assert_eq!(l.routes[0].pool, 1);
+    assert_eq!(l.routes[1].path_prefix, "/api");
+    assert!(l.trusted_proxies[0].contains("10.1.2.3".parse().unwrap()));
+    assert!(!l.trusted_proxies[0].contains("11.1.2.3".parse().unwrap()));
+    assert!(l.trusted_proxies[1].contains("::1".parse().unwrap()));
+}
+
+#[test]
+fn address_without_port_is_located() {
+    let src = "[[listeners]]\nbind = \"127.0.0.1:8080\"\npool = \"shop\"\n\n[pools.shop]\nbackends = [\n  { name = \"app-2\", address = \"10.0.0.2\" },\n]\n";
+    assert_eq!(
+        errors(src),
+        ["t.toml:7:31: pool \"shop\": backend \"app-2\": address \"10.0.0.2\" has no port: expected host:port like 10.0.0.2:8080"]
+    );
+}
+
+#[test]
+fn unknown_keys_are_errors_with_location() {
+    let src = "[[listeners]]\nbind = \"127.0.0.1:8080\"\npool = \"shop\"\nbindd = 3\n\n[pools.shop]\nbackends = [{ address = \"127.0.0.1:1\" }]\n";
+    let e = errors(src);
+    assert_eq!(e.len(), 1);
+    assert!(e[0].starts_with("t.toml:4:1: "), "{e:?}");
+    assert!(e[0].contains("unknown field `bindd`"), "{e:?}");
+}
+
+#[test]
+fn type_errors_name_the_key() {
+    let src = "[runtime]\nthreads = \"two\"\n";
+    let e = errors(src);
+    assert!(e[0].starts_with("t.toml:2:11: key `threads`"), "{e:?}");
+}
+
+#[test]
+fn every_semantic_error_is_reported_at_once() {
+    let src = r#"[timeouts]
+connect = "3 parsecs"
+
+[[listeners]]
+bind = "localhost"
+pool = "nope"
+
+[pools.shop]
+algorithm = "fastest"
+backends = [
+  { name = "a", address = "127.0.0.1:1", weight = 0 },
+  { name = "a", address = "127.0.0.1:2" },
+  { name = "b", address = "127.0.0.1:99999" },
+  { name = "c", address = "127.0.0.1:3", state = "sleeping" },
+]
+"#;
+    let e = errors(src);
+    let expect = [
+        "t.toml:2:11: timeouts.connect: \"3 parsecs\" is not a duration",
+        "t.toml:9:13: pool \"shop\": algorithm \"fastest\" is not known",
+        "t.toml:11:51: pool \"shop\": backend \"a\": weight 0 is out of range: expected 1 to 1000",
+        "t.toml:12:3: pool \"shop\": backend \"a\": the name is used twice",
+        "t.toml:13:27: pool \"shop\": backend \"b\": address \"127.0.0.1:99999\" has a bad port",
+        "t.toml:14:50: pool \"shop\": backend \"c\": state \"sleeping\" is not known",
+        "t.toml:5:8: listener \"listener-1\": bind \"localhost\" is not an IP address and port",
+        "t.toml:6:8: listener \"listener-1\": pool \"nope\" is not defined (pools: \"shop\")",
+    ];
+    assert_eq!(e.len(), expect.len(), "{e:#?}");
+    for (got, want) in e.iter().zip(expect) {
+        assert!(got.starts_with(want), "got {got:?}\nwant {want:?}");
+    }
+}
+
+#[test]
+fn empty_config_says_what_is_missing() {
+    let e = errors("");
+    assert!(e.iter().any(|l| l.contains("no pools")));
+    assert!(e.iter().any(|l| l.contains("no listeners")));
+}
+
+#[test]
+fn durations() {
+    assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+    assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+    assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+    assert_eq!(parse_duration("12h"), Ok(Duration::from_secs(43200)));
+    assert_eq!(parse_duration("1d"), Ok(Duration::from_secs(86400)));
+    for bad in ["", "5", "ms", "1.5s", "-1s", "5 weeks"] {
+        assert!(parse_duration(bad).is_err(), "{bad}");
+    }
+}
+
+#[test]
+fn cidr_parsing_and_matching() {
+    let c = Cidr::parse("192.168.0.0/16").unwrap();
+    assert!(c.contains("192.168.7.9".parse().unwrap()));
+    assert!(c.contains("::ffff:192.168.7.9".parse().unwrap()));
+    assert!(!c.contains("192.169.0.1".parse().unwrap()));
+    assert!(Cidr::parse("0.0.0.0/0").unwrap().contains("8.8.8.8".parse().unwrap()));
+    assert!(Cidr::parse("10.0.0.0/33").is_err());
+    assert!(Cidr::parse("ten").is_err());
+}

@@ -1,0 +1,193 @@
+//! Runtime state of pools and backends, and the snapshot that requests read.
+//!
+//! A [`Snapshot`] is an immutable picture of the routing state (routes, pools, their
+//! balancer tables) built from a [`Config`] and swapped in whole through an `ArcSwap`; a
+//! request loads it once and uses it to the end, so a reload never changes the ground
+//! under a request in flight. What must outlive a snapshot lives in [`Backend`], shared by
+//! `Arc` between snapshots: its counters, admin state, health and its pool of idle
+//! connections. A backend keeps its `Backend` across a reload as long as its identity (pool
+//! and name) and address stay the same.
+//!
+//! This module decides nothing about where a request goes; it only holds the facts.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+
+use crate::balance::Balancer;
+use crate::config::{self, AdminState, Config};
+use crate::proxy::upstream::Upstream;
+
+/// One server of a pool, shared by every snapshot that contains it.
+#[derive(Debug)]
+pub struct Backend {
+    pub name: String,
+    pub pool: String,
+    pub address: SocketAddr,
+    /// The address as text for headers and logs, formatted once.
+    pub address_text: String,
+    /// Requests sent to this backend whose response has not finished.
+    pub in_flight: AtomicU32,
+    /// Requests sent, for metrics.
+    pub requests: AtomicU64,
+    admin: AtomicU8,
+    healthy: AtomicBool,
+    pub upstream: Upstream,
+}
+
+// === impl Backend ===
+
+impl Backend {
+    pub fn new(pool: &str, cfg: &config::Backend, timeouts: &config::Timeouts) -> Backend {
+        Backend {
+            name: cfg.name.clone(),
+            pool: pool.to_string(),
+            address: cfg.address,
+            address_text: cfg.address.to_string(),
+            in_flight: AtomicU32::new(0),
+            requests: AtomicU64::new(0),
+            admin: AtomicU8::new(cfg.state as u8),
+            healthy: AtomicBool::new(true),
+            upstream: Upstream::new(cfg.address, timeouts),
+        }
+    }
+
+    pub fn admin_state(&self) -> AdminState {
+        match self.admin.load(Ordering::Relaxed) {
+            x if x == AdminState::Draining as u8 => AdminState::Draining,
+            x if x == AdminState::Disabled as u8 => AdminState::Disabled,
+            _ => AdminState::Enabled,
+        }
+    }
+
+    pub fn set_admin_state(&self, state: AdminState) {
+        self.admin.store(state as u8, Ordering::Relaxed);
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    pub fn set_healthy(&self, healthy: bool) -> bool {
+        self.healthy.swap(healthy, Ordering::Relaxed) != healthy
+    }
+
+    /// May take new sessions and requests that belong to no session.
+    pub fn accepts_new(&self) -> bool {
+        self.is_healthy() && self.admin_state() == AdminState::Enabled
+    }
+
+    /// May keep serving sessions already pinned to it (draining still counts).
+    pub fn accepts_existing(&self) -> bool {
+        self.is_healthy() && self.admin_state() != AdminState::Disabled
+    }
+
+    /// A request was sent to this backend.
+    pub fn acquire(&self) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A request sent to this backend has ended.
+    pub fn release(&self) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    pub fn load(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+}
+
+/// A pool as one snapshot sees it.
+#[derive(Debug)]
+pub struct Pool {
+    pub name: Arc<str>,
+    pub backends: Vec<Arc<Backend>>,
+    pub balancer: Balancer,
+}
+
+impl Pool {
+    /// Picks a backend for a request that belongs to no session, skipping `exclude` (a
+    /// backend that just failed to connect).
+    pub fn pick(&self, exclude: Option<usize>) -> Option<usize> {
+        let backends = &self.backends;
+        self.balancer.pick(|i| Some(i) != exclude && backends[i].accepts_new(), |i| backends[i].load())
+    }
+}
+
+/// A listener's routes, most specific first.
+#[derive(Debug)]
+pub struct Routes {
+    pub listener: String,
+    pub trusted_proxies: Vec<config::Cidr>,
+    routes: Vec<config::Route>,
+}
+
+impl Routes {
+    /// The pool index for a request's host (lower-case, no port) and path.
+    pub fn route(&self, host: &str, path: &str) -> Option<usize> {
+        self.routes
+            .iter()
+            .find(|r| {
+                r.host.as_deref().is_none_or(|h| h.eq_ignore_ascii_case(host)) && path.starts_with(&r.path_prefix)
+            })
+            .map(|r| r.pool)
+    }
+}
+
+/// Everything a request needs, swapped whole on reload.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub config: Arc<Config>,
+    pub pools: Vec<Pool>,
+    pub listeners: Vec<Routes>,
+}
+
+impl Snapshot {
+    /// Builds a snapshot, reusing from `previous` every backend whose pool, name and address
+    /// are unchanged so that its state carries over.
+    pub fn build(config: Arc<Config>, previous: Option<&Snapshot>) -> Snapshot {
+        let pools = config
+            .pools
+            .iter()
+            .map(|p| {
+                let backends: Vec<Arc<Backend>> = p
+                    .backends
+                    .iter()
+                    .map(|b| {
+                        let old = previous.and_then(|s| s.backend(&p.name, &b.name)).filter(|o| o.address == b.address);
+                        match old {
+                            Some(o) => {
+                                o.set_admin_state(b.state);
+                                o.clone()
+                            }
+                            None => Arc::new(Backend::new(&p.name, b, &config.timeouts)),
+                        }
+                    })
+                    .collect();
+                let weights: Vec<u32> = p.backends.iter().map(|b| b.weight).collect();
+                Pool { name: Arc::from(p.name.as_str()), backends, balancer: Balancer::new(p.algorithm, &weights) }
+            })
+            .collect();
+        let listeners = config
+            .listeners
+            .iter()
+            .map(|l| {
+                let mut routes = l.routes.clone();
+                // Host-specific routes before catch-alls, longer prefixes before shorter;
+                // the sort is stable so equal routes keep the order they were written in.
+                routes.sort_by_key(|r| (r.host.is_none(), std::cmp::Reverse(r.path_prefix.len())));
+                Routes { listener: l.name.clone(), trusted_proxies: l.trusted_proxies.clone(), routes }
+            })
+            .collect();
+        Snapshot { config, pools, listeners }
+    }
+
+    pub fn backend(&self, pool: &str, name: &str) -> Option<&Arc<Backend>> {
+        self.pools.iter().find(|p| &*p.name == pool)?.backends.iter().find(|b| b.name == name)
+    }
+
+    pub fn listener(&self, name: &str) -> Option<&Routes> {
+        self.listeners.iter().find(|l| l.listener == name)
+    }
+}

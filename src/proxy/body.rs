@@ -1,0 +1,208 @@
+//! The response body Tether sends to a client, and the [`Outcome`] that settles a request
+//! when that body ends.
+//!
+//! A request is finished when hyper drops the response body: after its last byte was
+//! written, or when the client went away. Dropping the [`Outcome`] then does everything a
+//! finished request owes, in one place and exactly once: the backend's in-flight count goes
+//! down, a backend connection whose response was read to the end goes back to the idle
+//! pool, the client connection's idle timer starts, and the access log line is written.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use super::conn::ConnCx;
+use super::upstream::Sender;
+use crate::access_log::Record;
+use crate::pool::Backend;
+
+/// What is known about a request while it is served; settled on drop.
+#[derive(Debug)]
+pub struct Outcome {
+    pub cx: Arc<ConnCx>,
+    pub started: Instant,
+    pub start_millis: u64,
+    pub method: Method,
+    pub uri: Uri,
+    pub version: Version,
+    pub status: u16,
+    pub pool: Option<Arc<str>>,
+    pub backend: Option<Arc<Backend>>,
+    /// The backend connection, returned to its pool if the response is read to the end.
+    pub sender: Option<Sender>,
+    pub upstream: Option<Duration>,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub error: Option<&'static str>,
+    complete: bool,
+}
+
+impl Outcome {
+    pub fn new(cx: Arc<ConnCx>, method: Method, uri: Uri, version: Version) -> Outcome {
+        cx.state.begin();
+        let start_millis = if cx.shared.access_log.enabled() { crate::time::unix_millis() } else { 0 };
+        Outcome {
+            cx,
+            started: Instant::now(),
+            start_millis,
+            method,
+            uri,
+            version,
+            status: 0,
+            pool: None,
+            backend: None,
+            sender: None,
+            upstream: None,
+            bytes_in: 0,
+            bytes_out: 0,
+            error: None,
+            complete: false,
+        }
+    }
+
+    /// Charges the request to `backend` (its in-flight count goes up until drop).
+    pub fn set_backend(&mut self, backend: &Arc<Backend>) {
+        if let Some(old) = self.backend.replace(backend.clone()) {
+            old.release();
+        }
+        backend.acquire();
+    }
+}
+
+impl Drop for Outcome {
+    fn drop(&mut self) {
+        if let Some(b) = &self.backend {
+            b.release();
+            if let (true, Some(sender)) = (self.complete, self.sender.take()) {
+                b.upstream.put_back(sender);
+            }
+        }
+        self.cx.state.end();
+        let log = &self.cx.shared.access_log;
+        if log.enabled() {
+            log.write(&Record {
+                start_millis: self.start_millis,
+                client: self.cx.peer,
+                listener: &self.cx.listener_name,
+                method: &self.method,
+                uri: &self.uri,
+                version: self.version,
+                status: self.status,
+                pool: self.pool.as_deref(),
+                backend: self.backend.as_ref().map(|b| b.name.as_str()),
+                upstream: self.upstream,
+                total: self.started.elapsed(),
+                bytes_in: self.bytes_in,
+                bytes_out: self.bytes_out,
+                error: self.error,
+            });
+        }
+    }
+}
+
+/// A response body: the backend's, streamed, or one Tether wrote itself.
+#[derive(Debug)]
+pub struct ProxyBody {
+    inner: Inner,
+    outcome: Option<Outcome>,
+}
+
+#[derive(Debug)]
+enum Inner {
+    Stream(Incoming),
+    Full(Option<Bytes>),
+}
+
+impl ProxyBody {
+    pub fn stream(body: Incoming, outcome: Outcome) -> ProxyBody {
+        ProxyBody { inner: Inner::Stream(body), outcome: Some(outcome) }
+    }
+
+    pub fn full(data: Bytes, outcome: Option<Outcome>) -> ProxyBody {
+        let data = if data.is_empty() { None } else { Some(data) };
+        let mut b = ProxyBody { inner: Inner::Full(data), outcome };
+        if let (Inner::Full(None), Some(o)) = (&b.inner, &mut b.outcome) {
+            o.complete = true;
+        }
+        b
+    }
+
+    pub fn empty(outcome: Option<Outcome>) -> ProxyBody {
+        ProxyBody::full(Bytes::new(), outcome)
+    }
+
+    /// Ends the request now (its response has no body worth waiting for).
+    fn finish(&mut self) {
+        if let Some(o) = &mut self.outcome {
+            o.complete = true;
+        }
+        self.outcome = None;
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        match &mut this.inner {
+            Inner::Full(data) => {
+                let frame = data.take().map(|d| {
+                    if let Some(o) = &mut this.outcome {
+                        o.bytes_out += d.len() as u64;
+                    }
+                    Ok(Frame::data(d))
+                });
+                if frame.is_none() {
+                    this.finish();
+                }
+                Poll::Ready(frame)
+            }
+            Inner::Stream(body) => match Pin::new(body).poll_frame(cx) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let (Some(d), Some(o)) = (frame.data_ref(), &mut this.outcome) {
+                        o.bytes_out += d.len() as u64;
+                    }
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    if let Some(o) = &mut this.outcome {
+                        o.error = Some("backend-body-error");
+                        o.sender = None;
+                    }
+                    tracing::debug!("backend response body failed: {e}");
+                    this.outcome = None;
+                    Poll::Ready(Some(Err(e)))
+                }
+                Poll::Ready(None) => {
+                    this.finish();
+                    Poll::Ready(None)
+                }
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inner {
+            Inner::Full(d) => d.is_none(),
+            Inner::Stream(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Inner::Full(Some(d)) => SizeHint::with_exact(d.len() as u64),
+            Inner::Full(None) => SizeHint::with_exact(0),
+            Inner::Stream(b) => b.size_hint(),
+        }
+    }
+}

@@ -1,0 +1,141 @@
+//! Connections to one backend: connect with a deadline, and keep idle keep-alive
+//! connections for reuse.
+//!
+//! Built on hyper's low-level `client::conn::http1` rather than hyper-util's pooled client
+//! for two reasons: connecting is a separate step from sending, so a connect failure leaves
+//! the request (and its streaming body) in our hands to send to another backend; and
+//! `try_send_request` hands a request back when a pooled connection turned out to be closed
+//! before anything was written, so it can go out again on a fresh one. The pool lives in
+//! the backend's shared state, so it survives reloads with the backend.
+//!
+//! This module does not choose backends and does not retry across backends: `http` does.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::config::Timeouts;
+
+/// Idle connections kept per backend. Beyond this a finished connection is closed. It is
+/// sized for a few hundred concurrent clients per backend, the load where reusing
+/// connections matters most; idle connections cost a socket and about 10 KiB each.
+pub const MAX_IDLE: usize = 512;
+
+/// How long a pooled connection may take to become ready after its last response.
+const SETTLE: Duration = Duration::from_millis(250);
+
+/// A sender for one HTTP/1.1 connection to a backend.
+pub type Sender = SendRequest<Incoming>;
+
+#[derive(Debug)]
+pub struct Upstream {
+    address: SocketAddr,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    idle: Mutex<Vec<Idle>>,
+}
+
+#[derive(Debug)]
+struct Idle {
+    sender: Sender,
+    since: Instant,
+}
+
+/// Why a connection to a backend could not be made. No byte of the request was sent, so
+/// the request may always go to another backend.
+#[derive(Debug)]
+pub enum ConnectError {
+    Timeout(Duration),
+    Io(io::Error),
+    Handshake(hyper::Error),
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConnectError::Timeout(d) => write!(f, "connect timed out after {d:?}"),
+            ConnectError::Io(e) => write!(f, "connect failed: {e}"),
+            ConnectError::Handshake(e) => write!(f, "connection setup failed: {e}"),
+        }
+    }
+}
+
+// === impl Upstream ===
+
+impl Upstream {
+    pub fn new(address: SocketAddr, timeouts: &Timeouts) -> Upstream {
+        Upstream {
+            address,
+            connect_timeout: timeouts.connect,
+            idle_timeout: timeouts.backend_idle,
+            idle: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// An idle connection that is still open and ready, most recently used first (its
+    /// buffers and the backend's worker are warm). A connection is put back as soon as
+    /// its response has been read to the end, which can be a moment before hyper has
+    /// marked it ready for the next request; such a one is waited for briefly.
+    pub async fn take_idle(&self) -> Option<Sender> {
+        let now = Instant::now();
+        loop {
+            let Idle { mut sender, since } = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop()?;
+            if sender.is_closed() || now.duration_since(since) >= self.idle_timeout {
+                continue;
+            }
+            if sender.is_ready() {
+                return Some(sender);
+            }
+            if let Ok(Ok(())) = tokio::time::timeout(SETTLE, sender.ready()).await {
+                return Some(sender);
+            }
+        }
+    }
+
+    /// Keeps a connection whose last response has been read to the end.
+    pub fn put_back(&self, sender: Sender) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < MAX_IDLE {
+            idle.push(Idle { sender, since: Instant::now() });
+        }
+    }
+
+    /// Drops every idle connection, for a backend that is going away.
+    pub fn clear(&self) {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
+    pub fn idle_count(&self) -> usize {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Opens a new connection within the connect timeout.
+    pub async fn connect(&self) -> Result<Sender, ConnectError> {
+        let stream = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.address)).await {
+            Err(_) => return Err(ConnectError::Timeout(self.connect_timeout)),
+            Ok(Err(e)) => return Err(ConnectError::Io(e)),
+            Ok(Ok(s)) => s,
+        };
+        // Requests and responses are written whole by hyper; Nagle would only add delay.
+        let _ = stream.set_nodelay(true);
+        let (mut sender, conn) =
+            http1::Builder::new().handshake(TokioIo::new(stream)).await.map_err(ConnectError::Handshake)?;
+        tokio::spawn(async move {
+            // Errors here are seen by the request that owns the connection; a connection
+            // closing while idle is normal.
+            let _ = conn.with_upgrades().await;
+        });
+        sender.ready().await.map_err(ConnectError::Handshake)?;
+        Ok(sender)
+    }
+}
