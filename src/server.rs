@@ -117,10 +117,7 @@ impl Server {
     pub async fn shutdown(self) {
         let grace = self.shared.snapshot.load().config.shutdown_grace;
         let _ = self.shutdown.send(true);
-        let open = self.shutdown.receiver_count();
-        if open > 0 {
-            tracing::info!("waiting up to {grace:?} for {open} connections to finish");
-        }
+        tracing::info!("no longer accepting; waiting up to {grace:?} for open connections to finish");
         match tokio::time::timeout(grace, self.shutdown.closed()).await {
             Ok(()) => tracing::info!("all connections finished; bye"),
             Err(_) => tracing::warn!(

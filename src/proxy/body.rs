@@ -147,6 +147,18 @@ impl ProxyBody {
     }
 }
 
+impl Drop for ProxyBody {
+    fn drop(&mut self) {
+        // hyper stops polling a body whose length it knows once it has written that many
+        // bytes, so "read to the end" is also judged here, when the body goes.
+        if let (Inner::Stream(b), Some(o)) = (&self.inner, &mut self.outcome) {
+            if b.is_end_stream() {
+                o.complete = true;
+            }
+        }
+    }
+}
+
 impl Body for ProxyBody {
     type Data = Bytes;
     type Error = hyper::Error;

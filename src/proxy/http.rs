@@ -221,6 +221,11 @@ pub fn reply(mut out: Outcome, status: StatusCode, kind: &'static str, msg: Stri
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     h.insert(TETHER_ERROR.clone(), HeaderValue::from_static(kind));
+    if status.is_client_error() {
+        // After a request Tether could not make sense of, the connection's framing is not
+        // to be trusted either.
+        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     r
 }
 

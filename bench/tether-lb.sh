@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Runs Tether under ../shared/bench/run.sh, the harness that measures Tether beside HAProxy
+# and NGINX on this machine:
+#
+#   LB_NAME=tether LB_CMD="bash $PWD/bench/tether-lb.sh" bash ../shared/bench/run.sh
+#
+# Contract (what run.sh provides, as environment variables):
+#   LB_PORT     the port to listen on, on 127.0.0.1
+#   BACKENDS    comma-separated backend addresses, e.g. 127.0.0.1:18081,127.0.0.1:18082
+#   LB_THREADS  worker threads (run.sh passes 1 and pins the process to one CPU)
+#   LB_STICKY   1 when the run measures cookie persistence (the client replays cookies)
+# This script writes a config for those values under $TMPDIR and execs the release build of
+# Tether with it (building it first if it is missing). The access log is off, as it is for
+# the HAProxy and NGINX the harness runs.
+set -euo pipefail
+here="$(cd "$(dirname "$0")/.." && pwd)"
+: "${LB_PORT:?LB_PORT is required}" "${BACKENDS:?BACKENDS is required}"
+threads="${LB_THREADS:-1}"
+bin="$here/target/release/tether"
+[ -x "$bin" ] || (cd "$here" && cargo build --release --quiet)
+
+conf="${TMPDIR:-/tmp}/tether-bench-$LB_PORT.toml"
+{
+  printf '[runtime]\nthreads = %s\n\n[access_log]\nformat = "off"\n\n' "$threads"
+  printf '[[listeners]]\nname = "bench"\nbind = "127.0.0.1:%s"\npool = "bench"\n\n' "$LB_PORT"
+  printf '[pools.bench]\nalgorithm = "round_robin"\nbackends = [\n'
+  i=0
+  IFS=',' read -ra addrs <<<"$BACKENDS"
+  for a in "${addrs[@]}"; do
+    i=$((i + 1))
+    printf '  { name = "b%s", address = "%s" },\n' "$i" "$a"
+  done
+  printf ']\n'
+} >"$conf"
+exec "$bin" run -c "$conf"

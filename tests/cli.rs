@@ -1,0 +1,97 @@
+//! The command line: check, help, version, and config errors with their locations.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+#[test]
+fn the_example_config_passes_check() {
+    let out = Command::new(bin())
+        .args(["check", "-c", concat!(env!("CARGO_MANIFEST_DIR"), "/examples/tether.toml")])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok (1 listeners, 3 pools, 6 backends)"));
+}
+
+#[test]
+fn check_reports_located_errors_and_fails() {
+    let s = Scratch::new();
+    let path = s.write(
+        "tether.toml",
+        "[[listeners]]\nbind = \"127.0.0.1:8080\"\npool = \"shop\"\n\n[pools.shop]\nbackends = [\n  { name = \"app-2\", address = \"10.0.0.2\" },\n]\n",
+    );
+    let out = Command::new(bin()).arg("check").arg("-c").arg(&path).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let want = format!("{}:7:31: pool \"shop\": backend \"app-2\": address \"10.0.0.2\" has no port", path.display());
+    assert!(err.contains(&want), "{err}");
+}
+
+#[test]
+fn run_refuses_a_bad_config() {
+    let s = Scratch::new();
+    let path = s.write("tether.toml", "[[listeners]]\nbind = \"127.0.0.1:0\"\npool = \"shop\"\ncolour = \"blue\"\n");
+    let out = Command::new(bin()).arg("run").arg("-c").arg(&path).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("{}:4:1: unknown field `colour`", path.display())), "{err}");
+}
+
+#[test]
+fn missing_file_is_named() {
+    let out = Command::new(bin()).args(["check", "-c", "/nonexistent/tether.toml"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/tether.toml: cannot read"));
+}
+
+#[test]
+fn help_and_version() {
+    let out = Command::new(bin()).arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for cmd in ["run", "check", "demo"] {
+        assert!(help.contains(cmd), "{help}");
+    }
+    let out = Command::new(bin()).arg("--version").output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("tether {}", env!("CARGO_PKG_VERSION")));
+}
+
+#[tokio::test]
+async fn demo_answers_from_three_backends_in_turn() {
+    // Free ports for the demo: bind, note, release.
+    let ports: Vec<u16> =
+        (0..4).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()).collect();
+    let mut child = Command::new(bin())
+        .args(["demo", "--port", &ports[0].to_string(), "--backend-port"])
+        .arg(ports[1].to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", ports[0]).parse().unwrap();
+    let mut up = false;
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    if !up {
+        let _ = child.kill();
+        // The three backend ports are consecutive and one may have been taken meanwhile.
+        eprintln!("demo did not come up; ports {ports:?} may be in use");
+        panic!("demo did not start");
+    }
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        seen.push(get(addr, "/").await.backend());
+    }
+    seen.sort();
+    assert_eq!(seen, ["app-1", "app-2", "app-3"]);
+    let _ = child.kill();
+    let _ = child.wait();
+}

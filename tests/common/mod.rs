@@ -1,0 +1,275 @@
+//! What the integration tests share: the real `tether` binary started on loopback, real
+//! backend servers, and a small HTTP client.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+pub use tether::demo::DemoBackend;
+
+static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+/// A scratch directory for one test, removed on drop.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new() -> Scratch {
+        let dir = std::env::temp_dir().join(format!(
+            "tether-test-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.0.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running `tether run` process.
+pub struct Tether {
+    pub child: Child,
+    /// Listener addresses in config order.
+    pub addrs: Vec<SocketAddr>,
+    pub log: Arc<Mutex<String>>,
+    pub stdout: Arc<Mutex<String>>,
+    pub config: PathBuf,
+    pub scratch: Scratch,
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_tether")
+}
+
+impl Tether {
+    /// Starts Tether with `config` and waits until all its listeners are bound.
+    pub fn start(config: &str) -> Tether {
+        Tether::start_with(config, &[])
+    }
+
+    pub fn start_with(config: &str, args: &[&str]) -> Tether {
+        let scratch = Scratch::new();
+        let path = scratch.write("tether.toml", config);
+        let listeners = config.matches("[[listeners]]").count();
+        let mut child = Command::new(bin())
+            .arg("run")
+            .arg("-c")
+            .arg(&path)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start tether");
+        let log = Arc::new(Mutex::new(String::new()));
+        let stdout = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let log = log.clone();
+            let err = child.stderr.take().unwrap();
+            std::thread::spawn(move || {
+                for line in BufReader::new(err).lines().map_while(Result::ok) {
+                    if let Some(rest) = line.split("listening on ").nth(1) {
+                        let addr: SocketAddr = rest.split_whitespace().next().unwrap().parse().unwrap();
+                        let _ = tx.send(addr);
+                    }
+                    let mut l = log.lock().unwrap();
+                    l.push_str(&line);
+                    l.push('\n');
+                }
+            });
+        }
+        {
+            let stdout = stdout.clone();
+            let out = child.stdout.take().unwrap();
+            std::thread::spawn(move || {
+                for line in BufReader::new(out).lines().map_while(Result::ok) {
+                    let mut l = stdout.lock().unwrap();
+                    l.push_str(&line);
+                    l.push('\n');
+                }
+            });
+        }
+        let mut addrs = Vec::new();
+        while addrs.len() < listeners {
+            match rx.recv_timeout(Duration::from_secs(20)) {
+                Ok(a) => addrs.push(a),
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!("tether did not start:\n{}", log.lock().unwrap());
+                }
+            }
+        }
+        Tether { child, addrs, log, stdout, config: path, scratch }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addrs[0]
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr(), path)
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill").arg(format!("-{sig}")).arg(self.child.id().to_string()).status().unwrap();
+        assert!(ok.success());
+    }
+
+    /// Waits for the process to exit, or panics after `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(start.elapsed() < limit, "tether did not exit within {limit:?}:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits until the log contains `needle`.
+    pub async fn wait_log(&self, needle: &str) {
+        let start = Instant::now();
+        while !self.log().contains(needle) {
+            assert!(start.elapsed() < Duration::from_secs(10), "log never said {needle:?}:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The access log lines written to standard output so far.
+    pub fn access_lines(&self) -> Vec<String> {
+        self.stdout.lock().unwrap().lines().map(str::to_string).collect()
+    }
+
+    /// Resident set size of the process, in KiB, and its peak.
+    pub fn memory_kib(&self) -> (u64, u64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let field = |name: &str| -> u64 {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+                .unwrap()
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+}
+
+impl Drop for Tether {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `n` demo backends named `app-1`..`app-n` on free loopback ports.
+pub async fn backends(n: usize) -> Vec<DemoBackend> {
+    let mut v = Vec::new();
+    for i in 1..=n {
+        v.push(DemoBackend::start(&format!("app-{i}"), "127.0.0.1:0".parse().unwrap()).await.unwrap());
+    }
+    v
+}
+
+/// A config with one listener on a free port in front of one pool `web`.
+pub fn config(algorithm: &str, backends: &[&DemoBackend], weights: &[u32], extra: &str) -> String {
+    let mut s = format!("{extra}\n[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\npool = \"web\"\n\n[pools.web]\nalgorithm = \"{algorithm}\"\nbackends = [\n");
+    for (i, b) in backends.iter().enumerate() {
+        let w = weights.get(i).copied().unwrap_or(1);
+        s.push_str(&format!("  {{ name = \"{}\", address = \"{}\", weight = {w} }},\n", b.name, b.address));
+    }
+    s.push_str("]\n");
+    s
+}
+
+/// A response read whole.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Resp {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn backend(&self) -> String {
+        self.headers.get("x-backend").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default()
+    }
+}
+
+/// One HTTP/1.1 keep-alive connection.
+pub struct Client {
+    sender: http1::SendRequest<Full<Bytes>>,
+    pub addr: SocketAddr,
+}
+
+impl Client {
+    pub async fn connect(addr: SocketAddr) -> Client {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let (sender, conn) = http1::handshake(TokioIo::new(stream)).await.unwrap();
+        tokio::spawn(conn);
+        Client { sender, addr }
+    }
+
+    pub async fn get(&mut self, path: &str) -> Resp {
+        self.request(Request::get(path).header("host", "test.local").body(Full::default()).unwrap()).await
+    }
+
+    pub async fn request(&mut self, req: Request<Full<Bytes>>) -> Resp {
+        self.try_request(req).await.expect("request failed")
+    }
+
+    pub async fn try_request(&mut self, req: Request<Full<Bytes>>) -> Result<Resp, hyper::Error> {
+        self.sender.ready().await?;
+        let resp = self.sender.send_request(req).await?;
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await?.to_bytes();
+        Ok(Resp { status: parts.status, headers: parts.headers, body })
+    }
+}
+
+/// One GET on a new connection.
+pub async fn get(addr: SocketAddr, path: &str) -> Resp {
+    Client::connect(addr).await.get(path).await
+}
+
+/// Sends raw bytes on a new connection and reads until the peer closes or `limit` passes.
+pub async fn raw(addr: SocketAddr, bytes: &[u8], limit: Duration) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(limit, s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
