@@ -115,12 +115,11 @@ fn run(path: PathBuf, threads: Option<usize>) -> anyhow::Result<()> {
 
 fn run_demo(port: u16, backend_port: u16, threads: usize) -> anyhow::Result<()> {
     anyhow::ensure!(backend_port <= u16::MAX - 2, "--backend-port must leave room for three ports");
-    let ports = [backend_port, backend_port + 1, backend_port + 2];
-    let mut config = config::parse(&demo::config_text(port, ports), "<demo config>")?;
-    config.threads = threads.clamp(1, 1024);
-    server::runtime(config.threads)?.block_on(async move {
+    // Port 0 lets the system choose free ports for the backends (the tests use it).
+    let wanted = if backend_port == 0 { [0; 3] } else { [backend_port, backend_port + 1, backend_port + 2] };
+    server::runtime(threads.clamp(1, 1024))?.block_on(async move {
         let mut backends = Vec::new();
-        for (i, p) in ports.iter().enumerate() {
+        for (i, p) in wanted.iter().enumerate() {
             let name = format!("app-{}", i + 1);
             let b = DemoBackend::start(&name, SocketAddr::from(([127, 0, 0, 1], *p))).await.map_err(|e| {
                 anyhow::anyhow!(
@@ -129,6 +128,9 @@ fn run_demo(port: u16, backend_port: u16, threads: usize) -> anyhow::Result<()> 
             })?;
             backends.push(b);
         }
+        let ports = [backends[0].address.port(), backends[1].address.port(), backends[2].address.port()];
+        let mut config = config::parse(&demo::config_text(port, ports), "<demo config>")?;
+        config.threads = threads.clamp(1, 1024);
         let server = Server::start(config, None).await?;
         let lb = server.addresses[0].1;
         let list: Vec<String> = backends.iter().map(|b| format!("{} on {}", b.name, b.address)).collect();

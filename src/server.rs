@@ -14,14 +14,13 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
-use hyper_util::rt::TokioExecutor;
-use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
 
 use crate::access_log::AccessLog;
 use crate::config::{self, Config};
 use crate::pool::Snapshot;
+use crate::proxy::conn::Protocols;
 use crate::proxy::Shared;
 
 /// Builds the runtime the config asks for: one thread runs everything on the calling
@@ -53,9 +52,7 @@ impl Server {
         let shared = Arc::new(Shared { snapshot: ArcSwap::from_pointee(snapshot), access_log });
         let (shutdown, _) = watch::channel(false);
 
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder.http1().keep_alive(true).max_buf_size(64 * 1024);
-        builder.http2().max_concurrent_streams(256);
+        let protocols = Arc::new(Protocols::new());
 
         let mut addresses = Vec::new();
         for (index, l) in config.listeners.iter().enumerate() {
@@ -64,7 +61,7 @@ impl Server {
             tracing::info!(listener = %l.name, "listening on {address}");
             addresses.push((l.name.clone(), address));
             let name: Arc<str> = Arc::from(l.name.as_str());
-            tokio::spawn(accept_loop(listener, index, name, shared.clone(), builder.clone(), shutdown.subscribe()));
+            tokio::spawn(accept_loop(listener, index, name, shared.clone(), protocols.clone(), shutdown.subscribe()));
         }
         Ok(Server { shared, addresses, source, shutdown })
     }
@@ -140,7 +137,7 @@ async fn accept_loop(
     index: usize,
     name: Arc<str>,
     shared: Arc<Shared>,
-    builder: auto::Builder<TokioExecutor>,
+    protocols: Arc<Protocols>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
@@ -157,7 +154,7 @@ async fn accept_loop(
                     index,
                     name.clone(),
                     shared.clone(),
-                    builder.clone(),
+                    protocols.clone(),
                     shutdown.clone(),
                 );
                 tokio::spawn(conn);

@@ -61,34 +61,24 @@ fn help_and_version() {
 
 #[tokio::test]
 async fn demo_answers_from_three_backends_in_turn() {
-    // Free ports for the demo: bind, note, release.
-    let ports: Vec<u16> =
-        (0..4).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()).collect();
+    use std::io::{BufRead, BufReader};
     let mut child = Command::new(bin())
-        .args(["demo", "--port", &ports[0].to_string(), "--backend-port"])
-        .arg(ports[1].to_string())
+        .args(["demo", "--port", "0", "--backend-port", "0"])
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", ports[0]).parse().unwrap();
-    let mut up = false;
-    for _ in 0..100 {
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            up = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    if !up {
-        let _ = child.kill();
-        // The three backend ports are consecutive and one may have been taken meanwhile.
-        eprintln!("demo did not come up; ports {ports:?} may be in use");
-        panic!("demo did not start");
-    }
+    let err = BufReader::new(child.stderr.take().unwrap());
+    let addr: std::net::SocketAddr = err
+        .lines()
+        .map_while(Result::ok)
+        .find_map(|l| l.split("listening on ").nth(1)?.split_whitespace().next()?.parse().ok())
+        .expect("the demo said where it listens");
     let mut seen = Vec::new();
     for _ in 0..3 {
-        seen.push(get(addr, "/").await.backend());
+        let r = get(addr, "/").await;
+        assert!(r.text().contains("visit number 1"), "{}", r.text());
+        seen.push(r.backend());
     }
     seen.sort();
     assert_eq!(seen, ["app-1", "app-2", "app-3"]);

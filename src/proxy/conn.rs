@@ -25,9 +25,9 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::HeaderValue;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -50,7 +50,6 @@ pub struct ConnState {
     /// The current deadline, in milliseconds since `epoch`.
     deadline: AtomicU64,
     h2: AtomicBool,
-    first_read: AtomicBool,
     epoch: Instant,
     request_header: Duration,
     client_idle: Duration,
@@ -69,7 +68,6 @@ impl ConnState {
             active: AtomicU32::new(0),
             deadline: AtomicU64::new(0),
             h2: AtomicBool::new(false),
-            first_read: AtomicBool::new(true),
             epoch: Instant::now(),
             request_header: timeouts.request_header,
             client_idle: timeouts.client_idle,
@@ -87,17 +85,18 @@ impl ConnState {
     }
 
     /// Bytes arrived from the client.
-    fn on_read(&self, first_bytes: &[u8]) {
-        if self.first_read.swap(false, Ordering::Relaxed) && first_bytes.starts_with(b"PRI * HTTP/2") {
-            self.h2.store(true, Ordering::Relaxed);
-            self.phase.store(IDLE, Ordering::Relaxed);
-            self.set_deadline(Instant::now() + self.client_idle);
-            return;
-        }
+    fn on_read(&self) {
         if self.phase.load(Ordering::Relaxed) == IDLE && !self.h2.load(Ordering::Relaxed) {
             self.phase.store(HEAD, Ordering::Relaxed);
             self.set_deadline(Instant::now() + self.request_header);
         }
+    }
+
+    /// The connection speaks HTTP/2: frames come at any time, only idleness is timed.
+    fn set_h2(&self) {
+        self.h2.store(true, Ordering::Relaxed);
+        self.phase.store(IDLE, Ordering::Relaxed);
+        self.set_deadline(Instant::now() + self.client_idle);
     }
 
     /// A request head has been read and its handling starts.
@@ -142,7 +141,7 @@ impl AsyncRead for Timed {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.io).poll_read(cx, buf);
         if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.state.on_read(&buf.filled()[before..]);
+            self.state.on_read();
         }
         r
     }
@@ -190,6 +189,52 @@ pub struct ConnCx {
     _shutdown: watch::Receiver<bool>,
 }
 
+/// The HTTP server settings for client connections, shared by all of them.
+#[derive(Debug)]
+pub struct Protocols {
+    pub h1: http1::Builder,
+    pub h2: http2::Builder<TokioExecutor>,
+}
+
+impl Protocols {
+    pub fn new() -> Protocols {
+        let mut h1 = http1::Builder::new();
+        h1.keep_alive(true).max_buf_size(64 * 1024);
+        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        h2.max_concurrent_streams(256);
+        Protocols { h1, h2 }
+    }
+}
+
+impl Default for Protocols {
+    fn default() -> Self {
+        Protocols::new()
+    }
+}
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Waits for the client's first bytes and tells HTTP/2 prior knowledge from HTTP/1 by
+/// peeking at them. Nothing is allocated for a connection before it speaks, so idle
+/// connections that never send stay cheap. `None`: the client left.
+async fn sniff(stream: &TcpStream) -> Option<bool> {
+    let mut buf = [0u8; 24];
+    loop {
+        let n = stream.peek(&mut buf).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        if !H2_PREFACE.starts_with(&buf[..n]) {
+            return Some(false);
+        }
+        if n == H2_PREFACE.len() {
+            return Some(true);
+        }
+        // A preface split across packets: wait for the rest.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
 /// Serves one client connection until it closes, times out, or shutdown is asked for and
 /// its requests have finished. Holding `shutdown` keeps the server waiting for this
 /// connection at shutdown.
@@ -199,11 +244,25 @@ pub async fn serve(
     listener: usize,
     listener_name: Arc<str>,
     shared: Arc<Shared>,
-    builder: auto::Builder<TokioExecutor>,
+    protocols: Arc<Protocols>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let timeouts = shared.snapshot.load().config.timeouts;
+    let h2 = tokio::select! {
+        r = sniff(&stream) => match r {
+            Some(h2) => h2,
+            None => return,
+        },
+        _ = tokio::time::sleep(timeouts.request_header) => {
+            tracing::debug!(%peer, "closing connection: nothing received within {:?}", timeouts.request_header);
+            return;
+        }
+        _ = shutdown.changed() => return,
+    };
     let state = Arc::new(ConnState::new(&timeouts));
+    if h2 {
+        state.set_h2();
+    }
     let ip = crate::config::canonical(peer.ip()).to_string();
     let cx = Arc::new(ConnCx {
         shared,
@@ -216,7 +275,28 @@ pub async fn serve(
     });
     let io = TokioIo::new(Timed { io: stream, state: state.clone() });
     let service = service_fn(move |req| super::http::handle(req, cx.clone()));
-    let conn = builder.serve_connection_with_upgrades(io, service);
+    if h2 {
+        let conn = protocols.h2.serve_connection(io, service);
+        drive(conn, |c| c.graceful_shutdown(), &state, shutdown, peer, timeouts.request_header).await;
+    } else {
+        let conn = protocols.h1.serve_connection(io, service).with_upgrades();
+        drive(conn, |c| c.graceful_shutdown(), &state, shutdown, peer, timeouts.request_header).await;
+    }
+}
+
+/// Runs a hyper connection to its end while enforcing the connection's deadlines and
+/// the shutdown signal.
+async fn drive<F, G>(
+    conn: F,
+    graceful: G,
+    state: &ConnState,
+    mut shutdown: watch::Receiver<bool>,
+    peer: SocketAddr,
+    request_header: Duration,
+) where
+    F: std::future::Future<Output = Result<(), hyper::Error>>,
+    G: Fn(Pin<&mut F>),
+{
     let mut conn = std::pin::pin!(conn);
     let sleep = tokio::time::sleep_until(state.deadline());
     let mut sleep = std::pin::pin!(sleep);
@@ -231,12 +311,12 @@ pub async fn serve(
             }
             _ = shutdown.changed(), if !closing => {
                 closing = true;
-                conn.as_mut().graceful_shutdown();
+                graceful(conn.as_mut());
             }
             _ = &mut sleep => match state.check(Instant::now()) {
                 Check::Wait(at) => sleep.as_mut().reset(at),
                 Check::HeadTimeout => {
-                    tracing::debug!(%peer, "closing connection: request head not received within {:?}", timeouts.request_header);
+                    tracing::debug!(%peer, "closing connection: request head not received within {request_header:?}");
                     return;
                 }
                 Check::IdleTimeout => {
@@ -244,7 +324,7 @@ pub async fn serve(
                         return;
                     }
                     closing = true;
-                    conn.as_mut().graceful_shutdown();
+                    graceful(conn.as_mut());
                     // Give an HTTP/2 client a moment to see GOAWAY before the socket goes.
                     sleep.as_mut().reset(Instant::now() + Duration::from_secs(1));
                 }
