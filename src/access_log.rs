@@ -40,6 +40,8 @@ pub struct Record<'a> {
     pub bytes_out: u64,
     /// Why Tether answered itself, or why the response was cut short.
     pub error: Option<&'a str>,
+    /// The affinity verdict (`hit`, `new`, `repin:down`...), `-` without affinity.
+    pub affinity: &'a str,
 }
 
 impl AccessLog {
@@ -123,7 +125,14 @@ pub fn format_text(s: &mut String, r: &Record<'_>) {
         }
         None => s.push_str(" upstream_ms=-"),
     }
-    let _ = write!(s, " total_ms={:.3} bytes_in={} bytes_out={}", millis(r.total), r.bytes_in, r.bytes_out);
+    let _ = write!(
+        s,
+        " total_ms={:.3} bytes_in={} bytes_out={} affinity={}",
+        millis(r.total),
+        r.bytes_in,
+        r.bytes_out,
+        r.affinity
+    );
     if let Some(e) = r.error {
         let _ = write!(s, " error={e}");
     }
@@ -150,6 +159,8 @@ pub fn format_json(s: &mut String, r: &Record<'_>) {
         None => s.push_str(",\"upstream_ms\":null"),
     }
     let _ = write!(s, ",\"total_ms\":{:.3},\"bytes_in\":{},\"bytes_out\":{}", millis(r.total), r.bytes_in, r.bytes_out);
+    s.push_str(",\"affinity\":");
+    push_json_str(s, r.affinity);
     s.push_str(",\"error\":");
     push_json_opt(s, r.error);
     s.push('}');
@@ -207,6 +218,7 @@ mod tests {
             bytes_in: 3,
             bytes_out: 512,
             error: None,
+            affinity: "hit",
         }
     }
 
@@ -218,7 +230,7 @@ mod tests {
         assert_eq!(
             s,
             "2026-11-22T10:04:05.123Z 127.0.0.1:5000 web \"GET /cart?id=1 HTTP/1.1\" 200 pool=shop backend=app-1 \
-             upstream_ms=1.204 total_ms=1.391 bytes_in=3 bytes_out=512"
+             upstream_ms=1.204 total_ms=1.391 bytes_in=3 bytes_out=512 affinity=hit"
         );
     }
 

@@ -113,6 +113,44 @@ fn run(path: PathBuf, threads: Option<usize>) -> anyhow::Result<()> {
         .block_on(async move { Server::start(config, Some(path)).await?.run_until_signal().await })
 }
 
+/// Lets the demo's user stop and restart backends by typing their number.
+async fn toggle_backends_from_stdin(backends: Vec<DemoBackend>) {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::stdin().lock().lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let places: Vec<(String, SocketAddr)> = backends.iter().map(|b| (b.name.clone(), b.address)).collect();
+    let mut running: Vec<Option<DemoBackend>> = backends.into_iter().map(Some).collect();
+    while let Some(line) = rx.recv().await {
+        let Some(i) = line.trim().parse::<usize>().ok().filter(|n| (1..=running.len()).contains(n)).map(|n| n - 1)
+        else {
+            continue;
+        };
+        let (name, address) = &places[i];
+        match running[i].take() {
+            Some(b) => {
+                b.stop();
+                println!("{name} stopped: its visitors will be re-pinned to another backend");
+            }
+            None => match DemoBackend::start(name, *address).await {
+                Ok(b) => {
+                    running[i] = Some(b);
+                    println!("{name} started again on {address}: it takes new visitors");
+                }
+                Err(e) => println!("{name} could not start again: {e}"),
+            },
+        }
+    }
+    // Standard input closed (the demo runs detached): keep the backends running.
+    std::future::pending::<()>().await;
+    drop(running);
+}
+
 fn run_demo(port: u16, backend_port: u16, threads: usize) -> anyhow::Result<()> {
     anyhow::ensure!(backend_port <= u16::MAX - 2, "--backend-port must leave room for three ports");
     // Port 0 lets the system choose free ports for the backends (the tests use it).
@@ -141,11 +179,13 @@ fn run_demo(port: u16, backend_port: u16, threads: usize) -> anyhow::Result<()> 
              \x20 curl -s http://{lb}/                  # round robin: app-1, app-2, app-3 in turn\n\
              \x20 curl -s -b jar -c jar http://{lb}/    # a visitor with a cookie jar\n\
              \x20 curl -s http://{lb}/headers           # the request as a backend sees it\n\n\
+             Visitors with a cookie jar stay on one backend (Tether's `tether` cookie pins them).\n\
+             Type 1, 2 or 3 and Enter here to stop or restart that backend: its visitors re-pin.\n\
              Every request is logged below. Stop with Ctrl-C.\n",
             list.join(", ")
         );
+        tokio::spawn(toggle_backends_from_stdin(backends));
         server.run_until_signal().await?;
-        drop(backends);
         Ok(())
     })
 }

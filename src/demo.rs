@@ -166,11 +166,17 @@ fn visit(req: &Request<Incoming>, app: &App) -> Response<BoxBody> {
     };
     let count = visitors.entry(id).or_insert(0);
     *count += 1;
-    let body = if new && known.is_some() {
+    let mut body = if new && known.is_some() {
         format!("{}: I do not know you, so this is your first visit here (visitor {id:x}); your count on another backend is lost\n", app.name)
     } else {
         format!("{}: visit number {} from visitor {id:x}\n", app.name, count)
     };
+    if let Some(why) = req.headers().get("tether-session-repinned").and_then(|v| v.to_str().ok()) {
+        body.push_str(&format!(
+            "{}: Tether moved your session here ({why}); a real app would restore it from its store\n",
+            app.name
+        ));
+    }
     let mut r = text(StatusCode::OK, body);
     if new {
         let cookie = format!("demo_visitor={id:x}; Path=/; HttpOnly; SameSite=Lax");
@@ -216,7 +222,8 @@ impl Body for Generated {
     }
 }
 
-/// The config `tether demo` runs: three backends, round robin.
+/// The config `tether demo` runs: three backends, round robin for new sessions, and
+/// Tether's own cookie to keep each visitor on its backend.
 pub fn config_text(port: u16, backend_ports: [u16; 3]) -> String {
     format!(
         r#"# The embedded demo config.
@@ -232,6 +239,13 @@ backends = [
   {{ name = "app-2", address = "127.0.0.1:{}" }},
   {{ name = "app-3", address = "127.0.0.1:{}" }},
 ]
+
+[pools.demo.affinity]
+keys = ["cookie"]
+
+[pools.demo.affinity.cookie]
+name = "tether"
+idle_timeout = "30m"
 "#,
         backend_ports[0], backend_ports[1], backend_ports[2]
     )

@@ -14,6 +14,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
+use crate::affinity::{PoolAffinity, Verdict, VERDICTS};
 use crate::balance::Balancer;
 use crate::config::{self, AdminState, Config};
 use crate::proxy::upstream::Upstream;
@@ -32,6 +33,12 @@ pub struct Backend {
     pub requests: AtomicU64,
     admin: AtomicU8,
     healthy: AtomicBool,
+    /// Unix milliseconds when the backend last started draining.
+    draining_since: AtomicU64,
+    /// Live sessions pinned here: recounted by the affinity sweep, bumped at placement.
+    sessions: AtomicU32,
+    /// Requests by affinity verdict ([`Verdict::index`]).
+    pub verdicts: [AtomicU64; VERDICTS],
     pub upstream: Upstream,
 }
 
@@ -48,6 +55,13 @@ impl Backend {
             requests: AtomicU64::new(0),
             admin: AtomicU8::new(cfg.state as u8),
             healthy: AtomicBool::new(true),
+            draining_since: AtomicU64::new(if cfg.state == AdminState::Draining {
+                crate::time::unix_millis()
+            } else {
+                0
+            }),
+            sessions: AtomicU32::new(0),
+            verdicts: Default::default(),
             upstream: Upstream::new(cfg.address, timeouts),
         }
     }
@@ -61,7 +75,32 @@ impl Backend {
     }
 
     pub fn set_admin_state(&self, state: AdminState) {
-        self.admin.store(state as u8, Ordering::Relaxed);
+        let old = self.admin.swap(state as u8, Ordering::Relaxed);
+        if state == AdminState::Draining && old != AdminState::Draining as u8 {
+            self.draining_since.store(crate::time::unix_millis(), Ordering::Relaxed);
+        }
+    }
+
+    /// Unix milliseconds when the current drain began.
+    pub fn draining_since(&self) -> u64 {
+        self.draining_since.load(Ordering::Relaxed)
+    }
+
+    pub fn sessions(&self) -> u32 {
+        self.sessions.load(Ordering::Relaxed)
+    }
+
+    pub fn set_sessions(&self, n: u32) -> u32 {
+        self.sessions.swap(n, Ordering::Relaxed)
+    }
+
+    /// A new session was placed here (counted at once so bounded load sees it).
+    pub fn add_session(&self) {
+        self.sessions.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn count(&self, v: Verdict) {
+        self.verdicts[v.index()].fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn is_healthy(&self) -> bool {
@@ -104,6 +143,7 @@ pub struct Pool {
     pub name: Arc<str>,
     pub backends: Vec<Arc<Backend>>,
     pub balancer: Balancer,
+    pub affinity: Option<PoolAffinity>,
 }
 
 impl Pool {
@@ -166,7 +206,16 @@ impl Snapshot {
                     })
                     .collect();
                 let weights: Vec<u32> = p.backends.iter().map(|b| b.weight).collect();
-                Pool { name: Arc::from(p.name.as_str()), backends, balancer: Balancer::new(p.algorithm, &weights) }
+                let old_affinity = previous
+                    .and_then(|s| s.pools.iter().find(|o| *o.name == *p.name))
+                    .and_then(|o| o.affinity.as_ref());
+                let affinity = p.affinity.as_ref().map(|a| PoolAffinity::build(p, a, old_affinity));
+                Pool {
+                    name: Arc::from(p.name.as_str()),
+                    backends,
+                    balancer: Balancer::new(p.algorithm, &weights),
+                    affinity,
+                }
             })
             .collect();
         let listeners = config

@@ -63,6 +63,7 @@ impl Server {
             let name: Arc<str> = Arc::from(l.name.as_str());
             tokio::spawn(accept_loop(listener, index, name, shared.clone(), protocols.clone(), shutdown.subscribe()));
         }
+        tokio::spawn(sweep_sessions(shared.clone(), shutdown.subscribe()));
         Ok(Server { shared, addresses, source, shutdown })
     }
 
@@ -121,6 +122,31 @@ impl Server {
                 "grace period of {grace:?} is over; closing {} connections still open",
                 self.shutdown.receiver_count()
             ),
+        }
+    }
+}
+
+/// Once a second, off the request path: drop expired affinity entries, recount the
+/// sessions pinned to each backend, and report the progress of drains.
+async fn sweep_sessions(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = tick.tick() => {}
+        }
+        let snapshot = shared.snapshot.load_full();
+        for pool in &snapshot.pools {
+            let Some(a) = &pool.affinity else { continue };
+            let counts = a.store.sweep();
+            for (b, id) in pool.backends.iter().zip(&a.ids) {
+                let n = counts.get(id).copied().unwrap_or(0) as u32;
+                let before = b.set_sessions(n);
+                if b.admin_state() == crate::config::AdminState::Draining && n != before {
+                    tracing::info!(pool = %pool.name, backend = %b.name, "draining: {n} sessions still pinned");
+                }
+            }
         }
     }
 }

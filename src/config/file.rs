@@ -78,6 +78,51 @@ pub struct Pool {
     pub algorithm: Option<Spanned<String>>,
     #[serde(default)]
     pub backends: Vec<Spanned<Backend>>,
+    pub affinity: Option<Spanned<Affinity>>,
+}
+
+/// `[pools.NAME.affinity]`: how sessions stay on a backend.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Affinity {
+    /// The key chain, first present wins: "cookie", "app_cookie:NAME", "header:NAME",
+    /// "query:NAME", "client_ip".
+    pub keys: Spanned<Vec<Spanned<String>>>,
+    /// For header, query and client_ip keys: "table" or "hash".
+    pub mapping: Option<Spanned<String>>,
+    /// "repin" or "strict".
+    pub on_unavailable: Option<Spanned<String>>,
+    pub repin_header: Option<Spanned<String>>,
+    pub max_sessions_factor: Option<Spanned<f64>>,
+    pub drain_timeout: Option<Spanned<String>>,
+    pub ipv4_prefix: Option<Spanned<i64>>,
+    pub ipv6_prefix: Option<Spanned<i64>>,
+    pub cookie: Option<Spanned<Cookie>>,
+    pub table: Option<Spanned<Table>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cookie {
+    pub name: Option<Spanned<String>>,
+    pub idle_timeout: Option<Spanned<String>>,
+    pub absolute_timeout: Option<Spanned<String>>,
+    pub domain: Option<Spanned<String>>,
+    pub path: Option<Spanned<String>>,
+    pub same_site: Option<Spanned<String>>,
+    pub secure: Option<Spanned<bool>>,
+    pub http_only: Option<Spanned<bool>>,
+    /// "session" (a browser-session cookie, the default) or a duration.
+    pub max_age: Option<Spanned<String>>,
+    #[serde(default)]
+    pub keys: Vec<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Table {
+    pub capacity: Option<Spanned<i64>>,
+    pub idle_timeout: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -97,6 +97,92 @@ pub struct Pool {
     pub name: String,
     pub algorithm: Algorithm,
     pub backends: Vec<Backend>,
+    /// Session persistence; `None` balances every request on its own.
+    pub affinity: Option<Affinity>,
+}
+
+/// How a pool keeps sessions on a backend.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Affinity {
+    /// The key chain: the first key present in a request decides.
+    pub keys: Vec<KeySource>,
+    /// How header, query and client-IP keys map to a backend.
+    pub mapping: Mapping,
+    pub on_unavailable: OnUnavailable,
+    /// Lower-case name of the header that tells a backend a session moved, and why.
+    pub repin_header: String,
+    /// Bounded load: no backend takes new sessions beyond this factor times the mean.
+    pub max_sessions_factor: Option<f64>,
+    /// How long a draining backend keeps its sessions before they re-pin.
+    pub drain_timeout: Option<Duration>,
+    pub ipv4_prefix: u8,
+    pub ipv6_prefix: u8,
+    pub cookie: CookieConfig,
+    pub table: TableConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// Tether's own sealed cookie.
+    Cookie,
+    /// An application's session cookie, learned from its `Set-Cookie`.
+    AppCookie(String),
+    /// A request header (lower-case name).
+    Header(String),
+    Query(String),
+    ClientIp,
+}
+
+impl KeySource {
+    /// The kind as it is written in the config and hashed into keys.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            KeySource::Cookie => "cookie",
+            KeySource::AppCookie(_) => "app_cookie",
+            KeySource::Header(_) => "header",
+            KeySource::Query(_) => "query",
+            KeySource::ClientIp => "client_ip",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mapping {
+    /// Learned in the stick table on first sight.
+    Table,
+    /// Stateless consistent hashing (Maglev).
+    Hash,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnUnavailable {
+    /// Move the session to another backend and tell it so.
+    Repin,
+    /// Answer 503 rather than move the session.
+    Strict,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CookieConfig {
+    pub name: String,
+    pub idle_timeout: Duration,
+    pub absolute_timeout: Option<Duration>,
+    pub domain: Option<String>,
+    pub path: String,
+    pub same_site: crate::affinity::cookies::SameSite,
+    /// `None`: `Secure` exactly on TLS listeners.
+    pub secure: Option<bool>,
+    pub http_only: bool,
+    /// `None`: a browser-session cookie.
+    pub max_age: Option<Duration>,
+    /// Base64 keys, checked; the first seals. Empty: Tether generates one at start.
+    pub keys: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TableConfig {
+    pub capacity: usize,
+    pub idle_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -535,7 +621,233 @@ impl Resolver<'_> {
         if p.get_ref().backends.is_empty() {
             self.error(p, format!("pool \"{name}\": no backends"));
         }
-        Pool { name: name.to_string(), algorithm, backends }
+        let affinity = p.get_ref().affinity.as_ref().map(|a| self.affinity(name, a));
+        Pool { name: name.to_string(), algorithm, backends, affinity }
+    }
+
+    fn affinity(&mut self, pool: &str, a: &Spanned<file::Affinity>) -> Affinity {
+        let at = format!("pool \"{pool}\": affinity");
+        let f = a.get_ref();
+        let mut keys: Vec<KeySource> = Vec::new();
+        for k in f.keys.get_ref() {
+            let raw = k.get_ref().trim();
+            let (kind, arg) = match raw.split_once(':') {
+                Some((kind, arg)) => (kind.trim(), Some(arg.trim())),
+                None => (raw, None),
+            };
+            let key = match (kind, arg) {
+                ("cookie", None) => Some(KeySource::Cookie),
+                ("client_ip", None) => Some(KeySource::ClientIp),
+                ("app_cookie", Some(n)) if is_token(n) => Some(KeySource::AppCookie(n.to_string())),
+                ("header", Some(n)) if http::HeaderName::from_bytes(n.as_bytes()).is_ok() => {
+                    Some(KeySource::Header(n.to_ascii_lowercase()))
+                }
+                ("query", Some(n)) if !n.is_empty() && !n.contains(['&', '=', ' ', '#']) => {
+                    Some(KeySource::Query(n.to_string()))
+                }
+                _ => None,
+            };
+            match key {
+                Some(key) if keys.contains(&key) => self.error(k, format!("{at}: key \"{raw}\" is listed twice")),
+                Some(key) => keys.push(key),
+                None => self.error(
+                    k,
+                    format!("{at}: key \"{raw}\" is not known: expected \"cookie\", \"app_cookie:NAME\", \"header:NAME\", \"query:NAME\" or \"client_ip\""),
+                ),
+            }
+        }
+        if f.keys.get_ref().is_empty() {
+            self.error(&f.keys, format!("{at}: keys is empty: list at least one key, like [\"cookie\"]"));
+        }
+        let mapping = match &f.mapping {
+            None => Mapping::Table,
+            Some(m) => match m.get_ref().as_str() {
+                "table" => Mapping::Table,
+                "hash" => Mapping::Hash,
+                other => {
+                    self.error(m, format!("{at}: mapping \"{other}\" is not known: expected \"table\" or \"hash\""));
+                    Mapping::Table
+                }
+            },
+        };
+        let on_unavailable = match &f.on_unavailable {
+            None => OnUnavailable::Repin,
+            Some(m) => match m.get_ref().as_str() {
+                "repin" => OnUnavailable::Repin,
+                "strict" => OnUnavailable::Strict,
+                other => {
+                    self.error(
+                        m,
+                        format!("{at}: on_unavailable \"{other}\" is not known: expected \"repin\" or \"strict\""),
+                    );
+                    OnUnavailable::Repin
+                }
+            },
+        };
+        let repin_header = match &f.repin_header {
+            None => "tether-session-repinned".to_string(),
+            Some(h) if http::HeaderName::from_bytes(h.get_ref().as_bytes()).is_ok() => h.get_ref().to_ascii_lowercase(),
+            Some(h) => {
+                self.error(h, format!("{at}: repin_header \"{}\" is not a header name", h.get_ref()));
+                "tether-session-repinned".to_string()
+            }
+        };
+        let max_sessions_factor = match &f.max_sessions_factor {
+            None => None,
+            Some(v) if v.get_ref().is_finite() && *v.get_ref() >= 1.0 => Some(*v.get_ref()),
+            Some(v) => {
+                self.error(v, format!("{at}: max_sessions_factor {} must be at least 1.0 (1.25 lets a backend take 25% more than the mean)", v.get_ref()));
+                None
+            }
+        };
+        let drain_timeout = f
+            .drain_timeout
+            .as_ref()
+            .map(|_| self.duration(&f.drain_timeout, &format!("{at}: drain_timeout"), Duration::ZERO));
+        let ipv4_prefix = self.prefix(&f.ipv4_prefix, 32, &at, "ipv4_prefix");
+        let ipv6_prefix = self.prefix(&f.ipv6_prefix, 128, &at, "ipv6_prefix").min(128);
+        let ipv6_prefix = if f.ipv6_prefix.is_none() { 64 } else { ipv6_prefix };
+        let cookie = self.cookie(&at, f.cookie.as_ref());
+        if let Some(c) = &f.cookie {
+            if !keys.contains(&KeySource::Cookie) {
+                self.error(c, format!("{at}: a [cookie] section is set but \"cookie\" is not among the keys"));
+            }
+        }
+        let table = match &f.table {
+            None => TableConfig { capacity: 100_000, idle_timeout: Duration::from_secs(30 * 60) },
+            Some(t) => {
+                let t = t.get_ref();
+                let capacity = match &t.capacity {
+                    None => 100_000,
+                    Some(c) if (1..=100_000_000).contains(c.get_ref()) => *c.get_ref() as usize,
+                    Some(c) => {
+                        self.error(
+                            c,
+                            format!("{at}: table.capacity {} is out of range: expected 1 to 100000000", c.get_ref()),
+                        );
+                        100_000
+                    }
+                };
+                let idle_timeout =
+                    self.duration(&t.idle_timeout, &format!("{at}: table.idle_timeout"), Duration::from_secs(30 * 60));
+                TableConfig { capacity, idle_timeout }
+            }
+        };
+        Affinity {
+            keys,
+            mapping,
+            on_unavailable,
+            repin_header,
+            max_sessions_factor,
+            drain_timeout,
+            ipv4_prefix,
+            ipv6_prefix,
+            cookie,
+            table,
+        }
+    }
+
+    fn prefix(&mut self, v: &Option<Spanned<i64>>, max: i64, at: &str, key: &str) -> u8 {
+        match v {
+            None => max as u8,
+            Some(p) if (1..=max).contains(p.get_ref()) => *p.get_ref() as u8,
+            Some(p) => {
+                self.error(p, format!("{at}: {key} {} is out of range: expected 1 to {max}", p.get_ref()));
+                max as u8
+            }
+        }
+    }
+
+    fn cookie(&mut self, at: &str, c: Option<&Spanned<file::Cookie>>) -> CookieConfig {
+        use crate::affinity::cookies::SameSite;
+        let mut cfg = CookieConfig {
+            name: "tether".into(),
+            idle_timeout: Duration::from_secs(30 * 60),
+            absolute_timeout: Some(Duration::from_secs(12 * 3600)),
+            domain: None,
+            path: "/".into(),
+            same_site: SameSite::Lax,
+            secure: None,
+            http_only: true,
+            max_age: None,
+            keys: Vec::new(),
+        };
+        let Some(c) = c else { return cfg };
+        let c = c.get_ref();
+        if let Some(n) = &c.name {
+            if is_token(n.get_ref()) {
+                cfg.name = n.get_ref().clone();
+            } else {
+                self.error(
+                    n,
+                    format!(
+                        "{at}: cookie.name \"{}\" is not a cookie name (letters, digits and !#$%&'*+-.^_`|~)",
+                        n.get_ref()
+                    ),
+                );
+            }
+        }
+        cfg.idle_timeout = self.duration(&c.idle_timeout, &format!("{at}: cookie.idle_timeout"), cfg.idle_timeout);
+        if let Some(a) = &c.absolute_timeout {
+            cfg.absolute_timeout = match a.get_ref().as_str() {
+                "none" => None,
+                _ => Some(self.duration(
+                    &c.absolute_timeout,
+                    &format!("{at}: cookie.absolute_timeout"),
+                    Duration::from_secs(12 * 3600),
+                )),
+            };
+        }
+        if let Some(d) = &c.domain {
+            if d.get_ref().is_empty() || d.get_ref().contains([';', ' ', ',', '/']) {
+                self.error(d, format!("{at}: cookie.domain \"{}\" is not a domain", d.get_ref()));
+            } else {
+                cfg.domain = Some(d.get_ref().clone());
+            }
+        }
+        if let Some(p) = &c.path {
+            if p.get_ref().starts_with('/') && !p.get_ref().contains([';', ' ']) {
+                cfg.path = p.get_ref().clone();
+            } else {
+                self.error(
+                    p,
+                    format!("{at}: cookie.path \"{}\" must start with / and have no ; or spaces", p.get_ref()),
+                );
+            }
+        }
+        if let Some(s) = &c.same_site {
+            cfg.same_site = match s.get_ref().to_ascii_lowercase().as_str() {
+                "lax" => SameSite::Lax,
+                "strict" => SameSite::Strict,
+                "none" => SameSite::None,
+                _ => {
+                    self.error(
+                        s,
+                        format!(
+                            "{at}: cookie.same_site \"{}\" is not known: expected \"Lax\", \"Strict\" or \"None\"",
+                            s.get_ref()
+                        ),
+                    );
+                    SameSite::Lax
+                }
+            };
+        }
+        cfg.secure = c.secure.as_ref().map(|s| *s.get_ref());
+        cfg.http_only = c.http_only.as_ref().is_none_or(|h| *h.get_ref());
+        if let Some(m) = &c.max_age {
+            cfg.max_age = match m.get_ref().as_str() {
+                "session" => None,
+                _ => Some(self.duration(&c.max_age, &format!("{at}: cookie.max_age"), Duration::from_secs(3600))),
+            };
+        }
+        for (i, k) in c.keys.iter().enumerate() {
+            match crate::affinity::token::Key::from_base64(k.get_ref()) {
+                Ok(_) => cfg.keys.push(k.get_ref().clone()),
+                Err(e) => self
+                    .error(k, format!("{at}: cookie.keys[{i}]: {e} (make one with: head -c 32 /dev/urandom | base64)")),
+            }
+        }
+        cfg
     }
 
     fn backend(&mut self, pool: &str, b: &Spanned<file::Backend>) -> Option<Backend> {
@@ -585,6 +897,11 @@ impl Resolver<'_> {
         };
         Some(Backend { name, address: address?, weight, state })
     }
+}
+
+/// An RFC 9110 token, which is what a cookie name must be.
+fn is_token(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 fn strip_port(host: &str) -> &str {

@@ -21,6 +21,7 @@ use tokio::time::Instant;
 use super::conn::ConnCx;
 use super::upstream::Sender;
 use crate::access_log::Record;
+use crate::affinity::Verdict;
 use crate::pool::Backend;
 
 /// What is known about a request while it is served; settled on drop.
@@ -41,6 +42,7 @@ pub struct Outcome {
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub error: Option<&'static str>,
+    pub verdict: Verdict,
     complete: bool,
 }
 
@@ -63,6 +65,7 @@ impl Outcome {
             bytes_in: 0,
             bytes_out: 0,
             error: None,
+            verdict: Verdict::Off,
             complete: false,
         }
     }
@@ -80,6 +83,7 @@ impl Drop for Outcome {
     fn drop(&mut self) {
         if let Some(b) = &self.backend {
             b.release();
+            b.count(self.verdict);
             if let (true, Some(sender)) = (self.complete, self.sender.take()) {
                 b.upstream.put_back(sender);
             }
@@ -102,6 +106,7 @@ impl Drop for Outcome {
                 bytes_in: self.bytes_in,
                 bytes_out: self.bytes_out,
                 error: self.error,
+                affinity: self.verdict.as_str(),
             });
         }
     }

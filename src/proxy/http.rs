@@ -6,6 +6,7 @@
 //! (in-flight count, pooled connection, access log) is settled by its [`Outcome`].
 
 use std::convert::Infallible;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -18,6 +19,8 @@ use tokio::time::Instant;
 use super::body::{Outcome, ProxyBody};
 use super::conn::ConnCx;
 use super::upstream::{ConnectError, Sender};
+use crate::affinity::{cookies, Decision, PoolAffinity, Verdict};
+use crate::config::OnUnavailable;
 use crate::pool::{Backend, Pool, Snapshot};
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -68,10 +71,32 @@ async fn proxy(mut req: Request<Incoming>, snap: &Snapshot, cx: &Arc<ConnCx>, mu
         let ip = crate::config::canonical(cx.peer.ip());
         routes.trusted_proxies.iter().any(|c| c.contains(ip))
     };
+    let now_ms = if pool.affinity.is_some() { crate::time::unix_millis() } else { 0 };
+    let mut decision = match &pool.affinity {
+        Some(a) => {
+            let client = client_ip(cx, req.headers(), &routes.trusted_proxies, trusted);
+            a.decide(pool, req.headers(), req.uri(), client, now_ms)
+        }
+        None => Decision::plain(pool.pick(None)),
+    };
+    out.verdict = decision.verdict;
     rewrite_request(&mut req, cx, host, trusted, upgrade);
+    if let Some(a) = &pool.affinity {
+        rewrite_for_affinity(req.headers_mut(), a, decision.verdict);
+    }
     out.bytes_in = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok()).unwrap_or(0);
 
-    let Some(mut index) = pool.pick(None) else {
+    let Some(mut index) = decision.backend else {
+        if let (Some(a), Verdict::Repin(_)) = (&pool.affinity, decision.verdict) {
+            if a.cfg.on_unavailable == OnUnavailable::Strict {
+                let msg = format!(
+                    "pool \"{}\": the session's backend is unavailable ({}) and this pool does not move sessions",
+                    pool.name,
+                    decision.verdict.reason().unwrap_or("")
+                );
+                return reply(out, StatusCode::SERVICE_UNAVAILABLE, "session-unavailable", msg);
+            }
+        }
         let msg = format!("pool \"{}\": no backend is available", pool.name);
         return reply(out, StatusCode::SERVICE_UNAVAILABLE, "no-backend", msg);
     };
@@ -88,9 +113,17 @@ async fn proxy(mut req: Request<Incoming>, snap: &Snapshot, cx: &Arc<ConnCx>, mu
                 tracing::warn!(pool = %pool.name, backend = %backend.name, address = %backend.address_text, "{e}");
                 // Nothing was sent, so the request may go elsewhere: once, to another backend.
                 if !moved {
-                    if let Some(next) = pool.pick(Some(index)) {
+                    let next = match &pool.affinity {
+                        Some(a) => a.failover(pool, &mut decision, index, now_ms),
+                        None => pool.pick(Some(index)),
+                    };
+                    if let Some(next) = next {
                         moved = true;
                         index = next;
+                        out.verdict = decision.verdict;
+                        if let Some(a) = &pool.affinity {
+                            rewrite_for_affinity(req.headers_mut(), a, decision.verdict);
+                        }
                         continue;
                     }
                 }
@@ -124,6 +157,10 @@ async fn proxy(mut req: Request<Incoming>, snap: &Snapshot, cx: &Arc<ConnCx>, mu
             }
         };
         out.upstream = Some(sent.elapsed());
+        let mut response = response;
+        if let Some(a) = &pool.affinity {
+            persist(response.headers_mut(), a, &decision, index);
+        }
         return respond(response, sender, client_upgrade, out);
     }
 }
@@ -173,6 +210,72 @@ async fn tunnel(client: hyper::upgrade::OnUpgrade, backend: hyper::upgrade::OnUp
         Err(e) => {
             tracing::debug!("tunnel ended: {e}");
             out.error = Some("tunnel-error");
+        }
+    }
+}
+
+/// The address a client-IP key uses: the peer, or, when the peer is a trusted proxy, the
+/// first address in `X-Forwarded-For` (read from the right) that is not a trusted proxy.
+fn client_ip(cx: &ConnCx, headers: &HeaderMap, trusted_proxies: &[crate::config::Cidr], trusted: bool) -> IpAddr {
+    let peer = crate::config::canonical(cx.peer.ip());
+    if !trusted {
+        return peer;
+    }
+    let mut last = peer;
+    let values: Vec<&str> = headers.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).collect();
+    for entry in values.iter().rev().flat_map(|v| v.rsplit(',')) {
+        let Ok(ip) = entry.trim().parse::<IpAddr>() else { return last };
+        let ip = crate::config::canonical(ip);
+        if !trusted_proxies.iter().any(|c| c.contains(ip)) {
+            return ip;
+        }
+        last = ip;
+    }
+    last
+}
+
+/// Request changes for a pool with affinity: Tether's cookie never reaches the backend,
+/// and the re-pin header is Tether's alone to set.
+fn rewrite_for_affinity(headers: &mut HeaderMap, a: &PoolAffinity, verdict: Verdict) {
+    if let Some(name) = a.cookie_name() {
+        if crate::affinity::cookie_value(headers, name).is_some() {
+            let kept: Vec<HeaderValue> = headers
+                .get_all(header::COOKIE)
+                .iter()
+                .filter_map(|v| match v.to_str().ok().and_then(|s| cookies::strip_cookie(s, name)) {
+                    None => Some(v.clone()),
+                    Some(rest) if rest.is_empty() => None,
+                    Some(rest) => HeaderValue::from_str(&rest).ok(),
+                })
+                .collect();
+            headers.remove(header::COOKIE);
+            for v in kept {
+                headers.append(header::COOKIE, v);
+            }
+        }
+    }
+    let repin = a.cfg.repin_header.as_str();
+    headers.remove(repin);
+    if let Some(reason) = verdict.reason() {
+        if let Ok(name) = HeaderName::from_bytes(repin.as_bytes()) {
+            headers.insert(name, HeaderValue::from_static(reason));
+        }
+    }
+}
+
+/// Response changes for a pool with affinity: learn the application's session cookie,
+/// and set Tether's when the session is new, moved, or due for a fresh idle stamp.
+fn persist(headers: &mut HeaderMap, a: &PoolAffinity, d: &Decision, backend: usize) {
+    if a.learns() {
+        a.learn(headers, backend);
+    }
+    if let Some(t) = &d.issue {
+        if let Ok(v) = HeaderValue::from_str(&a.set_cookie(t)) {
+            headers.append(header::SET_COOKIE, v);
+            // A shared cache must not hand one client's session cookie to another.
+            if !headers.contains_key(header::CACHE_CONTROL) {
+                headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("private"));
+            }
         }
     }
 }

@@ -1,0 +1,749 @@
+//! Sharded stick table: affinity key hash → backend id, with idle expiry
+//! and LRU eviction.
+//!
+//! Keys are 128-bit hashes computed by the caller (see
+//! [`key_hash128`](super::hash::key_hash128)); the raw key is never stored.
+//! The table is split into a power-of-two number of shards selected by the
+//! key's top bits. Each shard is a `Mutex` around:
+//!
+//! * a slab (`Vec`) of fixed-size entries linked into an intrusive doubly
+//!   linked LRU list by `u32` indices (no per-entry allocation; freed slots
+//!   are reused through a free list);
+//! * an index (`hashbrown::HashTable<u32>`) holding only slot numbers; it
+//!   hashes and compares through the slab, so the key is stored once.
+//!
+//! Memory is about 40 bytes per entry in the slab plus 5–10 bytes per entry
+//! in the index. Nothing is pre-sized at construction: shards grow on demand
+//! up to their share of the capacity (slab growth is clamped to it).
+//!
+//! Time is a coarse [`Tick`]: whole seconds since the table's [`Clock`]
+//! epoch, passed in by the caller so tests can advance it freely.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use hashbrown::HashTable;
+
+const NIL: u32 = u32::MAX;
+/// Entries removed per lock acquisition by [`StickTable::sweep`].
+const SWEEP_BATCH: usize = 4096;
+/// Upper bound on the shard count.
+const MAX_SHARDS: usize = 1 << 16;
+
+/// A coarse timestamp: whole seconds since a [`Clock`]'s epoch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Tick(u32);
+
+impl Tick {
+    /// The tick `secs` seconds after the epoch.
+    pub const fn from_secs(secs: u32) -> Self {
+        Tick(secs)
+    }
+
+    /// Seconds since the epoch.
+    pub const fn secs(self) -> u32 {
+        self.0
+    }
+
+    /// This tick advanced by `secs` seconds (saturating).
+    pub const fn add_secs(self, secs: u32) -> Self {
+        Tick(self.0.saturating_add(secs))
+    }
+}
+
+/// Converts `Instant`s into [`Tick`]s relative to a fixed epoch.
+#[derive(Clone, Copy, Debug)]
+pub struct Clock {
+    epoch: Instant,
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Clock {
+    /// A clock whose epoch is now.
+    pub fn new() -> Self {
+        Clock { epoch: Instant::now() }
+    }
+
+    /// The current tick.
+    pub fn now(&self) -> Tick {
+        self.at(Instant::now())
+    }
+
+    /// The tick of `instant` (0 if before the epoch; saturates after ~136
+    /// years).
+    pub fn at(&self, instant: Instant) -> Tick {
+        let secs = instant.saturating_duration_since(self.epoch).as_secs();
+        Tick(u32::try_from(secs).unwrap_or(u32::MAX))
+    }
+}
+
+/// A snapshot of the table's counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StickStats {
+    /// Entries currently stored (including idle ones not yet swept).
+    pub entries: usize,
+    /// `get` calls that found a live entry.
+    pub hits: u64,
+    /// `get` calls that found nothing or an expired entry.
+    pub misses: u64,
+    /// Live entries dropped to make room (capacity pressure).
+    pub evictions: u64,
+    /// Idle entries removed (by `get`, `sweep`, or when reclaimed by
+    /// `insert` at capacity).
+    pub expirations: u64,
+}
+
+#[derive(Clone, Copy)]
+struct Entry {
+    key_lo: u64,
+    key_hi: u64,
+    backend: u64,
+    last_seen: u32,
+    prev: u32,
+    next: u32,
+}
+
+impl Entry {
+    fn key(&self) -> u128 {
+        (u128::from(self.key_hi) << 64) | u128::from(self.key_lo)
+    }
+}
+
+fn index_hash(key: u128) -> u64 {
+    (key as u64) ^ ((key >> 64) as u64)
+}
+
+struct ShardInner {
+    index: HashTable<u32>,
+    slab: Vec<Entry>,
+    /// Head of the free list (linked through `next`).
+    free: u32,
+    /// Most recently used.
+    head: u32,
+    /// Least recently used.
+    tail: u32,
+    len: u32,
+}
+
+impl ShardInner {
+    fn new() -> Self {
+        ShardInner { index: HashTable::new(), slab: Vec::new(), free: NIL, head: NIL, tail: NIL, len: 0 }
+    }
+
+    fn find(&self, key: u128) -> Option<u32> {
+        let slab = &self.slab;
+        self.index.find(index_hash(key), |&s| slab[s as usize].key() == key).copied()
+    }
+
+    fn unlink(&mut self, slot: u32) {
+        let Entry { prev, next, .. } = self.slab[slot as usize];
+        if prev == NIL {
+            self.head = next;
+        } else {
+            self.slab[prev as usize].next = next;
+        }
+        if next == NIL {
+            self.tail = prev;
+        } else {
+            self.slab[next as usize].prev = prev;
+        }
+    }
+
+    fn push_front(&mut self, slot: u32) {
+        let old_head = self.head;
+        {
+            let e = &mut self.slab[slot as usize];
+            e.prev = NIL;
+            e.next = old_head;
+        }
+        if old_head == NIL {
+            self.tail = slot;
+        } else {
+            self.slab[old_head as usize].prev = slot;
+        }
+        self.head = slot;
+    }
+
+    fn touch(&mut self, slot: u32) {
+        if self.head != slot {
+            self.unlink(slot);
+            self.push_front(slot);
+        }
+    }
+
+    /// Removes the entry in `slot` from the list and the index and frees
+    /// the slot. Returns its backend.
+    fn remove_slot(&mut self, slot: u32) -> u64 {
+        self.unlink(slot);
+        let entry = self.slab[slot as usize];
+        if let Ok(found) = self.index.find_entry(index_hash(entry.key()), |&s| s == slot) {
+            found.remove();
+        }
+        let e = &mut self.slab[slot as usize];
+        e.next = self.free;
+        e.prev = NIL;
+        self.free = slot;
+        self.len -= 1;
+        entry.backend
+    }
+
+    /// Stores a new entry (the key must be absent and a slot available
+    /// within `cap`) at the front of the list.
+    fn add(&mut self, key: u128, backend: u64, now: u32, cap: u32) {
+        let entry =
+            Entry { key_lo: key as u64, key_hi: (key >> 64) as u64, backend, last_seen: now, prev: NIL, next: NIL };
+        let slot = if self.free != NIL {
+            let slot = self.free;
+            self.free = self.slab[slot as usize].next;
+            self.slab[slot as usize] = entry;
+            slot
+        } else {
+            let len = self.slab.len();
+            if len == self.slab.capacity() {
+                // Grow geometrically, but never beyond the shard's share.
+                let target = (len * 2).max(16).min(cap as usize).max(len + 1);
+                self.slab.reserve_exact(target - len);
+            }
+            self.slab.push(entry);
+            len as u32
+        };
+        self.push_front(slot);
+        let slab = &self.slab;
+        self.index.insert_unique(index_hash(key), slot, |&s| index_hash(slab[s as usize].key()));
+        self.len += 1;
+    }
+}
+
+#[repr(align(64))]
+struct Shard {
+    inner: Mutex<ShardInner>,
+    len: AtomicUsize,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    evictions: AtomicU64,
+    expirations: AtomicU64,
+}
+
+impl Shard {
+    fn lock(&self) -> MutexGuard<'_, ShardInner> {
+        // Operations never leave a shard half-updated short of an
+        // allocation failure, so a poisoned lock is safe to reuse.
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Sharded, capacity-bounded map from 128-bit key hashes to backend ids,
+/// with idle expiry and LRU eviction. See the module documentation.
+pub struct StickTable {
+    shards: Box<[Shard]>,
+    shard_bits: u32,
+    shard_cap: u32,
+    idle_secs: u32,
+    clock: Clock,
+}
+
+impl std::fmt::Debug for StickTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StickTable")
+            .field("shards", &self.shards.len())
+            .field("shard_cap", &self.shard_cap)
+            .field("idle_secs", &self.idle_secs)
+            .field("len", &self.len())
+            .finish()
+    }
+}
+
+impl StickTable {
+    /// A table holding at most about `capacity` entries (each of the
+    /// `shards` shards holds `ceil(capacity / shards)`; `shards` is rounded
+    /// up to a power of two, at least 1). Entries unused for longer than
+    /// `idle_timeout` (whole seconds; sub-second parts are dropped) are
+    /// treated as absent.
+    pub fn new(capacity: usize, idle_timeout: Duration, shards: usize) -> Self {
+        let shards = shards.clamp(1, MAX_SHARDS).next_power_of_two();
+        let shard_cap = capacity.div_ceil(shards).clamp(1, (NIL - 1) as usize) as u32;
+        let shard_bits = shards.trailing_zeros();
+        let shards = (0..shards)
+            .map(|_| Shard {
+                inner: Mutex::new(ShardInner::new()),
+                len: AtomicUsize::new(0),
+                hits: AtomicU64::new(0),
+                misses: AtomicU64::new(0),
+                evictions: AtomicU64::new(0),
+                expirations: AtomicU64::new(0),
+            })
+            .collect();
+        StickTable {
+            shards,
+            shard_bits,
+            shard_cap,
+            idle_secs: u32::try_from(idle_timeout.as_secs()).unwrap_or(u32::MAX),
+            clock: Clock::new(),
+        }
+    }
+
+    /// The table's clock (its epoch is the table's creation).
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
+    /// Shorthand for `self.clock().now()`.
+    pub fn now(&self) -> Tick {
+        self.clock.now()
+    }
+
+    /// Maximum number of entries (the per-shard share times shard count).
+    pub fn capacity(&self) -> usize {
+        self.shard_cap as usize * self.shards.len()
+    }
+
+    fn shard(&self, key: u128) -> &Shard {
+        let hi = (key >> 64) as u64;
+        let i = hi.checked_shr(64 - self.shard_bits).unwrap_or(0);
+        &self.shards[i as usize]
+    }
+
+    fn expired(&self, last_seen: u32, now: Tick) -> bool {
+        now.0.saturating_sub(last_seen) > self.idle_secs
+    }
+
+    /// Looks up `key` at time `now`. A live entry is refreshed (moved to the
+    /// front, last-seen set to `now`); an entry idle longer than the idle
+    /// timeout is removed and reported as absent.
+    pub fn get(&self, key: u128, now: Tick) -> Option<u64> {
+        let shard = self.shard(key);
+        let mut g = shard.lock();
+        let Some(slot) = g.find(key) else {
+            shard.misses.fetch_add(1, Relaxed);
+            return None;
+        };
+        let last_seen = g.slab[slot as usize].last_seen;
+        if self.expired(last_seen, now) {
+            g.remove_slot(slot);
+            shard.len.store(g.len as usize, Relaxed);
+            shard.expirations.fetch_add(1, Relaxed);
+            shard.misses.fetch_add(1, Relaxed);
+            return None;
+        }
+        let e = &mut g.slab[slot as usize];
+        e.last_seen = last_seen.max(now.0);
+        let backend = e.backend;
+        g.touch(slot);
+        shard.hits.fetch_add(1, Relaxed);
+        Some(backend)
+    }
+
+    /// Maps `key` to `backend` at time `now` (replacing any existing
+    /// mapping) and makes it most recently used. When the key's shard is
+    /// full, its least recently used entry is dropped first.
+    pub fn insert(&self, key: u128, backend: u64, now: Tick) {
+        let shard = self.shard(key);
+        let mut g = shard.lock();
+        if let Some(slot) = g.find(key) {
+            let e = &mut g.slab[slot as usize];
+            e.backend = backend;
+            e.last_seen = e.last_seen.max(now.0);
+            g.touch(slot);
+            return;
+        }
+        if g.len >= self.shard_cap {
+            let tail = g.tail;
+            let idle = self.expired(g.slab[tail as usize].last_seen, now);
+            g.remove_slot(tail);
+            if idle {
+                shard.expirations.fetch_add(1, Relaxed);
+            } else {
+                shard.evictions.fetch_add(1, Relaxed);
+            }
+        }
+        g.add(key, backend, now.0, self.shard_cap);
+        shard.len.store(g.len as usize, Relaxed);
+    }
+
+    /// Removes `key`, returning its backend if it was present (expired or
+    /// not).
+    pub fn remove(&self, key: u128) -> Option<u64> {
+        let shard = self.shard(key);
+        let mut g = shard.lock();
+        let slot = g.find(key)?;
+        let backend = g.remove_slot(slot);
+        shard.len.store(g.len as usize, Relaxed);
+        Some(backend)
+    }
+
+    /// Drops every entry whose backend fails `keep` (e.g. backends removed
+    /// from the pool). Returns the number removed. Walks the whole table one
+    /// shard at a time: run it off the request path.
+    pub fn retain_backends(&self, mut keep: impl FnMut(u64) -> bool) -> usize {
+        let mut removed = 0;
+        for shard in self.shards.iter() {
+            let mut g = shard.lock();
+            let mut cur = g.head;
+            while cur != NIL {
+                let Entry { next, backend, .. } = g.slab[cur as usize];
+                if !keep(backend) {
+                    g.remove_slot(cur);
+                    removed += 1;
+                }
+                cur = next;
+            }
+            shard.len.store(g.len as usize, Relaxed);
+        }
+        removed
+    }
+
+    /// Removes entries idle longer than the timeout at `now`, walking each
+    /// shard's LRU list from the tail in batches (the lock is released
+    /// between batches). Returns the number removed. Meant to run
+    /// periodically off the request path.
+    pub fn sweep(&self, now: Tick) -> usize {
+        let mut removed = 0;
+        for shard in self.shards.iter() {
+            loop {
+                let mut g = shard.lock();
+                let mut batch = 0;
+                while batch < SWEEP_BATCH && g.tail != NIL {
+                    let tail = g.tail;
+                    if !self.expired(g.slab[tail as usize].last_seen, now) {
+                        break;
+                    }
+                    g.remove_slot(tail);
+                    batch += 1;
+                }
+                shard.len.store(g.len as usize, Relaxed);
+                drop(g);
+                shard.expirations.fetch_add(batch as u64, Relaxed);
+                removed += batch;
+                if batch < SWEEP_BATCH {
+                    break;
+                }
+            }
+        }
+        removed
+    }
+
+    /// Number of stored entries (including idle ones not yet swept).
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.len.load(Relaxed)).sum()
+    }
+
+    /// Whether the table stores no entries.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A snapshot of the counters (not atomic across shards).
+    pub fn stats(&self) -> StickStats {
+        let mut st = StickStats::default();
+        for s in self.shards.iter() {
+            st.entries += s.len.load(Relaxed);
+            st.hits += s.hits.load(Relaxed);
+            st.misses += s.misses.load(Relaxed);
+            st.evictions += s.evictions.load(Relaxed);
+            st.expirations += s.expirations.load(Relaxed);
+        }
+        st
+    }
+
+    /// Number of stored entries per backend id (idle entries not yet swept
+    /// included: sweep first for live counts). Walks the whole table one
+    /// shard at a time: run it off the request path.
+    pub fn sessions_per_backend(&self) -> HashMap<u64, usize> {
+        let mut counts = HashMap::new();
+        for shard in self.shards.iter() {
+            let g = shard.lock();
+            let mut cur = g.head;
+            while cur != NIL {
+                let e = &g.slab[cur as usize];
+                *counts.entry(e.backend).or_insert(0) += 1;
+                cur = e.next;
+            }
+        }
+        counts
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    fn t(secs: u32) -> Tick {
+        Tick::from_secs(secs)
+    }
+
+    /// Spreads small integers over the whole key space (and all shards).
+    fn k(i: u64) -> u128 {
+        let x = u128::from(i).wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835);
+        x ^ (x >> 61)
+    }
+
+    /// Checks the list/index/free-list invariants of every shard.
+    fn check_invariants(table: &StickTable) {
+        let mut total = 0;
+        for shard in table.shards.iter() {
+            let g = shard.lock();
+            let mut n = 0u32;
+            let mut prev = NIL;
+            let mut cur = g.head;
+            while cur != NIL {
+                let e = g.slab[cur as usize];
+                assert_eq!(e.prev, prev);
+                assert_eq!(g.find(e.key()), Some(cur));
+                prev = cur;
+                cur = e.next;
+                n += 1;
+            }
+            assert_eq!(g.tail, prev);
+            assert_eq!(n, g.len);
+            assert_eq!(g.index.len(), g.len as usize);
+            assert!(g.len <= table.shard_cap);
+            assert!(g.slab.capacity() <= table.shard_cap as usize);
+            let mut free = 0;
+            let mut cur = g.free;
+            while cur != NIL {
+                free += 1;
+                cur = g.slab[cur as usize].next;
+            }
+            assert_eq!(free + g.len as usize, g.slab.len());
+            assert_eq!(shard.len.load(Relaxed), g.len as usize);
+            total += g.len as usize;
+        }
+        assert_eq!(total, table.len());
+    }
+
+    #[test]
+    fn insert_get_remove() {
+        let table = StickTable::new(100, HOUR, 4);
+        assert!(table.is_empty());
+        table.insert(k(1), 10, t(0));
+        table.insert(k(2), 20, t(0));
+        assert_eq!(table.get(k(1), t(1)), Some(10));
+        assert_eq!(table.get(k(2), t(1)), Some(20));
+        assert_eq!(table.get(k(3), t(1)), None);
+        table.insert(k(1), 11, t(2));
+        assert_eq!(table.get(k(1), t(2)), Some(11));
+        assert_eq!(table.len(), 2);
+        assert_eq!(table.remove(k(1)), Some(11));
+        assert_eq!(table.remove(k(1)), None);
+        assert_eq!(table.get(k(1), t(2)), None);
+        assert_eq!(table.len(), 1);
+        check_invariants(&table);
+    }
+
+    #[test]
+    fn lru_eviction_order() {
+        let table = StickTable::new(3, HOUR, 1);
+        table.insert(k(1), 1, t(0));
+        table.insert(k(2), 2, t(0));
+        table.insert(k(3), 3, t(0));
+        // Touch 1: LRU order is now 2, 3, 1.
+        assert_eq!(table.get(k(1), t(1)), Some(1));
+        table.insert(k(4), 4, t(2));
+        assert_eq!(table.get(k(2), t(2)), None, "2 was least recently used");
+        // Order: 3, 1, 4. Re-inserting 3 refreshes it: 1, 4, 3.
+        table.insert(k(3), 33, t(3));
+        table.insert(k(5), 5, t(3));
+        assert_eq!(table.get(k(1), t(3)), None, "1 was least recently used");
+        assert_eq!(table.get(k(4), t(3)), Some(4));
+        assert_eq!(table.get(k(3), t(3)), Some(33));
+        assert_eq!(table.get(k(5), t(3)), Some(5));
+        let st = table.stats();
+        assert_eq!(st.evictions, 2);
+        assert_eq!(st.expirations, 0);
+        assert_eq!(st.entries, 3);
+        check_invariants(&table);
+    }
+
+    #[test]
+    fn capacity_is_per_shard_share() {
+        let table = StickTable::new(1000, HOUR, 3);
+        assert_eq!(table.shards.len(), 4);
+        assert_eq!(table.capacity(), 1000);
+        for i in 0..10_000 {
+            table.insert(k(i), i, t(0));
+        }
+        assert!(table.len() <= 1000);
+        assert!(table.len() > 900, "keys spread over all shards");
+        assert_eq!(table.stats().evictions, 10_000 - table.len() as u64);
+        // The most recent keys survive.
+        for i in 9_900..10_000 {
+            assert_eq!(table.get(k(i), t(0)), Some(i));
+        }
+        check_invariants(&table);
+    }
+
+    #[test]
+    fn idle_expiry_on_get() {
+        let table = StickTable::new(100, Duration::from_secs(10), 2);
+        table.insert(k(1), 1, t(0));
+        table.insert(k(2), 2, t(0));
+        // Exactly the timeout is still alive and refreshes last-seen.
+        assert_eq!(table.get(k(1), t(10)), Some(1));
+        assert_eq!(table.get(k(1), t(20)), Some(1));
+        assert_eq!(table.get(k(2), t(11)), None);
+        assert_eq!(table.len(), 1);
+        assert_eq!(table.get(k(1), t(31)), None);
+        assert!(table.is_empty());
+        let st = table.stats();
+        assert_eq!((st.hits, st.misses, st.expirations), (2, 2, 2));
+        check_invariants(&table);
+    }
+
+    #[test]
+    fn insert_at_capacity_reclaims_idle_tail_as_expiration() {
+        let table = StickTable::new(2, Duration::from_secs(10), 1);
+        table.insert(k(1), 1, t(0));
+        table.insert(k(2), 2, t(15));
+        table.insert(k(3), 3, t(15));
+        let st = table.stats();
+        assert_eq!((st.evictions, st.expirations), (0, 1));
+        table.insert(k(4), 4, t(15));
+        assert_eq!(table.stats().evictions, 1);
+    }
+
+    #[test]
+    fn sweep_removes_only_expired() {
+        let table = StickTable::new(20_000, Duration::from_secs(10), 4);
+        for i in 0..10_000 {
+            table.insert(k(i), i % 7, t(0));
+        }
+        for i in 10_000..15_000 {
+            table.insert(k(i), i % 7, t(5));
+        }
+        // Refresh some old ones.
+        for i in 0..1_000 {
+            assert_eq!(table.get(k(i), t(8)), Some(i % 7));
+        }
+        assert_eq!(table.sweep(t(10)), 0);
+        assert_eq!(table.sweep(t(11)), 9_000);
+        assert_eq!(table.len(), 6_000);
+        assert_eq!(table.stats().expirations, 9_000);
+        check_invariants(&table);
+        assert_eq!(table.sweep(t(16)), 5_000);
+        assert_eq!(table.sweep(t(100)), 1_000);
+        assert!(table.is_empty());
+        check_invariants(&table);
+        // Freed slots are reused without growing the slab.
+        let slab_before: usize = table.shards.iter().map(|s| s.lock().slab.len()).sum();
+        for i in 0..15_000 {
+            table.insert(k(i + 50_000), 1, t(100));
+        }
+        let slab_after: usize = table.shards.iter().map(|s| s.lock().slab.len()).sum();
+        assert!(slab_after <= slab_before + 1_000, "{slab_before} -> {slab_after}");
+        check_invariants(&table);
+    }
+
+    #[test]
+    fn hits_and_misses() {
+        let table = StickTable::new(10, HOUR, 1);
+        table.insert(k(1), 1, t(0));
+        for _ in 0..5 {
+            table.get(k(1), t(0));
+        }
+        for i in 2..5 {
+            table.get(k(i), t(0));
+        }
+        let st = table.stats();
+        assert_eq!((st.hits, st.misses, st.entries), (5, 3, 1));
+    }
+
+    #[test]
+    fn retain_backends_and_sessions_per_backend() {
+        let table = StickTable::new(10_000, HOUR, 8);
+        for i in 0..3_000 {
+            table.insert(k(i), i % 3, t(0));
+        }
+        let per = table.sessions_per_backend();
+        assert_eq!(per.len(), 3);
+        assert!(per.values().all(|&n| n == 1_000));
+        assert_eq!(table.retain_backends(|b| b != 1), 1_000);
+        let per = table.sessions_per_backend();
+        assert_eq!(per.get(&1), None);
+        assert_eq!(per[&0] + per[&2], 2_000);
+        for i in 0..3_000 {
+            let want = if i % 3 == 1 { None } else { Some(i % 3) };
+            assert_eq!(table.get(k(i), t(0)), want);
+        }
+        check_invariants(&table);
+    }
+
+    #[test]
+    fn clock_ticks() {
+        let clock = Clock::new();
+        assert_eq!(clock.now(), t(0));
+        let later = Instant::now() + Duration::from_secs(5);
+        assert_eq!(clock.at(later), t(5));
+        assert_eq!(t(u32::MAX).add_secs(3), t(u32::MAX));
+    }
+
+    #[test]
+    fn shard_selection_uses_all_shards() {
+        let table = StickTable::new(1 << 16, HOUR, 16);
+        for i in 0..16_000 {
+            table.insert(k(i), 0, t(0));
+        }
+        for s in table.shards.iter() {
+            let n = s.len.load(Relaxed);
+            assert!((800..1200).contains(&n), "{n}");
+        }
+        // A single shard also works (no shift overflow).
+        let one = StickTable::new(10, HOUR, 0);
+        one.insert(u128::MAX, 1, t(0));
+        assert_eq!(one.get(u128::MAX, t(0)), Some(1));
+    }
+
+    #[test]
+    fn concurrent_smoke() {
+        let table = Arc::new(StickTable::new(200_000, Duration::from_secs(30), 8));
+        let threads: Vec<_> = (0..4u64)
+            .map(|tid| {
+                let table = Arc::clone(&table);
+                std::thread::spawn(move || {
+                    let base = tid * 1_000_000;
+                    for round in 0..3u32 {
+                        for i in 0..10_000 {
+                            table.insert(k(base + i), base + i, t(round));
+                        }
+                        for i in 0..10_000 {
+                            assert_eq!(table.get(k(base + i), t(round)), Some(base + i));
+                        }
+                        for i in (0..10_000).step_by(10) {
+                            assert_eq!(table.remove(k(base + i)), Some(base + i));
+                        }
+                    }
+                })
+            })
+            .collect();
+        // A maintenance thread running beside the workers.
+        let maint = {
+            let table = Arc::clone(&table);
+            std::thread::spawn(move || {
+                for _ in 0..50 {
+                    table.sweep(t(2));
+                    table.retain_backends(|_| true);
+                    let _ = table.sessions_per_backend();
+                    let _ = table.stats();
+                }
+            })
+        };
+        for th in threads {
+            th.join().unwrap();
+        }
+        maint.join().unwrap();
+        assert_eq!(table.len(), 4 * 9_000);
+        let st = table.stats();
+        assert_eq!(st.hits, 4 * 3 * 10_000);
+        assert_eq!(st.evictions + st.expirations, 0);
+        check_invariants(&table);
+    }
+}
