@@ -129,6 +129,7 @@ impl Server {
 /// Once a second, off the request path: drop expired affinity entries, recount the
 /// sessions pinned to each backend, and report the progress of drains.
 async fn sweep_sessions(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    let mut reported: std::collections::HashMap<(Arc<str>, String), u32> = std::collections::HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -142,9 +143,13 @@ async fn sweep_sessions(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>
             let counts = a.store.sweep();
             for (b, id) in pool.backends.iter().zip(&a.ids) {
                 let n = counts.get(id).copied().unwrap_or(0) as u32;
-                let before = b.set_sessions(n);
-                if b.admin_state() == crate::config::AdminState::Draining && n != before {
+                b.set_sessions(n);
+                let key = (pool.name.clone(), b.name.clone());
+                if b.admin_state() != crate::config::AdminState::Draining {
+                    reported.remove(&key);
+                } else if reported.get(&key) != Some(&n) {
                     tracing::info!(pool = %pool.name, backend = %b.name, "draining: {n} sessions still pinned");
+                    reported.insert(key, n);
                 }
             }
         }

@@ -119,7 +119,7 @@ impl fmt::Display for KeyError {
         match self {
             KeyError::Base64 => f.write_str("token key is not valid base64"),
             KeyError::Length { decoded } => {
-                write!(f, "token key must decode to 32 bytes, got {decoded} (generate one with 32 random bytes)")
+                write!(f, "token key must decode to 32 bytes, got {decoded} (make one with: head -c 32 /dev/urandom | base64)")
             }
         }
     }

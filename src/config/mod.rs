@@ -843,8 +843,7 @@ impl Resolver<'_> {
         for (i, k) in c.keys.iter().enumerate() {
             match crate::affinity::token::Key::from_base64(k.get_ref()) {
                 Ok(_) => cfg.keys.push(k.get_ref().clone()),
-                Err(e) => self
-                    .error(k, format!("{at}: cookie.keys[{i}]: {e} (make one with: head -c 32 /dev/urandom | base64)")),
+                Err(e) => self.error(k, format!("{at}: cookie.keys[{i}]: {e}")),
             }
         }
         cfg

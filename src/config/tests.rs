@@ -158,3 +158,82 @@ fn cidr_parsing_and_matching() {
     assert!(Cidr::parse("10.0.0.0/33").is_err());
     assert!(Cidr::parse("ten").is_err());
 }
+
+const STICKY: &str = r#"[[listeners]]
+bind = "127.0.0.1:8080"
+pool = "shop"
+
+[pools.shop]
+backends = [{ name = "a", address = "127.0.0.1:1" }]
+
+[pools.shop.affinity]
+keys = ["cookie", "app_cookie:JSESSIONID", "header:X-User", "query:sid", "client_ip"]
+mapping = "hash"
+on_unavailable = "strict"
+max_sessions_factor = 1.25
+drain_timeout = "10m"
+ipv4_prefix = 24
+
+[pools.shop.affinity.cookie]
+name = "srv"
+idle_timeout = "20m"
+absolute_timeout = "none"
+same_site = "strict"
+max_age = "1h"
+keys = ["AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE="]
+
+[pools.shop.affinity.table]
+capacity = 5000
+idle_timeout = "5m"
+"#;
+
+#[test]
+fn resolves_affinity() {
+    let c = parse(STICKY, "t.toml").unwrap();
+    let a = c.pools[0].affinity.as_ref().unwrap();
+    assert_eq!(
+        a.keys,
+        [
+            KeySource::Cookie,
+            KeySource::AppCookie("JSESSIONID".into()),
+            KeySource::Header("x-user".into()),
+            KeySource::Query("sid".into()),
+            KeySource::ClientIp
+        ]
+    );
+    assert_eq!(a.mapping, Mapping::Hash);
+    assert_eq!(a.on_unavailable, OnUnavailable::Strict);
+    assert_eq!(a.max_sessions_factor, Some(1.25));
+    assert_eq!(a.drain_timeout, Some(Duration::from_secs(600)));
+    assert_eq!((a.ipv4_prefix, a.ipv6_prefix), (24, 64));
+    assert_eq!(a.repin_header, "tether-session-repinned");
+    assert_eq!(a.cookie.name, "srv");
+    assert_eq!(a.cookie.idle_timeout, Duration::from_secs(1200));
+    assert_eq!(a.cookie.absolute_timeout, None);
+    assert_eq!(a.cookie.max_age, Some(Duration::from_secs(3600)));
+    assert_eq!(a.cookie.same_site, crate::affinity::cookies::SameSite::Strict);
+    assert_eq!(a.table, TableConfig { capacity: 5000, idle_timeout: Duration::from_secs(300) });
+}
+
+#[test]
+fn affinity_errors_are_located() {
+    let bad = STICKY
+        .replace("\"client_ip\"]", "\"client_ip\", \"ip_hash\"]")
+        .replace("max_sessions_factor = 1.25", "max_sessions_factor = 0.5")
+        .replace("AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=", "c2hvcnQ=");
+    let e = errors(&bad);
+    assert!(
+        e.iter().any(|l| l.starts_with("t.toml:9:87: pool \"shop\": affinity: key \"ip_hash\" is not known")),
+        "{e:#?}"
+    );
+    assert!(
+        e.iter()
+            .any(|l| l
+                .starts_with("t.toml:12:23: pool \"shop\": affinity: max_sessions_factor 0.5 must be at least 1.0")),
+        "{e:#?}"
+    );
+    assert!(e.iter().any(|l| l.starts_with("t.toml:22:9: pool \"shop\": affinity: cookie.keys[0]:")), "{e:#?}");
+    let no_cookie_key = STICKY.replace("keys = [\"cookie\", ", "keys = [");
+    let e = errors(&no_cookie_key);
+    assert!(e.iter().any(|l| l.contains("a [cookie] section is set but \"cookie\" is not among the keys")), "{e:#?}");
+}

@@ -1,0 +1,522 @@
+//! Session persistence through the real balancer: every key type keeps 1000 clients on
+//! their backends over shared keep-alive connections; tokens that cannot be trusted count
+//! as absent; keys rotate; instances agree; sessions move when their backend goes, and
+//! drain, strict mode and bounded load behave.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::*;
+use http::Request;
+use http_body_util::Full;
+
+const KEY_A: &str = "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=";
+const KEY_B: &str = "AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=";
+
+fn sticky(b: &[DemoBackend], algorithm: &str, weights: &[u32], affinity: &str) -> String {
+    let refs: Vec<&DemoBackend> = b.iter().collect();
+    format!("{}\n[pools.web.affinity]\n{affinity}\n", config(algorithm, &refs, weights, ""))
+}
+
+fn cookie_affinity(keys: &[&str], extra: &str) -> String {
+    let keys: Vec<String> = keys.iter().map(|k| format!("\"{k}\"")).collect();
+    format!("keys = [\"cookie\"]\n{extra}\n[pools.web.affinity.cookie]\nkeys = [{}]\n", keys.join(", "))
+}
+
+/// One simulated client: its cookie jar and what it sends.
+#[derive(Default, Clone)]
+struct Visitor {
+    jar: HashMap<String, String>,
+    headers: Vec<(String, String)>,
+    query: String,
+}
+
+impl Visitor {
+    fn request(&self, path: &str) -> Request<Full<bytes::Bytes>> {
+        let sep = if path.contains('?') { '&' } else { '?' };
+        let uri = if self.query.is_empty() { path.to_string() } else { format!("{path}{sep}{}", self.query) };
+        let mut r = Request::get(uri).header("host", "shop.example");
+        if !self.jar.is_empty() {
+            let cookie: Vec<String> = self.jar.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            r = r.header("cookie", cookie.join("; "));
+        }
+        for (k, v) in &self.headers {
+            r = r.header(k.as_str(), v.as_str());
+        }
+        r.body(Full::default()).unwrap()
+    }
+
+    /// Keeps every cookie the response sets, as a browser would.
+    fn store(&mut self, r: &Resp) {
+        for v in r.headers.get_all("set-cookie") {
+            let v = v.to_str().unwrap();
+            let (name, value) = v.split(';').next().unwrap().split_once('=').unwrap();
+            self.jar.insert(name.trim().to_string(), value.trim().to_string());
+        }
+    }
+
+    async fn visit(&mut self, c: &mut Client, path: &str) -> Resp {
+        let r = c.request(self.request(path)).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        self.store(&r);
+        r
+    }
+}
+
+/// 1000 clients, five requests each, interleaved over eight shared keep-alive
+/// connections: every client must stay on its first backend, and first placements must
+/// spread within 15% of fair.
+async fn thousand_clients_stay(t: &Tether, make: impl Fn(usize) -> Visitor) -> HashMap<String, usize> {
+    let mut conns = Vec::new();
+    for _ in 0..8 {
+        conns.push(Client::connect(t.addr()).await);
+    }
+    let mut visitors: Vec<Visitor> = (0..1000).map(make).collect();
+    let mut home: Vec<String> = Vec::new();
+    for (i, v) in visitors.iter_mut().enumerate() {
+        home.push(v.visit(&mut conns[i % 8], "/").await.backend());
+    }
+    for round in 1..5 {
+        for (i, v) in visitors.iter_mut().enumerate() {
+            let r = v.visit(&mut conns[(i + round) % 8], "/").await;
+            assert_eq!(r.backend(), home[i], "client {i} moved in round {round}: {}", r.text());
+        }
+    }
+    let mut spread = HashMap::new();
+    for h in &home {
+        *spread.entry(h.clone()).or_insert(0) += 1;
+    }
+    for (b, n) in &spread {
+        assert!((283..=383).contains(n), "{b} got {n} of 1000 new clients: {spread:?}");
+    }
+    assert_eq!(spread.len(), 3, "{spread:?}");
+    spread
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cookie_keeps_1000_clients() {
+    let b = backends(3).await;
+    let t = Tether::start(&sticky(&b, "random", &[], &cookie_affinity(&[KEY_A], "")));
+    thousand_clients_stay(&t, |_| Visitor::default()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn app_cookie_is_learned_and_keeps_1000_clients() {
+    let b = backends(3).await;
+    // The demo backends set their own `demo_visitor` cookie; Tether learns it.
+    let t = Tether::start(&sticky(&b, "round_robin", &[], "keys = [\"app_cookie:demo_visitor\"]"));
+    let mut c = Client::connect(t.addr()).await;
+    let mut v = Visitor::default();
+    v.visit(&mut c, "/").await;
+    for n in 2..6 {
+        let r = v.visit(&mut c, "/").await;
+        // The backend's own counter proves the visitor never left it.
+        assert!(r.text().contains(&format!("visit number {n} ")), "{}", r.text());
+    }
+    thousand_clients_stay(&t, |_| Visitor::default()).await;
+}
+
+#[tokio::test]
+async fn app_cookie_in_path_parameter_and_query() {
+    let b = backends(3).await;
+    let t = Tether::start(&sticky(&b, "round_robin", &[], "keys = [\"app_cookie:demo_visitor\"]"));
+    let mut c = Client::connect(t.addr()).await;
+    let mut v = Visitor::default();
+    let home = v.visit(&mut c, "/").await.backend();
+    let id = v.jar["demo_visitor"].clone();
+    // Without the cookie, the id in a ;param or query still finds the backend.
+    for path in [format!("/;demo_visitor={id}"), format!("/cart;DEMO_VISITOR={id}?x=1"), format!("/?demo_visitor={id}")]
+    {
+        for _ in 0..3 {
+            let r = c.request(Request::get(path.as_str()).header("host", "x").body(Full::default()).unwrap()).await;
+            assert_eq!(r.backend(), home, "{path}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_keys_keep_1000_clients_by_table_and_by_hash() {
+    for mapping in ["table", "hash"] {
+        let b = backends(3).await;
+        let t = Tether::start(&sticky(
+            &b,
+            "round_robin",
+            &[],
+            &format!("keys = [\"header:x-user\"]\nmapping = \"{mapping}\""),
+        ));
+        thousand_clients_stay(&t, |i| Visitor {
+            headers: vec![("x-user".into(), format!("user-{i}"))],
+            ..Default::default()
+        })
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_keys_keep_1000_clients_by_table_and_by_hash() {
+    for mapping in ["table", "hash"] {
+        let b = backends(3).await;
+        let t =
+            Tether::start(&sticky(&b, "round_robin", &[], &format!("keys = [\"query:sid\"]\nmapping = \"{mapping}\"")));
+        thousand_clients_stay(&t, |i| Visitor { query: format!("sid=s{i}"), ..Default::default() }).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_ip_keeps_1000_clients_behind_a_trusted_proxy() {
+    for mapping in ["table", "hash"] {
+        let b = backends(3).await;
+        let cfg = sticky(&b, "round_robin", &[], &format!("keys = [\"client_ip\"]\nmapping = \"{mapping}\""))
+            .replace("pool = \"web\"\n", "pool = \"web\"\ntrusted_proxies = [\"127.0.0.0/8\", \"192.168.0.0/16\"]\n");
+        let t = Tether::start(&cfg);
+        // The client is the first untrusted address from the right: 192.168.x.x are proxies.
+        thousand_clients_stay(&t, |i| Visitor {
+            headers: vec![("x-forwarded-for".into(), format!("10.{}.{}.7, 192.168.1.1", i / 250, i % 250))],
+            ..Default::default()
+        })
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn client_ip_mask_groups_a_network() {
+    let b = backends(3).await;
+    let cfg = sticky(&b, "round_robin", &[], "keys = [\"client_ip\"]\nipv4_prefix = 24")
+        .replace("pool = \"web\"\n", "pool = \"web\"\ntrusted_proxies = [\"127.0.0.0/8\"]\n");
+    let t = Tether::start(&cfg);
+    let mut c = Client::connect(t.addr()).await;
+    let mut homes = std::collections::HashSet::new();
+    for host in 1..30 {
+        let v =
+            Visitor { headers: vec![("x-forwarded-for".into(), format!("203.0.113.{host}"))], ..Default::default() };
+        homes.insert(c.request(v.request("/")).await.backend());
+    }
+    assert_eq!(homes.len(), 1, "one /24 should share one backend: {homes:?}");
+}
+
+fn verdicts(t: &Tether) -> Vec<String> {
+    t.access_lines()
+        .iter()
+        .map(|l| l.rsplit("affinity=").next().unwrap().split_whitespace().next().unwrap().to_string())
+        .collect()
+}
+
+async fn settle_log(t: &Tether, n: usize) {
+    for _ in 0..100 {
+        if t.access_lines().len() >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn cookie_attributes_stripping_and_set_cookie_economy() {
+    let b = backends(3).await;
+    let t = Tether::start(&sticky(&b, "round_robin", &[], &cookie_affinity(&[KEY_A], "")));
+    let mut c = Client::connect(t.addr()).await;
+    let mut v = Visitor::default();
+    let r = v.visit(&mut c, "/").await;
+    let set: Vec<&str> = r.headers.get_all("set-cookie").iter().map(|v| v.to_str().unwrap()).collect();
+    let ours = set.iter().find(|s| s.starts_with("tether=")).expect("Tether set its cookie");
+    assert!(ours.ends_with("; Path=/; HttpOnly; SameSite=Lax"), "{ours}");
+    assert!(!ours.contains("Max-Age") && !ours.contains("Secure") && !ours.contains("Domain"), "{ours}");
+    assert_eq!(r.headers["cache-control"], "private");
+    // The token holds no address and no backend name.
+    let token = &v.jar["tether"];
+    for b in &b {
+        assert!(!token.contains(&b.name) && !token.contains(&b.address.port().to_string()));
+    }
+    // Later requests: the cookie is stripped before the backend, and not set again.
+    for _ in 0..3 {
+        let r = v.visit(&mut c, "/headers").await;
+        assert!(!r.text().contains("tether="), "Tether's cookie reached the backend:\n{}", r.text());
+        assert!(r.text().contains("demo_visitor="), "the app's own cookie must pass:\n{}", r.text());
+        assert!(r.headers.get_all("set-cookie").iter().all(|v| !v.to_str().unwrap().starts_with("tether=")));
+    }
+}
+
+#[tokio::test]
+async fn cookie_attributes_are_configurable() {
+    let b = backends(1).await;
+    let extra = "[pools.web.affinity.cookie]\nname = \"srv\"\ndomain = \"shop.example\"\npath = \"/app\"\nsame_site = \"None\"\nmax_age = \"2h\"\nhttp_only = false\nkeys = [\"AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=\"]\n";
+    let t = Tether::start(&sticky(&b, "round_robin", &[], &format!("keys = [\"cookie\"]\n{extra}")));
+    let r = get(t.addr(), "/").await;
+    let set = r
+        .headers
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_string())
+        .find(|s| s.starts_with("srv="))
+        .unwrap();
+    for part in ["Domain=shop.example", "Path=/app", "SameSite=None", "Secure", "Max-Age=7200"] {
+        assert!(set.contains(part), "{part} missing: {set}");
+    }
+    assert!(!set.contains("HttpOnly"), "{set}");
+}
+
+#[tokio::test]
+async fn untrusted_tokens_count_as_absent() {
+    let b = backends(3).await;
+    let t = Tether::start(&sticky(&b, "round_robin", &[], &cookie_affinity(&[KEY_A], "")));
+    let mut c = Client::connect(t.addr()).await;
+    let mut v = Visitor::default();
+    v.visit(&mut c, "/").await;
+    let good = v.jar["tether"].clone();
+    let mut flipped = good.clone().into_bytes();
+    flipped[40] = if flipped[40] == b'A' { b'B' } else { b'A' };
+    let forged = [
+        String::from_utf8(flipped).unwrap(),
+        good[..good.len() - 10].to_string(),
+        "not-a-token".to_string(),
+        String::new(),
+        format!("{good}x"),
+    ];
+    for bad in &forged {
+        let mut w = Visitor::default();
+        w.jar.insert("tether".into(), bad.clone());
+        let r = w.visit(&mut c, "/").await;
+        // A fresh, valid session replaces it.
+        assert!(w.jar["tether"] != *bad && w.jar["tether"].len() > 50, "{bad:?} was not replaced");
+        assert!(r.headers.get("tether-error").is_none());
+    }
+    settle_log(&t, 1 + forged.len()).await;
+    let v = verdicts(&t);
+    assert_eq!(v[0], "new");
+    assert!(v[1..].iter().all(|x| x == "invalid"), "{v:?}");
+}
+
+#[tokio::test]
+async fn expired_tokens_count_as_absent() {
+    let b = backends(3).await;
+    let extra = "[pools.web.affinity.cookie]\nidle_timeout = \"1s\"\nkeys = [\"AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=\"]\n";
+    let t = Tether::start(&sticky(&b, "round_robin", &[], &format!("keys = [\"cookie\"]\n{extra}")));
+    let mut c = Client::connect(t.addr()).await;
+    let mut v = Visitor::default();
+    v.visit(&mut c, "/").await;
+    let first = v.jar["tether"].clone();
+    tokio::time::sleep(Duration::from_millis(2600)).await;
+    v.visit(&mut c, "/").await;
+    assert_ne!(v.jar["tether"], first, "an expired token must be replaced");
+    settle_log(&t, 2).await;
+    assert_eq!(verdicts(&t), ["new", "expired"]);
+}
+
+/// Rewrites the config file and reloads with SIGHUP.
+async fn reload(t: &Tether, config: &str) {
+    let before = t.log().matches("config reloaded").count();
+    std::fs::write(&t.config, config).unwrap();
+    t.signal("HUP");
+    for _ in 0..250 {
+        if t.log().matches("config reloaded").count() > before {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("reload did not happen:\n{}", t.log());
+}
+
+#[tokio::test]
+async fn key_rotation_keeps_sessions_and_dropped_keys_end_them() {
+    let b = backends(3).await;
+    let t = Tether::start(&sticky(&b, "round_robin", &[], &cookie_affinity(&[KEY_A], "")));
+    let mut c = Client::connect(t.addr()).await;
+    let mut visitors = vec![Visitor::default(); 6];
+    let mut homes = Vec::new();
+    for v in visitors.iter_mut() {
+        homes.push(v.visit(&mut c, "/").await.backend());
+    }
+    // Rotate: B seals from now on, A still opens.
+    reload(&t, &sticky(&b, "round_robin", &[], &cookie_affinity(&[KEY_B, KEY_A], ""))).await;
+    for (v, home) in visitors.iter_mut().zip(&homes) {
+        assert_eq!(v.visit(&mut c, "/").await.backend(), *home);
+    }
+    let old_token = visitors[0].jar["tether"].clone();
+    let mut fresh = Visitor::default();
+    fresh.visit(&mut c, "/").await;
+    // Drop A: tokens sealed with A are no longer trusted; B's still are.
+    reload(&t, &sticky(&b, "round_robin", &[], &cookie_affinity(&[KEY_B], ""))).await;
+    let fresh_home = fresh.visit(&mut c, "/").await.backend();
+    let mut again = fresh.clone();
+    assert_eq!(again.visit(&mut c, "/").await.backend(), fresh_home);
+    let mut stale = Visitor::default();
+    stale.jar.insert("tether".into(), old_token);
+    stale.visit(&mut c, "/").await;
+    settle_log(&t, 6 + 6 + 1 + 3).await;
+    let v = verdicts(&t);
+    assert!(v[6..12].iter().all(|x| x == "hit"), "rotation moved sessions: {v:?}");
+    assert_eq!(v[13..], ["hit", "hit", "invalid"], "{v:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_agree_on_tokens_headers_and_client_ips() {
+    let b = backends(3).await;
+    let refs: Vec<&DemoBackend> = b.iter().collect();
+    let base = config("round_robin", &refs, &[], "")
+        .replace("pool = \"web\"\n", "pool = \"web\"\ntrusted_proxies = [\"127.0.0.0/8\"]\n");
+    let cookie = format!(
+        "{base}\n[pools.web.affinity]\nkeys = [\"cookie\"]\n[pools.web.affinity.cookie]\nkeys = [\"{KEY_A}\"]\n"
+    );
+    let hashed =
+        format!("{base}\n[pools.web.affinity]\nkeys = [\"header:x-user\", \"client_ip\"]\nmapping = \"hash\"\n");
+    for cfg in [&cookie, &hashed] {
+        let one = Tether::start(cfg);
+        let two = Tether::start(cfg);
+        let mut c1 = Client::connect(one.addr()).await;
+        let mut c2 = Client::connect(two.addr()).await;
+        for i in 0..60 {
+            let mut v = Visitor::default();
+            if cfg == &hashed {
+                v.headers = if i % 2 == 0 {
+                    vec![("x-user".into(), format!("u{i}"))]
+                } else {
+                    vec![("x-forwarded-for".into(), format!("198.51.100.{i}"))]
+                };
+            }
+            let first = v.visit(&mut c1, "/").await.backend();
+            let mut on_two = v.clone();
+            assert_eq!(on_two.visit(&mut c2, "/").await.backend(), first, "instance two disagrees for client {i}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_dead_backend_repins_its_sessions_once_with_the_header() {
+    let b = backends(3).await;
+    let t = Tether::start(&sticky(&b, "round_robin", &[], &cookie_affinity(&[KEY_A], "")));
+    let mut c = Client::connect(t.addr()).await;
+    let mut visitors = vec![Visitor::default(); 12];
+    let mut homes = Vec::new();
+    for v in visitors.iter_mut() {
+        homes.push(v.visit(&mut c, "/").await.backend());
+    }
+    b[0].stop();
+    for (i, v) in visitors.iter_mut().enumerate() {
+        let r = v.visit(&mut c, "/headers").await;
+        let moved = homes[i] == "app-1";
+        assert_eq!(
+            r.text().contains("tether-session-repinned: down"),
+            moved,
+            "client {i} from {}:\n{}",
+            homes[i],
+            r.text()
+        );
+        assert!(r.backend() != "app-1");
+        if !moved {
+            assert_eq!(r.backend(), homes[i]);
+        }
+        let new_home = r.backend();
+        // Re-pinned once: from now on it is a plain hit on the new backend.
+        for _ in 0..3 {
+            let r = v.visit(&mut c, "/headers").await;
+            assert_eq!(r.backend(), new_home);
+            assert!(!r.text().contains("tether-session-repinned"));
+        }
+    }
+    settle_log(&t, 12 * 5).await;
+    let repins = verdicts(&t).iter().filter(|v| *v == "repin:down").count();
+    assert_eq!(repins, homes.iter().filter(|h| *h == "app-1").count());
+}
+
+#[tokio::test]
+async fn clients_cannot_forge_the_repin_header() {
+    let b = backends(1).await;
+    let t = Tether::start(&sticky(&b, "round_robin", &[], &cookie_affinity(&[KEY_A], "")));
+    let mut v = Visitor { headers: vec![("tether-session-repinned".into(), "down".into())], ..Default::default() };
+    let r = v.visit(&mut Client::connect(t.addr()).await, "/headers").await;
+    assert!(!r.text().contains("tether-session-repinned"), "{}", r.text());
+}
+
+#[tokio::test]
+async fn strict_mode_answers_503_instead_of_moving() {
+    let b = backends(2).await;
+    let t = Tether::start(&sticky(&b, "round_robin", &[], &cookie_affinity(&[KEY_A], "on_unavailable = \"strict\"")));
+    let mut c = Client::connect(t.addr()).await;
+    let mut v = Visitor::default();
+    let home = v.visit(&mut c, "/").await.backend();
+    let refs: Vec<String> = b.iter().map(|x| x.name.clone()).collect();
+    let i = refs.iter().position(|n| *n == home).unwrap();
+    let disabled = sticky(&b, "round_robin", &[], &cookie_affinity(&[KEY_A], "on_unavailable = \"strict\"")).replace(
+        &format!("name = \"{home}\", address = \"{}\", weight = 1", b[i].address),
+        &format!("name = \"{home}\", address = \"{}\", weight = 1, state = \"disabled\"", b[i].address),
+    );
+    reload(&t, &disabled).await;
+    let r = c.request(v.request("/")).await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.headers["tether-error"], "session-unavailable");
+    assert!(r.text().contains("disabled"), "{}", r.text());
+    // A new client still gets the other backend.
+    assert_eq!(Visitor::default().visit(&mut c, "/").await.status, 200);
+}
+
+fn with_state(cfg: &str, b: &DemoBackend, state: &str) -> String {
+    cfg.replace(
+        &format!("name = \"{}\", address = \"{}\", weight = 1", b.name, b.address),
+        &format!("name = \"{}\", address = \"{}\", weight = 1, state = \"{state}\"", b.name, b.address),
+    )
+}
+
+#[tokio::test]
+async fn draining_keeps_old_sessions_takes_no_new_ones_and_reports_them() {
+    let b = backends(3).await;
+    let cfg = sticky(&b, "round_robin", &[], &cookie_affinity(&[KEY_A], ""));
+    let t = Tether::start(&cfg);
+    let mut c = Client::connect(t.addr()).await;
+    let mut visitors = vec![Visitor::default(); 9];
+    let mut homes = Vec::new();
+    for v in visitors.iter_mut() {
+        homes.push(v.visit(&mut c, "/").await.backend());
+    }
+    reload(&t, &with_state(&cfg, &b[0], "draining")).await;
+    for _ in 0..3 {
+        for (v, home) in visitors.iter_mut().zip(&homes) {
+            assert_eq!(v.visit(&mut c, "/").await.backend(), *home, "a draining backend must keep its sessions");
+        }
+    }
+    for _ in 0..30 {
+        assert_ne!(
+            Visitor::default().visit(&mut c, "/").await.backend(),
+            "app-1",
+            "a draining backend took a new session"
+        );
+    }
+    // The sweep reports how many sessions are still pinned to the draining backend.
+    t.wait_log("draining: 3 sessions still pinned pool=web backend=app-1").await;
+}
+
+#[tokio::test]
+async fn drain_timeout_moves_the_remaining_sessions() {
+    let b = backends(2).await;
+    let cfg = sticky(&b, "round_robin", &[], &cookie_affinity(&[KEY_A], "drain_timeout = \"1s\""));
+    let t = Tether::start(&cfg);
+    let mut c = Client::connect(t.addr()).await;
+    let mut v = Visitor::default();
+    while v.visit(&mut c, "/").await.backend() != "app-1" {
+        v = Visitor::default();
+    }
+    reload(&t, &with_state(&cfg, &b[0], "draining")).await;
+    assert_eq!(v.visit(&mut c, "/").await.backend(), "app-1");
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let r = v.visit(&mut c, "/headers").await;
+    assert_eq!(r.backend(), "app-2");
+    assert!(r.text().contains("tether-session-repinned: drained"), "{}", r.text());
+}
+
+#[tokio::test]
+async fn bounded_load_caps_new_sessions() {
+    let b = backends(3).await;
+    // Weighted random would send 80% of new sessions to app-3; the cap allows 1.25x the mean.
+    let t = Tether::start(&sticky(&b, "random", &[1, 1, 8], &cookie_affinity(&[KEY_A], "max_sessions_factor = 1.25")));
+    let mut c = Client::connect(t.addr()).await;
+    let mut counts: HashMap<String, u64> = HashMap::new();
+    for n in 1..=300u64 {
+        let r = Visitor::default().visit(&mut c, "/").await;
+        *counts.entry(r.backend()).or_insert(0) += 1;
+        let k = counts[&r.backend()];
+        let cap = ((1.25 * n as f64) / 3.0).ceil() as u64;
+        assert!(k <= cap, "{} has {k} of {n} sessions, over the cap of {cap}: {counts:?}", r.backend());
+    }
+    assert!(counts["app-3"] >= 120, "the heavy backend should still fill up to its cap: {counts:?}");
+}
