@@ -8,7 +8,8 @@
 #   LB_PORT     the port to listen on, on 127.0.0.1
 #   BACKENDS    comma-separated backend addresses, e.g. 127.0.0.1:18081,127.0.0.1:18082
 #   LB_THREADS  worker threads (run.sh passes 1 and pins the process to one CPU)
-#   LB_STICKY   1 when the run measures cookie persistence (the client replays cookies)
+#   LB_STICKY   1 when the run measures cookie persistence (the client replays cookies):
+#               the pool then keeps sessions with Tether's own cookie (a fixed bench key)
 # This script writes a config for those values under $TMPDIR and execs the release build of
 # Tether with it (building it first if it is missing). The access log is off, as it is for
 # the HAProxy and NGINX the harness runs.
@@ -31,5 +32,9 @@ conf="${TMPDIR:-/tmp}/tether-bench-$LB_PORT.toml"
     printf '  { name = "b%s", address = "%s" },\n' "$i" "$a"
   done
   printf ']\n'
+  if [ "${LB_STICKY:-0}" = 1 ]; then
+    printf '\n[pools.bench.affinity]\nkeys = ["cookie"]\n\n[pools.bench.affinity.cookie]\n'
+    printf 'keys = ["YmVuY2gta2V5LWJlbmNoLWtleS1iZW5jaC1rZXktMzI="]\n'
+  fi
 } >"$conf"
 exec "$bin" run -c "$conf"

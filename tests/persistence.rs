@@ -520,3 +520,36 @@ async fn bounded_load_caps_new_sessions() {
     }
     assert!(counts["app-3"] >= 120, "the heavy backend should still fill up to its cap: {counts:?}");
 }
+
+#[tokio::test]
+async fn idle_timeout_slides_and_absolute_timeout_does_not() {
+    let b = backends(3).await;
+    let sliding = "[pools.web.affinity.cookie]\nidle_timeout = \"4s\"\nkeys = [\"AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=\"]\n";
+    let t = Tether::start(&sticky(&b, "round_robin", &[], &format!("keys = [\"cookie\"]\n{sliding}")));
+    let mut c = Client::connect(t.addr()).await;
+    let mut v = Visitor::default();
+    let home = v.visit(&mut c, "/").await.backend();
+    // Each visit comes after more than a quarter of the idle timeout: the stamp is
+    // refreshed every time, so the session outlives the 4 s idle timeout many times over.
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        let before = v.jar["tether"].clone();
+        let r = v.visit(&mut c, "/").await;
+        assert_eq!(r.backend(), home);
+        assert_ne!(v.jar["tether"], before, "the last-seen stamp was not refreshed");
+    }
+    settle_log(&t, 4).await;
+    assert_eq!(verdicts(&t), ["new", "hit", "hit", "hit"]);
+
+    let fixed = "[pools.web.affinity.cookie]\nabsolute_timeout = \"2s\"\nkeys = [\"AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=\"]\n";
+    let t = Tether::start(&sticky(&b, "round_robin", &[], &format!("keys = [\"cookie\"]\n{fixed}")));
+    let mut c = Client::connect(t.addr()).await;
+    let mut v = Visitor::default();
+    v.visit(&mut c, "/").await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    v.visit(&mut c, "/").await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    v.visit(&mut c, "/").await;
+    settle_log(&t, 3).await;
+    assert_eq!(verdicts(&t), ["new", "hit", "expired"]);
+}
