@@ -49,6 +49,14 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         threads: usize,
     },
+    /// Run one demo backend on its own (tests kill it with SIGKILL).
+    #[command(hide = true)]
+    Backend {
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value = "127.0.0.1:0")]
+        bind: SocketAddr,
+    },
 }
 
 pub fn main() -> ExitCode {
@@ -74,6 +82,14 @@ pub fn main() -> ExitCode {
         },
         Command::Run { config, threads } => run(config, threads),
         Command::Demo { port, backend_port, threads } => run_demo(port, backend_port, threads),
+        Command::Backend { name, bind } => server::runtime(1).map_err(anyhow::Error::from).and_then(|rt| {
+            rt.block_on(async move {
+                let b = DemoBackend::start(&name, bind).await?;
+                tracing::info!(backend = %name, "listening on {}", b.address);
+                std::future::pending::<()>().await;
+                Ok(())
+            })
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -27,6 +27,7 @@ pub struct Backend {
     pub address: SocketAddr,
     /// The address as text for headers and logs, formatted once.
     pub address_text: String,
+    pub max_connections: Option<u32>,
     /// Requests sent to this backend whose response has not finished.
     pub in_flight: AtomicU32,
     /// Requests sent, for metrics.
@@ -39,6 +40,10 @@ pub struct Backend {
     sessions: AtomicU32,
     /// Requests by affinity verdict ([`Verdict::index`]).
     pub verdicts: [AtomicU64; VERDICTS],
+    /// Health: see `crate::health`.
+    pub health: crate::health::BackendHealth,
+    /// `max_connections`: a slot per request in flight; waiting requests queue here.
+    pub slots: Option<Arc<tokio::sync::Semaphore>>,
     pub upstream: Upstream,
 }
 
@@ -51,6 +56,7 @@ impl Backend {
             pool: pool.to_string(),
             address: cfg.address,
             address_text: cfg.address.to_string(),
+            max_connections: cfg.max_connections,
             in_flight: AtomicU32::new(0),
             requests: AtomicU64::new(0),
             admin: AtomicU8::new(cfg.state as u8),
@@ -62,6 +68,8 @@ impl Backend {
             }),
             sessions: AtomicU32::new(0),
             verdicts: Default::default(),
+            health: Default::default(),
+            slots: cfg.max_connections.map(|n| Arc::new(tokio::sync::Semaphore::new(n as usize))),
             upstream: Upstream::new(cfg.address, timeouts),
         }
     }
@@ -107,6 +115,7 @@ impl Backend {
         self.healthy.load(Ordering::Relaxed)
     }
 
+    /// Sets the combined health (active checks and passive ejection); true if it changed.
     pub fn set_healthy(&self, healthy: bool) -> bool {
         self.healthy.swap(healthy, Ordering::Relaxed) != healthy
     }
@@ -132,6 +141,18 @@ impl Backend {
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 
+    /// Slow start: a backend that came up less than `window` ago takes new work with a
+    /// probability that grows from 0 to 1 over the window.
+    pub fn warm(&self, now_ms: u64, window: std::time::Duration) -> bool {
+        let since = self.health.up_since();
+        if since == 0 {
+            return true;
+        }
+        let elapsed = now_ms.saturating_sub(since);
+        let window = window.as_millis() as u64;
+        elapsed >= window || (crate::balance::random_below(window as usize) as u64) < elapsed
+    }
+
     pub fn load(&self) -> u32 {
         self.in_flight.load(Ordering::Relaxed)
     }
@@ -144,6 +165,9 @@ pub struct Pool {
     pub backends: Vec<Arc<Backend>>,
     pub balancer: Balancer,
     pub affinity: Option<PoolAffinity>,
+    pub config: config::Pool,
+    /// Shared by every snapshot of this pool, so the budget survives reloads.
+    pub retry_budget: Arc<crate::health::RetryBudget>,
 }
 
 impl Pool {
@@ -151,7 +175,24 @@ impl Pool {
     /// backend that just failed to connect).
     pub fn pick(&self, exclude: Option<usize>) -> Option<usize> {
         let backends = &self.backends;
-        self.balancer.pick(|i| Some(i) != exclude && backends[i].accepts_new(), |i| backends[i].load())
+        let load = |i: usize| backends[i].load();
+        let picked = match self.config.slow_start {
+            Some(window) => {
+                let now = crate::time::unix_millis();
+                self.balancer
+                    .pick(|i| Some(i) != exclude && backends[i].accepts_new() && backends[i].warm(now, window), load)
+            }
+            None => None,
+        };
+        picked.or_else(|| self.balancer.pick(|i| Some(i) != exclude && backends[i].accepts_new(), load)).or_else(|| {
+            // Panic mode: with no healthy backend, any enabled one is better than nothing.
+            let enabled = |i: usize| Some(i) != exclude && backends[i].admin_state() == AdminState::Enabled;
+            if self.config.panic_mode {
+                self.balancer.pick(enabled, load)
+            } else {
+                None
+            }
+        })
     }
 }
 
@@ -195,7 +236,9 @@ impl Snapshot {
                     .backends
                     .iter()
                     .map(|b| {
-                        let old = previous.and_then(|s| s.backend(&p.name, &b.name)).filter(|o| o.address == b.address);
+                        let old = previous
+                            .and_then(|s| s.backend(&p.name, &b.name))
+                            .filter(|o| o.address == b.address && o.max_connections == b.max_connections);
                         match old {
                             Some(o) => {
                                 o.set_admin_state(b.state);
@@ -210,11 +253,15 @@ impl Snapshot {
                     .and_then(|s| s.pools.iter().find(|o| *o.name == *p.name))
                     .and_then(|o| o.affinity.as_ref());
                 let affinity = p.affinity.as_ref().map(|a| PoolAffinity::build(p, a, old_affinity));
+                let old_pool = previous.and_then(|s| s.pools.iter().find(|o| *o.name == *p.name));
+                let retry_budget = old_pool.map_or_else(Default::default, |o| o.retry_budget.clone());
                 Pool {
                     name: Arc::from(p.name.as_str()),
                     backends,
                     balancer: Balancer::new(p.algorithm, &weights),
                     affinity,
+                    config: p.clone(),
+                    retry_budget,
                 }
             })
             .collect();

@@ -6,6 +6,7 @@
 //! their requests and close) and then waits, up to the grace period, for the channel's
 //! last receiver to go.
 
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -36,10 +37,16 @@ pub fn runtime(threads: usize) -> io::Result<tokio::runtime::Runtime> {
 /// A started Tether, listening.
 pub struct Server {
     pub shared: Arc<Shared>,
-    /// Each listener's name and the address it is bound to.
+    /// Each listener's name and the address it was bound to at start.
     pub addresses: Vec<(String, SocketAddr)>,
     source: Option<PathBuf>,
     shutdown: watch::Sender<bool>,
+    protocols: Arc<Protocols>,
+    /// Open listeners by name: their configured address and the switch that stops them.
+    listeners: std::sync::Mutex<HashMap<String, (SocketAddr, watch::Sender<bool>)>>,
+    /// SIGTERM, SIGINT and SIGHUP, caught from before the first listener opens so that
+    /// a signal sent as soon as Tether says it listens is never missed.
+    signals: std::sync::Mutex<Option<[tokio::signal::unix::Signal; 3]>>,
 }
 
 impl Server {
@@ -51,64 +58,120 @@ impl Server {
         let snapshot = Snapshot::build(config.clone(), None);
         let shared = Arc::new(Shared { snapshot: ArcSwap::from_pointee(snapshot), access_log });
         let (shutdown, _) = watch::channel(false);
-
-        let protocols = Arc::new(Protocols::new());
-
+        use tokio::signal::unix::{signal, SignalKind};
+        let signals =
+            [signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?, signal(SignalKind::hangup())?];
+        let server = Server {
+            shared: shared.clone(),
+            addresses: Vec::new(),
+            source,
+            shutdown,
+            protocols: Arc::new(Protocols::new()),
+            listeners: Default::default(),
+            signals: std::sync::Mutex::new(Some(signals)),
+        };
         let mut addresses = Vec::new();
-        for (index, l) in config.listeners.iter().enumerate() {
-            let listener = bind(l.bind).with_context(|| format!("listener \"{}\": cannot bind {}", l.name, l.bind))?;
-            let address = listener.local_addr()?;
-            tracing::info!(listener = %l.name, "listening on {address}");
-            addresses.push((l.name.clone(), address));
-            let name: Arc<str> = Arc::from(l.name.as_str());
-            tokio::spawn(accept_loop(listener, index, name, shared.clone(), protocols.clone(), shutdown.subscribe()));
+        for l in &config.listeners {
+            addresses.push((l.name.clone(), server.open_listener(l)?));
         }
-        tokio::spawn(sweep_sessions(shared.clone(), shutdown.subscribe()));
-        Ok(Server { shared, addresses, source, shutdown })
+        tokio::spawn(sweep_sessions(shared.clone(), server.shutdown.subscribe()));
+        tokio::spawn(crate::health::supervise(shared.clone(), server.shutdown.subscribe()));
+        Ok(Server { addresses, ..server })
+    }
+
+    fn open_listener(&self, l: &config::Listener) -> anyhow::Result<SocketAddr> {
+        let listener = bind(l.bind).with_context(|| format!("listener \"{}\": cannot bind {}", l.name, l.bind))?;
+        let address = listener.local_addr()?;
+        tracing::info!(listener = %l.name, "listening on {address}");
+        let (stop, stopped) = watch::channel(false);
+        let name: Arc<str> = Arc::from(l.name.as_str());
+        tokio::spawn(accept_loop(
+            listener,
+            name,
+            self.shared.clone(),
+            self.protocols.clone(),
+            self.shutdown.subscribe(),
+            stopped,
+        ));
+        self.listeners.lock().unwrap_or_else(|e| e.into_inner()).insert(l.name.clone(), (l.bind, stop));
+        Ok(address)
     }
 
     /// Serves until SIGTERM or SIGINT, reloading on SIGHUP, then shuts down gracefully.
     pub async fn run_until_signal(self) -> anyhow::Result<()> {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        let mut hup = signal(SignalKind::hangup())?;
+        let signals = self.signals.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let [mut term, mut int, mut hup] = signals.context("run_until_signal runs once")?;
         loop {
             tokio::select! {
                 _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break }
                 _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break }
-                _ = hup.recv() => self.reload(),
+                _ = hup.recv() => { let _ = self.reload(); }
             }
         }
         self.shutdown().await;
         Ok(())
     }
 
-    /// Re-reads the config file; a config with errors is rejected and the running one stays.
-    pub fn reload(&self) {
+    /// Re-reads the config file and swaps it in. A config with errors is rejected, with
+    /// its located errors, and the running one stays in force. Returns what changed.
+    pub fn reload(&self) -> Result<Vec<String>, String> {
         let Some(path) = &self.source else {
             tracing::warn!("reload asked, but this config was not read from a file");
-            return;
+            return Err("this config was not read from a file".into());
         };
         let config = match config::load(path) {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!("reload rejected, the running config stays in force:\n{e}");
-                return;
+                return Err(e.to_string());
             }
         };
         let old = self.shared.snapshot.load_full();
-        let same_listeners = config.listeners.len() == old.config.listeners.len()
-            && config.listeners.iter().zip(&old.config.listeners).all(|(a, b)| a.bind == b.bind && a.name == b.name);
-        if !same_listeners {
-            tracing::warn!(
-                "reload: adding, removing or rebinding listeners needs a restart for now; kept the old ones"
-            );
-            return;
+        // Listeners first: if a new one cannot be bound, nothing changes.
+        let mut opened = Vec::new();
+        {
+            let open = self.listeners.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            for l in &config.listeners {
+                if open.get(&l.name).is_some_and(|(bind, _)| *bind == l.bind) {
+                    continue;
+                }
+                if let Some((_, stop)) = open.get(&l.name) {
+                    // Rebound: the old socket must go first when the new one reuses its port.
+                    let _ = stop.send(true);
+                }
+                match self.open_listener(l) {
+                    Ok(_) => opened.push(l.name.clone()),
+                    Err(e) => {
+                        for name in &opened {
+                            if let Some((_, stop)) =
+                                self.listeners.lock().unwrap_or_else(|e| e.into_inner()).remove(name)
+                            {
+                                let _ = stop.send(true);
+                            }
+                        }
+                        tracing::error!("reload rejected, the running config stays in force: {e:#}");
+                        return Err(format!("{e:#}"));
+                    }
+                }
+            }
         }
+        let mut listeners = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
+        listeners.retain(|name, (_, stop)| {
+            let keep = config.listeners.iter().any(|l| &l.name == name);
+            if !keep {
+                let _ = stop.send(true);
+            }
+            keep
+        });
+        drop(listeners);
+        let changes = diff(&old.config, &config);
         let snapshot = Snapshot::build(Arc::new(config), Some(&old));
         self.shared.snapshot.store(Arc::new(snapshot));
-        tracing::info!(path = %path.display(), "config reloaded");
+        for c in &changes {
+            tracing::info!("reload: {c}");
+        }
+        tracing::info!(path = %path.display(), changes = changes.len(), "config reloaded");
+        Ok(changes)
     }
 
     /// Stops accepting, lets requests in flight finish within the grace period, returns.
@@ -126,6 +189,77 @@ impl Server {
     }
 }
 
+/// What a reload changes, one line per listener, pool or backend, in words.
+pub fn diff(old: &Config, new: &Config) -> Vec<String> {
+    let mut out = Vec::new();
+    for l in &new.listeners {
+        match old.listeners.iter().find(|o| o.name == l.name) {
+            None => out.push(format!("listener \"{}\" added on {}", l.name, l.bind)),
+            Some(o) if o.bind != l.bind => {
+                out.push(format!("listener \"{}\" moved from {} to {}", l.name, o.bind, l.bind))
+            }
+            Some(o) if o != l => out.push(format!("listener \"{}\": routes or trusted proxies changed", l.name)),
+            Some(_) => {}
+        }
+    }
+    for o in &old.listeners {
+        if !new.listeners.iter().any(|l| l.name == o.name) {
+            out.push(format!("listener \"{}\" removed", o.name));
+        }
+    }
+    for p in &new.pools {
+        let Some(o) = old.pools.iter().find(|o| o.name == p.name) else {
+            out.push(format!("pool \"{}\" added with {} backends", p.name, p.backends.len()));
+            continue;
+        };
+        for b in &p.backends {
+            match o.backends.iter().find(|ob| ob.name == b.name) {
+                None => out.push(format!("pool \"{}\": backend \"{}\" added ({})", p.name, b.name, b.address)),
+                Some(ob) if ob != b => {
+                    let mut what = Vec::new();
+                    if ob.address != b.address {
+                        what.push(format!("address {} -> {}", ob.address, b.address));
+                    }
+                    if ob.weight != b.weight {
+                        what.push(format!("weight {} -> {}", ob.weight, b.weight));
+                    }
+                    if ob.state != b.state {
+                        what.push(format!("state {} -> {}", ob.state.as_str(), b.state.as_str()));
+                    }
+                    if ob.max_connections != b.max_connections {
+                        what.push(format!("max_connections {:?} -> {:?}", ob.max_connections, b.max_connections));
+                    }
+                    out.push(format!("pool \"{}\": backend \"{}\": {}", p.name, b.name, what.join(", ")));
+                }
+                Some(_) => {}
+            }
+        }
+        for ob in &o.backends {
+            if !p.backends.iter().any(|b| b.name == ob.name) {
+                out.push(format!("pool \"{}\": backend \"{}\" removed", p.name, ob.name));
+            }
+        }
+        let settings = |x: &config::Pool| {
+            (x.algorithm, x.affinity.clone(), x.health.clone(), x.retries, x.slow_start, x.panic_mode, x.queue_timeout)
+        };
+        if settings(o) != settings(p) || o.retry_budget != p.retry_budget {
+            out.push(format!("pool \"{}\": settings changed", p.name));
+        }
+    }
+    for o in &old.pools {
+        if !new.pools.iter().any(|p| p.name == o.name) {
+            out.push(format!("pool \"{}\" removed", o.name));
+        }
+    }
+    if old.timeouts != new.timeouts {
+        out.push("timeouts changed (new connections use them)".into());
+    }
+    if old.threads != new.threads || old.access_log != new.access_log {
+        out.push("runtime.threads and access_log changes take effect at the next restart".into());
+    }
+    out
+}
+
 /// Once a second, off the request path: drop expired affinity entries, recount the
 /// sessions pinned to each backend, and report the progress of drains.
 async fn sweep_sessions(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
@@ -139,6 +273,7 @@ async fn sweep_sessions(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>
         }
         let snapshot = shared.snapshot.load_full();
         for pool in &snapshot.pools {
+            pool.retry_budget.refill();
             let Some(a) = &pool.affinity else { continue };
             let counts = a.store.sweep();
             for (b, id) in pool.backends.iter().zip(&a.ids) {
@@ -165,15 +300,19 @@ fn bind(address: SocketAddr) -> io::Result<TcpListener> {
 
 async fn accept_loop(
     listener: TcpListener,
-    index: usize,
     name: Arc<str>,
     shared: Arc<Shared>,
     protocols: Arc<Protocols>,
     mut shutdown: watch::Receiver<bool>,
+    mut stopped: watch::Receiver<bool>,
 ) {
     loop {
         let accepted = tokio::select! {
             _ = shutdown.changed() => return,
+            _ = stopped.changed() => {
+                tracing::info!(listener = %name, "listener closed");
+                return;
+            }
             r = listener.accept() => r,
         };
         match accepted {
@@ -182,7 +321,6 @@ async fn accept_loop(
                 let conn = crate::proxy::conn::serve(
                     stream,
                     peer,
-                    index,
                     name.clone(),
                     shared.clone(),
                     protocols.clone(),

@@ -79,6 +79,39 @@ pub struct Pool {
     #[serde(default)]
     pub backends: Vec<Spanned<Backend>>,
     pub affinity: Option<Spanned<Affinity>>,
+    pub health: Option<Spanned<Health>>,
+    /// Retries of idempotent requests on another backend after a failed connection.
+    pub retries: Option<Spanned<i64>>,
+    /// The share of requests that may be retries, so retries cannot multiply an outage.
+    pub retry_budget: Option<Spanned<f64>>,
+    /// How long a request may wait for a backend connection slot (see max_connections).
+    pub queue_timeout: Option<Spanned<String>>,
+    /// Ramp a backend's share of new sessions up over this long after it comes up.
+    pub slow_start: Option<Spanned<String>>,
+    /// With every backend down: false answers 503, true sends to all of them anyway.
+    pub panic_mode: Option<Spanned<bool>>,
+}
+
+/// `[pools.NAME.health]`: active and passive health checks.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Health {
+    /// "http" or "tcp".
+    pub check: Option<Spanned<String>>,
+    pub method: Option<Spanned<String>>,
+    pub path: Option<Spanned<String>>,
+    pub host: Option<Spanned<String>>,
+    /// Status codes and ranges, like "200-399" or "200,204".
+    pub expect_status: Option<Spanned<String>>,
+    pub expect_body: Option<Spanned<String>>,
+    pub interval: Option<Spanned<String>>,
+    pub timeout: Option<Spanned<String>>,
+    pub rise: Option<Spanned<i64>>,
+    pub fall: Option<Spanned<i64>>,
+    /// Passive checks: eject after this many consecutive failures (0: never).
+    pub eject_after: Option<Spanned<i64>>,
+    pub eject_time: Option<Spanned<String>>,
+    pub max_ejected: Option<Spanned<f64>>,
 }
 
 /// `[pools.NAME.affinity]`: how sessions stay on a backend.
@@ -132,4 +165,5 @@ pub struct Backend {
     pub address: Spanned<String>,
     pub weight: Option<Spanned<i64>>,
     pub state: Option<Spanned<String>>,
+    pub max_connections: Option<Spanned<i64>>,
 }

@@ -99,6 +99,38 @@ pub struct Pool {
     pub backends: Vec<Backend>,
     /// Session persistence; `None` balances every request on its own.
     pub affinity: Option<Affinity>,
+    /// Active checks (`None`: none) and passive checks.
+    pub health: Option<Health>,
+    pub retries: u32,
+    pub retry_budget: f64,
+    pub queue_timeout: Duration,
+    pub slow_start: Option<Duration>,
+    pub panic_mode: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Health {
+    pub check: CheckKind,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub rise: u32,
+    pub fall: u32,
+    /// Consecutive connect failures or 5xx that eject a backend; 0 turns passive checks off.
+    pub eject_after: u32,
+    pub eject_time: Duration,
+    pub max_ejected: f64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum CheckKind {
+    Tcp,
+    Http {
+        method: String,
+        path: String,
+        host: Option<String>,
+        expect_status: Vec<(u16, u16)>,
+        expect_body: Option<String>,
+    },
 }
 
 /// How a pool keeps sessions on a backend.
@@ -211,6 +243,8 @@ pub struct Backend {
     pub address: SocketAddr,
     pub weight: u32,
     pub state: AdminState,
+    /// Connections (requests in flight) at most; more wait in a queue. `None`: no limit.
+    pub max_connections: Option<u32>,
 }
 
 /// What an operator allows a backend to take, independent of its health.
@@ -622,7 +656,123 @@ impl Resolver<'_> {
             self.error(p, format!("pool \"{name}\": no backends"));
         }
         let affinity = p.get_ref().affinity.as_ref().map(|a| self.affinity(name, a));
-        Pool { name: name.to_string(), algorithm, backends, affinity }
+        let f = p.get_ref();
+        let health = f.health.as_ref().map(|h| self.health(name, h));
+        let retries = match &f.retries {
+            None => 1,
+            Some(r) if (0..=5).contains(r.get_ref()) => *r.get_ref() as u32,
+            Some(r) => {
+                self.error(r, format!("pool \"{name}\": retries {} is out of range: expected 0 to 5", r.get_ref()));
+                1
+            }
+        };
+        let retry_budget = match &f.retry_budget {
+            None => 0.2,
+            Some(r) if (0.0..=1.0).contains(r.get_ref()) => *r.get_ref(),
+            Some(r) => {
+                self.error(
+                    r,
+                    format!("pool \"{name}\": retry_budget {} is out of range: expected 0.0 to 1.0", r.get_ref()),
+                );
+                0.2
+            }
+        };
+        let queue_timeout =
+            self.duration(&f.queue_timeout, &format!("pool \"{name}\": queue_timeout"), Duration::from_secs(5));
+        let slow_start = f
+            .slow_start
+            .as_ref()
+            .map(|_| self.duration(&f.slow_start, &format!("pool \"{name}\": slow_start"), Duration::ZERO));
+        let panic_mode = f.panic_mode.as_ref().is_some_and(|p| *p.get_ref());
+        Pool {
+            name: name.to_string(),
+            algorithm,
+            backends,
+            affinity,
+            health,
+            retries,
+            retry_budget,
+            queue_timeout,
+            slow_start,
+            panic_mode,
+        }
+    }
+
+    fn health(&mut self, pool: &str, h: &Spanned<file::Health>) -> Health {
+        let at = format!("pool \"{pool}\": health");
+        let f = h.get_ref();
+        let int = |r: &mut Self, v: &Option<Spanned<i64>>, key: &str, default: u32, min: i64| -> u32 {
+            match v {
+                None => default,
+                Some(x) if (min..=1000).contains(x.get_ref()) => *x.get_ref() as u32,
+                Some(x) => {
+                    r.error(x, format!("{at}: {key} {} is out of range: expected {min} to 1000", x.get_ref()));
+                    default
+                }
+            }
+        };
+        let rise = int(self, &f.rise, "rise", 2, 1);
+        let fall = int(self, &f.fall, "fall", 3, 1);
+        let eject_after = int(self, &f.eject_after, "eject_after", 5, 0);
+        let interval = self.duration(&f.interval, &format!("{at}: interval"), Duration::from_secs(2));
+        let timeout = self.duration(&f.timeout, &format!("{at}: timeout"), Duration::from_secs(1));
+        let eject_time = self.duration(&f.eject_time, &format!("{at}: eject_time"), Duration::from_secs(10));
+        let max_ejected = match &f.max_ejected {
+            None => 0.5,
+            Some(m) if (0.0..=1.0).contains(m.get_ref()) => *m.get_ref(),
+            Some(m) => {
+                self.error(m, format!("{at}: max_ejected {} is out of range: expected 0.0 to 1.0", m.get_ref()));
+                0.5
+            }
+        };
+        let kind = f.check.as_ref().map_or("http", |c| c.get_ref().as_str());
+        let check = match kind {
+            "tcp" => CheckKind::Tcp,
+            "http" => {
+                let method = f.method.as_ref().map_or("GET".to_string(), |m| m.get_ref().to_ascii_uppercase());
+                if let Some(m) =
+                    f.method.as_ref().filter(|_| method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase()))
+                {
+                    self.error(m, format!("{at}: method \"{method}\" is not an HTTP method"));
+                }
+                let path = match &f.path {
+                    None => "/".to_string(),
+                    Some(p) if p.get_ref().starts_with('/') && !p.get_ref().contains([' ', '\r', '\n']) => {
+                        p.get_ref().clone()
+                    }
+                    Some(p) => {
+                        self.error(p, format!("{at}: path \"{}\" must start with / and have no spaces", p.get_ref()));
+                        "/".to_string()
+                    }
+                };
+                let host = f.host.as_ref().map(|h| h.get_ref().clone());
+                let expect_status = match &f.expect_status {
+                    None => vec![(200, 399)],
+                    Some(s) => match parse_statuses(s.get_ref()) {
+                        Some(v) => v,
+                        None => {
+                            self.error(s, format!("{at}: expect_status \"{}\" is not a list of statuses like \"200-399\" or \"200,204\"", s.get_ref()));
+                            vec![(200, 399)]
+                        }
+                    },
+                };
+                let expect_body = f.expect_body.as_ref().map(|b| b.get_ref().clone());
+                CheckKind::Http { method, path, host, expect_status, expect_body }
+            }
+            other => {
+                let c = f.check.as_ref().expect("a kind other than the default was written");
+                self.error(c, format!("{at}: check \"{other}\" is not known: expected \"http\" or \"tcp\""));
+                CheckKind::Tcp
+            }
+        };
+        if timeout > interval {
+            let msg = format!("{at}: timeout {timeout:?} is longer than the interval {interval:?}");
+            match &f.timeout {
+                Some(t) => self.error(t, msg),
+                None => self.error(h, msg),
+            }
+        }
+        Health { check, interval, timeout, rise, fall, eject_after, eject_time, max_ejected }
     }
 
     fn affinity(&mut self, pool: &str, a: &Spanned<file::Affinity>) -> Affinity {
@@ -894,8 +1044,31 @@ impl Resolver<'_> {
                 }
             },
         };
-        Some(Backend { name, address: address?, weight, state })
+        let max_connections = match &b.max_connections {
+            None => None,
+            Some(m) if (1..=1_000_000).contains(m.get_ref()) => Some(*m.get_ref() as u32),
+            Some(m) => {
+                self.error(m, format!("pool \"{pool}\": backend \"{name}\": max_connections {} is out of range: expected 1 to 1000000", m.get_ref()));
+                None
+            }
+        };
+        Some(Backend { name, address: address?, weight, state, max_connections })
     }
+}
+
+/// Parses `"200-399"`, `"200,204,300-302"` into inclusive ranges.
+fn parse_statuses(s: &str) -> Option<Vec<(u16, u16)>> {
+    let mut v = Vec::new();
+    for part in s.split(',') {
+        let part = part.trim();
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        let (a, b): (u16, u16) = (a.trim().parse().ok()?, b.trim().parse().ok()?);
+        if !(100..=599).contains(&a) || !(100..=599).contains(&b) || a > b {
+            return None;
+        }
+        v.push((a, b));
+    }
+    Some(v)
 }
 
 /// An RFC 9110 token, which is what a cookie name must be.

@@ -43,6 +43,10 @@ pub struct Outcome {
     pub bytes_out: u64,
     pub error: Option<&'static str>,
     pub verdict: Verdict,
+    /// The request was sent again to another backend after a broken connection.
+    pub retried: bool,
+    /// A `max_connections` slot, held until the response ends.
+    pub slot: Option<tokio::sync::OwnedSemaphorePermit>,
     complete: bool,
 }
 
@@ -66,6 +70,8 @@ impl Outcome {
             bytes_out: 0,
             error: None,
             verdict: Verdict::Off,
+            retried: false,
+            slot: None,
             complete: false,
         }
     }
@@ -220,6 +226,40 @@ impl Body for ProxyBody {
             Inner::Full(Some(d)) => SizeHint::with_exact(d.len() as u64),
             Inner::Full(None) => SizeHint::with_exact(0),
             Inner::Stream(b) => b.size_hint(),
+        }
+    }
+}
+
+/// A request body as it goes to a backend: the client's, streamed, or none for a request
+/// sent again after a broken connection.
+#[derive(Debug)]
+pub enum RequestBody {
+    Stream(Incoming),
+    Empty,
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            RequestBody::Stream(b) => Pin::new(b).poll_frame(cx),
+            RequestBody::Empty => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Stream(b) => b.is_end_stream(),
+            RequestBody::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Stream(b) => b.size_hint(),
+            RequestBody::Empty => SizeHint::with_exact(0),
         }
     }
 }

@@ -177,8 +177,7 @@ impl AsyncWrite for Timed {
 #[derive(Debug)]
 pub struct ConnCx {
     pub shared: Arc<Shared>,
-    /// Index of the listener in the config, and its name.
-    pub listener: usize,
+    /// The listener's name, which finds its routes in the current snapshot.
     pub listener_name: Arc<str>,
     pub peer: SocketAddr,
     /// The peer's IP, ready for `X-Forwarded-For`.
@@ -241,7 +240,6 @@ async fn sniff(stream: &TcpStream) -> Option<bool> {
 pub async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
-    listener: usize,
     listener_name: Arc<str>,
     shared: Arc<Shared>,
     protocols: Arc<Protocols>,
@@ -266,7 +264,6 @@ pub async fn serve(
     let ip = crate::config::canonical(peer.ip()).to_string();
     let cx = Arc::new(ConnCx {
         shared,
-        listener,
         listener_name,
         peer,
         peer_ip: HeaderValue::from_str(&ip).unwrap_or(HeaderValue::from_static("unknown")),

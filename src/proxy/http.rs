@@ -12,11 +12,12 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 
-use super::body::{Outcome, ProxyBody};
+use super::body::{Outcome, ProxyBody, RequestBody};
 use super::conn::ConnCx;
 use super::upstream::{ConnectError, Sender};
 use crate::affinity::{cookies, Decision, PoolAffinity, Verdict};
@@ -54,7 +55,7 @@ async fn proxy(mut req: Request<Incoming>, snap: &Snapshot, cx: &Arc<ConnCx>, mu
         Ok(h) => h,
         Err(msg) => return reply(out, StatusCode::BAD_REQUEST, "bad-request", msg.into()),
     };
-    let Some(routes) = snap.listeners.get(cx.listener) else {
+    let Some(routes) = snap.listener(&cx.listener_name) else {
         return reply(out, StatusCode::SERVICE_UNAVAILABLE, "no-listener", "this listener was removed".into());
     };
     let host_name = host.as_ref().and_then(|h| h.to_str().ok()).map_or("", strip_port);
@@ -101,31 +102,43 @@ async fn proxy(mut req: Request<Incoming>, snap: &Snapshot, cx: &Arc<ConnCx>, mu
         return reply(out, StatusCode::SERVICE_UNAVAILABLE, "no-backend", msg);
     };
     let timeouts = snap.config.timeouts;
-    let mut moved = false;
+    pool.retry_budget.deposit(pool.config.retry_budget);
+    // Moves to another backend: after a failed connect (nothing was sent), and for an
+    // idempotent request without a body, after a connection that broke before any
+    // response byte. Such a request is kept so it can be sent again.
+    let mut moves_left = pool.config.retries.max(1);
+    let replay = (pool.config.retries > 0 && is_idempotent(req.method()) && req.body().is_end_stream())
+        .then(|| (req.method().clone(), req.uri().clone(), req.headers().clone()));
+    let mut req = req.map(RequestBody::Stream);
     let mut stale = 0;
     loop {
         let backend = &pool.backends[index];
         out.set_backend(backend);
+        if let Some(slots) = &backend.slots {
+            match tokio::time::timeout(pool.config.queue_timeout, slots.clone().acquire_owned()).await {
+                Ok(Ok(permit)) => out.slot = Some(permit),
+                _ => {
+                    let msg = format!(
+                        "pool \"{}\": backend \"{}\" is at max_connections and no slot freed within {:?}",
+                        pool.name, backend.name, pool.config.queue_timeout
+                    );
+                    return reply(out, StatusCode::SERVICE_UNAVAILABLE, "queue-timeout", msg);
+                }
+            }
+        }
         let fresh = stale >= STALE_RETRIES;
         let mut sender = match sender_for(backend, fresh).await {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(pool = %pool.name, backend = %backend.name, address = %backend.address_text, "{e}");
-                // Nothing was sent, so the request may go elsewhere: once, to another backend.
-                if !moved {
-                    let next = match &pool.affinity {
-                        Some(a) => a.failover(pool, &mut decision, index, now_ms),
-                        None => pool.pick(Some(index)),
-                    };
-                    if let Some(next) = next {
-                        moved = true;
-                        index = next;
-                        out.verdict = decision.verdict;
-                        if let Some(a) = &pool.affinity {
-                            rewrite_for_affinity(req.headers_mut(), a, decision.verdict);
-                        }
-                        continue;
+                crate::health::passive_failure(pool, index, &e.to_string());
+                if let Some(next) = move_on(pool, &mut decision, index, now_ms, &mut moves_left) {
+                    index = next;
+                    out.verdict = decision.verdict;
+                    if let Some(a) = &pool.affinity {
+                        rewrite_for_affinity(req.headers_mut(), a, decision.verdict);
                     }
+                    continue;
                 }
                 return connect_failed(out, pool, backend, e);
             }
@@ -143,12 +156,30 @@ async fn proxy(mut req: Request<Incoming>, snap: &Snapshot, cx: &Arc<ConnCx>, mu
                 None => {
                     let e = e.into_error();
                     tracing::warn!(pool = %pool.name, backend = %backend.name, "backend failed: {e}");
+                    crate::health::passive_failure(pool, index, &cause(&e));
+                    if let Some((method, uri, headers)) = &replay {
+                        if let Some(next) = move_on(pool, &mut decision, index, now_ms, &mut moves_left) {
+                            index = next;
+                            out.verdict = decision.verdict;
+                            out.retried = true;
+                            req = Request::new(RequestBody::Empty);
+                            *req.method_mut() = method.clone();
+                            *req.uri_mut() = uri.clone();
+                            *req.headers_mut() = headers.clone();
+                            if let Some(a) = &pool.affinity {
+                                rewrite_for_affinity(req.headers_mut(), a, decision.verdict);
+                            }
+                            stale = 0;
+                            continue;
+                        }
+                    }
                     let msg = format!("pool \"{}\": backend \"{}\" failed: {}", pool.name, backend.name, cause(&e));
                     return reply(out, StatusCode::BAD_GATEWAY, "backend-error", msg);
                 }
             },
             Err(_) => {
                 tracing::warn!(pool = %pool.name, backend = %backend.name, "no response within {:?}", timeouts.backend_response);
+                crate::health::passive_failure(pool, index, "response timeout");
                 let msg = format!(
                     "pool \"{}\": backend \"{}\" did not answer within {:?}",
                     pool.name, backend.name, timeouts.backend_response
@@ -157,12 +188,38 @@ async fn proxy(mut req: Request<Incoming>, snap: &Snapshot, cx: &Arc<ConnCx>, mu
             }
         };
         out.upstream = Some(sent.elapsed());
+        if response.status().is_server_error() {
+            crate::health::passive_failure(pool, index, &format!("status {}", response.status().as_u16()));
+        } else {
+            crate::health::passive_success(backend);
+        }
         let mut response = response;
         if let Some(a) = &pool.affinity {
             persist(response.headers_mut(), a, &decision, index);
         }
         return respond(response, sender, client_upgrade, out);
     }
+}
+
+/// Picks the backend a failed request moves to, within the pool's retries and retry
+/// budget, re-pinning its session there.
+fn move_on(pool: &Pool, decision: &mut Decision, failed: usize, now_ms: u64, moves_left: &mut u32) -> Option<usize> {
+    if *moves_left == 0 || !pool.retry_budget.withdraw() {
+        return None;
+    }
+    let next = match &pool.affinity {
+        Some(a) => a.failover(pool, decision, failed, now_ms),
+        None => pool.pick(Some(failed)),
+    };
+    if next.is_some() {
+        *moves_left -= 1;
+    }
+    next
+}
+
+/// RFC 9110 section 9.2.2.
+fn is_idempotent(m: &Method) -> bool {
+    matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE)
 }
 
 /// Turns the backend's response into the client's.

@@ -15,7 +15,6 @@ use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
@@ -32,7 +31,7 @@ pub const MAX_IDLE: usize = 512;
 const SETTLE: Duration = Duration::from_millis(250);
 
 /// A sender for one HTTP/1.1 connection to a backend.
-pub type Sender = SendRequest<Incoming>;
+pub type Sender = SendRequest<super::body::RequestBody>;
 
 #[derive(Debug)]
 pub struct Upstream {

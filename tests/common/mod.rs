@@ -273,3 +273,65 @@ pub async fn raw(addr: SocketAddr, bytes: &[u8], limit: Duration) -> String {
     let _ = tokio::time::timeout(limit, s.read_to_end(&mut out)).await;
     String::from_utf8_lossy(&out).into_owned()
 }
+
+/// A demo backend in its own process, so a test can SIGKILL it.
+pub struct BackendProcess {
+    pub name: String,
+    pub address: SocketAddr,
+    child: Child,
+}
+
+impl BackendProcess {
+    pub fn start(name: &str) -> BackendProcess {
+        let mut child = Command::new(bin())
+            .args(["backend", "--name", name])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let err = BufReader::new(child.stderr.take().unwrap());
+        let address = err
+            .lines()
+            .map_while(Result::ok)
+            .find_map(|l| l.split("listening on ").nth(1)?.split_whitespace().next()?.parse().ok())
+            .expect("backend said where it listens");
+        BackendProcess { name: name.to_string(), address, child }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for BackendProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A config with one listener in front of pool `web` of the given backends.
+pub fn pool_of(backends: &[(&str, SocketAddr)], pool_extra: &str, extra: &str) -> String {
+    let mut s = format!("{extra}\n[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\npool = \"web\"\n\n[pools.web]\n{pool_extra}\nbackends = [\n");
+    for (name, addr) in backends {
+        s.push_str(&format!("  {{ name = \"{name}\", address = \"{addr}\" }},\n"));
+    }
+    s.push_str("]\n");
+    s
+}
+
+/// Rewrites the config file and reloads with SIGHUP, waiting for the log to say so.
+pub async fn reload(t: &Tether, config: &str, expect: &str) {
+    let before = t.log().matches(expect).count();
+    std::fs::write(&t.config, config).unwrap();
+    t.signal("HUP");
+    for _ in 0..250 {
+        if t.log().matches(expect).count() > before {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("reload did not log {expect:?}:\n{}", t.log());
+}
