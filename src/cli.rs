@@ -45,6 +45,9 @@ enum Command {
         /// Port of the first demo backend; the others take the next two.
         #[arg(long, default_value_t = 9001)]
         backend_port: u16,
+        /// Port of the admin listener (dashboard, API, metrics) on 127.0.0.1.
+        #[arg(long, default_value_t = 9901)]
+        admin_port: u16,
         /// Worker threads.
         #[arg(long, default_value_t = 1)]
         threads: usize,
@@ -81,7 +84,7 @@ pub fn main() -> ExitCode {
             }
         },
         Command::Run { config, threads } => run(config, threads),
-        Command::Demo { port, backend_port, threads } => run_demo(port, backend_port, threads),
+        Command::Demo { port, backend_port, admin_port, threads } => run_demo(port, backend_port, admin_port, threads),
         Command::Backend { name, bind } => server::runtime(1).map_err(anyhow::Error::from).and_then(|rt| {
             rt.block_on(async move {
                 let b = DemoBackend::start(&name, bind).await?;
@@ -112,6 +115,9 @@ fn init_logging(verbose: u8) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
+        // A closed stderr must never take Tether down: by default tracing-subscriber
+        // reports a failed write with eprintln!, which panics when stderr is gone.
+        .log_internal_errors(false)
         .init();
 }
 
@@ -167,7 +173,7 @@ async fn toggle_backends_from_stdin(backends: Vec<DemoBackend>) {
     drop(running);
 }
 
-fn run_demo(port: u16, backend_port: u16, threads: usize) -> anyhow::Result<()> {
+fn run_demo(port: u16, backend_port: u16, admin_port: u16, threads: usize) -> anyhow::Result<()> {
     anyhow::ensure!(backend_port <= u16::MAX - 2, "--backend-port must leave room for three ports");
     // Port 0 lets the system choose free ports for the backends (the tests use it).
     let wanted = if backend_port == 0 { [0; 3] } else { [backend_port, backend_port + 1, backend_port + 2] };
@@ -183,10 +189,11 @@ fn run_demo(port: u16, backend_port: u16, threads: usize) -> anyhow::Result<()> 
             backends.push(b);
         }
         let ports = [backends[0].address.port(), backends[1].address.port(), backends[2].address.port()];
-        let mut config = config::parse(&demo::config_text(port, ports), "<demo config>")?;
+        let mut config = config::parse(&demo::config_text(port, ports, admin_port), "<demo config>")?;
         config.threads = threads.clamp(1, 1024);
         let server = Server::start(config, None).await?;
         let lb = server.addresses[0].1;
+        let admin = server.admin_address.map_or_else(String::new, |a| format!("http://{a}/"));
         let list: Vec<String> = backends.iter().map(|b| format!("{} on {}", b.name, b.address)).collect();
         println!(
             "\nTether demo: a balancer on http://{lb}/ in front of three demo backends ({}).\n\
@@ -196,6 +203,7 @@ fn run_demo(port: u16, backend_port: u16, threads: usize) -> anyhow::Result<()> 
              \x20 curl -s -b jar -c jar http://{lb}/    # a visitor with a cookie jar\n\
              \x20 curl -s http://{lb}/headers           # the request as a backend sees it\n\n\
              Visitors with a cookie jar stay on one backend (Tether's `tether` cookie pins them).\n\
+             Watch sessions land on backends, and drain one, on the dashboard: {admin}\n\
              Type 1, 2 or 3 and Enter here to stop or restart that backend: its visitors re-pin.\n\
              Every request is logged below. Stop with Ctrl-C.\n",
             list.join(", ")

@@ -224,9 +224,12 @@ impl Body for Generated {
 
 /// The config `tether demo` runs: three backends, round robin for new sessions, and
 /// Tether's own cookie to keep each visitor on its backend.
-pub fn config_text(port: u16, backend_ports: [u16; 3]) -> String {
+pub fn config_text(port: u16, backend_ports: [u16; 3], admin_port: u16) -> String {
     format!(
         r#"# The embedded demo config.
+[admin]
+bind = "127.0.0.1:{admin_port}"
+
 [[listeners]]
 name = "demo"
 bind = "127.0.0.1:{port}"

@@ -230,6 +230,8 @@ async fn probe_inner(b: &Backend, cfg: &Health) -> Result<(), String> {
 pub struct RetryBudget {
     /// In thousandths of a retry.
     balance: AtomicI64,
+    /// Requests moved to another backend, for metrics.
+    pub retries: AtomicU64,
 }
 
 /// A burst of retries always allowed, so a quiet pool can still retry.
@@ -238,7 +240,7 @@ const BUDGET_CAP: i64 = 1_000_000;
 
 impl Default for RetryBudget {
     fn default() -> Self {
-        RetryBudget { balance: AtomicI64::new(BUDGET_FLOOR) }
+        RetryBudget { balance: AtomicI64::new(BUDGET_FLOOR), retries: AtomicU64::new(0) }
     }
 }
 
@@ -324,7 +326,7 @@ mod tests {
 
     #[test]
     fn budget_allows_the_share_and_a_floor() {
-        let b = RetryBudget { balance: AtomicI64::new(0) };
+        let b = RetryBudget { balance: AtomicI64::new(0), retries: AtomicU64::new(0) };
         for _ in 0..100 {
             b.deposit(0.2);
         }

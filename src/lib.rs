@@ -4,6 +4,7 @@
 //! benches reach the same code the binary runs. See ARCHITECTURE.md for the module map.
 
 pub mod access_log;
+pub mod admin;
 pub mod affinity;
 pub mod balance;
 pub mod cli;

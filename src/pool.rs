@@ -42,6 +42,7 @@ pub struct Backend {
     pub verdicts: [AtomicU64; VERDICTS],
     /// Health: see `crate::health`.
     pub health: crate::health::BackendHealth,
+    pub metrics: BackendMetrics,
     /// `max_connections`: a slot per request in flight; waiting requests queue here.
     pub slots: Option<Arc<tokio::sync::Semaphore>>,
     pub upstream: Upstream,
@@ -69,6 +70,7 @@ impl Backend {
             sessions: AtomicU32::new(0),
             verdicts: Default::default(),
             health: Default::default(),
+            metrics: Default::default(),
             slots: cfg.max_connections.map(|n| Arc::new(tokio::sync::Semaphore::new(n as usize))),
             upstream: Upstream::new(cfg.address, timeouts),
         }
@@ -155,6 +157,31 @@ impl Backend {
 
     pub fn load(&self) -> u32 {
         self.in_flight.load(Ordering::Relaxed)
+    }
+}
+
+/// Latency histogram bounds, in microseconds (exported in seconds).
+pub const LATENCY_BOUNDS_US: [u64; 13] = [
+    1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000, 5_000_000, 10_000_000,
+];
+
+/// Responses and their latency, per backend, for metrics.
+#[derive(Debug, Default)]
+pub struct BackendMetrics {
+    /// By status class: index 1 for 1xx ... 5 for 5xx.
+    pub responses: [AtomicU64; 6],
+    /// Non-cumulative bucket counts; the last one is +Inf.
+    pub latency_buckets: [AtomicU64; LATENCY_BOUNDS_US.len() + 1],
+    pub latency_sum_us: AtomicU64,
+}
+
+impl BackendMetrics {
+    pub fn record(&self, status: u16, total: std::time::Duration) {
+        self.responses[usize::from(status / 100).min(5)].fetch_add(1, Ordering::Relaxed);
+        let us = total.as_micros() as u64;
+        let i = LATENCY_BOUNDS_US.iter().position(|b| us <= *b).unwrap_or(LATENCY_BOUNDS_US.len());
+        self.latency_buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.latency_sum_us.fetch_add(us, Ordering::Relaxed);
     }
 }
 

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -19,7 +19,7 @@ use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
 
 use crate::access_log::AccessLog;
-use crate::config::{self, Config};
+use crate::config::{self, AdminState, Config};
 use crate::pool::Snapshot;
 use crate::proxy::conn::Protocols;
 use crate::proxy::Shared;
@@ -36,49 +36,122 @@ pub fn runtime(threads: usize) -> io::Result<tokio::runtime::Runtime> {
 
 /// A started Tether, listening.
 pub struct Server {
+    pub control: Arc<Control>,
     pub shared: Arc<Shared>,
     /// Each listener's name and the address it was bound to at start.
     pub addresses: Vec<(String, SocketAddr)>,
+    /// The admin listener's address, when the config has `[admin]`.
+    pub admin_address: Option<SocketAddr>,
+    /// SIGTERM, SIGINT and SIGHUP, caught from before the first listener opens so that
+    /// a signal sent as soon as Tether says it listens is never missed.
+    signals: [tokio::signal::unix::Signal; 3],
+}
+
+/// What changes a running Tether: reloads and the admin API's backend actions. Both end
+/// in a new snapshot swapped in whole.
+pub struct Control {
+    pub shared: Arc<Shared>,
     source: Option<PathBuf>,
     shutdown: watch::Sender<bool>,
     protocols: Arc<Protocols>,
     /// Open listeners by name: their configured address and the switch that stops them.
-    listeners: std::sync::Mutex<HashMap<String, (SocketAddr, watch::Sender<bool>)>>,
-    /// SIGTERM, SIGINT and SIGHUP, caught from before the first listener opens so that
-    /// a signal sent as soon as Tether says it listens is never missed.
-    signals: std::sync::Mutex<Option<[tokio::signal::unix::Signal; 3]>>,
+    listeners: Mutex<HashMap<String, (SocketAddr, watch::Sender<bool>)>>,
+    /// The config as the file says it; the snapshot's config is this plus `overrides`.
+    file_config: Mutex<Arc<Config>>,
+    /// Admin API changes by (pool, backend), kept across reloads until the file changes
+    /// that backend.
+    overrides: Mutex<HashMap<(String, String), Override>>,
+    /// Serialises reloads and admin actions.
+    changing: Mutex<()>,
+}
+
+/// An admin API change to one backend, with the file's values it was made over.
+#[derive(Debug, Clone)]
+struct Override {
+    state: Option<AdminState>,
+    weight: Option<u32>,
+    file_state: AdminState,
+    file_weight: u32,
+}
+
+/// What the admin API can do to a backend.
+#[derive(Debug, Clone, Copy)]
+pub enum BackendAction {
+    State(AdminState),
+    Weight(u32),
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Server {
     /// Binds every listener and starts accepting. `source` is the file to re-read on
     /// SIGHUP.
     pub async fn start(config: Config, source: Option<PathBuf>) -> anyhow::Result<Server> {
-        let access_log = AccessLog::open(&config.access_log).context("cannot open the access log")?;
-        let config = Arc::new(config);
-        let snapshot = Snapshot::build(config.clone(), None);
-        let shared = Arc::new(Shared { snapshot: ArcSwap::from_pointee(snapshot), access_log });
-        let (shutdown, _) = watch::channel(false);
         use tokio::signal::unix::{signal, SignalKind};
         let signals =
             [signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?, signal(SignalKind::hangup())?];
-        let server = Server {
+        let access_log = AccessLog::open(&config.access_log).context("cannot open the access log")?;
+        let config = Arc::new(config);
+        let snapshot = Snapshot::build(config.clone(), None);
+        let shared = Arc::new(Shared {
+            snapshot: ArcSwap::from_pointee(snapshot),
+            access_log,
+            started: std::time::Instant::now(),
+            listener_stats: Default::default(),
+        });
+        let (shutdown, _) = watch::channel(false);
+        let control = Arc::new(Control {
             shared: shared.clone(),
-            addresses: Vec::new(),
             source,
             shutdown,
             protocols: Arc::new(Protocols::new()),
             listeners: Default::default(),
-            signals: std::sync::Mutex::new(Some(signals)),
-        };
+            file_config: Mutex::new(config.clone()),
+            overrides: Default::default(),
+            changing: Mutex::new(()),
+        });
         let mut addresses = Vec::new();
         for l in &config.listeners {
-            addresses.push((l.name.clone(), server.open_listener(l)?));
+            addresses.push((l.name.clone(), control.open_listener(l)?));
         }
-        tokio::spawn(sweep_sessions(shared.clone(), server.shutdown.subscribe()));
-        tokio::spawn(crate::health::supervise(shared.clone(), server.shutdown.subscribe()));
-        Ok(Server { addresses, ..server })
+        let admin_address = match &config.admin {
+            Some(a) => {
+                let listener = bind(a.bind).with_context(|| format!("admin: cannot bind {}", a.bind))?;
+                let address = listener.local_addr()?;
+                tracing::info!(listener = "admin", "admin listening on {address} (dashboard, API, metrics)");
+                tokio::spawn(crate::admin::serve(listener, control.clone(), a.clone(), control.shutdown.subscribe()));
+                Some(address)
+            }
+            None => None,
+        };
+        tokio::spawn(sweep_sessions(shared.clone(), control.shutdown.subscribe()));
+        tokio::spawn(crate::health::supervise(shared.clone(), control.shutdown.subscribe()));
+        Ok(Server { control, shared, addresses, admin_address, signals })
     }
 
+    /// Serves until SIGTERM or SIGINT, reloading on SIGHUP, then shuts down gracefully.
+    pub async fn run_until_signal(self) -> anyhow::Result<()> {
+        let Server { control, signals, .. } = self;
+        let [mut term, mut int, mut hup] = signals;
+        loop {
+            tokio::select! {
+                _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break }
+                _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break }
+                _ = hup.recv() => { let _ = control.reload(); }
+            }
+        }
+        control.shutdown().await;
+        Ok(())
+    }
+
+    pub fn reload(&self) -> Result<Vec<String>, String> {
+        self.control.reload()
+    }
+}
+
+impl Control {
     fn open_listener(&self, l: &config::Listener) -> anyhow::Result<SocketAddr> {
         let listener = bind(l.bind).with_context(|| format!("listener \"{}\": cannot bind {}", l.name, l.bind))?;
         let address = listener.local_addr()?;
@@ -93,28 +166,33 @@ impl Server {
             self.shutdown.subscribe(),
             stopped,
         ));
-        self.listeners.lock().unwrap_or_else(|e| e.into_inner()).insert(l.name.clone(), (l.bind, stop));
+        lock(&self.listeners).insert(l.name.clone(), (l.bind, stop));
         Ok(address)
     }
 
-    /// Serves until SIGTERM or SIGINT, reloading on SIGHUP, then shuts down gracefully.
-    pub async fn run_until_signal(self) -> anyhow::Result<()> {
-        let signals = self.signals.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let [mut term, mut int, mut hup] = signals.context("run_until_signal runs once")?;
-        loop {
-            tokio::select! {
-                _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break }
-                _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break }
-                _ = hup.recv() => { let _ = self.reload(); }
+    /// The file's config with the admin API's changes applied.
+    fn effective(&self, file: &Config) -> Config {
+        let overrides = lock(&self.overrides);
+        let mut c = file.clone();
+        for p in &mut c.pools {
+            for b in &mut p.backends {
+                if let Some(o) = overrides.get(&(p.name.clone(), b.name.clone())) {
+                    if let Some(s) = o.state {
+                        b.state = s;
+                    }
+                    if let Some(w) = o.weight {
+                        b.weight = w;
+                    }
+                }
             }
         }
-        self.shutdown().await;
-        Ok(())
+        c
     }
 
     /// Re-reads the config file and swaps it in. A config with errors is rejected, with
     /// its located errors, and the running one stays in force. Returns what changed.
     pub fn reload(&self) -> Result<Vec<String>, String> {
+        let _one_at_a_time = lock(&self.changing);
         let Some(path) = &self.source else {
             tracing::warn!("reload asked, but this config was not read from a file");
             return Err("this config was not read from a file".into());
@@ -129,43 +207,48 @@ impl Server {
         let old = self.shared.snapshot.load_full();
         // Listeners first: if a new one cannot be bound, nothing changes.
         let mut opened = Vec::new();
-        {
-            let open = self.listeners.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            for l in &config.listeners {
-                if open.get(&l.name).is_some_and(|(bind, _)| *bind == l.bind) {
-                    continue;
-                }
-                if let Some((_, stop)) = open.get(&l.name) {
-                    // Rebound: the old socket must go first when the new one reuses its port.
-                    let _ = stop.send(true);
-                }
-                match self.open_listener(l) {
-                    Ok(_) => opened.push(l.name.clone()),
-                    Err(e) => {
-                        for name in &opened {
-                            if let Some((_, stop)) =
-                                self.listeners.lock().unwrap_or_else(|e| e.into_inner()).remove(name)
-                            {
-                                let _ = stop.send(true);
-                            }
+        let open = lock(&self.listeners).clone();
+        for l in &config.listeners {
+            if open.get(&l.name).is_some_and(|(bind, _)| *bind == l.bind) {
+                continue;
+            }
+            if let Some((_, stop)) = open.get(&l.name) {
+                let _ = stop.send(true);
+            }
+            match self.open_listener(l) {
+                Ok(_) => opened.push(l.name.clone()),
+                Err(e) => {
+                    for name in &opened {
+                        if let Some((_, stop)) = lock(&self.listeners).remove(name) {
+                            let _ = stop.send(true);
                         }
-                        tracing::error!("reload rejected, the running config stays in force: {e:#}");
-                        return Err(format!("{e:#}"));
                     }
+                    tracing::error!("reload rejected, the running config stays in force: {e:#}");
+                    return Err(format!("{e:#}"));
                 }
             }
         }
-        let mut listeners = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
-        listeners.retain(|name, (_, stop)| {
+        lock(&self.listeners).retain(|name, (_, stop)| {
             let keep = config.listeners.iter().any(|l| &l.name == name);
             if !keep {
                 let _ = stop.send(true);
             }
             keep
         });
-        drop(listeners);
-        let changes = diff(&old.config, &config);
-        let snapshot = Snapshot::build(Arc::new(config), Some(&old));
+        // An admin change lasts until the file itself changes that backend.
+        lock(&self.overrides).retain(|(pool, backend), o| {
+            let now = config
+                .pools
+                .iter()
+                .find(|p| &p.name == pool)
+                .and_then(|p| p.backends.iter().find(|b| &b.name == backend));
+            now.is_some_and(|b| b.state == o.file_state && b.weight == o.file_weight)
+        });
+        let file_old = lock(&self.file_config).clone();
+        let changes = diff(&file_old, &config);
+        let config = Arc::new(config);
+        *lock(&self.file_config) = config.clone();
+        let snapshot = Snapshot::build(Arc::new(self.effective(&config)), Some(&old));
         self.shared.snapshot.store(Arc::new(snapshot));
         for c in &changes {
             tracing::info!("reload: {c}");
@@ -174,8 +257,39 @@ impl Server {
         Ok(changes)
     }
 
+    /// Applies an admin action to a backend at once; it outlives reloads until the file
+    /// changes that backend. `Err` when the pool or backend is unknown.
+    pub fn backend_action(&self, pool: &str, backend: &str, action: BackendAction) -> Result<(), String> {
+        let _one_at_a_time = lock(&self.changing);
+        let file = lock(&self.file_config).clone();
+        let p = file.pools.iter().find(|p| p.name == pool).ok_or_else(|| format!("no pool \"{pool}\""))?;
+        let b = p
+            .backends
+            .iter()
+            .find(|b| b.name == backend)
+            .ok_or_else(|| format!("pool \"{pool}\" has no backend \"{backend}\""))?;
+        {
+            let mut overrides = lock(&self.overrides);
+            let o = overrides.entry((pool.to_string(), backend.to_string())).or_insert(Override {
+                state: None,
+                weight: None,
+                file_state: b.state,
+                file_weight: b.weight,
+            });
+            match action {
+                BackendAction::State(s) => o.state = Some(s),
+                BackendAction::Weight(w) => o.weight = Some(w),
+            }
+        }
+        let old = self.shared.snapshot.load_full();
+        let snapshot = Snapshot::build(Arc::new(self.effective(&file)), Some(&old));
+        self.shared.snapshot.store(Arc::new(snapshot));
+        tracing::info!(pool, backend, "admin: {action:?}");
+        Ok(())
+    }
+
     /// Stops accepting, lets requests in flight finish within the grace period, returns.
-    pub async fn shutdown(self) {
+    pub async fn shutdown(&self) {
         let grace = self.shared.snapshot.load().config.shutdown_grace;
         let _ = self.shutdown.send(true);
         tracing::info!("no longer accepting; waiting up to {grace:?} for open connections to finish");
@@ -306,6 +420,7 @@ async fn accept_loop(
     mut shutdown: watch::Receiver<bool>,
     mut stopped: watch::Receiver<bool>,
 ) {
+    let stats = shared.listener_stats(&name);
     loop {
         let accepted = tokio::select! {
             _ = shutdown.changed() => return,
@@ -317,6 +432,7 @@ async fn accept_loop(
         };
         match accepted {
             Ok((stream, peer)) => {
+                stats.accepted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let _ = stream.set_nodelay(true);
                 let conn = crate::proxy::conn::serve(
                     stream,
@@ -324,6 +440,7 @@ async fn accept_loop(
                     name.clone(),
                     shared.clone(),
                     protocols.clone(),
+                    stats.clone(),
                     shutdown.clone(),
                 );
                 tokio::spawn(conn);

@@ -63,7 +63,7 @@ fn help_and_version() {
 async fn demo_answers_from_three_backends_in_turn() {
     use std::io::{BufRead, BufReader};
     let mut child = Command::new(bin())
-        .args(["demo", "--port", "0", "--backend-port", "0"])
+        .args(["demo", "--port", "0", "--backend-port", "0", "--admin-port", "0"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()

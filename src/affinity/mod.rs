@@ -489,6 +489,148 @@ impl PoolAffinity {
     }
 }
 
+/// Where an affinity key leads, for the admin API.
+#[derive(Debug)]
+pub struct Explained {
+    pub kind: &'static str,
+    pub backend: Option<usize>,
+    pub why: String,
+}
+
+impl PoolAffinity {
+    /// The stick-table key of a raw key value of a table-mapped kind.
+    fn table_key(&self, kind: &KeySource, value: &str) -> Result<u128, String> {
+        match kind {
+            KeySource::ClientIp => {
+                let ip: IpAddr = value.parse().map_err(|_| format!("\"{value}\" is not an IP address"))?;
+                let mut buf = [0u8; 16];
+                Ok(hash::key_hash128(
+                    &self.pool,
+                    kind.kind(),
+                    masked_ip(ip, self.cfg.ipv4_prefix, self.cfg.ipv6_prefix, &mut buf),
+                ))
+            }
+            _ => Ok(hash::key_hash128(&self.pool, kind.kind(), value.as_bytes())),
+        }
+    }
+
+    fn hash_key(&self, kind: &KeySource, value: &str) -> Result<u64, String> {
+        match kind {
+            KeySource::ClientIp => {
+                let ip: IpAddr = value.parse().map_err(|_| format!("\"{value}\" is not an IP address"))?;
+                let mut buf = [0u8; 16];
+                Ok(hash::key_hash(
+                    &self.pool,
+                    kind.kind(),
+                    masked_ip(ip, self.cfg.ipv4_prefix, self.cfg.ipv6_prefix, &mut buf),
+                ))
+            }
+            _ => Ok(hash::key_hash(&self.pool, kind.kind(), value.as_bytes())),
+        }
+    }
+
+    fn describe(&self, pool: &Pool, id: u64, now_ms: u64, what: &str) -> (Option<usize>, String) {
+        match self.available(pool, id, now_ms) {
+            Ok(i) => (Some(i), format!("{what} pins it to backend \"{}\"", pool.backends[i].name)),
+            Err(r) => {
+                let name = self
+                    .by_id
+                    .get(&id)
+                    .map_or("a removed backend".to_string(), |i| format!("backend \"{}\"", pool.backends[*i].name));
+                (
+                    None,
+                    format!(
+                        "{what} pins it to {name}, which is unavailable ({}); its next request re-pins",
+                        Verdict::Repin(r).reason().unwrap_or("")
+                    ),
+                )
+            }
+        }
+    }
+
+    /// Which backend `value` leads to now, and why; `kind` narrows the key chain.
+    pub fn explain(&self, pool: &Pool, kind: Option<&str>, value: &str, now_ms: u64) -> Result<Explained, String> {
+        let mut matched_kind = false;
+        for k in &self.cfg.keys {
+            if kind.is_some_and(|want| want != k.kind()) {
+                continue;
+            }
+            matched_kind = true;
+            let explicit = kind.is_some();
+            match k {
+                KeySource::Cookie => match self.keyring.open(value) {
+                    Err(e) if explicit => {
+                        return Ok(Explained { kind: "cookie", backend: None, why: format!("not a valid token: {e}") })
+                    }
+                    Err(_) => continue,
+                    Ok(t) => {
+                        let c = &self.cfg.cookie;
+                        if let Err(e) = t.check(now_ms / 1000, secs(c.idle_timeout), c.absolute_timeout.map(secs)) {
+                            return Ok(Explained {
+                                kind: "cookie",
+                                backend: None,
+                                why: format!("the token has expired ({e}); its next request starts a new session"),
+                            });
+                        }
+                        let (backend, why) = self.describe(pool, t.backend, now_ms, "the token");
+                        return Ok(Explained { kind: "cookie", backend, why });
+                    }
+                },
+                _ if self.maglev.is_some() && !matches!(k, KeySource::AppCookie(_)) => {
+                    let h = self.hash_key(k, value)?;
+                    let m = self.maglev.as_ref().expect("checked");
+                    let backend = m.lookup_with(h, |i| self.available(pool, self.ids[i], now_ms).is_ok());
+                    let primary = m.lookup(h).map(|i| pool.backends[i].name.clone()).unwrap_or_default();
+                    let why = format!(
+                        "Maglev hashing maps it to \"{primary}\"{}",
+                        if backend.map(|i| pool.backends[i].name.clone()) == Some(primary.clone()) {
+                            String::new()
+                        } else {
+                            ", which is unavailable, so it goes to the next in the table".to_string()
+                        }
+                    );
+                    return Ok(Explained { kind: k.kind(), backend, why });
+                }
+                _ => {
+                    let key = self.table_key(k, value)?;
+                    match self.store.table.get(key, self.store.table.now()) {
+                        Some(id) => {
+                            let (backend, why) = self.describe(pool, id, now_ms, "the stick table");
+                            return Ok(Explained { kind: k.kind(), backend, why });
+                        }
+                        None if explicit => {
+                            return Ok(Explained {
+                                kind: k.kind(),
+                                backend: None,
+                                why: "not in the stick table: its next request is placed as a new session".into(),
+                            })
+                        }
+                        None => continue,
+                    }
+                }
+            }
+        }
+        if let (Some(k), false) = (kind, matched_kind) {
+            return Err(format!("this pool has no key of kind \"{k}\""));
+        }
+        Ok(Explained { kind: "none", backend: None, why: "no session in this pool matches that key".into() })
+    }
+
+    /// Forgets a learned session. Tokens and hashed keys hold no state to forget.
+    pub fn unpin(&self, kind: &str, value: &str) -> Result<bool, String> {
+        if kind == "cookie" {
+            return Err("a token carries its own pin and cannot be unpinned: drain or disable its backend, or drop its key from the ring".into());
+        }
+        let Some(k) = self.cfg.keys.iter().find(|k| k.kind() == kind) else {
+            return Ok(false);
+        };
+        if self.maglev.is_some() && !matches!(k, KeySource::AppCookie(_)) {
+            return Err("hashed keys are stateless: there is no pin to remove".into());
+        }
+        Ok(self.store.table.remove(self.table_key(k, value)?).is_some())
+    }
+}
+
 fn generated_ring_lazy() -> Arc<KeyRing> {
     // Pools without cookies never seal or open, but keep a ring to stay simple; one made
     // without the warning, since nobody relies on it.

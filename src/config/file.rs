@@ -19,6 +19,7 @@ pub struct File {
     pub timeouts: Timeouts,
     #[serde(default)]
     pub access_log: AccessLog,
+    pub admin: Option<Spanned<Admin>>,
     #[serde(default)]
     pub listeners: Vec<Listener>,
     /// Keyed by pool name; a `BTreeMap` so that iteration (and so error order) is stable.
@@ -41,6 +42,14 @@ pub struct Timeouts {
     pub client_idle: Option<Spanned<String>>,
     pub backend_response: Option<Spanned<String>>,
     pub backend_idle: Option<Spanned<String>>,
+}
+
+/// `[admin]`: the admin listener (API, metrics, dashboard).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    pub bind: Option<Spanned<String>>,
+    pub token: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

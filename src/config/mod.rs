@@ -28,8 +28,17 @@ pub struct Config {
     pub shutdown_grace: Duration,
     pub timeouts: Timeouts,
     pub access_log: AccessLog,
+    /// The admin listener; `None` when the file has no `[admin]`.
+    pub admin: Option<Admin>,
     pub listeners: Vec<Listener>,
     pub pools: Vec<Pool>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Admin {
+    pub bind: SocketAddr,
+    /// Bearer token: writes need it when set; everything needs it off loopback.
+    pub token: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -476,6 +485,7 @@ impl Resolver<'_> {
             backend_idle: self.duration(&t.backend_idle, "timeouts.backend_idle", d.backend_idle),
         };
         let access_log = self.access_log(&f.access_log);
+        let admin = f.admin.as_ref().map(|a| self.admin(a));
 
         let pool_names: Vec<&String> = f.pools.keys().collect();
         let mut pools = Vec::new();
@@ -510,7 +520,40 @@ impl Resolver<'_> {
             }
             listeners.push(listener);
         }
-        Config { threads, shutdown_grace, timeouts, access_log, listeners, pools }
+        Config { threads, shutdown_grace, timeouts, access_log, admin, listeners, pools }
+    }
+
+    fn admin(&mut self, a: &Spanned<file::Admin>) -> Admin {
+        let f = a.get_ref();
+        let bind = match &f.bind {
+            None => SocketAddr::from(([127, 0, 0, 1], 9901)),
+            Some(b) => match b.get_ref().parse::<SocketAddr>() {
+                Ok(addr) => addr,
+                Err(_) => {
+                    self.error(
+                        b,
+                        format!("admin.bind \"{}\" is not an IP address and port like 127.0.0.1:9901", b.get_ref()),
+                    );
+                    SocketAddr::from(([127, 0, 0, 1], 9901))
+                }
+            },
+        };
+        let token = match &f.token {
+            Some(t) if t.get_ref().len() < 16 => {
+                self.error(t, "admin.token: must be at least 16 characters".into());
+                None
+            }
+            t => t.as_ref().map(|t| t.get_ref().clone()),
+        };
+        if !bind.ip().is_loopback() && token.is_none() {
+            let at = f.bind.as_ref().map_or(a.span(), |b| b.span());
+            self.errors.push(locate(
+                self.src,
+                at,
+                format!("admin.bind {bind} is not a loopback address: set admin.token so the admin API is not open to the network"),
+            ));
+        }
+        Admin { bind, token }
     }
 
     fn access_log(&mut self, a: &file::AccessLog) -> AccessLog {

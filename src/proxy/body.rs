@@ -53,6 +53,7 @@ pub struct Outcome {
 impl Outcome {
     pub fn new(cx: Arc<ConnCx>, method: Method, uri: Uri, version: Version) -> Outcome {
         cx.state.begin();
+        cx.stats.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let start_millis = if cx.shared.access_log.enabled() { crate::time::unix_millis() } else { 0 };
         Outcome {
             cx,
@@ -90,6 +91,7 @@ impl Drop for Outcome {
         if let Some(b) = &self.backend {
             b.release();
             b.count(self.verdict);
+            b.metrics.record(self.status, self.started.elapsed());
             if let (true, Some(sender)) = (self.complete, self.sender.take()) {
                 b.upstream.put_back(sender);
             }

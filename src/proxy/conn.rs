@@ -183,6 +183,7 @@ pub struct ConnCx {
     /// The peer's IP, ready for `X-Forwarded-For`.
     pub peer_ip: HeaderValue,
     pub state: Arc<ConnState>,
+    pub stats: Arc<super::ListenerStats>,
     /// Held while anything of this connection lives (its requests, an upgraded tunnel),
     /// so that shutdown waits for it.
     _shutdown: watch::Receiver<bool>,
@@ -243,8 +244,17 @@ pub async fn serve(
     listener_name: Arc<str>,
     shared: Arc<Shared>,
     protocols: Arc<Protocols>,
+    stats: Arc<super::ListenerStats>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    stats.connections.fetch_add(1, Ordering::Relaxed);
+    struct Open(Arc<super::ListenerStats>);
+    impl Drop for Open {
+        fn drop(&mut self) {
+            self.0.connections.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+    let _open = Open(stats.clone());
     let timeouts = shared.snapshot.load().config.timeouts;
     let h2 = tokio::select! {
         r = sniff(&stream) => match r {
@@ -268,6 +278,7 @@ pub async fn serve(
         peer,
         peer_ip: HeaderValue::from_str(&ip).unwrap_or(HeaderValue::from_static("unknown")),
         state: state.clone(),
+        stats,
         _shutdown: shutdown.clone(),
     });
     let io = TokioIo::new(Timed { io: stream, state: state.clone() });

@@ -213,6 +213,7 @@ fn move_on(pool: &Pool, decision: &mut Decision, failed: usize, now_ms: u64, mov
     };
     if next.is_some() {
         *moves_left -= 1;
+        pool.retry_budget.retries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
     next
 }

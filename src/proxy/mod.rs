@@ -24,4 +24,22 @@ pub struct Shared {
     /// The routing state; swapped whole on reload, loaded once per request.
     pub snapshot: ArcSwap<Snapshot>,
     pub access_log: AccessLog,
+    pub started: std::time::Instant,
+    /// Traffic per listener name, kept across reloads.
+    pub listener_stats: std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<ListenerStats>>>,
+}
+
+/// Counters of one listener.
+#[derive(Debug, Default)]
+pub struct ListenerStats {
+    pub requests: std::sync::atomic::AtomicU64,
+    pub connections: std::sync::atomic::AtomicI64,
+    pub accepted: std::sync::atomic::AtomicU64,
+}
+
+impl Shared {
+    pub fn listener_stats(&self, name: &str) -> std::sync::Arc<ListenerStats> {
+        let mut m = self.listener_stats.lock().unwrap_or_else(|e| e.into_inner());
+        m.entry(name.to_string()).or_default().clone()
+    }
 }

@@ -92,7 +92,9 @@ impl Tether {
             let err = child.stderr.take().unwrap();
             std::thread::spawn(move || {
                 for line in BufReader::new(err).lines().map_while(Result::ok) {
-                    if let Some(rest) = line.split("listening on ").nth(1) {
+                    if line.contains("admin listening on") {
+                        // The admin listener is not one of the traffic listeners.
+                    } else if let Some(rest) = line.split("listening on ").nth(1) {
                         let addr: SocketAddr = rest.split_whitespace().next().unwrap().parse().unwrap();
                         let _ = tx.send(addr);
                     }
@@ -124,6 +126,21 @@ impl Tether {
             }
         }
         Tether { child, addrs, log, stdout, config: path, scratch }
+    }
+
+    /// The admin listener's address, from the log.
+    pub fn admin(&self) -> SocketAddr {
+        for _ in 0..500 {
+            let found = self
+                .log()
+                .lines()
+                .find_map(|l| l.split("admin listening on ").nth(1)?.split_whitespace().next()?.parse().ok());
+            if let Some(a) = found {
+                return a;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("no admin listener in the log:\n{}", self.log());
     }
 
     pub fn addr(&self) -> SocketAddr {
