@@ -325,6 +325,21 @@ mod tests {
     }
 
     #[test]
+    fn slow_start_ramps_the_chance_of_new_work() {
+        let b = backend();
+        let cfg = health(1, 1);
+        assert!(b.warm(unix_millis(), Duration::from_secs(10)), "up since start: no ramp");
+        record_check("p", &b, &cfg, Err("down".into()));
+        record_check("p", &b, &cfg, Ok(()));
+        let up = b.health.up_since();
+        let share = |at: u64| (0..10_000).filter(|_| b.warm(at, Duration::from_secs(10))).count() as f64 / 10_000.0;
+        assert!(share(up) < 0.01);
+        let half = share(up + 5_000);
+        assert!((0.45..0.55).contains(&half), "{half}");
+        assert_eq!(share(up + 10_000), 1.0);
+    }
+
+    #[test]
     fn budget_allows_the_share_and_a_floor() {
         let b = RetryBudget { balance: AtomicI64::new(0), retries: AtomicU64::new(0) };
         for _ in 0..100 {

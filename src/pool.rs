@@ -45,6 +45,8 @@ pub struct Backend {
     pub metrics: BackendMetrics,
     /// `max_connections`: a slot per request in flight; waiting requests queue here.
     pub slots: Option<Arc<tokio::sync::Semaphore>>,
+    /// Requests waiting for a slot.
+    pub waiting: AtomicU32,
     pub upstream: Upstream,
 }
 
@@ -71,6 +73,7 @@ impl Backend {
             verdicts: Default::default(),
             health: Default::default(),
             metrics: Default::default(),
+            waiting: AtomicU32::new(0),
             slots: cfg.max_connections.map(|n| Arc::new(tokio::sync::Semaphore::new(n as usize))),
             upstream: Upstream::new(cfg.address, timeouts),
         }

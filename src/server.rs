@@ -354,7 +354,16 @@ pub fn diff(old: &Config, new: &Config) -> Vec<String> {
             }
         }
         let settings = |x: &config::Pool| {
-            (x.algorithm, x.affinity.clone(), x.health.clone(), x.retries, x.slow_start, x.panic_mode, x.queue_timeout)
+            (
+                x.algorithm,
+                x.affinity.clone(),
+                x.health.clone(),
+                x.retries,
+                x.slow_start,
+                x.panic_mode,
+                x.queue_timeout,
+                x.max_queue,
+            )
         };
         if settings(o) != settings(p) || o.retry_budget != p.retry_budget {
             out.push(format!("pool \"{}\": settings changed", p.name));

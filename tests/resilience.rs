@@ -259,6 +259,18 @@ async fn max_connections_queue_then_503() {
     assert_eq!(r.status, 503);
     assert_eq!(r.headers["tether-error"], "queue-timeout");
     assert_eq!(slow.await.unwrap(), 200);
+    // With no room in the queue at all, the wait is not even tried.
+    let cfg = pool_of(&[("app-1", b[0].address)], "queue_timeout = \"3s\"\nmax_queue = 0", "")
+        .replace("\" },", "\", max_connections = 1 },");
+    let t = Tether::start(&cfg);
+    let addr = t.addr();
+    let slow = tokio::spawn(async move { get(addr, "/sleep?ms=1000").await.status });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let start = std::time::Instant::now();
+    let r = get(addr, "/").await;
+    assert_eq!((r.status.as_u16(), r.headers["tether-error"].to_str().unwrap()), (503, "queue-full"));
+    assert!(start.elapsed() < Duration::from_millis(500));
+    assert_eq!(slow.await.unwrap(), 200);
     // A request that fits in the queue waits for the slot and is served.
     let cfg = pool_of(&[("app-1", b[0].address)], "queue_timeout = \"3s\"", "")
         .replace("\" },", "\", max_connections = 1 },");

@@ -95,6 +95,8 @@ pub struct Pool {
     pub retry_budget: Option<Spanned<f64>>,
     /// How long a request may wait for a backend connection slot (see max_connections).
     pub queue_timeout: Option<Spanned<String>>,
+    /// How many requests may wait for a slot per backend; more get 503 at once.
+    pub max_queue: Option<Spanned<i64>>,
     /// Ramp a backend's share of new sessions up over this long after it comes up.
     pub slow_start: Option<Spanned<String>>,
     /// With every backend down: false answers 503, true sends to all of them anyway.

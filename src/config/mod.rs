@@ -113,6 +113,7 @@ pub struct Pool {
     pub retries: u32,
     pub retry_budget: f64,
     pub queue_timeout: Duration,
+    pub max_queue: u32,
     pub slow_start: Option<Duration>,
     pub panic_mode: bool,
 }
@@ -726,6 +727,17 @@ impl Resolver<'_> {
             .slow_start
             .as_ref()
             .map(|_| self.duration(&f.slow_start, &format!("pool \"{name}\": slow_start"), Duration::ZERO));
+        let max_queue = match &f.max_queue {
+            None => 1000,
+            Some(q) if (0..=1_000_000).contains(q.get_ref()) => *q.get_ref() as u32,
+            Some(q) => {
+                self.error(
+                    q,
+                    format!("pool \"{name}\": max_queue {} is out of range: expected 0 to 1000000", q.get_ref()),
+                );
+                1000
+            }
+        };
         let panic_mode = f.panic_mode.as_ref().is_some_and(|p| *p.get_ref());
         Pool {
             name: name.to_string(),
@@ -736,6 +748,7 @@ impl Resolver<'_> {
             retries,
             retry_budget,
             queue_timeout,
+            max_queue,
             slow_start,
             panic_mode,
         }

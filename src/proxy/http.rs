@@ -115,7 +115,19 @@ async fn proxy(mut req: Request<Incoming>, snap: &Snapshot, cx: &Arc<ConnCx>, mu
         let backend = &pool.backends[index];
         out.set_backend(backend);
         if let Some(slots) = &backend.slots {
-            match tokio::time::timeout(pool.config.queue_timeout, slots.clone().acquire_owned()).await {
+            if slots.available_permits() == 0
+                && backend.waiting.load(std::sync::atomic::Ordering::Relaxed) >= pool.config.max_queue
+            {
+                let msg = format!(
+                    "pool \"{}\": backend \"{}\" is at max_connections and its queue of {} is full",
+                    pool.name, backend.name, pool.config.max_queue
+                );
+                return reply(out, StatusCode::SERVICE_UNAVAILABLE, "queue-full", msg);
+            }
+            backend.waiting.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let waited = tokio::time::timeout(pool.config.queue_timeout, slots.clone().acquire_owned()).await;
+            backend.waiting.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            match waited {
                 Ok(Ok(permit)) => out.slot = Some(permit),
                 _ => {
                     let msg = format!(
