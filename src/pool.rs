@@ -171,6 +171,10 @@ pub const LATENCY_BOUNDS_US: [u64; 13] = [
 /// Responses and their latency, per backend, for metrics.
 #[derive(Debug, Default)]
 pub struct BackendMetrics {
+    /// Requests per second over the last second, in thousandths; set by the sweep.
+    pub rate_milli: AtomicU64,
+    /// The request count at the last sweep.
+    pub last_requests: AtomicU64,
     /// By status class: index 1 for 1xx ... 5 for 5xx.
     pub responses: [AtomicU64; 6],
     /// Non-cumulative bucket counts; the last one is +Inf.

@@ -389,14 +389,23 @@ async fn sweep_sessions(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>
     let mut reported: std::collections::HashMap<(Arc<str>, String), u32> = std::collections::HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_tick = std::time::Instant::now();
     loop {
         tokio::select! {
             _ = shutdown.changed() => return,
             _ = tick.tick() => {}
         }
         let snapshot = shared.snapshot.load_full();
+        let elapsed = last_tick.elapsed().as_secs_f64().max(0.001);
+        last_tick = std::time::Instant::now();
         for pool in &snapshot.pools {
             pool.retry_budget.refill();
+            for b in &pool.backends {
+                let now = b.requests.load(std::sync::atomic::Ordering::Relaxed);
+                let before = b.metrics.last_requests.swap(now, std::sync::atomic::Ordering::Relaxed);
+                let rate = (now.saturating_sub(before) as f64 / elapsed * 1000.0) as u64;
+                b.metrics.rate_milli.store(rate, std::sync::atomic::Ordering::Relaxed);
+            }
             let Some(a) = &pool.affinity else { continue };
             let counts = a.store.sweep();
             for (b, id) in pool.backends.iter().zip(&a.ids) {

@@ -54,6 +54,17 @@ async fn pools_drain_enable_weight_and_errors() {
     assert_eq!(backend(web, "app-1")["health"], "up");
     assert_eq!(backend(web, "app-1")["address"], b[0].address.to_string());
     assert_eq!(backend(web, "app-1")["requests"], 2);
+    // The rate is measured once a second: six requests just now show up as a rate soon.
+    let mut rate = 0.0;
+    for _ in 0..30 {
+        let (_, v) = call(admin, "GET", "/api/pools/web", "", None).await;
+        rate = backend(&v, "app-1")["requests_per_second"].as_f64().unwrap();
+        if rate > 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(rate > 0.0 && rate <= 2.5, "{rate}");
 
     let (s, v) = call(admin, "POST", "/api/pools/web/backends/app-1/drain", "", None).await;
     assert_eq!((s, v["admin_state"].as_str()), (200, Some("draining")));

@@ -263,6 +263,7 @@ fn backend_json(p: &Pool, b: &Arc<Backend>) -> Value {
         "admin_state": state.as_str(),
         "in_flight": b.load(),
         "requests": b.requests.load(std::sync::atomic::Ordering::Relaxed),
+        "requests_per_second": b.metrics.rate_milli.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1000.0,
         "sessions": b.sessions(),
         "affinity_hits": hits,
         "draining_since_ms": (state == AdminState::Draining).then(|| b.draining_since()),
