@@ -27,6 +27,20 @@ struct Seen {
     homes: Mutex<HashMap<usize, Vec<String>>>,
 }
 
+/// Waits until the clients have had `n` answers, however long the machine takes (within
+/// reason): the tests count requests, not seconds.
+async fn until_answered(seen: &Seen, n: usize) {
+    let start = std::time::Instant::now();
+    while seen.ok.load(Ordering::Relaxed) < n {
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "only {} answers in 5 minutes",
+            seen.ok.load(Ordering::Relaxed)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// `clients` keep-alive clients, each with its own cookie, sending GETs until `stop`.
 fn load(
     addr: std::net::SocketAddr,
@@ -82,10 +96,12 @@ async fn sigkill_a_backend_under_load_fails_no_request_and_repins_each_session_o
     let stop = Arc::new(AtomicBool::new(false));
     let seen = Arc::new(Seen::default());
     let tasks = load(t.addr(), 200, stop.clone(), seen.clone());
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    until_answered(&seen, 5_000).await;
     let before_kill = seen.ok.load(Ordering::Relaxed);
     b[1].kill();
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // Long enough for the checks to find the backend down, and tens of thousands in all.
+    until_answered(&seen, 20_000).await;
+    t.wait_log("backend is DOWN").await;
     stop.store(true, Ordering::Relaxed);
     for task in tasks {
         task.await.unwrap();
@@ -94,7 +110,6 @@ async fn sigkill_a_backend_under_load_fails_no_request_and_repins_each_session_o
     assert!(failed.is_empty(), "{} failed requests, first: {:?}", failed.len(), failed.first());
     let total = seen.ok.load(Ordering::Relaxed);
     eprintln!("{total} requests, {before_kill} before the kill");
-    assert!(before_kill > 1000 && total > before_kill + 1000, "too little load: {before_kill} then {total}");
     let homes = seen.homes.lock().unwrap().clone();
     let mut moved = 0;
     for (id, h) in homes.iter() {
@@ -121,18 +136,19 @@ async fn five_reloads_under_load_fail_nothing_and_move_no_session() {
     let stop = Arc::new(AtomicBool::new(false));
     let seen = Arc::new(Seen::default());
     let tasks = load(t.addr(), 200, stop.clone(), seen.clone());
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    until_answered(&seen, 2_000).await;
     for i in 0..5 {
         reload(&t, &other(2 + i % 2), "config reloaded").await;
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        let at = seen.ok.load(Ordering::Relaxed);
+        until_answered(&seen, at + 2_000).await;
     }
+    until_answered(&seen, 20_000).await;
     stop.store(true, Ordering::Relaxed);
     for task in tasks {
         task.await.unwrap();
     }
     let failed = seen.failed.lock().unwrap();
     assert!(failed.is_empty(), "{} failed, first: {:?}", failed.len(), failed.first());
-    assert!(seen.ok.load(Ordering::Relaxed) > 2000);
     for (id, h) in seen.homes.lock().unwrap().iter() {
         assert_eq!(h.len(), 1, "client {id} moved across reloads: {h:?}");
     }
