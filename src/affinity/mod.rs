@@ -498,35 +498,26 @@ pub struct Explained {
 }
 
 impl PoolAffinity {
-    /// The stick-table key of a raw key value of a table-mapped kind.
-    fn table_key(&self, kind: &KeySource, value: &str) -> Result<u128, String> {
+    /// A raw key value as the bytes the request path hashes: client IPs are masked.
+    fn key_bytes<'a>(&self, kind: &KeySource, value: &'a str, buf: &'a mut [u8; 16]) -> Result<&'a [u8], String> {
         match kind {
             KeySource::ClientIp => {
                 let ip: IpAddr = value.parse().map_err(|_| format!("\"{value}\" is not an IP address"))?;
-                let mut buf = [0u8; 16];
-                Ok(hash::key_hash128(
-                    &self.pool,
-                    kind.kind(),
-                    masked_ip(ip, self.cfg.ipv4_prefix, self.cfg.ipv6_prefix, &mut buf),
-                ))
+                Ok(masked_ip(ip, self.cfg.ipv4_prefix, self.cfg.ipv6_prefix, buf))
             }
-            _ => Ok(hash::key_hash128(&self.pool, kind.kind(), value.as_bytes())),
+            _ => Ok(value.as_bytes()),
         }
     }
 
+    /// The stick-table key of a raw key value of a table-mapped kind.
+    fn table_key(&self, kind: &KeySource, value: &str) -> Result<u128, String> {
+        let mut buf = [0u8; 16];
+        Ok(hash::key_hash128(&self.pool, kind.kind(), self.key_bytes(kind, value, &mut buf)?))
+    }
+
     fn hash_key(&self, kind: &KeySource, value: &str) -> Result<u64, String> {
-        match kind {
-            KeySource::ClientIp => {
-                let ip: IpAddr = value.parse().map_err(|_| format!("\"{value}\" is not an IP address"))?;
-                let mut buf = [0u8; 16];
-                Ok(hash::key_hash(
-                    &self.pool,
-                    kind.kind(),
-                    masked_ip(ip, self.cfg.ipv4_prefix, self.cfg.ipv6_prefix, &mut buf),
-                ))
-            }
-            _ => Ok(hash::key_hash(&self.pool, kind.kind(), value.as_bytes())),
-        }
+        let mut buf = [0u8; 16];
+        Ok(hash::key_hash(&self.pool, kind.kind(), self.key_bytes(kind, value, &mut buf)?))
     }
 
     fn describe(&self, pool: &Pool, id: u64, now_ms: u64, what: &str) -> (Option<usize>, String) {
