@@ -59,10 +59,6 @@ impl AccessLog {
         Ok(AccessLog { format: cfg.format, tx: Some(tx) })
     }
 
-    pub fn disabled() -> AccessLog {
-        AccessLog { format: LogFormat::Off, tx: None }
-    }
-
     pub fn enabled(&self) -> bool {
         self.tx.is_some()
     }

@@ -34,10 +34,6 @@ impl Balancer {
         Balancer { algorithm, weights: weights.to_vec(), sequence: smooth_sequence(weights), next: AtomicUsize::new(0) }
     }
 
-    pub fn algorithm(&self) -> Algorithm {
-        self.algorithm
-    }
-
     /// Picks a backend among those for which `eligible` is true, using `load` (requests in
     /// flight) for the load-aware algorithms. `None` when no backend with a non-zero weight
     /// is eligible.

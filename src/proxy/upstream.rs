@@ -109,15 +109,6 @@ impl Upstream {
         }
     }
 
-    /// Drops every idle connection, for a backend that is going away.
-    pub fn clear(&self) {
-        self.idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
-    }
-
-    pub fn idle_count(&self) -> usize {
-        self.idle.lock().unwrap_or_else(|e| e.into_inner()).len()
-    }
-
     /// Opens a new connection within the connect timeout.
     pub async fn connect(&self) -> Result<Sender, ConnectError> {
         let stream = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.address)).await {
