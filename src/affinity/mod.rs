@@ -23,7 +23,7 @@ use std::time::Duration;
 use http::{HeaderMap, Uri};
 
 use crate::config::{self, AdminState, KeySource, Mapping, OnUnavailable};
-use crate::pool::{Backend, Pool};
+use crate::pool::Pool;
 use cookies::CookieAttrs;
 use maglev::Maglev;
 use stick_table::StickTable;
@@ -135,7 +135,8 @@ impl Store {
 pub struct PoolAffinity {
     pub cfg: config::Affinity,
     pub store: Arc<Store>,
-    keyring: Arc<KeyRing>,
+    /// `Some` exactly when the key chain has `cookie`.
+    keyring: Option<Arc<KeyRing>>,
     pool: Arc<str>,
     /// Backend identity hashes, by backend index.
     pub ids: Vec<u64>,
@@ -196,15 +197,14 @@ impl PoolAffinity {
             }
             _ => Arc::new(Store::new(cfg)),
         };
-        let keyring = if cfg.keys.contains(&KeySource::Cookie) {
+        // Only pools with a cookie key seal or open tokens.
+        let keyring = cfg.keys.contains(&KeySource::Cookie).then(|| {
             if cfg.cookie.keys.is_empty() {
                 generated_ring()
             } else {
                 Arc::new(KeyRing::from_base64(&cfg.cookie.keys).expect("keys were checked by config"))
             }
-        } else {
-            generated_ring_lazy()
-        };
+        });
         let ids: Vec<u64> = pool.backends.iter().map(|b| hash::backend_id(&pool.name, &b.name)).collect();
         let by_id = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
         let hashed = cfg.mapping == Mapping::Hash
@@ -261,9 +261,12 @@ impl PoolAffinity {
     fn place(&self, pool: &Pool) -> Option<usize> {
         let backends = &pool.backends;
         if let Some(factor) = self.cfg.max_sessions_factor {
-            let eligible: Vec<&Arc<Backend>> = backends.iter().filter(|b| b.accepts_new()).collect();
-            let total: u64 = eligible.iter().map(|b| u64::from(b.sessions())).sum();
-            let cap = maglev::bounded_cap(total, eligible.len(), factor);
+            let (mut total, mut eligible) = (0u64, 0usize);
+            for b in backends.iter().filter(|b| b.accepts_new()) {
+                total += u64::from(b.sessions());
+                eligible += 1;
+            }
+            let cap = maglev::bounded_cap(total, eligible, factor);
             let picked = pool
                 .balancer
                 .pick(|i| backends[i].accepts_new() && u64::from(backends[i].sessions()) < cap, |i| backends[i].load());
@@ -287,7 +290,8 @@ impl PoolAffinity {
             match key {
                 KeySource::Cookie => {
                     let Some(value) = cookie_value(headers, &self.attrs.name) else { continue };
-                    let token = match self.keyring.open(value) {
+                    let Some(ring) = &self.keyring else { continue };
+                    let token = match ring.open(value) {
                         Ok(t) => t,
                         Err(_) => {
                             why_new = Verdict::Invalid;
@@ -462,7 +466,8 @@ impl PoolAffinity {
 
     /// The `Set-Cookie` value for a token.
     pub fn set_cookie(&self, t: &Token) -> String {
-        let sealed: TokenString = self.keyring.seal(t);
+        let ring = self.keyring.as_ref().expect("tokens are issued only by pools with a cookie key");
+        let sealed: TokenString = ring.seal(t);
         self.attrs.render(sealed.as_str())
     }
 
@@ -549,7 +554,11 @@ impl PoolAffinity {
             matched_kind = true;
             let explicit = kind.is_some();
             match k {
-                KeySource::Cookie => match self.keyring.open(value) {
+                KeySource::Cookie => match self
+                    .keyring
+                    .as_ref()
+                    .map_or(Err(token::OpenError::Malformed), |r| r.open(value))
+                {
                     Err(e) if explicit => {
                         return Ok(Explained { kind: "cookie", backend: None, why: format!("not a valid token: {e}") })
                     }
@@ -620,13 +629,6 @@ impl PoolAffinity {
         }
         Ok(self.store.table.remove(self.table_key(k, value)?).is_some())
     }
-}
-
-fn generated_ring_lazy() -> Arc<KeyRing> {
-    // Pools without cookies never seal or open, but keep a ring to stay simple; one made
-    // without the warning, since nobody relies on it.
-    static RING: OnceLock<Arc<KeyRing>> = OnceLock::new();
-    RING.get_or_init(|| Arc::new(KeyRing::generate().expect("the system random source works"))).clone()
 }
 
 /// The value of cookie `name` in any of the request's `Cookie` headers.

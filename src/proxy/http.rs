@@ -292,8 +292,8 @@ fn client_ip(cx: &ConnCx, headers: &HeaderMap, trusted_proxies: &[crate::config:
         return peer;
     }
     let mut last = peer;
-    let values: Vec<&str> = headers.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).collect();
-    for entry in values.iter().rev().flat_map(|v| v.rsplit(',')) {
+    let values = headers.get_all(&X_FORWARDED_FOR).iter().rev().filter_map(|v| v.to_str().ok());
+    for entry in values.flat_map(|v| v.rsplit(',')) {
         let Ok(ip) = entry.trim().parse::<IpAddr>() else { return last };
         let ip = crate::config::canonical(ip);
         if !trusted_proxies.iter().any(|c| c.contains(ip)) {
