@@ -2,12 +2,16 @@
 //!
 //! `cargo bench --bench hot_path`. Everything a request brings with it (headers, URI,
 //! client address, a sealed cookie, a learned table entry) is prepared before the timed
-//! loop; one iteration is the work for one request.
+//! loop; one iteration is the work for one request. The pools come from the same fixture
+//! as the allocation tests (`tests/support/fixture.rs`).
+
+#[path = "../tests/support/alloc.rs"]
+mod alloc;
+#[path = "../tests/support/fixture.rs"]
+mod fixture;
 
 use std::hint::black_box;
-use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion};
@@ -15,39 +19,17 @@ use http::{HeaderMap, HeaderValue, Uri};
 use tether::affinity::hash::key_hash128;
 use tether::affinity::stick_table::StickTable;
 use tether::affinity::token::{KeyRing, Token};
-use tether::affinity::Verdict;
+use tether::affinity::verdict::Verdict;
 use tether::balance::Balancer;
-use tether::config::Algorithm;
-use tether::pool::Snapshot;
+use tether::config::{Algorithm, KeySource, Mapping};
 
-const KEY: &str = "c2Vzc2lvbi1wZXJzaXN0ZW5jZS10ZXN0LWtleS0zMmI=";
+use fixture::{affinity, client, header, Fixture, KEY};
 
 /// A short group: 0.5 s warm-up, 2 s measurement, 30 samples.
 fn group<'a>(c: &'a mut Criterion, name: &str) -> BenchmarkGroup<'a, criterion::measurement::WallTime> {
     let mut g = c.benchmark_group(name);
     g.warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2)).sample_size(30);
     g
-}
-
-/// One pool `p` of three backends with the given `[pools.p.affinity]` body.
-fn snapshot(affinity: &str) -> Snapshot {
-    let src = format!(
-        r#"[[listeners]]
-bind = "127.0.0.1:0"
-pool = "p"
-
-[pools.p]
-backends = [
-  {{ name = "app-1", address = "10.0.0.1:8080" }},
-  {{ name = "app-2", address = "10.0.0.2:8080" }},
-  {{ name = "app-3", address = "10.0.0.3:8080" }},
-]
-
-[pools.p.affinity]
-{affinity}
-"#
-    );
-    Snapshot::build(Arc::new(tether::config::parse(&src, "bench.toml").expect("valid bench config")), None)
 }
 
 fn balance(c: &mut Criterion) {
@@ -68,71 +50,66 @@ fn balance(c: &mut Criterion) {
 
 fn decide(c: &mut Criterion) {
     let mut g = group(c, "decide");
-    let ip: IpAddr = "198.51.100.23".parse().unwrap();
+    let ip = client();
     let uri = Uri::from_static("/shop/cart?item=1021");
     let no_headers = HeaderMap::new();
     let now = tether::time::unix_millis();
 
     // Cookie hit: the pool's own sealed token, as the browser sends it back.
-    let s = snapshot(&format!("keys = [\"cookie\"]\n\n[pools.p.affinity.cookie]\nkeys = [\"{KEY}\"]"));
-    let (pool, a) = (&s.pools[0], s.pools[0].affinity.as_ref().unwrap());
-    let first = a.decide(pool, &no_headers, &uri, ip, now);
-    let set_cookie = a.set_cookie(first.issue.as_ref().expect("a new session issues a token"));
-    let pair = set_cookie.split(';').next().unwrap();
-    assert!(pair.starts_with("tether="), "{set_cookie}");
+    let f = Fixture::new(fixture::cookie());
+    let first = f.decide(&no_headers, &uri, ip, now);
     let mut h = HeaderMap::new();
-    h.insert(http::header::COOKIE, HeaderValue::from_str(&format!("lang=en; {pair}")).unwrap());
-    assert_eq!(a.decide(pool, &h, &uri, ip, now).verdict, Verdict::Hit);
-    g.bench_function("cookie_hit", |bench| bench.iter(|| black_box(a.decide(pool, black_box(&h), &uri, ip, now))));
+    h.insert(http::header::COOKIE, f.cookie_header(&first));
+    assert_hit_allocates_nothing(&f, &h, &uri, now);
+    g.bench_function("cookie_hit", |bench| bench.iter(|| black_box(f.decide(black_box(&h), &uri, ip, now))));
     // No key present: a new session is placed and a token issued (random session id).
     g.bench_function("new_session_cookie", |bench| {
-        bench.iter(|| black_box(a.decide(pool, black_box(&no_headers), &uri, ip, now)))
+        bench.iter(|| black_box(f.decide(black_box(&no_headers), &uri, ip, now)))
     });
-    drop(s);
 
     // Header key, both mappings; the table one is a hit after the first request learned it.
-    let mut h = HeaderMap::new();
-    h.insert("x-user", HeaderValue::from_static("user-48213"));
+    let mut h = header("x-user", "user-48213");
     h.insert(http::header::ACCEPT, HeaderValue::from_static("text/html"));
-    for mapping in ["hash", "table"] {
-        let s = snapshot(&format!("keys = [\"header:x-user\"]\nmapping = \"{mapping}\""));
-        let (pool, a) = (&s.pools[0], s.pools[0].affinity.as_ref().unwrap());
-        a.decide(pool, &h, &uri, ip, now);
-        assert_eq!(a.decide(pool, &h, &uri, ip, now).verdict, Verdict::Hit);
-        g.bench_function(format!("header_{mapping}"), |bench| {
-            bench.iter(|| black_box(a.decide(pool, black_box(&h), &uri, ip, now)))
-        });
+    for mapping in [Mapping::Hash, Mapping::Table] {
+        let f = Fixture::new(affinity(vec![KeySource::Header("x-user".into())], mapping));
+        f.decide(&h, &uri, ip, now);
+        assert_hit_allocates_nothing(&f, &h, &uri, now);
+        let name = if mapping == Mapping::Hash { "header_hash" } else { "header_table" };
+        g.bench_function(name, |bench| bench.iter(|| black_box(f.decide(black_box(&h), &uri, ip, now))));
     }
 
     // Client address in table mode, learned by the first request.
-    let s = snapshot("keys = [\"client_ip\"]\nmapping = \"table\"");
-    let (pool, a) = (&s.pools[0], s.pools[0].affinity.as_ref().unwrap());
-    a.decide(pool, &no_headers, &uri, ip, now);
-    assert_eq!(a.decide(pool, &no_headers, &uri, ip, now).verdict, Verdict::Hit);
+    let f = Fixture::new(affinity(vec![KeySource::ClientIp], Mapping::Table));
+    f.decide(&no_headers, &uri, ip, now);
+    assert_hit_allocates_nothing(&f, &no_headers, &uri, now);
     g.bench_function("client_ip_table", |bench| {
-        bench.iter(|| black_box(a.decide(pool, &no_headers, &uri, black_box(ip), now)))
+        bench.iter(|| black_box(f.decide(&no_headers, &uri, black_box(ip), now)))
     });
 
     // Application cookie learned from a backend's response.
-    let s = snapshot("keys = [\"app_cookie:JSESSIONID\"]");
-    let (pool, a) = (&s.pools[0], s.pools[0].affinity.as_ref().unwrap());
+    let f = Fixture::new(affinity(vec![KeySource::AppCookie("JSESSIONID".into())], Mapping::Table));
     let mut response = HeaderMap::new();
     response.insert(http::header::SET_COOKIE, HeaderValue::from_static("JSESSIONID=abc123; Path=/"));
-    a.learn(&response, 1);
-    let mut h = HeaderMap::new();
-    h.insert(http::header::COOKIE, HeaderValue::from_static("theme=dark; JSESSIONID=abc123"));
-    let d = a.decide(pool, &h, &uri, ip, now);
-    assert_eq!((d.verdict, d.backend), (Verdict::Hit, Some(1)));
-    g.bench_function("app_cookie_hit", |bench| bench.iter(|| black_box(a.decide(pool, black_box(&h), &uri, ip, now))));
+    f.affinity.learn(&response, 1);
+    let h = header("cookie", "theme=dark; JSESSIONID=abc123");
+    assert_eq!(f.decide(&h, &uri, ip, now).backend(), Some(1));
+    assert_hit_allocates_nothing(&f, &h, &uri, now);
+    g.bench_function("app_cookie_hit", |bench| bench.iter(|| black_box(f.decide(black_box(&h), &uri, ip, now))));
 
     // No key present in a header-keyed pool: placement by the pool's balancer only.
-    let s = snapshot("keys = [\"header:x-user\"]\nmapping = \"table\"");
-    let (pool, a) = (&s.pools[0], s.pools[0].affinity.as_ref().unwrap());
-    assert_eq!(a.decide(pool, &no_headers, &uri, ip, now).verdict, Verdict::New);
+    let f = Fixture::new(affinity(vec![KeySource::Header("x-user".into())], Mapping::Table));
+    assert_eq!(f.decide(&no_headers, &uri, ip, now).verdict, Verdict::New);
     g.bench_function("new_session_placement", |bench| {
-        bench.iter(|| black_box(a.decide(pool, black_box(&no_headers), &uri, ip, now)))
+        bench.iter(|| black_box(f.decide(black_box(&no_headers), &uri, ip, now)))
     });
     g.finish();
+}
+
+/// What is timed as a hit must be one, and allocate nothing (the allocation tests' claim,
+/// checked again on the benches' own inputs).
+fn assert_hit_allocates_nothing(f: &Fixture, h: &HeaderMap, uri: &Uri, now: u64) {
+    let (n, d) = alloc::allocations_during(|| f.decide(h, uri, client(), now));
+    assert_eq!((d.verdict, n), (Verdict::Hit, 0), "{d:?}");
 }
 
 fn token(c: &mut Criterion) {

@@ -9,10 +9,10 @@
 //! It does not decide affinity: a request that already belongs to a session is routed by
 //! `affinity` and only falls back to a balancer when its session must be placed.
 
-use std::cell::Cell;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::config::Algorithm;
+use crate::random::random_below;
 
 /// How a pool chooses among its eligible backends.
 #[derive(Debug)]
@@ -132,31 +132,6 @@ fn gcd(a: u32, b: u32) -> u32 {
     }
 }
 
-thread_local! {
-    static RNG: Cell<u64> = Cell::new(seed());
-}
-
-/// A per-thread seed; balancing needs spread, not secrecy, so the address of a local and
-/// the clock are enough.
-fn seed() -> u64 {
-    let local = 0u8;
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
-    (t ^ (&local as *const u8 as u64).rotate_left(32)) | 1
-}
-
-/// A uniform number below `n` from a per-thread xorshift64* generator.
-pub fn random_below(n: usize) -> usize {
-    RNG.with(|s| {
-        let mut x = s.get();
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        s.set(x);
-        // Multiply-shift maps the 64-bit draw onto 0..n without the bias of a modulo.
-        ((u128::from(x.wrapping_mul(0x2545_F491_4F6C_DD1D)) * n as u128) >> 64) as usize
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -238,15 +213,6 @@ mod tests {
         let load = [0u32, 5, 9];
         for _ in 0..500 {
             assert_ne!(b.pick(|_| true, |i| load[i]), Some(2));
-        }
-    }
-
-    #[test]
-    fn random_below_stays_in_range() {
-        for n in [1usize, 2, 7, 1000] {
-            for _ in 0..1000 {
-                assert!(random_below(n) < n);
-            }
         }
     }
 }

@@ -1,17 +1,38 @@
 //! Tether: an HTTP load balancer whose speciality is session persistence.
 //!
 //! The crate is a library with a thin binary (`main.rs`) so that integration tests and
-//! benches reach the same code the binary runs. See ARCHITECTURE.md for the module map.
+//! benches reach the same code the binary runs. Modules are layered: each depends only on
+//! modules of its own layer or below (`tests/layers.rs` checks it). See ARCHITECTURE.md.
 
-pub mod access_log;
-pub mod admin;
-pub mod affinity;
-pub mod balance;
-pub mod cli;
+// Primitives and configuration.
 pub mod config;
-pub mod demo;
-pub mod health;
-pub mod pool;
-pub mod proxy;
-pub mod server;
+pub(crate) mod net;
+pub(crate) mod random;
 pub mod time;
+
+// Building blocks.
+pub(crate) mod access_log;
+pub mod backend;
+pub mod balance;
+pub(crate) mod retry;
+pub(crate) mod upstream;
+
+// Policy: where a request goes, and keeping that state right.
+pub mod affinity;
+pub(crate) mod health;
+pub(crate) mod housekeeping;
+pub(crate) mod pool;
+pub(crate) mod state;
+
+// The data path.
+pub(crate) mod listener;
+pub(crate) mod proxy;
+
+// Changing and watching a running Tether.
+pub(crate) mod admin;
+pub(crate) mod control;
+
+// Entry points.
+pub mod cli;
+pub mod demo;
+pub(crate) mod server;

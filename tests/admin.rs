@@ -55,15 +55,14 @@ async fn pools_drain_enable_weight_and_errors() {
     assert_eq!(backend(web, "app-1")["address"], b[0].address.to_string());
     assert_eq!(backend(web, "app-1")["requests"], 2);
     // The rate is measured once a second: six requests just now show up as a rate soon.
-    let mut rate = 0.0;
-    for _ in 0..30 {
+    let rate = std::cell::Cell::new(0.0);
+    wait_until_async("app-1 shows a request rate", Duration::from_secs(5), || async {
         let (_, v) = call(admin, "GET", "/api/pools/web", "", None).await;
-        rate = backend(&v, "app-1")["requests_per_second"].as_f64().unwrap();
-        if rate > 0.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        rate.set(backend(&v, "app-1")["requests_per_second"].as_f64().unwrap());
+        rate.get() > 0.0
+    })
+    .await;
+    let rate = rate.get();
     assert!(rate > 0.0 && rate <= 2.5, "{rate}");
 
     let (s, v) = call(admin, "POST", "/api/pools/web/backends/app-1/drain", "", None).await;
@@ -203,8 +202,19 @@ async fn metrics_count_what_happened() {
         c.get("/").await;
     }
     c.get("/status?code=503").await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let r = get(t.admin(), "/metrics").await;
+    // A request is counted when it ends, which may be just after its client has the answer.
+    let responses = |text: &str, class: &str| -> u64 {
+        text.lines()
+            .filter(|l| l.starts_with("tether_backend_responses_total{") && l.contains(class))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum()
+    };
+    let admin = t.admin();
+    wait_until_async("the metrics count five responses", Duration::from_secs(5), || async move {
+        responses(&get(admin, "/metrics").await.text(), "") >= 5
+    })
+    .await;
+    let r = get(admin, "/metrics").await;
     assert_eq!(r.status, 200);
     assert!(r.headers["content-type"].to_str().unwrap().starts_with("application/openmetrics-text"));
     let text = r.text();
@@ -223,18 +233,8 @@ async fn metrics_count_what_happened() {
     ] {
         assert!(text.contains(want), "missing {want:?} in:\n{text}");
     }
-    let total: u64 = text
-        .lines()
-        .filter(|l| l.starts_with("tether_backend_responses_total{"))
-        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
-        .sum();
-    assert_eq!(total, 5);
-    let five_xx: u64 = text
-        .lines()
-        .filter(|l| l.starts_with("tether_backend_responses_total{") && l.contains("class=\"5xx\""))
-        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
-        .sum();
-    assert_eq!(five_xx, 1);
+    assert_eq!(responses(&text, ""), 5);
+    assert_eq!(responses(&text, "class=\"5xx\""), 1);
 }
 
 #[tokio::test]

@@ -3,6 +3,7 @@
 mod common;
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use common::*;
 
@@ -69,16 +70,25 @@ async fn p2c_follows_weights_when_idle() {
 }
 
 /// Sends `n` slow requests at once, each on its own connection, and counts where they went.
-async fn concurrent_slow(addr: std::net::SocketAddr, n: usize) -> HashMap<String, usize> {
+async fn concurrent_slow(t: &Tether, n: usize) -> HashMap<String, usize> {
+    let (addr, admin) = (t.addr(), t.admin());
     let mut tasks = Vec::new();
-    for _ in 0..n {
+    for i in 1..=n {
         tasks.push(tokio::spawn(async move {
             let mut c = Client::connect(addr).await;
-            c.get("/sleep?ms=600").await.backend()
+            c.get("/sleep?ms=2000").await.backend()
         }));
         // Let each request reach its backend before the next one is placed.
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        let what = format!("{i} requests are in flight");
+        wait_until_async(
+            &what,
+            Duration::from_secs(5),
+            || async move { pool_in_flight(admin, "web").await >= i as u64 },
+        )
+        .await;
     }
+    // All were in flight together: none had its answer before the last was placed.
+    assert_eq!(pool_in_flight(admin, "web").await, n as u64, "placing the requests took too long");
     let mut counts = HashMap::new();
     for t in tasks {
         *counts.entry(t.await.unwrap()).or_insert(0) += 1;
@@ -89,8 +99,8 @@ async fn concurrent_slow(addr: std::net::SocketAddr, n: usize) -> HashMap<String
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn least_conn_balances_requests_in_flight_by_weight() {
     let b = backends(2).await;
-    let t = Tether::start(&config("least_conn", &[&b[0], &b[1]], &[1, 3], ""));
-    let counts = concurrent_slow(t.addr(), 20).await;
+    let t = Tether::start(&config("least_conn", &[&b[0], &b[1]], &[1, 3], ADMIN));
+    let counts = concurrent_slow(&t, 20).await;
     assert_eq!(counts["app-1"], 5, "{counts:?}");
     assert_eq!(counts["app-2"], 15, "{counts:?}");
 }
@@ -98,10 +108,10 @@ async fn least_conn_balances_requests_in_flight_by_weight() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p2c_avoids_the_busier_backend() {
     let b = backends(2).await;
-    let t = Tether::start(&config("p2c", &[&b[0], &b[1]], &[], ""));
+    let t = Tether::start(&config("p2c", &[&b[0], &b[1]], &[], ADMIN));
     // With two backends the two choices are both backends: p2c then behaves like
     // least_conn, so concurrent requests split evenly, which random would rarely do.
-    let counts = concurrent_slow(t.addr(), 20).await;
+    let counts = concurrent_slow(&t, 20).await;
     assert_eq!(counts["app-1"], 10, "{counts:?}");
     assert_eq!(counts["app-2"], 10, "{counts:?}");
 }

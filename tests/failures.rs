@@ -70,10 +70,12 @@ async fn slow_backend_response_is_a_504() {
         "[timeouts]\nbackend_response = \"300ms\"\n",
     ));
     let start = Instant::now();
-    let r = get(t.addr(), "/sleep?ms=3000").await;
+    let r = get(t.addr(), "/sleep?ms=10000").await;
     assert_eq!(r.status, 504);
     assert_eq!(r.headers["tether-error"], "backend-timeout");
-    assert!(start.elapsed() < Duration::from_secs(2));
+    // Not before the 300 ms timeout, and long before the backend's 10 s answer.
+    let took = start.elapsed();
+    assert!(took >= Duration::from_millis(300) && took < Duration::from_secs(5), "{took:?}");
     // A fast request on the same backend is not affected.
     assert_eq!(get(t.addr(), "/sleep?ms=10").await.status, 200);
 }
@@ -115,7 +117,10 @@ async fn connect_timeout_is_a_504() {
     let r = get(t.addr(), "/").await;
     assert_eq!(r.status, 504, "{}", r.text());
     assert_eq!(r.headers["tether-error"], "connect-timeout");
-    assert!(start.elapsed() < Duration::from_secs(2));
+    // Not before the 300 ms connect timeout, and long before the kernel would give up on
+    // the SYN (over a minute).
+    let took = start.elapsed();
+    assert!(took >= Duration::from_millis(300) && took < Duration::from_secs(10), "{took:?}");
     drop(listener);
 }
 
@@ -126,11 +131,13 @@ async fn dribbled_request_head_is_cut_off() {
         &[("app-1", b[0].address.to_string())],
         "[timeouts]\nrequest_header = \"500ms\"\nclient_idle = \"10s\"\n",
     ));
-    let mut s = TcpStream::connect(t.addr()).await.unwrap();
+    // Timed from before the connection exists, so no deadline of Tether's can start earlier.
     let start = Instant::now();
+    let mut s = TcpStream::connect(t.addr()).await.unwrap();
     s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
     let mut closed_after = None;
-    for i in 0..20 {
+    // A header line every 200 ms, for up to 8 s (the idle timeout is 10 s).
+    for i in 0..40 {
         if s.write_all(format!("X-Slow-{i}: 1\r\n").as_bytes()).await.is_err() {
             closed_after = Some(start.elapsed());
             break;
@@ -146,10 +153,9 @@ async fn dribbled_request_head_is_cut_off() {
         }
     }
     let closed_after = closed_after.expect("the dribbling client was never cut off");
-    assert!(
-        closed_after >= Duration::from_millis(400) && closed_after < Duration::from_millis(1500),
-        "{closed_after:?}"
-    );
+    // Cut off by the 500 ms header timeout (its deadline is kept in whole milliseconds),
+    // which dribbling does not extend; not by the 10 s idle timeout.
+    assert!(closed_after >= Duration::from_millis(490) && closed_after < Duration::from_secs(5), "{closed_after:?}");
 }
 
 #[tokio::test]
@@ -165,23 +171,27 @@ async fn idle_keep_alive_is_closed_but_not_by_the_header_timeout() {
     let mut buf = [0u8; 1024];
     let n = s.read(&mut buf).await.unwrap();
     assert!(buf[..n].starts_with(b"HTTP/1.1 204"));
-    // Idle for longer than the header timeout: the connection must still be usable.
+    // Idle for longer than the header timeout: the connection must still be usable. (This
+    // sleep is the test's subject: a client that says nothing for a while.)
     tokio::time::sleep(Duration::from_millis(700)).await;
+    // The idle deadline starts when this answer has gone out, so after `start`.
+    let start = Instant::now();
     s.write_all(req).await.unwrap();
     let n = s.read(&mut buf).await.unwrap();
     assert!(buf[..n].starts_with(b"HTTP/1.1 204"), "{}", String::from_utf8_lossy(&buf[..n]));
     // Then idle past the idle timeout: Tether closes it.
-    let start = Instant::now();
     let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.unwrap().unwrap_or(0);
     assert_eq!(n, 0, "connection should have been closed");
+    // Not before the 1200 ms idle timeout (less the deadline's millisecond rounding), and
+    // so not by the 300 ms header timeout.
     let waited = start.elapsed();
-    assert!(waited >= Duration::from_millis(1000) && waited < Duration::from_millis(2500), "{waited:?}");
+    assert!(waited >= Duration::from_millis(1190), "{waited:?}");
 }
 
 #[tokio::test]
 async fn malformed_requests_get_4xx_and_never_reach_a_backend() {
     let b = backends(1).await;
-    let t = Tether::start(&pool_config(&[("app-1", b[0].address.to_string())], ""));
+    let t = Tether::start(&pool_config(&[("app-1", b[0].address.to_string())], ADMIN));
     let cases: [(&[u8], &str); 4] = [
         (b"GET / HTTP/1.1\r\n\r\n", "400"),
         (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", "400"),
@@ -192,11 +202,16 @@ async fn malformed_requests_get_4xx_and_never_reach_a_backend() {
         let out = raw(t.addr(), req, Duration::from_secs(2)).await;
         assert!(out.starts_with(&format!("HTTP/1.1 {status}")), "{:?} got {out:?}", String::from_utf8_lossy(req));
     }
-    // None of them was forwarded: the access log has no backend for any of them.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    for line in t.access_lines() {
+    // None of them was forwarded: the access log has no backend for any of them. The line
+    // without a colon is an HTTP syntax error, answered before there is a request to log.
+    let lines = t.wait_access_lines(3).await;
+    assert_eq!(lines.len(), 3, "{lines:#?}");
+    for line in lines {
         assert!(line.contains("backend=-"), "forwarded: {line}");
     }
+    // And the backend's own count, which covers all four.
+    let pool = admin_json(t.admin(), "/api/pools/shop").await;
+    assert_eq!(pool["backends"][0]["requests"], 0, "{pool}");
 }
 
 #[tokio::test]
@@ -211,8 +226,8 @@ async fn conflicting_framing_cannot_smuggle_a_request() {
     let out = raw(t.addr(), req, Duration::from_secs(2)).await;
     assert_eq!(out.matches("HTTP/1.1 ").count(), 1, "{out}");
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let lines = t.access_lines();
+    // Tether closed the connection after one response, so one line is all there will be.
+    let lines = t.wait_access_lines(1).await;
     assert_eq!(lines.len(), 1, "{lines:?}");
     assert!(lines[0].contains("\"POST /echo HTTP/1.1\" 200") && lines[0].contains("bytes_out=0"), "{lines:?}");
 }
@@ -224,11 +239,8 @@ async fn access_log_json_has_every_field() {
     let mut c = Client::connect(t.addr()).await;
     let req = Request::post("/echo?q=1").header("host", "x").body(Full::new(Bytes::from_static(b"12345"))).unwrap();
     assert_eq!(c.request(req).await.status, 200);
-    let start = Instant::now();
-    while t.access_lines().is_empty() && start.elapsed() < Duration::from_secs(5) {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let lines = t.access_lines();
+    let lines = t.wait_access_lines(1).await;
+    assert_eq!(lines.len(), 1, "{lines:?}");
     let v: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
     assert_eq!(v["client"].as_str().unwrap().split(':').next(), Some("127.0.0.1"));
     assert_eq!(v["method"], "POST");
@@ -246,15 +258,20 @@ async fn access_log_json_has_every_field() {
 #[tokio::test]
 async fn sigterm_lets_requests_in_flight_finish() {
     let b = backends(1).await;
-    let mut t =
-        Tether::start(&pool_config(&[("app-1", b[0].address.to_string())], "[runtime]\nshutdown_grace = \"10s\"\n"));
+    let mut t = Tether::start(&pool_config(
+        &[("app-1", b[0].address.to_string())],
+        &format!("{ADMIN}[runtime]\nshutdown_grace = \"10s\"\n"),
+    ));
     let addr = t.addr();
     let slow = tokio::spawn(async move { get(addr, "/sleep?ms=1000").await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_in_flight(t.admin(), "shop", "app-1", 1).await;
     t.signal("TERM");
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    t.wait_log("no longer accepting").await;
     // No new connections once shutdown has begun.
-    assert!(TcpStream::connect(addr).await.is_err(), "still accepting after SIGTERM");
+    wait_until_async("the listener refuses connections after SIGTERM", Duration::from_secs(5), || async move {
+        TcpStream::connect(addr).await.is_err()
+    })
+    .await;
     let r = slow.await.unwrap();
     assert_eq!(r.status, 200);
     assert!(r.text().contains("slept 1000 ms"));
@@ -266,8 +283,10 @@ async fn sigterm_lets_requests_in_flight_finish() {
 #[tokio::test]
 async fn shutdown_grace_period_bounds_the_wait() {
     let b = backends(1).await;
-    let mut t =
-        Tether::start(&pool_config(&[("app-1", b[0].address.to_string())], "[runtime]\nshutdown_grace = \"300ms\"\n"));
+    let mut t = Tether::start(&pool_config(
+        &[("app-1", b[0].address.to_string())],
+        &format!("{ADMIN}[runtime]\nshutdown_grace = \"300ms\"\n"),
+    ));
     let addr = t.addr();
     let _slow = tokio::spawn(async move {
         Client::connect(addr)
@@ -276,11 +295,13 @@ async fn shutdown_grace_period_bounds_the_wait() {
             .await
             .is_ok()
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_in_flight(t.admin(), "shop", "app-1", 1).await;
     let start = Instant::now();
     t.signal("INT");
     let status = t.wait_exit(Duration::from_secs(5));
     assert!(status.success());
-    assert!(start.elapsed() < Duration::from_secs(3));
+    // The grace period passed, and Tether did not wait for the backend's 10 s answer.
+    let took = start.elapsed();
+    assert!(took >= Duration::from_millis(300) && took < Duration::from_secs(5), "{took:?}");
     assert!(t.log().contains("grace period of 300ms is over"), "{}", t.log());
 }

@@ -6,11 +6,13 @@
 mod common;
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::*;
 use http::Request;
 use http_body_util::Full;
+use tether::affinity::token::{KeyRing, Token};
 
 const KEY_A: &str = "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=";
 const KEY_B: &str = "AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=";
@@ -196,20 +198,50 @@ async fn client_ip_mask_groups_a_network() {
     assert_eq!(homes.len(), 1, "one /24 should share one backend: {homes:?}");
 }
 
-fn verdicts(t: &Tether) -> Vec<String> {
-    t.access_lines()
+/// The affinity verdicts of the access log, once it has exactly `n` lines.
+async fn verdicts(t: &Tether, n: usize) -> Vec<String> {
+    let lines = t.wait_access_lines(n).await;
+    assert_eq!(lines.len(), n, "{lines:#?}");
+    lines
         .iter()
-        .map(|l| l.rsplit("affinity=").next().unwrap().split_whitespace().next().unwrap().to_string())
+        .map(|l| l.split(" affinity=").nth(1).expect("a verdict").split_whitespace().next().unwrap().to_string())
         .collect()
 }
 
-async fn settle_log(t: &Tether, n: usize) {
-    for _ in 0..100 {
-        if t.access_lines().len() >= n {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+/// Unix seconds now, by the clock Tether stamps its tokens with.
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+}
+
+/// Opens a cookie Tether sealed with `key`.
+fn open(cookie: &str, key: &str) -> Token {
+    KeyRing::from_base64([key]).unwrap().open(cookie).expect("Tether's cookie opens with its key")
+}
+
+/// Opens a cookie, lets `change` rewrite the token and seals it again: the cookie Tether
+/// would have made at another time.
+fn reseal(cookie: &str, key: &str, change: impl FnOnce(&mut Token)) -> String {
+    let ring = KeyRing::from_base64([key]).unwrap();
+    let mut token = ring.open(cookie).expect("Tether's cookie opens with its key");
+    change(&mut token);
+    ring.seal(&token).to_string()
+}
+
+/// The cookie as if Tether had made it `secs` seconds ago: the client's clock, moved
+/// instead of waited for.
+fn age(cookie: &str, key: &str, secs: u64) -> String {
+    reseal(cookie, key, |t| {
+        t.issued -= secs;
+        t.last_seen -= secs;
+    })
+}
+
+/// The value of Tether's cookie if the response sets it.
+fn set_token(r: &Resp) -> Option<String> {
+    r.headers
+        .get_all("set-cookie")
+        .iter()
+        .find_map(|v| Some(v.to_str().ok()?.strip_prefix("tether=")?.split(';').next()?.to_string()))
 }
 
 #[tokio::test]
@@ -282,8 +314,7 @@ async fn untrusted_tokens_count_as_absent() {
         assert!(w.jar["tether"] != *bad && w.jar["tether"].len() > 50, "{bad:?} was not replaced");
         assert!(r.headers.get("tether-error").is_none());
     }
-    settle_log(&t, 1 + forged.len()).await;
-    let v = verdicts(&t);
+    let v = verdicts(&t, 1 + forged.len()).await;
     assert_eq!(v[0], "new");
     assert!(v[1..].iter().all(|x| x == "invalid"), "{v:?}");
 }
@@ -291,31 +322,25 @@ async fn untrusted_tokens_count_as_absent() {
 #[tokio::test]
 async fn expired_tokens_count_as_absent() {
     let b = backends(3).await;
-    let extra = "[pools.web.affinity.cookie]\nidle_timeout = \"1s\"\nkeys = [\"AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=\"]\n";
+    let extra = "[pools.web.affinity.cookie]\nidle_timeout = \"30m\"\nkeys = [\"AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=\"]\n";
     let t = Tether::start(&sticky(&b, "round_robin", &[], &format!("keys = [\"cookie\"]\n{extra}")));
     let mut c = Client::connect(t.addr()).await;
     let mut v = Visitor::default();
     v.visit(&mut c, "/").await;
-    let first = v.jar["tether"].clone();
-    tokio::time::sleep(Duration::from_millis(2600)).await;
-    v.visit(&mut c, "/").await;
-    assert_ne!(v.jar["tether"], first, "an expired token must be replaced");
-    settle_log(&t, 2).await;
-    assert_eq!(verdicts(&t), ["new", "expired"]);
-}
-
-/// Rewrites the config file and reloads with SIGHUP.
-async fn reload(t: &Tether, config: &str) {
-    let before = t.log().matches("config reloaded").count();
-    std::fs::write(&t.config, config).unwrap();
-    t.signal("HUP");
-    for _ in 0..250 {
-        if t.log().matches("config reloaded").count() > before {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("reload did not happen:\n{}", t.log());
+    let first = open(&v.jar["tether"], KEY_A);
+    // Last seen 31 minutes ago: idle for longer than the 30 minute idle timeout.
+    let expired = age(&v.jar["tether"], KEY_A, 31 * 60);
+    v.jar.insert("tether".into(), expired.clone());
+    let before = unix_now();
+    let r = v.visit(&mut c, "/").await;
+    let after = unix_now();
+    let new = set_token(&r).expect("an expired token must be replaced");
+    assert_ne!(new, expired, "an expired token must be replaced");
+    // The replacement is a new session, issued now.
+    let new = open(&new, KEY_A);
+    assert_ne!(new.session, first.session);
+    assert!((before..=after).contains(&new.issued) && new.last_seen == new.issued, "{new:?} at {before}..={after}");
+    assert_eq!(verdicts(&t, 2).await, ["new", "expired"]);
 }
 
 #[tokio::test]
@@ -329,7 +354,7 @@ async fn key_rotation_keeps_sessions_and_dropped_keys_end_them() {
         homes.push(v.visit(&mut c, "/").await.backend());
     }
     // Rotate: B seals from now on, A still opens.
-    reload(&t, &sticky(&b, "round_robin", &[], &cookie_affinity(&[KEY_B, KEY_A], ""))).await;
+    reload(&t, &sticky(&b, "round_robin", &[], &cookie_affinity(&[KEY_B, KEY_A], "")), "config reloaded").await;
     for (v, home) in visitors.iter_mut().zip(&homes) {
         assert_eq!(v.visit(&mut c, "/").await.backend(), *home);
     }
@@ -337,15 +362,14 @@ async fn key_rotation_keeps_sessions_and_dropped_keys_end_them() {
     let mut fresh = Visitor::default();
     fresh.visit(&mut c, "/").await;
     // Drop A: tokens sealed with A are no longer trusted; B's still are.
-    reload(&t, &sticky(&b, "round_robin", &[], &cookie_affinity(&[KEY_B], ""))).await;
+    reload(&t, &sticky(&b, "round_robin", &[], &cookie_affinity(&[KEY_B], "")), "config reloaded").await;
     let fresh_home = fresh.visit(&mut c, "/").await.backend();
     let mut again = fresh.clone();
     assert_eq!(again.visit(&mut c, "/").await.backend(), fresh_home);
     let mut stale = Visitor::default();
     stale.jar.insert("tether".into(), old_token);
     stale.visit(&mut c, "/").await;
-    settle_log(&t, 6 + 6 + 1 + 3).await;
-    let v = verdicts(&t);
+    let v = verdicts(&t, 6 + 6 + 1 + 3).await;
     assert!(v[6..12].iter().all(|x| x == "hit"), "rotation moved sessions: {v:?}");
     assert_eq!(v[13..], ["hit", "hit", "invalid"], "{v:?}");
 }
@@ -415,8 +439,7 @@ async fn a_dead_backend_repins_its_sessions_once_with_the_header() {
             assert!(!r.text().contains("tether-session-repinned"));
         }
     }
-    settle_log(&t, 12 * 5).await;
-    let repins = verdicts(&t).iter().filter(|v| *v == "repin:down").count();
+    let repins = verdicts(&t, 12 * 5).await.iter().filter(|v| *v == "repin:down").count();
     assert_eq!(repins, homes.iter().filter(|h| *h == "app-1").count());
 }
 
@@ -442,7 +465,7 @@ async fn strict_mode_answers_503_instead_of_moving() {
         &format!("name = \"{home}\", address = \"{}\", weight = 1", b[i].address),
         &format!("name = \"{home}\", address = \"{}\", weight = 1, state = \"disabled\"", b[i].address),
     );
-    reload(&t, &disabled).await;
+    reload(&t, &disabled, "config reloaded").await;
     let r = c.request(v.request("/")).await;
     assert_eq!(r.status, 503);
     assert_eq!(r.headers["tether-error"], "session-unavailable");
@@ -469,7 +492,7 @@ async fn draining_keeps_old_sessions_takes_no_new_ones_and_reports_them() {
     for v in visitors.iter_mut() {
         homes.push(v.visit(&mut c, "/").await.backend());
     }
-    reload(&t, &with_state(&cfg, &b[0], "draining")).await;
+    reload(&t, &with_state(&cfg, &b[0], "draining"), "config reloaded").await;
     for _ in 0..3 {
         for (v, home) in visitors.iter_mut().zip(&homes) {
             assert_eq!(v.visit(&mut c, "/").await.backend(), *home, "a draining backend must keep its sessions");
@@ -496,10 +519,25 @@ async fn drain_timeout_moves_the_remaining_sessions() {
     while v.visit(&mut c, "/").await.backend() != "app-1" {
         v = Visitor::default();
     }
-    reload(&t, &with_state(&cfg, &b[0], "draining")).await;
+    let draining_from = Instant::now();
+    reload(&t, &with_state(&cfg, &b[0], "draining"), "config reloaded").await;
     assert_eq!(v.visit(&mut c, "/").await.backend(), "app-1");
-    tokio::time::sleep(Duration::from_millis(1300)).await;
-    let r = v.visit(&mut c, "/headers").await;
+    // The session stays on app-1 until the 1 s drain timeout has passed, then moves.
+    let (addr, moved) = (t.addr(), Arc::new(Mutex::new(None)));
+    wait_until_async("the session moves off the drained backend", Duration::from_secs(10), || {
+        let (mut v, moved) = (v.clone(), moved.clone());
+        async move {
+            let r = v.visit(&mut Client::connect(addr).await, "/headers").await;
+            let gone = r.backend() != "app-1";
+            if gone {
+                *moved.lock().unwrap() = Some(r);
+            }
+            gone
+        }
+    })
+    .await;
+    assert!(draining_from.elapsed() >= Duration::from_secs(1), "moved before the drain timeout");
+    let r = moved.lock().unwrap().take().unwrap();
     assert_eq!(r.backend(), "app-2");
     assert!(r.text().contains("tether-session-repinned: drained"), "{}", r.text());
 }
@@ -524,32 +562,65 @@ async fn bounded_load_caps_new_sessions() {
 #[tokio::test]
 async fn idle_timeout_slides_and_absolute_timeout_does_not() {
     let b = backends(3).await;
-    let sliding = "[pools.web.affinity.cookie]\nidle_timeout = \"4s\"\nkeys = [\"AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=\"]\n";
+    let sliding = "[pools.web.affinity.cookie]\nidle_timeout = \"30m\"\nkeys = [\"AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=\"]\n";
     let t = Tether::start(&sticky(&b, "round_robin", &[], &format!("keys = [\"cookie\"]\n{sliding}")));
     let mut c = Client::connect(t.addr()).await;
     let mut v = Visitor::default();
     let home = v.visit(&mut c, "/").await.backend();
-    // Each visit comes after more than a quarter of the idle timeout: the stamp is
-    // refreshed every time, so the session outlives the 4 s idle timeout many times over.
+    let session = open(&v.jar["tether"], KEY_A).session;
+    // Each visit comes 20 minutes after the last, more than a quarter of the idle timeout:
+    // the stamp is refreshed every time, so the session outlives the 30 minute idle
+    // timeout twice over.
     for _ in 0..3 {
-        tokio::time::sleep(Duration::from_millis(2100)).await;
-        let before = v.jar["tether"].clone();
+        let aged = age(&v.jar["tether"], KEY_A, 20 * 60);
+        v.jar.insert("tether".into(), aged.clone());
+        let before = unix_now();
         let r = v.visit(&mut c, "/").await;
+        let after = unix_now();
         assert_eq!(r.backend(), home);
-        assert_ne!(v.jar["tether"], before, "the last-seen stamp was not refreshed");
+        let refreshed = open(&set_token(&r).expect("the last-seen stamp was not refreshed"), KEY_A);
+        assert!((before..=after).contains(&refreshed.last_seen), "{refreshed:?} at {before}..={after}");
+        assert_eq!(refreshed.issued, open(&aged, KEY_A).issued, "a refresh must not move the issue time");
+        assert_eq!(refreshed.session, session);
     }
-    settle_log(&t, 4).await;
-    assert_eq!(verdicts(&t), ["new", "hit", "hit", "hit"]);
+    assert!(unix_now() - open(&v.jar["tether"], KEY_A).issued >= 60 * 60);
+    // Seen 5 minutes ago, less than a quarter of the idle timeout: a hit, and no new cookie.
+    let aged = age(&v.jar["tether"], KEY_A, 5 * 60);
+    v.jar.insert("tether".into(), aged);
+    let r = v.visit(&mut c, "/").await;
+    assert_eq!(r.backend(), home);
+    assert_eq!(set_token(&r), None, "a token seen recently needs no refresh");
+    assert_eq!(verdicts(&t, 5).await, ["new", "hit", "hit", "hit", "hit"]);
 
-    let fixed = "[pools.web.affinity.cookie]\nabsolute_timeout = \"2s\"\nkeys = [\"AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=\"]\n";
+    let fixed = "[pools.web.affinity.cookie]\nidle_timeout = \"30m\"\nabsolute_timeout = \"1h\"\nkeys = [\"AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=\"]\n";
     let t = Tether::start(&sticky(&b, "round_robin", &[], &format!("keys = [\"cookie\"]\n{fixed}")));
     let mut c = Client::connect(t.addr()).await;
     let mut v = Visitor::default();
-    v.visit(&mut c, "/").await;
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    v.visit(&mut c, "/").await;
-    tokio::time::sleep(Duration::from_millis(2100)).await;
-    v.visit(&mut c, "/").await;
-    settle_log(&t, 3).await;
-    assert_eq!(verdicts(&t), ["new", "hit", "expired"]);
+    let home = v.visit(&mut c, "/").await.backend();
+    // 20 and 40 minutes in: hits whose refreshed cookies keep the issue time.
+    for _ in 0..2 {
+        let aged = age(&v.jar["tether"], KEY_A, 20 * 60);
+        v.jar.insert("tether".into(), aged.clone());
+        let r = v.visit(&mut c, "/").await;
+        assert_eq!(r.backend(), home);
+        let refreshed = open(&set_token(&r).expect("the last-seen stamp was not refreshed"), KEY_A);
+        assert_eq!(refreshed.issued, open(&aged, KEY_A).issued, "the absolute timeout must not slide");
+    }
+    // 25 minutes later the session is 65 minutes old: past the 1 h absolute timeout,
+    // though it was seen within the idle timeout.
+    let aged = age(&v.jar["tether"], KEY_A, 25 * 60);
+    let token = open(&aged, KEY_A);
+    assert!(unix_now() - token.issued > 60 * 60 && unix_now() - token.last_seen < 30 * 60, "{token:?}");
+    v.jar.insert("tether".into(), aged.clone());
+    let r = v.visit(&mut c, "/").await;
+    assert_ne!(set_token(&r).expect("an expired token must be replaced"), aged);
+    // Issued 61 minutes ago and seen just now: expired all the same.
+    let stale = reseal(&v.jar["tether"], KEY_A, |t| {
+        t.issued = unix_now() - 61 * 60;
+        t.last_seen = unix_now();
+    });
+    v.jar.insert("tether".into(), stale.clone());
+    let r = v.visit(&mut c, "/").await;
+    assert_ne!(set_token(&r).expect("an expired token must be replaced"), stale);
+    assert_eq!(verdicts(&t, 5).await, ["new", "hit", "hit", "expired", "expired"]);
 }

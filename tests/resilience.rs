@@ -30,15 +30,8 @@ struct Seen {
 /// Waits until the clients have had `n` answers, however long the machine takes (within
 /// reason): the tests count requests, not seconds.
 async fn until_answered(seen: &Seen, n: usize) {
-    let start = std::time::Instant::now();
-    while seen.ok.load(Ordering::Relaxed) < n {
-        assert!(
-            start.elapsed() < Duration::from_secs(300),
-            "only {} answers in 5 minutes",
-            seen.ok.load(Ordering::Relaxed)
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let what = format!("the clients have {n} answers");
+    wait_until(&what, Duration::from_secs(300), || seen.ok.load(Ordering::Relaxed) >= n).await;
 }
 
 /// `clients` keep-alive clients, each with its own cookie, sending GETs until `stop`.
@@ -111,6 +104,7 @@ async fn sigkill_a_backend_under_load_fails_no_request_and_repins_each_session_o
     let total = seen.ok.load(Ordering::Relaxed);
     eprintln!("{total} requests, {before_kill} before the kill");
     let homes = seen.homes.lock().unwrap().clone();
+    assert_eq!(homes.len(), 200, "every client was served");
     let mut moved = 0;
     for (id, h) in homes.iter() {
         match h.as_slice() {
@@ -149,7 +143,9 @@ async fn five_reloads_under_load_fail_nothing_and_move_no_session() {
     }
     let failed = seen.failed.lock().unwrap();
     assert!(failed.is_empty(), "{} failed, first: {:?}", failed.len(), failed.first());
-    for (id, h) in seen.homes.lock().unwrap().iter() {
+    let homes = seen.homes.lock().unwrap();
+    assert_eq!(homes.len(), 200, "every client was served");
+    for (id, h) in homes.iter() {
         assert_eq!(h.len(), 1, "client {id} moved across reloads: {h:?}");
     }
     assert!(t.log().contains("reload: pool \"other\": backend \"x\": weight 1 -> 2"), "{}", t.log());
@@ -241,23 +237,13 @@ async fn a_failing_body_check_and_panic_mode() {
     // Every backend fails its check: the body never contains "ready".
     let health = "[pools.web.health]\npath = \"/status?code=200\"\nexpect_body = \"ready\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\nfall = 1\n";
     let t = Tether::start(&(pool_of(&list, "", "") + health));
-    for _ in 0..100 {
-        if t.log().matches("backend is DOWN").count() == 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    t.wait_log_count("backend is DOWN", 2).await;
     let r = get(t.addr(), "/").await;
     assert_eq!(r.status, 503);
     assert_eq!(r.headers["tether-error"], "no-backend");
     assert!(t.log().contains("body does not contain \"ready\""), "{}", t.log());
     let t = Tether::start(&(pool_of(&list, "panic_mode = true", "") + health));
-    for _ in 0..100 {
-        if t.log().matches("backend is DOWN").count() == 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    t.wait_log_count("backend is DOWN", 2).await;
     assert_eq!(t.log().matches("backend is DOWN").count(), 2);
     assert_eq!(get(t.addr(), "/").await.status, 200, "panic mode sends to a down backend rather than fail");
 }
@@ -265,38 +251,42 @@ async fn a_failing_body_check_and_panic_mode() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_connections_queue_then_503() {
     let b = backends(1).await;
-    let cfg = pool_of(&[("app-1", b[0].address)], "queue_timeout = \"300ms\"", "")
+    let cfg = pool_of(&[("app-1", b[0].address)], "queue_timeout = \"300ms\"", ADMIN)
         .replace("\" },", "\", max_connections = 1 },");
     let t = Tether::start(&cfg);
     let addr = t.addr();
     let slow = tokio::spawn(async move { get(addr, "/sleep?ms=1000").await.status });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The slow request holds the only connection slot.
+    wait_in_flight(t.admin(), "web", "app-1", 1).await;
     let r = get(addr, "/").await;
     assert_eq!(r.status, 503);
     assert_eq!(r.headers["tether-error"], "queue-timeout");
     assert_eq!(slow.await.unwrap(), 200);
     // With no room in the queue at all, the wait is not even tried.
-    let cfg = pool_of(&[("app-1", b[0].address)], "queue_timeout = \"3s\"\nmax_queue = 0", "")
+    let cfg = pool_of(&[("app-1", b[0].address)], "queue_timeout = \"3s\"\nmax_queue = 0", ADMIN)
         .replace("\" },", "\", max_connections = 1 },");
     let t = Tether::start(&cfg);
     let addr = t.addr();
     let slow = tokio::spawn(async move { get(addr, "/sleep?ms=1000").await.status });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    wait_in_flight(t.admin(), "web", "app-1", 1).await;
     let start = std::time::Instant::now();
     let r = get(addr, "/").await;
     assert_eq!((r.status.as_u16(), r.headers["tether-error"].to_str().unwrap()), (503, "queue-full"));
-    assert!(start.elapsed() < Duration::from_millis(500));
+    // Refused without the wait: a queued request would have had the slot and a 200 when
+    // the slow one ended, or a queue-timeout after 3 s.
+    assert!(start.elapsed() < Duration::from_secs(3), "{:?}", start.elapsed());
     assert_eq!(slow.await.unwrap(), 200);
     // A request that fits in the queue waits for the slot and is served.
-    let cfg = pool_of(&[("app-1", b[0].address)], "queue_timeout = \"3s\"", "")
+    let cfg = pool_of(&[("app-1", b[0].address)], "queue_timeout = \"3s\"", ADMIN)
         .replace("\" },", "\", max_connections = 1 },");
     let t = Tether::start(&cfg);
     let addr = t.addr();
+    let slow_sent = std::time::Instant::now();
     let slow = tokio::spawn(async move { get(addr, "/sleep?ms=500").await.status });
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let start = std::time::Instant::now();
+    wait_in_flight(t.admin(), "web", "app-1", 1).await;
     assert_eq!(get(addr, "/").await.status, 200);
-    assert!(start.elapsed() >= Duration::from_millis(300), "the second request did not wait for the slot");
+    // The slot frees when the slow request is answered, no sooner than 500 ms after it was sent.
+    assert!(slow_sent.elapsed() >= Duration::from_millis(500), "the second request did not wait for the slot");
     assert_eq!(slow.await.unwrap(), 200);
 }
 
@@ -323,7 +313,9 @@ async fn reload_adds_and_removes_listeners() {
     // Drop the first listener: its port closes, the second carries on.
     let only_second = two.replacen("[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\npool = \"web\"\n", "", 1);
     reload(&t, &only_second, "listener closed").await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(tokio::net::TcpStream::connect(first).await.is_err(), "the removed listener still accepts");
+    wait_until_async("the removed listener refuses connections", Duration::from_secs(5), || async move {
+        tokio::net::TcpStream::connect(first).await.is_err()
+    })
+    .await;
     assert_eq!(get(second, "/").await.status, 200);
 }

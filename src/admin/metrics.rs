@@ -10,10 +10,11 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
-use crate::affinity::{Reason, Verdict};
+use crate::affinity::verdict::Verdict;
+use crate::backend::LATENCY_BOUNDS_US;
 use crate::config::AdminState;
-use crate::pool::LATENCY_BOUNDS_US;
-use crate::proxy::Shared;
+use crate::pool::Snapshot;
+use crate::state::Shared;
 
 /// Renders every metric of a running Tether.
 pub fn render(shared: &std::sync::Arc<Shared>) -> String {
@@ -46,146 +47,137 @@ fn gauge(e: &mut DescriptorEncoder<'_>, name: &str, help: &str, rows: &[(Labels<
     Ok(())
 }
 
-const VERDICTS: [Verdict; 9] = [
-    Verdict::Hit,
-    Verdict::New,
-    Verdict::Repin(Reason::Down),
-    Verdict::Repin(Reason::Disabled),
-    Verdict::Repin(Reason::Removed),
-    Verdict::Repin(Reason::Drained),
-    Verdict::Expired,
-    Verdict::Invalid,
-    Verdict::Overload,
-];
-
 const CLASSES: [&str; 6] = ["other", "1xx", "2xx", "3xx", "4xx", "5xx"];
 
 impl Collector for Scrape {
     fn encode(&self, mut e: DescriptorEncoder<'_>) -> std::fmt::Result {
-        let shared = &self.0;
-        let snap = shared.snapshot.load_full();
-
-        let listeners: Vec<(String, std::sync::Arc<crate::proxy::ListenerStats>)> = {
-            let m = shared.listener_stats.lock().unwrap_or_else(|e| e.into_inner());
-            m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
-        };
-        let rows: Vec<_> = listeners
-            .iter()
-            .map(|(n, s)| (vec![("listener", n.as_str())], s.requests.load(Ordering::Relaxed)))
-            .collect();
-        counter(&mut e, "tether_listener_requests", "Requests received, by listener.", &rows)?;
-        let rows: Vec<_> = listeners
-            .iter()
-            .map(|(n, s)| (vec![("listener", n.as_str())], s.accepted.load(Ordering::Relaxed)))
-            .collect();
-        counter(&mut e, "tether_listener_connections_accepted", "Client connections accepted, by listener.", &rows)?;
-        let rows: Vec<_> = listeners
-            .iter()
-            .map(|(n, s)| (vec![("listener", n.as_str())], s.connections.load(Ordering::Relaxed)))
-            .collect();
-        gauge(&mut e, "tether_listener_connections_open", "Client connections open, by listener.", &rows)?;
-
-        let mut requests = Vec::new();
-        let mut in_flight = Vec::new();
-        let mut healthy = Vec::new();
-        let mut admin = Vec::new();
-        let mut transitions = Vec::new();
-        let mut sessions = Vec::new();
-        let mut verdicts = Vec::new();
-        for pool in &snap.pools {
-            for b in &pool.backends {
-                let base = || vec![("pool", &*pool.name), ("backend", b.name.as_str())];
-                for (i, class) in CLASSES.iter().enumerate().skip(1) {
-                    let mut l = base();
-                    l.push(("class", class));
-                    requests.push((l, b.metrics.responses[i].load(Ordering::Relaxed)));
-                }
-                in_flight.push((base(), i64::from(b.load())));
-                healthy.push((base(), i64::from(b.is_healthy())));
-                for s in [AdminState::Enabled, AdminState::Draining, AdminState::Disabled] {
-                    let mut l = base();
-                    l.push(("state", s.as_str()));
-                    admin.push((l, i64::from(b.admin_state() == s)));
-                }
-                transitions.push((base(), b.health.transitions.load(Ordering::Relaxed)));
-                sessions.push((base(), i64::from(b.sessions())));
-                if pool.affinity.is_some() {
-                    for v in VERDICTS {
-                        let mut l = base();
-                        l.push(("outcome", v.as_str()));
-                        verdicts.push((l, b.verdicts[v.index()].load(Ordering::Relaxed)));
-                    }
-                }
-            }
-        }
-        counter(
-            &mut e,
-            "tether_backend_responses",
-            "Responses to requests sent to a backend, by status class.",
-            &requests,
-        )?;
-        gauge(&mut e, "tether_backend_in_flight", "Requests in flight to a backend.", &in_flight)?;
-        gauge(&mut e, "tether_backend_healthy", "1 when the backend is healthy (checks pass, not ejected).", &healthy)?;
-        gauge(&mut e, "tether_backend_admin_state", "The backend's admin state (1 for the current one).", &admin)?;
-        counter(&mut e, "tether_backend_health_transitions", "Health changes of a backend.", &transitions)?;
-        gauge(&mut e, "tether_backend_sessions", "Live sessions pinned to a backend.", &sessions)?;
-        counter(
-            &mut e,
-            "tether_affinity_outcomes",
-            "Requests by affinity outcome, by the backend that served them.",
-            &verdicts,
-        )?;
-
-        {
-            let mut m = e.encode_descriptor(
-                "tether_backend_request_duration_seconds",
-                "Time from request head to the end of the response, by backend.",
-                None,
-                MetricType::Histogram,
-            )?;
-            for pool in &snap.pools {
-                for b in &pool.backends {
-                    let mut cumulative = 0;
-                    let mut buckets = Vec::with_capacity(LATENCY_BOUNDS_US.len() + 1);
-                    for (i, bound) in LATENCY_BOUNDS_US.iter().enumerate() {
-                        cumulative += b.metrics.latency_buckets[i].load(Ordering::Relaxed);
-                        buckets.push((*bound as f64 / 1e6, cumulative));
-                    }
-                    cumulative += b.metrics.latency_buckets[LATENCY_BOUNDS_US.len()].load(Ordering::Relaxed);
-                    buckets.push((f64::MAX, cumulative));
-                    let sum = b.metrics.latency_sum_us.load(Ordering::Relaxed) as f64 / 1e6;
-                    let labels = vec![("pool", &*pool.name), ("backend", b.name.as_str())];
-                    m.encode_family(&labels)?.encode_histogram::<NoLabelSet>(sum, cumulative, &buckets, None)?;
-                }
-            }
-        }
-
-        let rows: Vec<_> = snap
-            .pools
-            .iter()
-            .map(|p| (vec![("pool", &*p.name)], p.retry_budget.retries.load(Ordering::Relaxed)))
-            .collect();
-        counter(&mut e, "tether_pool_retries", "Requests moved to another backend after a failure.", &rows)?;
-        let mut size = Vec::new();
-        let mut evictions = Vec::new();
-        let mut expirations = Vec::new();
-        for p in &snap.pools {
-            if let Some(a) = &p.affinity {
-                let s = a.store.table.stats();
-                size.push((vec![("pool", &*p.name)], s.entries as i64));
-                evictions.push((vec![("pool", &*p.name)], s.evictions));
-                expirations.push((vec![("pool", &*p.name)], s.expirations));
-            }
-        }
-        gauge(&mut e, "tether_stick_table_entries", "Entries in a pool's stick table.", &size)?;
-        counter(&mut e, "tether_stick_table_evictions", "Stick-table entries evicted for room.", &evictions)?;
-        counter(&mut e, "tether_stick_table_expirations", "Stick-table entries expired.", &expirations)?;
+        let snap = self.0.snapshot.load_full();
+        listeners(&mut e, &self.0)?;
+        backends(&mut e, &snap)?;
+        latency(&mut e, &snap)?;
+        pools(&mut e, &snap)?;
         gauge(
             &mut e,
             "tether_uptime_seconds",
             "Seconds since Tether started.",
-            &[(vec![], shared.started.elapsed().as_secs() as i64)],
+            &[(vec![], self.0.started.elapsed().as_secs() as i64)],
         )?;
         Ok(())
     }
+}
+
+fn listeners(e: &mut DescriptorEncoder<'_>, shared: &Shared) -> std::fmt::Result {
+    let listeners = shared.all_listener_stats();
+    let rows: Vec<_> =
+        listeners.iter().map(|(n, s)| (vec![("listener", n.as_str())], s.requests.load(Ordering::Relaxed))).collect();
+    counter(e, "tether_listener_requests", "Requests received, by listener.", &rows)?;
+    let rows: Vec<_> =
+        listeners.iter().map(|(n, s)| (vec![("listener", n.as_str())], s.accepted.load(Ordering::Relaxed))).collect();
+    counter(e, "tether_listener_connections_accepted", "Client connections accepted, by listener.", &rows)?;
+    let rows: Vec<_> = listeners
+        .iter()
+        .map(|(n, s)| (vec![("listener", n.as_str())], s.connections.load(Ordering::Relaxed)))
+        .collect();
+    gauge(e, "tether_listener_connections_open", "Client connections open, by listener.", &rows)?;
+
+    Ok(())
+}
+
+/// Per-backend counters and gauges, one row per backend (and label value).
+fn backends(e: &mut DescriptorEncoder<'_>, snap: &Snapshot) -> std::fmt::Result {
+    let mut requests = Vec::new();
+    let mut in_flight = Vec::new();
+    let mut healthy = Vec::new();
+    let mut admin = Vec::new();
+    let mut transitions = Vec::new();
+    let mut sessions = Vec::new();
+    let mut verdicts = Vec::new();
+    for pool in &snap.pools {
+        for b in &pool.backends {
+            let base = || vec![("pool", &*pool.name), ("backend", b.name.as_str())];
+            for (i, class) in CLASSES.iter().enumerate().skip(1) {
+                let mut l = base();
+                l.push(("class", class));
+                requests.push((l, b.metrics.responses[i].load(Ordering::Relaxed)));
+            }
+            in_flight.push((base(), i64::from(b.load())));
+            healthy.push((base(), i64::from(b.is_healthy())));
+            for s in [AdminState::Enabled, AdminState::Draining, AdminState::Disabled] {
+                let mut l = base();
+                l.push(("state", s.as_str()));
+                admin.push((l, i64::from(b.admin_state() == s)));
+            }
+            transitions.push((base(), b.health.transitions.load(Ordering::Relaxed)));
+            sessions.push((base(), i64::from(b.sessions())));
+            if pool.affinity.is_some() {
+                // Every verdict but `Off`, which a pool with affinity never gives.
+                for (i, (_, label)) in Verdict::ALL.iter().enumerate().skip(1) {
+                    let mut l = base();
+                    l.push(("outcome", label));
+                    verdicts.push((l, b.verdicts[i].load(Ordering::Relaxed)));
+                }
+            }
+        }
+    }
+    counter(e, "tether_backend_responses", "Responses to requests sent to a backend, by status class.", &requests)?;
+    gauge(e, "tether_backend_in_flight", "Requests in flight to a backend.", &in_flight)?;
+    gauge(e, "tether_backend_healthy", "1 when the backend is healthy (checks pass, not ejected).", &healthy)?;
+    gauge(e, "tether_backend_admin_state", "The backend's admin state (1 for the current one).", &admin)?;
+    counter(e, "tether_backend_health_transitions", "Health changes of a backend.", &transitions)?;
+    gauge(e, "tether_backend_sessions", "Live sessions pinned to a backend.", &sessions)?;
+    counter(
+        e,
+        "tether_affinity_outcomes",
+        "Requests by affinity outcome, by the backend that served them.",
+        &verdicts,
+    )?;
+
+    Ok(())
+}
+
+/// The request-duration histogram of every backend.
+fn latency(e: &mut DescriptorEncoder<'_>, snap: &Snapshot) -> std::fmt::Result {
+    let mut m = e.encode_descriptor(
+        "tether_backend_request_duration_seconds",
+        "Time from request head to the end of the response, by backend.",
+        None,
+        MetricType::Histogram,
+    )?;
+    for pool in &snap.pools {
+        for b in &pool.backends {
+            let mut cumulative = 0;
+            let mut buckets = Vec::with_capacity(LATENCY_BOUNDS_US.len() + 1);
+            for (i, bound) in LATENCY_BOUNDS_US.iter().enumerate() {
+                cumulative += b.metrics.latency_buckets[i].load(Ordering::Relaxed);
+                buckets.push((*bound as f64 / 1e6, cumulative));
+            }
+            cumulative += b.metrics.latency_buckets[LATENCY_BOUNDS_US.len()].load(Ordering::Relaxed);
+            buckets.push((f64::MAX, cumulative));
+            let sum = b.metrics.latency_sum_us.load(Ordering::Relaxed) as f64 / 1e6;
+            let labels = vec![("pool", &*pool.name), ("backend", b.name.as_str())];
+            m.encode_family(&labels)?.encode_histogram::<NoLabelSet>(sum, cumulative, &buckets, None)?;
+        }
+    }
+    Ok(())
+}
+
+fn pools(e: &mut DescriptorEncoder<'_>, snap: &Snapshot) -> std::fmt::Result {
+    let rows: Vec<_> =
+        snap.pools.iter().map(|p| (vec![("pool", &*p.name)], p.retry_budget.retries.load(Ordering::Relaxed))).collect();
+    counter(e, "tether_pool_retries", "Requests moved to another backend after a failure.", &rows)?;
+    let mut size = Vec::new();
+    let mut evictions = Vec::new();
+    let mut expirations = Vec::new();
+    for p in &snap.pools {
+        if let Some(a) = &p.affinity {
+            let s = a.store.table.stats();
+            size.push((vec![("pool", &*p.name)], s.entries as i64));
+            evictions.push((vec![("pool", &*p.name)], s.evictions));
+            expirations.push((vec![("pool", &*p.name)], s.expirations));
+        }
+    }
+    gauge(e, "tether_stick_table_entries", "Entries in a pool's stick table.", &size)?;
+    counter(e, "tether_stick_table_evictions", "Stick-table entries evicted for room.", &evictions)?;
+    counter(e, "tether_stick_table_expirations", "Stick-table entries expired.", &expirations)?;
+    Ok(())
 }

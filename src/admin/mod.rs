@@ -20,10 +20,12 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::affinity::Verdict;
+use crate::affinity::explain::KeyError;
+use crate::affinity::verdict::Verdict;
+use crate::backend::Backend;
 use crate::config::{self, AdminState};
-use crate::pool::{Backend, Pool};
-use crate::server::{BackendAction, Control};
+use crate::control::{BackendAction, Control, ReloadError};
+use crate::pool::Pool;
 
 const DASHBOARD: &str = include_str!("dashboard.html");
 
@@ -111,6 +113,7 @@ fn query_param(req: &Request<Incoming>, name: &str) -> Option<String> {
     })
 }
 
+/// One admin request: authorization, then the endpoint its method and path name.
 async fn handle(req: Request<Incoming>, control: &Control, cfg: &config::Admin) -> Reply {
     let write = req.method() != Method::GET && req.method() != Method::HEAD;
     if (write || !cfg.bind.ip().is_loopback()) && !authorized(&req, cfg) {
@@ -122,106 +125,39 @@ async fn handle(req: Request<Incoming>, control: &Control, cfg: &config::Admin) 
     let p: Vec<&str> = path.iter().map(String::as_str).collect();
     let method = req.method().clone();
     match (&method, p.as_slice()) {
-        (&Method::GET, []) => {
-            let mut r = Response::new(Full::new(Bytes::from_static(DASHBOARD.as_bytes())));
-            r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
-            r
-        }
+        (&Method::GET, []) => page(DASHBOARD, "text/html; charset=utf-8"),
         (&Method::GET, ["metrics"]) => {
-            let mut r = Response::new(Full::new(Bytes::from(metrics::render(&control.shared))));
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
-            );
-            r
+            page(metrics::render(&control.shared), "application/openmetrics-text; version=1.0.0; charset=utf-8")
         }
         (&Method::GET, ["api", "pools"]) => {
             let snap = control.shared.snapshot.load_full();
             let pools: Vec<Value> = snap.pools.iter().map(pool_json).collect();
             json_reply(StatusCode::OK, &json!({ "time_ms": crate::time::unix_millis(), "pools": pools }))
         }
-        (&Method::GET, ["api", "pools", pool]) => {
-            let snap = control.shared.snapshot.load_full();
-            match snap.pools.iter().find(|p| &*p.name == *pool) {
-                Some(p) => json_reply(StatusCode::OK, &pool_json(p)),
-                None => error(StatusCode::NOT_FOUND, format!("no pool \"{pool}\"")),
-            }
-        }
+        (&Method::GET, ["api", "pools", pool]) => match control.shared.snapshot.load_full().pool(pool) {
+            Some(p) => json_reply(StatusCode::OK, &pool_json(p)),
+            None => error(StatusCode::NOT_FOUND, format!("no pool \"{pool}\"")),
+        },
         (&Method::POST, ["api", "pools", pool, "backends", backend, action]) => {
             let state = match *action {
                 "drain" => AdminState::Draining,
                 "enable" => AdminState::Enabled,
                 "disable" => AdminState::Disabled,
                 other => {
-                    return error(
-                        StatusCode::NOT_FOUND,
-                        format!("no action \"{other}\": expected drain, enable or disable"),
-                    )
+                    let msg = format!("no action \"{other}\": expected drain, enable or disable");
+                    return error(StatusCode::NOT_FOUND, msg);
                 }
             };
             act(control, pool, backend, BackendAction::State(state))
         }
         (&Method::PUT, ["api", "pools", pool, "backends", backend, "weight"]) => {
             let (pool, backend) = (pool.to_string(), backend.to_string());
-            let body = match Limited::new(req.into_body(), 4096).collect().await {
-                Ok(b) => b.to_bytes(),
-                Err(_) => return error(StatusCode::BAD_REQUEST, "the body must be at most 4 KiB of JSON"),
-            };
-            let weight = serde_json::from_slice::<Value>(&body).ok().and_then(|v| v.get("weight")?.as_u64());
-            match weight {
-                Some(w) if (1..=u64::from(config::MAX_WEIGHT)).contains(&w) => {
-                    act(control, &pool, &backend, BackendAction::Weight(w as u32))
-                }
-                _ => error(
-                    StatusCode::BAD_REQUEST,
-                    format!(
-                        "expected a JSON body like {{\"weight\": 3}} with a weight from 1 to {}",
-                        config::MAX_WEIGHT
-                    ),
-                ),
-            }
+            set_weight(control, &pool, &backend, req).await
         }
         (&Method::GET | &Method::DELETE, ["api", "pools", pool, "sessions"]) => {
-            let Some(key) = query_param(&req, "key") else {
-                return error(StatusCode::BAD_REQUEST, "give the affinity key as ?key=VALUE (and optionally &kind=cookie|app_cookie|header|query|client_ip)");
-            };
-            let kind = query_param(&req, "kind");
-            let snap = control.shared.snapshot.load_full();
-            let Some(p) = snap.pools.iter().find(|p| &*p.name == *pool) else {
-                return error(StatusCode::NOT_FOUND, format!("no pool \"{pool}\""));
-            };
-            let Some(a) = &p.affinity else {
-                return error(StatusCode::CONFLICT, format!("pool \"{pool}\" has no affinity"));
-            };
-            let found = match a.explain(p, kind.as_deref(), &key, crate::time::unix_millis()) {
-                Ok(f) => f,
-                Err(e) => return error(StatusCode::BAD_REQUEST, e),
-            };
-            if method == Method::DELETE {
-                return match a.unpin(found.kind, &key) {
-                    Ok(true) => {
-                        json_reply(StatusCode::OK, &json!({ "unpinned": true, "kind": found.kind, "key": key }))
-                    }
-                    Ok(false) => error(StatusCode::NOT_FOUND, format!("no {} session for that key", found.kind)),
-                    Err(e) => error(StatusCode::CONFLICT, e),
-                };
-            }
-            json_reply(
-                StatusCode::OK,
-                &json!({
-                    "pool": pool, "key": key, "kind": found.kind,
-                    "backend": found.backend.map(|i| p.backends[i].name.clone()),
-                    "why": found.why,
-                }),
-            )
+            sessions(control, &req, pool, method == Method::DELETE)
         }
-        (&Method::POST, ["api", "reload"]) => match control.reload() {
-            Ok(changes) => json_reply(StatusCode::OK, &json!({ "reloaded": true, "changes": changes })),
-            Err(e) => json_reply(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                &json!({ "reloaded": false, "error": "the config was rejected; the running one stays in force", "errors": e.lines().collect::<Vec<_>>() }),
-            ),
-        },
+        (&Method::POST, ["api", "reload"]) => reload(control),
         (_, ["api", ..]) | (_, ["metrics"]) => {
             error(StatusCode::NOT_FOUND, format!("no such endpoint: {} {}", method, req.uri().path()))
         }
@@ -229,15 +165,104 @@ async fn handle(req: Request<Incoming>, control: &Control, cfg: &config::Admin) 
     }
 }
 
+fn page(body: impl Into<Bytes>, content_type: &'static str) -> Reply {
+    let mut r = Response::new(Full::new(body.into()));
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+/// `PUT .../weight` with `{"weight": N}`.
+async fn set_weight(control: &Control, pool: &str, backend: &str, req: Request<Incoming>) -> Reply {
+    let body = match Limited::new(req.into_body(), 4096).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return error(StatusCode::BAD_REQUEST, "the body must be at most 4 KiB of JSON"),
+    };
+    let weight = serde_json::from_slice::<Value>(&body).ok().and_then(|v| v.get("weight")?.as_u64());
+    match weight {
+        Some(w) if (1..=u64::from(config::MAX_WEIGHT)).contains(&w) => {
+            act(control, pool, backend, BackendAction::Weight(w as u32))
+        }
+        _ => error(
+            StatusCode::BAD_REQUEST,
+            format!("expected a JSON body like {{\"weight\": 3}} with a weight from 1 to {}", config::MAX_WEIGHT),
+        ),
+    }
+}
+
+/// `GET` explains where a session key leads; `DELETE` forgets a learned pin.
+fn sessions(control: &Control, req: &Request<Incoming>, pool: &str, unpin: bool) -> Reply {
+    let Some(key) = query_param(req, "key") else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "give the affinity key as ?key=VALUE (and optionally &kind=cookie|app_cookie|header|query|client_ip)",
+        );
+    };
+    let kind = query_param(req, "kind");
+    let snap = control.shared.snapshot.load_full();
+    let Some(p) = snap.pool(pool) else {
+        return error(StatusCode::NOT_FOUND, format!("no pool \"{pool}\""));
+    };
+    let Some(a) = &p.affinity else {
+        return error(StatusCode::CONFLICT, format!("pool \"{pool}\" has no affinity"));
+    };
+    let found = match a.explain(&p.backends, kind.as_deref(), &key, crate::time::unix_millis()) {
+        Ok(f) => f,
+        Err(e) => return key_error(&e),
+    };
+    if unpin {
+        return match a.unpin(found.kind, &key) {
+            Ok(true) => json_reply(StatusCode::OK, &json!({ "unpinned": true, "kind": found.kind, "key": key })),
+            Ok(false) => error(StatusCode::NOT_FOUND, format!("no {} session for that key", found.kind)),
+            Err(e) => key_error(&e),
+        };
+    }
+    json_reply(
+        StatusCode::OK,
+        &json!({
+            "pool": pool, "key": key, "kind": found.kind,
+            "backend": found.backend.map(|i| p.backends[i].name.clone()),
+            "why": found.why,
+        }),
+    )
+}
+
+fn reload(control: &Control) -> Reply {
+    match control.reload() {
+        Ok(changes) => json_reply(StatusCode::OK, &json!({ "reloaded": true, "changes": changes })),
+        Err(e) => {
+            // Nothing to re-read is a conflict with how Tether was started; a file that
+            // cannot be applied is unprocessable.
+            let status = match e {
+                ReloadError::NotFromFile => StatusCode::CONFLICT,
+                ReloadError::Invalid(_) | ReloadError::Listener(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            };
+            let text = e.to_string();
+            json_reply(
+                status,
+                &json!({ "reloaded": false, "error": "the config was rejected; the running one stays in force", "errors": text.lines().collect::<Vec<_>>() }),
+            )
+        }
+    }
+}
+
+/// A bad key is the caller's mistake (400); a key whose kind holds no pin to remove is a
+/// request that conflicts with how that kind works (409).
+fn key_error(e: &KeyError) -> Reply {
+    let status = match e {
+        KeyError::NotAnIp(_) | KeyError::NoSuchKind(_) => StatusCode::BAD_REQUEST,
+        KeyError::TokenPin | KeyError::Stateless => StatusCode::CONFLICT,
+    };
+    error(status, e.to_string())
+}
+
 fn act(control: &Control, pool: &str, backend: &str, action: BackendAction) -> Reply {
     match control.backend_action(pool, backend, action) {
-        Ok(()) => {
+        Ok(b) => {
             let snap = control.shared.snapshot.load_full();
-            let p = snap.pools.iter().find(|p| &*p.name == pool).expect("the pool was just found");
-            let b = p.backends.iter().find(|b| b.name == backend).expect("the backend was just found");
-            json_reply(StatusCode::OK, &backend_json(p, b))
+            json_reply(StatusCode::OK, &backend_json(snap.pool(pool), &b))
         }
-        Err(e) => error(StatusCode::NOT_FOUND, e),
+        // Both errors say the pool or backend does not exist.
+        Err(e) => error(StatusCode::NOT_FOUND, e.to_string()),
     }
 }
 
@@ -247,12 +272,12 @@ fn pool_json(p: &Pool) -> Value {
         "name": &*p.name,
         "algorithm": p.config.algorithm.as_str(),
         "affinity": affinity,
-        "backends": p.backends.iter().map(|b| backend_json(p, b)).collect::<Vec<_>>(),
+        "backends": p.backends.iter().map(|b| backend_json(Some(p), b)).collect::<Vec<_>>(),
     })
 }
 
-fn backend_json(p: &Pool, b: &Arc<Backend>) -> Value {
-    let weight = p.config.backends.iter().find(|c| c.name == b.name).map_or(1, |c| c.weight);
+fn backend_json(p: Option<&Pool>, b: &Arc<Backend>) -> Value {
+    let weight = p.and_then(|p| p.config.backends.iter().find(|c| c.name == b.name)).map_or(1, |c| c.weight);
     let state = b.admin_state();
     let hits = b.verdicts[Verdict::Hit.index()].load(std::sync::atomic::Ordering::Relaxed);
     json!({

@@ -8,6 +8,8 @@
 
 use std::fmt::Write as _;
 
+use crate::config::SameSite;
+
 /// Optional whitespace (space and horizontal tab) around tokens.
 fn trim_ows(s: &str) -> &str {
     s.trim_matches([' ', '\t'])
@@ -65,27 +67,6 @@ pub fn set_cookie_name_value(set_cookie: &str) -> Option<(&str, &str)> {
     pair(first).filter(|(n, _)| !n.is_empty())
 }
 
-/// The `SameSite` cookie attribute.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub enum SameSite {
-    #[default]
-    Lax,
-    Strict,
-    /// Sent cross-site; browsers require `Secure` with it, so rendering
-    /// forces `Secure`.
-    None,
-}
-
-impl SameSite {
-    fn as_str(self) -> &'static str {
-        match self {
-            SameSite::Lax => "Lax",
-            SameSite::Strict => "Strict",
-            SameSite::None => "None",
-        }
-    }
-}
-
 /// Attributes of the session cookie the balancer sets.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CookieAttrs {
@@ -103,6 +84,7 @@ pub struct CookieAttrs {
 impl CookieAttrs {
     /// Defaults: `Path=/`, `SameSite=Lax`, `HttpOnly`, not `Secure`,
     /// no `Domain`, no `Max-Age`.
+    #[cfg(test)]
     pub fn new(name: impl Into<String>) -> Self {
         CookieAttrs {
             name: name.into(),
@@ -118,17 +100,6 @@ impl CookieAttrs {
     /// A `Set-Cookie` header value carrying `value`, which must already be
     /// a valid cookie value (e.g. a base64url token).
     pub fn render(&self, value: &str) -> String {
-        self.render_with(value, self.max_age, false)
-    }
-
-    /// A `Set-Cookie` header value that deletes the cookie (empty value,
-    /// `Max-Age=0` and an `Expires` date in the past), with the same
-    /// `Domain`/`Path` so it replaces the right cookie.
-    pub fn render_removal(&self) -> String {
-        self.render_with("", Some(0), true)
-    }
-
-    fn render_with(&self, value: &str, max_age: Option<u64>, expire: bool) -> String {
         let mut out = String::with_capacity(self.name.len() + value.len() + 96);
         out.push_str(&self.name);
         out.push('=');
@@ -141,11 +112,8 @@ impl CookieAttrs {
             out.push_str("; Domain=");
             out.push_str(domain);
         }
-        if let Some(age) = max_age {
+        if let Some(age) = self.max_age {
             let _ = write!(out, "; Max-Age={age}");
-        }
-        if expire {
-            out.push_str("; Expires=Thu, 01 Jan 1970 00:00:00 GMT");
         }
         if self.secure || self.same_site == SameSite::None {
             out.push_str("; Secure");
@@ -281,10 +249,6 @@ mod tests {
         none.http_only = false;
         none.path.clear();
         assert_eq!(none.render("v"), "s=v; Secure; SameSite=None");
-        assert_eq!(
-            none.render_removal(),
-            "s=; Max-Age=0; Expires=Thu, 01 Jan 1970 00:00:00 GMT; Secure; SameSite=None"
-        );
         // Round trip through the parser.
         assert_eq!(set_cookie_name_value(&attrs.render("tok")), Some(("tether", "tok")));
     }

@@ -141,16 +141,13 @@ impl Maglev {
     }
 
     /// The table size `M` (a prime).
+    #[cfg(test)]
     pub fn table_size(&self) -> usize {
         self.table.len()
     }
 
-    /// Number of backends given to [`Maglev::new`] (including weight 0).
-    pub fn backend_count(&self) -> usize {
-        self.backends
-    }
-
     /// Number of table slots held by each backend, by input index.
+    #[cfg(test)]
     pub fn slot_counts(&self) -> Vec<usize> {
         let mut counts = vec![0; self.backends];
         if self.weighted > 0 {

@@ -148,17 +148,6 @@ fn durations() {
     }
 }
 
-#[test]
-fn cidr_parsing_and_matching() {
-    let c = Cidr::parse("192.168.0.0/16").unwrap();
-    assert!(c.contains("192.168.7.9".parse().unwrap()));
-    assert!(c.contains("::ffff:192.168.7.9".parse().unwrap()));
-    assert!(!c.contains("192.169.0.1".parse().unwrap()));
-    assert!(Cidr::parse("0.0.0.0/0").unwrap().contains("8.8.8.8".parse().unwrap()));
-    assert!(Cidr::parse("10.0.0.0/33").is_err());
-    assert!(Cidr::parse("ten").is_err());
-}
-
 const STICKY: &str = r#"[[listeners]]
 bind = "127.0.0.1:8080"
 pool = "shop"
@@ -211,7 +200,7 @@ fn resolves_affinity() {
     assert_eq!(a.cookie.idle_timeout, Duration::from_secs(1200));
     assert_eq!(a.cookie.absolute_timeout, None);
     assert_eq!(a.cookie.max_age, Some(Duration::from_secs(3600)));
-    assert_eq!(a.cookie.same_site, crate::affinity::cookies::SameSite::Strict);
+    assert_eq!(a.cookie.same_site, SameSite::Strict);
     assert_eq!(a.table, TableConfig { capacity: 5000, idle_timeout: Duration::from_secs(300) });
 }
 
@@ -236,4 +225,45 @@ fn affinity_errors_are_located() {
     let no_cookie_key = STICKY.replace("keys = [\"cookie\", ", "keys = [");
     let e = errors(&no_cookie_key);
     assert!(e.iter().any(|l| l.contains("a [cookie] section is set but \"cookie\" is not among the keys")), "{e:#?}");
+}
+
+#[test]
+fn minimal_affinity_is_the_default() {
+    // `keys` is the one key an affinity table must have.
+    let src = "[[listeners]]\nbind = \"127.0.0.1:8080\"\npool = \"x\"\n\n[pools.x]\nbackends = [{ address = \"127.0.0.1:1\" }]\n\n[pools.x.affinity]\nkeys = [\"cookie\"]\n";
+    let c = parse(src, "t.toml").unwrap();
+    assert_eq!(c.pools[0].affinity, Some(Affinity::default()));
+    let with_sections = format!("{src}\n[pools.x.affinity.cookie]\n\n[pools.x.affinity.table]\n");
+    let c = parse(&with_sections, "t.toml").unwrap();
+    assert_eq!(c.pools[0].affinity, Some(Affinity::default()));
+}
+
+#[test]
+fn affinity_without_keys_is_an_error() {
+    let src = "[[listeners]]\nbind = \"127.0.0.1:8080\"\npool = \"x\"\n\n[pools.x]\nbackends = [{ address = \"127.0.0.1:1\" }]\n\n[pools.x.affinity]\n";
+    let e = errors(src);
+    assert!(e[0].contains("missing field `keys`"), "{e:?}");
+}
+
+#[test]
+fn range_and_choice_messages_keep_their_wording() {
+    let src = format!(
+        "[runtime]\nthreads = 0\n\n[access_log]\nformat = \"xml\"\n\n{}retry_budget = 1.5\n\n[pools.shop.affinity]\nkeys = [\"cookie\"]\nmapping = \"Hash\"\n\n[pools.shop.affinity.cookie]\nsame_site = \"sideways\"\n",
+        &STICKY[..STICKY.find("\n[pools.shop.affinity]").unwrap() + 1]
+    );
+    assert_eq!(
+        errors(&src),
+        [
+            "t.toml:2:11: runtime.threads: 0 is out of range: expected 1 to 1024",
+            "t.toml:5:10: access_log.format: \"xml\" is not a format: expected \"text\", \"json\" or \"off\"",
+            "t.toml:18:11: pool \"shop\": affinity: mapping \"Hash\" is not known: expected \"table\" or \"hash\"",
+            "t.toml:21:13: pool \"shop\": affinity: cookie.same_site \"sideways\" is not known: expected \"Lax\", \"Strict\" or \"None\"",
+            // Pool-level numbers are checked after the affinity section.
+            "t.toml:14:16: pool \"shop\": retry_budget 1.5 is out of range: expected 0.0 to 1.0",
+        ]
+    );
+    // SameSite is read ignoring case; the other choices are not.
+    let ok = STICKY.replace("same_site = \"strict\"", "same_site = \"NONE\"");
+    let c = parse(&ok, "t.toml").unwrap();
+    assert_eq!(c.pools[0].affinity.as_ref().unwrap().cookie.same_site, SameSite::None);
 }

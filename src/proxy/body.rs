@@ -18,11 +18,12 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
-use super::conn::ConnCx;
-use super::upstream::Sender;
+use super::client::ConnCx;
+use super::refusal::LateFailure;
 use crate::access_log::Record;
-use crate::affinity::Verdict;
-use crate::pool::Backend;
+use crate::affinity::verdict::Verdict;
+use crate::backend::Backend;
+use crate::upstream::{Sender, Upstream};
 
 /// What is known about a request while it is served; settled on drop.
 #[derive(Debug)]
@@ -36,6 +37,8 @@ pub struct Outcome {
     pub status: u16,
     pub pool: Option<Arc<str>>,
     pub backend: Option<Arc<Backend>>,
+    /// The backend's connections, where `sender` goes back.
+    connections: Option<Arc<Upstream>>,
     /// The backend connection, returned to its pool if the response is read to the end.
     pub sender: Option<Sender>,
     pub upstream: Option<Duration>,
@@ -65,6 +68,7 @@ impl Outcome {
             status: 0,
             pool: None,
             backend: None,
+            connections: None,
             sender: None,
             upstream: None,
             bytes_in: 0,
@@ -77,11 +81,13 @@ impl Outcome {
         }
     }
 
-    /// Charges the request to `backend` (its in-flight count goes up until drop).
-    pub fn set_backend(&mut self, backend: &Arc<Backend>) {
+    /// Charges the request to `backend` (its in-flight count goes up until drop), whose
+    /// connections are `connections`.
+    pub fn set_backend(&mut self, backend: &Arc<Backend>, connections: &Arc<Upstream>) {
         if let Some(old) = self.backend.replace(backend.clone()) {
             old.release();
         }
+        self.connections = Some(connections.clone());
         backend.acquire();
     }
 }
@@ -92,8 +98,8 @@ impl Drop for Outcome {
             b.release();
             b.count(self.verdict);
             b.metrics.record(self.status, self.started.elapsed());
-            if let (true, Some(sender)) = (self.complete, self.sender.take()) {
-                b.upstream.put_back(sender);
+            if let (true, Some(sender), Some(c)) = (self.complete, self.sender.take(), &self.connections) {
+                c.put_back(sender);
             }
         }
         self.cx.state.end();
@@ -201,7 +207,7 @@ impl Body for ProxyBody {
                 }
                 Poll::Ready(Some(Err(e))) => {
                     if let Some(o) = &mut this.outcome {
-                        o.error = Some("backend-body-error");
+                        o.error = Some(LateFailure::BackendBody.label());
                         o.sender = None;
                     }
                     tracing::debug!("backend response body failed: {e}");
@@ -228,40 +234,6 @@ impl Body for ProxyBody {
             Inner::Full(Some(d)) => SizeHint::with_exact(d.len() as u64),
             Inner::Full(None) => SizeHint::with_exact(0),
             Inner::Stream(b) => b.size_hint(),
-        }
-    }
-}
-
-/// A request body as it goes to a backend: the client's, streamed, or none for a request
-/// sent again after a broken connection.
-#[derive(Debug)]
-pub enum RequestBody {
-    Stream(Incoming),
-    Empty,
-}
-
-impl Body for RequestBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match self.get_mut() {
-            RequestBody::Stream(b) => Pin::new(b).poll_frame(cx),
-            RequestBody::Empty => Poll::Ready(None),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            RequestBody::Stream(b) => b.is_end_stream(),
-            RequestBody::Empty => true,
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            RequestBody::Stream(b) => b.size_hint(),
-            RequestBody::Empty => SizeHint::with_exact(0),
         }
     }
 }

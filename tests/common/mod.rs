@@ -130,17 +130,15 @@ impl Tether {
 
     /// The admin listener's address, from the log.
     pub fn admin(&self) -> SocketAddr {
-        for _ in 0..500 {
-            let found = self
-                .log()
+        let found = || {
+            self.log()
                 .lines()
-                .find_map(|l| l.split("admin listening on ").nth(1)?.split_whitespace().next()?.parse().ok());
-            if let Some(a) = found {
-                return a;
-            }
-            std::thread::sleep(Duration::from_millis(10));
+                .find_map(|l| l.split("admin listening on ").nth(1)?.split_whitespace().next()?.parse().ok())
+        };
+        if !poll_until_blocking(Duration::from_secs(5), || found().is_some()) {
+            panic!("no admin listener in the log:\n{}", self.log());
         }
-        panic!("no admin listener in the log:\n{}", self.log());
+        found().unwrap()
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -158,14 +156,14 @@ impl Tether {
 
     /// Waits for the process to exit, or panics after `limit`.
     pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
-        let start = Instant::now();
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return s;
-            }
-            assert!(start.elapsed() < limit, "tether did not exit within {limit:?}:\n{}", self.log());
-            std::thread::sleep(Duration::from_millis(20));
+        let mut status = None;
+        if !poll_until_blocking(limit, || {
+            status = self.child.try_wait().unwrap();
+            status.is_some()
+        }) {
+            panic!("tether did not exit within {limit:?}:\n{}", self.log());
         }
+        status.unwrap()
     }
 
     pub fn log(&self) -> String {
@@ -174,11 +172,24 @@ impl Tether {
 
     /// Waits until the log contains `needle`.
     pub async fn wait_log(&self, needle: &str) {
-        let start = Instant::now();
-        while !self.log().contains(needle) {
-            assert!(start.elapsed() < Duration::from_secs(10), "log never said {needle:?}:\n{}", self.log());
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        if !poll_until(Duration::from_secs(10), || self.log().contains(needle)).await {
+            panic!("log never said {needle:?}:\n{}", self.log());
         }
+    }
+
+    /// Waits until the log contains `needle` `n` times or more.
+    pub async fn wait_log_count(&self, needle: &str, n: usize) {
+        if !poll_until(Duration::from_secs(10), || self.log().matches(needle).count() >= n).await {
+            panic!("log never said {needle:?} {n} times:\n{}", self.log());
+        }
+    }
+
+    /// Waits until at least `n` access log lines have been written, and returns them all.
+    pub async fn wait_access_lines(&self, n: usize) -> Vec<String> {
+        if !poll_until(Duration::from_secs(10), || self.access_lines().len() >= n).await {
+            panic!("wanted {n} access log lines, got {:?}", self.access_lines());
+        }
+        self.access_lines()
     }
 
     /// The access log lines written to standard output so far.
@@ -344,11 +355,95 @@ pub async fn reload(t: &Tether, config: &str, expect: &str) {
     let before = t.log().matches(expect).count();
     std::fs::write(&t.config, config).unwrap();
     t.signal("HUP");
-    for _ in 0..250 {
-        if t.log().matches(expect).count() > before {
+    if !poll_until(Duration::from_secs(5), || t.log().matches(expect).count() > before).await {
+        panic!("reload did not log {expect:?}:\n{}", t.log());
+    }
+}
+
+/// How often the waits below look at their condition.
+const POLL: Duration = Duration::from_millis(10);
+
+/// Looks at `condition` every 10 ms until it holds (true) or `timeout` passes (false).
+pub async fn poll_until<F: FnMut() -> bool>(timeout: Duration, mut condition: F) -> bool {
+    let start = Instant::now();
+    loop {
+        if condition() {
+            return true;
+        }
+        if start.elapsed() >= timeout {
+            return false;
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Waits until `condition` holds, looking every 10 ms; panics naming `what` if it still
+/// does not after `timeout`. Tests wait for what they need to see, never for a fixed time.
+pub async fn wait_until<F: FnMut() -> bool>(what: &str, timeout: Duration, condition: F) {
+    if !poll_until(timeout, condition).await {
+        panic!("waited {timeout:?} in vain until {what}");
+    }
+}
+
+/// [`wait_until`] for a condition that has to await something, such as an HTTP request.
+pub async fn wait_until_async<F, Fut>(what: &str, timeout: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    loop {
+        if condition().await {
             return;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        if start.elapsed() >= timeout {
+            panic!("waited {timeout:?} in vain until {what}");
+        }
+        tokio::time::sleep(POLL).await;
     }
-    panic!("reload did not log {expect:?}:\n{}", t.log());
+}
+
+/// [`poll_until`] for code that is not async (it blocks the thread between looks).
+pub fn poll_until_blocking<F: FnMut() -> bool>(timeout: Duration, mut condition: F) -> bool {
+    let start = Instant::now();
+    loop {
+        if condition() {
+            return true;
+        }
+        if start.elapsed() >= timeout {
+            return false;
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+/// An admin listener on a free loopback port, to put in a config's top-level `extra`.
+pub const ADMIN: &str = "[admin]\nbind = \"127.0.0.1:0\"\n";
+
+/// A GET on the admin API, as JSON.
+pub async fn admin_json(admin: SocketAddr, path: &str) -> serde_json::Value {
+    let r = get(admin, path).await;
+    assert_eq!(r.status, 200, "GET {path} on the admin listener: {}", r.text());
+    serde_json::from_slice(&r.body).unwrap()
+}
+
+/// Requests in flight to `backend` of `pool`, as Tether counts them (the admin API's
+/// `in_flight`: charged when the request is given to the backend, until it ends).
+pub async fn in_flight(admin: SocketAddr, pool: &str, backend: &str) -> u64 {
+    let v = admin_json(admin, &format!("/api/pools/{pool}")).await;
+    let b = v["backends"].as_array().unwrap().iter().find(|b| b["name"] == backend).expect("backend in the pool");
+    b["in_flight"].as_u64().unwrap()
+}
+
+/// Requests in flight to all backends of `pool` together.
+pub async fn pool_in_flight(admin: SocketAddr, pool: &str) -> u64 {
+    let v = admin_json(admin, &format!("/api/pools/{pool}")).await;
+    v["backends"].as_array().unwrap().iter().map(|b| b["in_flight"].as_u64().unwrap()).sum()
+}
+
+/// Waits until Tether has `n` (or more) requests in flight to `backend` of `pool`.
+pub async fn wait_in_flight(admin: SocketAddr, pool: &str, backend: &str, n: u64) {
+    let what = format!("{n} requests are in flight to {pool}/{backend}");
+    wait_until_async(&what, Duration::from_secs(10), || async move { in_flight(admin, pool, backend).await >= n })
+        .await;
 }

@@ -5,16 +5,22 @@
 //! for two reasons: connecting is a separate step from sending, so a connect failure leaves
 //! the request (and its streaming body) in our hands to send to another backend; and
 //! `try_send_request` hands a request back when a pooled connection turned out to be closed
-//! before anything was written, so it can go out again on a fresh one. The pool lives in
-//! the backend's shared state, so it survives reloads with the backend.
+//! before anything was written, so it can go out again on a fresh one. A pool's snapshot
+//! keeps one `Upstream` per backend beside it, carried across reloads with the backend.
 //!
-//! This module does not choose backends and does not retry across backends: `http` does.
+//! This module does not choose backends and does not retry across backends: the proxy's
+//! request flow does.
 
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Mutex;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
@@ -31,7 +37,7 @@ pub const MAX_IDLE: usize = 512;
 const SETTLE: Duration = Duration::from_millis(250);
 
 /// A sender for one HTTP/1.1 connection to a backend.
-pub type Sender = SendRequest<super::body::RequestBody>;
+pub type Sender = SendRequest<RequestBody>;
 
 #[derive(Debug)]
 pub struct Upstream {
@@ -127,5 +133,39 @@ impl Upstream {
         });
         sender.ready().await.map_err(ConnectError::Handshake)?;
         Ok(sender)
+    }
+}
+
+/// A request body as it goes to a backend: the client's, streamed, or none for a request
+/// sent again after a broken connection.
+#[derive(Debug)]
+pub enum RequestBody {
+    Stream(Incoming),
+    Empty,
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            RequestBody::Stream(b) => Pin::new(b).poll_frame(cx),
+            RequestBody::Empty => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Stream(b) => b.is_end_stream(),
+            RequestBody::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Stream(b) => b.size_hint(),
+            RequestBody::Empty => SizeHint::with_exact(0),
+        }
     }
 }

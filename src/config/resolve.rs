@@ -1,0 +1,701 @@
+//! Resolving: check every value of a parsed [`file::File`] and build the [`Config`].
+//!
+//! The [`Resolver`] does not stop at the first problem: it records a located error, carries
+//! on with a fallback (usually the default) so that the checks after it still run, and
+//! returns the config only if nothing was wrong. Defaults come from the `Default` impls in
+//! [`super::types`] where there is one.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::ops::RangeInclusive;
+use std::time::Duration;
+
+use toml::Spanned;
+
+use super::file;
+use super::types::{
+    AccessLog, Admin, AdminState, Affinity, Algorithm, Backend, CheckKind, Config, CookieConfig, Health, KeySource,
+    Listener, LogFormat, Mapping, OnUnavailable, Pool, Route, SameSite, TableConfig, Timeouts, MAX_WEIGHT,
+};
+use super::{locate, parse_duration, Located};
+use crate::net::{strip_port, Cidr};
+
+const LOG_FORMATS: &[(&str, LogFormat)] =
+    &[("text", LogFormat::Text), ("json", LogFormat::Json), ("off", LogFormat::Off)];
+const ALGORITHMS: &[(&str, Algorithm)] = &[
+    ("round_robin", Algorithm::RoundRobin),
+    ("least_conn", Algorithm::LeastConn),
+    ("p2c", Algorithm::P2c),
+    ("random", Algorithm::Random),
+];
+const ADMIN_STATES: &[(&str, AdminState)] =
+    &[("enabled", AdminState::Enabled), ("draining", AdminState::Draining), ("disabled", AdminState::Disabled)];
+/// Health check kinds: whether the check is HTTP.
+const CHECKS: &[(&str, bool)] = &[("http", true), ("tcp", false)];
+const MAPPINGS: &[(&str, Mapping)] = &[("table", Mapping::Table), ("hash", Mapping::Hash)];
+const ON_UNAVAILABLE: &[(&str, OnUnavailable)] = &[("repin", OnUnavailable::Repin), ("strict", OnUnavailable::Strict)];
+/// Matched ignoring ASCII case, as browsers read the attribute.
+const SAME_SITE: &[(&str, SameSite)] =
+    &[("Lax", SameSite::Lax), ("Strict", SameSite::Strict), ("None", SameSite::None)];
+
+/// Resolves a parsed file whose text is `src`: the config, or every error in it.
+pub(super) fn resolve(src: &str, f: &file::File) -> Result<Config, Vec<Located>> {
+    let mut r = Resolver { src, errors: Vec::new() };
+    let config = r.config(f);
+    if r.errors.is_empty() {
+        Ok(config)
+    } else {
+        Err(r.errors)
+    }
+}
+
+struct Resolver<'a> {
+    src: &'a str,
+    errors: Vec<Located>,
+}
+
+// === checking one value ===
+
+impl Resolver<'_> {
+    fn error<T>(&mut self, at: &Spanned<T>, message: String) {
+        self.errors.push(locate(self.src, at.span(), message));
+    }
+
+    /// Something missing from the whole file, reported at its start.
+    fn missing(&mut self, message: &str) {
+        self.errors.push(Located { line: 1, column: 1, message: message.into() });
+    }
+
+    /// A duration greater than zero; `default` when unset or wrong.
+    fn duration(&mut self, v: &Option<Spanned<String>>, key: &str, default: Duration) -> Duration {
+        let Some(v) = v else { return default };
+        match parse_duration(v.get_ref()) {
+            Ok(d) if d.is_zero() => {
+                self.error(v, format!("{key}: must be greater than zero"));
+                default
+            }
+            Ok(d) => d,
+            Err(e) => {
+                self.error(v, format!("{key}: {e}"));
+                default
+            }
+        }
+    }
+
+    /// A number in `range`; `default` when unset or out of range. See [`Self::in_range`].
+    fn ranged<T>(&mut self, v: &Option<Spanned<T>>, label: &str, range: RangeInclusive<T>, default: T) -> T
+    where
+        T: Copy + PartialOrd + fmt::Display + fmt::Debug,
+    {
+        let Some(v) = v else { return default };
+        self.in_range(v, label, range).unwrap_or(default)
+    }
+
+    /// `v` if it is in `range`; otherwise reports `{label} {v} is out of range: expected
+    /// {start} to {end}` and gives `None`. The bounds are printed with `Debug` so that float
+    /// bounds read `0.0 to 1.0` while integer ones read `1 to 1000`.
+    fn in_range<T>(&mut self, v: &Spanned<T>, label: &str, range: RangeInclusive<T>) -> Option<T>
+    where
+        T: Copy + PartialOrd + fmt::Display + fmt::Debug,
+    {
+        let x = *v.get_ref();
+        if range.contains(&x) {
+            return Some(x);
+        }
+        self.error(v, format!("{label} {x} is out of range: expected {:?} to {:?}", range.start(), range.end()));
+        None
+    }
+
+    /// A string that must be one of `choices`; `default` when unset or unknown. An unknown
+    /// value is reported as `{label} "{v}" is not known: expected "a", "b" or "c"`.
+    fn choice<T: Copy>(&mut self, v: &Option<Spanned<String>>, label: &str, choices: &[(&str, T)], default: T) -> T {
+        let Some(v) = v else { return default };
+        self.lookup(v, choices, |a, b| a == b, |v, list| format!("{label} \"{v}\" is not known: expected {list}"))
+            .unwrap_or(default)
+    }
+
+    /// What `v` names among `choices`, compared with `same`. Anything else is reported with
+    /// the message `complaint(v, list)`, where `list` reads `"a", "b" or "c"`, and gives `None`.
+    fn lookup<T: Copy>(
+        &mut self,
+        v: &Spanned<String>,
+        choices: &[(&str, T)],
+        same: fn(&str, &str) -> bool,
+        complaint: impl FnOnce(&str, &str) -> String,
+    ) -> Option<T> {
+        let found = choices.iter().find(|(name, _)| same(v.get_ref(), name)).map(|&(_, t)| t);
+        if found.is_none() {
+            let message = complaint(v.get_ref(), &either(choices));
+            self.error(v, message);
+        }
+        found
+    }
+}
+
+/// The names of `choices` quoted and listed as error messages list them: `"a", "b" or "c"`.
+fn either<T>(choices: &[(&str, T)]) -> String {
+    let quoted: Vec<String> = choices.iter().map(|(name, _)| format!("\"{name}\"")).collect();
+    match quoted.split_last() {
+        Some((last, [])) => last.clone(),
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+        None => String::new(),
+    }
+}
+
+// === the file, its listeners and the global sections ===
+
+impl Resolver<'_> {
+    fn config(&mut self, f: &file::File) -> Config {
+        let threads = self.ranged(&f.runtime.threads, "runtime.threads:", 1..=1024, 1) as usize;
+        let shutdown_grace =
+            self.duration(&f.runtime.shutdown_grace, "runtime.shutdown_grace", Duration::from_secs(30));
+        let timeouts = self.timeouts(&f.timeouts);
+        let access_log = self.access_log(&f.access_log);
+        let admin = f.admin.as_ref().map(|a| self.admin(a));
+        let pools = f.pools.iter().map(|(name, pool)| self.pool(name, pool)).collect();
+        if f.pools.is_empty() {
+            self.missing("no pools: add at least one [pools.NAME] with backends");
+        }
+        if f.listeners.is_empty() {
+            self.missing("no listeners: add at least one [[listeners]] with a bind address");
+        }
+        let pool_names: Vec<&String> = f.pools.keys().collect();
+        let listeners = self.listeners(&f.listeners, &pool_names);
+        Config { threads, shutdown_grace, timeouts, access_log, admin, listeners, pools }
+    }
+
+    fn timeouts(&mut self, t: &file::Timeouts) -> Timeouts {
+        let d = Timeouts::default();
+        Timeouts {
+            connect: self.duration(&t.connect, "timeouts.connect", d.connect),
+            request_header: self.duration(&t.request_header, "timeouts.request_header", d.request_header),
+            client_idle: self.duration(&t.client_idle, "timeouts.client_idle", d.client_idle),
+            backend_response: self.duration(&t.backend_response, "timeouts.backend_response", d.backend_response),
+            backend_idle: self.duration(&t.backend_idle, "timeouts.backend_idle", d.backend_idle),
+        }
+    }
+
+    fn admin(&mut self, a: &Spanned<file::Admin>) -> Admin {
+        let f = a.get_ref();
+        let fallback = SocketAddr::from(([127, 0, 0, 1], 9901));
+        let bind = match &f.bind {
+            None => fallback,
+            Some(b) => b.get_ref().parse::<SocketAddr>().unwrap_or_else(|_| {
+                let message =
+                    format!("admin.bind \"{}\" is not an IP address and port like 127.0.0.1:9901", b.get_ref());
+                self.error(b, message);
+                fallback
+            }),
+        };
+        let token = match &f.token {
+            Some(t) if t.get_ref().len() < 16 => {
+                self.error(t, "admin.token: must be at least 16 characters".into());
+                None
+            }
+            t => t.as_ref().map(|t| t.get_ref().clone()),
+        };
+        if !bind.ip().is_loopback() && token.is_none() {
+            let at = f.bind.as_ref().map_or(a.span(), |b| b.span());
+            self.errors.push(locate(
+                self.src,
+                at,
+                format!("admin.bind {bind} is not a loopback address: set admin.token so the admin API is not open to the network"),
+            ));
+        }
+        Admin { bind, token }
+    }
+
+    fn access_log(&mut self, a: &file::AccessLog) -> AccessLog {
+        let format = match &a.format {
+            None => LogFormat::Text,
+            Some(v) => self
+                .lookup(
+                    v,
+                    LOG_FORMATS,
+                    |a, b| a == b,
+                    |v, list| format!("access_log.format: \"{v}\" is not a format: expected {list}"),
+                )
+                .unwrap_or(LogFormat::Text),
+        };
+        let path = match &a.path {
+            None => None,
+            Some(p) if p.get_ref() == "-" => None,
+            Some(p) if p.get_ref().is_empty() => {
+                self.error(p, "access_log.path: must not be empty (use \"-\" for standard output)".into());
+                None
+            }
+            Some(p) => Some(p.get_ref().clone()),
+        };
+        AccessLog { format, path }
+    }
+
+    /// The listeners, each checked, then their names and bind addresses checked for repeats.
+    fn listeners(&mut self, ls: &[file::Listener], pools: &[&String]) -> Vec<Listener> {
+        let mut listeners = Vec::new();
+        let mut names = HashSet::new();
+        let mut binds = HashSet::new();
+        for (i, l) in ls.iter().enumerate() {
+            let listener = self.listener(i, l, pools);
+            if !names.insert(listener.name.clone()) {
+                let at = l.name.as_ref().unwrap_or(&l.bind);
+                self.error(at, format!("listener \"{}\": the name is used twice", listener.name));
+            }
+            if listener.bind.port() != 0 && !binds.insert(listener.bind) {
+                self.error(&l.bind, format!("listener \"{}\": bind {} is used twice", listener.name, listener.bind));
+            }
+            listeners.push(listener);
+        }
+        listeners
+    }
+
+    fn listener(&mut self, i: usize, l: &file::Listener, pools: &[&String]) -> Listener {
+        let name = l.name.as_ref().map_or_else(|| format!("listener-{}", i + 1), |n| n.get_ref().clone());
+        let bind = l.bind.get_ref().parse::<SocketAddr>().unwrap_or_else(|_| {
+            let message = format!(
+                "listener \"{name}\": bind \"{}\" is not an IP address and port like 127.0.0.1:8080",
+                l.bind.get_ref()
+            );
+            self.error(&l.bind, message);
+            SocketAddr::from(([127, 0, 0, 1], 0))
+        });
+        if let Some(p) = &l.protocol {
+            if p.get_ref() != "http" {
+                self.error(
+                    p,
+                    format!(
+                        "listener \"{name}\": protocol \"{}\" is not supported yet: expected \"http\"",
+                        p.get_ref()
+                    ),
+                );
+            }
+        }
+        let mut trusted_proxies = Vec::new();
+        for t in &l.trusted_proxies {
+            match Cidr::parse(t.get_ref()) {
+                Ok(c) => trusted_proxies.push(c),
+                Err(e) => self.error(t, format!("listener \"{name}\": trusted_proxies: {e}")),
+            }
+        }
+        let routes = self.routes(&name, l, pools);
+        Listener { name, bind, trusted_proxies, routes }
+    }
+
+    /// The routes of listener `name`: its `[[listeners.routes]]`, then its `pool` shorthand.
+    fn routes(&mut self, name: &str, l: &file::Listener, pools: &[&String]) -> Vec<Route> {
+        let mut routes: Vec<Route> = l.routes.iter().map(|r| self.route(name, r, pools)).collect();
+        if let Some(p) = &l.pool {
+            let pool = self.pool_ref(name, p, pools);
+            routes.push(Route { host: None, path_prefix: "/".into(), pool });
+        }
+        if routes.is_empty() {
+            self.error(
+                &l.bind,
+                format!("listener \"{name}\": no routes: set `pool = \"NAME\"` or add [[listeners.routes]]"),
+            );
+        }
+        routes
+    }
+
+    fn route(&mut self, name: &str, r: &file::Route, pools: &[&String]) -> Route {
+        let pool = self.pool_ref(name, &r.pool, pools);
+        let host = r.host.as_ref().map(|h| h.get_ref().trim().to_ascii_lowercase());
+        if let (Some(h), Some(raw)) = (&host, &r.host) {
+            if h.is_empty() || h.contains(['/', ' ']) {
+                self.error(raw, format!("listener \"{name}\": route host \"{h}\" is not a host name"));
+            }
+        }
+        let path_prefix = match &r.path_prefix {
+            None => "/".to_string(),
+            Some(p) if p.get_ref().starts_with('/') => p.get_ref().clone(),
+            Some(p) => {
+                self.error(p, format!("listener \"{name}\": route path_prefix \"{}\" must start with /", p.get_ref()));
+                "/".to_string()
+            }
+        };
+        Route { host: host.map(|h| strip_port(&h).to_string()), path_prefix, pool }
+    }
+
+    /// The index of the pool a listener names.
+    fn pool_ref(&mut self, listener: &str, p: &Spanned<String>, pools: &[&String]) -> usize {
+        match pools.iter().position(|n| *n == p.get_ref()) {
+            Some(i) => i,
+            None => {
+                let known: Vec<String> = pools.iter().map(|n| format!("\"{n}\"")).collect();
+                self.error(
+                    p,
+                    format!(
+                        "listener \"{listener}\": pool \"{}\" is not defined (pools: {})",
+                        p.get_ref(),
+                        known.join(", ")
+                    ),
+                );
+                0
+            }
+        }
+    }
+}
+
+// === pools and their backends ===
+
+impl Resolver<'_> {
+    fn pool(&mut self, name: &str, p: &Spanned<file::Pool>) -> Pool {
+        let f = p.get_ref();
+        let algorithm =
+            self.choice(&f.algorithm, &format!("pool \"{name}\": algorithm"), ALGORITHMS, Algorithm::RoundRobin);
+        let backends = self.backends(name, p);
+        let affinity = f.affinity.as_ref().map(|a| self.affinity(name, a));
+        let health = f.health.as_ref().map(|h| self.health(name, h));
+        let retries = self.ranged(&f.retries, &format!("pool \"{name}\": retries"), 0..=5, 1) as u32;
+        let retry_budget = self.ranged(&f.retry_budget, &format!("pool \"{name}\": retry_budget"), 0.0..=1.0, 0.2);
+        let queue_timeout =
+            self.duration(&f.queue_timeout, &format!("pool \"{name}\": queue_timeout"), Duration::from_secs(5));
+        let slow_start = f
+            .slow_start
+            .as_ref()
+            .map(|_| self.duration(&f.slow_start, &format!("pool \"{name}\": slow_start"), Duration::ZERO));
+        let max_queue = self.ranged(&f.max_queue, &format!("pool \"{name}\": max_queue"), 0..=1_000_000, 1000) as u32;
+        let panic_mode = f.panic_mode.as_ref().is_some_and(|p| *p.get_ref());
+        Pool {
+            name: name.to_string(),
+            algorithm,
+            backends,
+            affinity,
+            health,
+            retries,
+            retry_budget,
+            queue_timeout,
+            max_queue,
+            slow_start,
+            panic_mode,
+        }
+    }
+
+    /// The pool's backends; one with a wrong address or a name used before is left out.
+    fn backends(&mut self, name: &str, p: &Spanned<file::Pool>) -> Vec<Backend> {
+        let mut backends: Vec<Backend> = Vec::new();
+        for b in &p.get_ref().backends {
+            let Some(backend) = self.backend(name, b) else { continue };
+            if backends.iter().any(|o| o.name == backend.name) {
+                self.error(b, format!("pool \"{name}\": backend \"{}\": the name is used twice", backend.name));
+                continue;
+            }
+            backends.push(backend);
+        }
+        if p.get_ref().backends.is_empty() {
+            self.error(p, format!("pool \"{name}\": no backends"));
+        }
+        backends
+    }
+
+    fn backend(&mut self, pool: &str, b: &Spanned<file::Backend>) -> Option<Backend> {
+        let b = b.get_ref();
+        let raw = b.address.get_ref();
+        let name = b.name.as_ref().map_or_else(|| raw.clone(), |n| n.get_ref().clone());
+        if let Some(n) = &b.name {
+            if n.get_ref().trim().is_empty() {
+                self.error(n, format!("pool \"{pool}\": backend name must not be empty"));
+            }
+        }
+        let at = format!("pool \"{pool}\": backend \"{name}\"");
+        let address = match resolve_address(raw) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                self.error(&b.address, format!("{at}: address \"{raw}\" {e}"));
+                None
+            }
+        };
+        let weight = self.ranged(&b.weight, &format!("{at}: weight"), 1..=i64::from(MAX_WEIGHT), 1) as u32;
+        let state = self.choice(&b.state, &format!("{at}: state"), ADMIN_STATES, AdminState::Enabled);
+        let max_connections = match &b.max_connections {
+            None => None,
+            Some(m) => self.in_range(m, &format!("{at}: max_connections"), 1..=1_000_000).map(|m| m as u32),
+        };
+        Some(Backend { name, address: address?, weight, state, max_connections })
+    }
+
+    fn health(&mut self, pool: &str, h: &Spanned<file::Health>) -> Health {
+        let at = format!("pool \"{pool}\": health");
+        let f = h.get_ref();
+        let rise = self.ranged(&f.rise, &format!("{at}: rise"), 1..=1000, 2) as u32;
+        let fall = self.ranged(&f.fall, &format!("{at}: fall"), 1..=1000, 3) as u32;
+        let eject_after = self.ranged(&f.eject_after, &format!("{at}: eject_after"), 0..=1000, 5) as u32;
+        let interval = self.duration(&f.interval, &format!("{at}: interval"), Duration::from_secs(2));
+        let timeout = self.duration(&f.timeout, &format!("{at}: timeout"), Duration::from_secs(1));
+        let eject_time = self.duration(&f.eject_time, &format!("{at}: eject_time"), Duration::from_secs(10));
+        let max_ejected = self.ranged(&f.max_ejected, &format!("{at}: max_ejected"), 0.0..=1.0, 0.5);
+        let check = self.check(&at, f);
+        if timeout > interval {
+            let msg = format!("{at}: timeout {timeout:?} is longer than the interval {interval:?}");
+            match &f.timeout {
+                Some(t) => self.error(t, msg),
+                None => self.error(h, msg),
+            }
+        }
+        Health { check, interval, timeout, rise, fall, eject_after, eject_time, max_ejected }
+    }
+
+    /// The active check; HTTP unless the file says otherwise.
+    fn check(&mut self, at: &str, f: &file::Health) -> CheckKind {
+        let http = match &f.check {
+            None => true,
+            // An unknown kind falls back to tcp, so that the HTTP settings are not checked too.
+            Some(c) => {
+                let complaint = |v: &str, list: &str| format!("{at}: check \"{v}\" is not known: expected {list}");
+                self.lookup(c, CHECKS, |a, b| a == b, complaint).unwrap_or(false)
+            }
+        };
+        if http {
+            self.http_check(at, f)
+        } else {
+            CheckKind::Tcp
+        }
+    }
+
+    fn http_check(&mut self, at: &str, f: &file::Health) -> CheckKind {
+        let method = f.method.as_ref().map_or("GET".to_string(), |m| m.get_ref().to_ascii_uppercase());
+        if let Some(m) =
+            f.method.as_ref().filter(|_| method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase()))
+        {
+            self.error(m, format!("{at}: method \"{method}\" is not an HTTP method"));
+        }
+        let path = match &f.path {
+            None => "/".to_string(),
+            Some(p) if p.get_ref().starts_with('/') && !p.get_ref().contains([' ', '\r', '\n']) => p.get_ref().clone(),
+            Some(p) => {
+                self.error(p, format!("{at}: path \"{}\" must start with / and have no spaces", p.get_ref()));
+                "/".to_string()
+            }
+        };
+        let host = f.host.as_ref().map(|h| h.get_ref().clone());
+        let expect_status = match &f.expect_status {
+            None => vec![(200, 399)],
+            Some(s) => parse_statuses(s.get_ref()).unwrap_or_else(|| {
+                let message = format!(
+                    "{at}: expect_status \"{}\" is not a list of statuses like \"200-399\" or \"200,204\"",
+                    s.get_ref()
+                );
+                self.error(s, message);
+                vec![(200, 399)]
+            }),
+        };
+        let expect_body = f.expect_body.as_ref().map(|b| b.get_ref().clone());
+        CheckKind::Http { method, path, host, expect_status, expect_body }
+    }
+}
+
+// === session affinity ===
+
+impl Resolver<'_> {
+    fn affinity(&mut self, pool: &str, a: &Spanned<file::Affinity>) -> Affinity {
+        let at = format!("pool \"{pool}\": affinity");
+        let f = a.get_ref();
+        let d = Affinity::default();
+        let keys = self.keys(&at, &f.keys);
+        let mapping = self.choice(&f.mapping, &format!("{at}: mapping"), MAPPINGS, d.mapping);
+        let on_unavailable =
+            self.choice(&f.on_unavailable, &format!("{at}: on_unavailable"), ON_UNAVAILABLE, d.on_unavailable);
+        let repin_header = match &f.repin_header {
+            None => d.repin_header.clone(),
+            Some(h) if http::HeaderName::from_bytes(h.get_ref().as_bytes()).is_ok() => h.get_ref().to_ascii_lowercase(),
+            Some(h) => {
+                self.error(h, format!("{at}: repin_header \"{}\" is not a header name", h.get_ref()));
+                d.repin_header.clone()
+            }
+        };
+        let max_sessions_factor = match &f.max_sessions_factor {
+            None => d.max_sessions_factor,
+            Some(v) if v.get_ref().is_finite() && *v.get_ref() >= 1.0 => Some(*v.get_ref()),
+            Some(v) => {
+                self.error(v, format!("{at}: max_sessions_factor {} must be at least 1.0 (1.25 lets a backend take 25% more than the mean)", v.get_ref()));
+                d.max_sessions_factor
+            }
+        };
+        let drain_timeout = f
+            .drain_timeout
+            .as_ref()
+            .map(|_| self.duration(&f.drain_timeout, &format!("{at}: drain_timeout"), Duration::ZERO));
+        let ipv4_prefix = self.ranged(&f.ipv4_prefix, &format!("{at}: ipv4_prefix"), 1..=32, i64::from(d.ipv4_prefix));
+        let ipv6_prefix = self.ranged(&f.ipv6_prefix, &format!("{at}: ipv6_prefix"), 1..=128, i64::from(d.ipv6_prefix));
+        let cookie = self.cookie(&at, f.cookie.as_ref());
+        if let Some(c) = &f.cookie {
+            if !keys.contains(&KeySource::Cookie) {
+                self.error(c, format!("{at}: a [cookie] section is set but \"cookie\" is not among the keys"));
+            }
+        }
+        let table = self.table(&at, f.table.as_ref());
+        Affinity {
+            keys,
+            mapping,
+            on_unavailable,
+            repin_header,
+            max_sessions_factor,
+            drain_timeout,
+            ipv4_prefix: ipv4_prefix as u8,
+            ipv6_prefix: ipv6_prefix as u8,
+            cookie,
+            table,
+        }
+    }
+
+    /// The key chain, in order, without repeats; it must not be empty.
+    fn keys(&mut self, at: &str, list: &Spanned<Vec<Spanned<String>>>) -> Vec<KeySource> {
+        let mut keys: Vec<KeySource> = Vec::new();
+        for k in list.get_ref() {
+            let raw = k.get_ref().trim();
+            match key_source(raw) {
+                Some(key) if keys.contains(&key) => self.error(k, format!("{at}: key \"{raw}\" is listed twice")),
+                Some(key) => keys.push(key),
+                None => self.error(
+                    k,
+                    format!("{at}: key \"{raw}\" is not known: expected \"cookie\", \"app_cookie:NAME\", \"header:NAME\", \"query:NAME\" or \"client_ip\""),
+                ),
+            }
+        }
+        if list.get_ref().is_empty() {
+            self.error(list, format!("{at}: keys is empty: list at least one key, like [\"cookie\"]"));
+        }
+        keys
+    }
+
+    fn cookie(&mut self, at: &str, c: Option<&Spanned<file::Cookie>>) -> CookieConfig {
+        let mut cfg = CookieConfig::default();
+        let Some(c) = c else { return cfg };
+        let c = c.get_ref();
+        if let Some(n) = &c.name {
+            if is_token(n.get_ref()) {
+                cfg.name = n.get_ref().clone();
+            } else {
+                self.error(
+                    n,
+                    format!(
+                        "{at}: cookie.name \"{}\" is not a cookie name (letters, digits and !#$%&'*+-.^_`|~)",
+                        n.get_ref()
+                    ),
+                );
+            }
+        }
+        cfg.idle_timeout = self.duration(&c.idle_timeout, &format!("{at}: cookie.idle_timeout"), cfg.idle_timeout);
+        if let Some(a) = &c.absolute_timeout {
+            cfg.absolute_timeout = match a.get_ref().as_str() {
+                "none" => None,
+                _ => Some(self.duration(
+                    &c.absolute_timeout,
+                    &format!("{at}: cookie.absolute_timeout"),
+                    Duration::from_secs(12 * 3600),
+                )),
+            };
+        }
+        self.cookie_scope(at, c, &mut cfg);
+        cfg.secure = c.secure.as_ref().map(|s| *s.get_ref());
+        cfg.http_only = c.http_only.as_ref().is_none_or(|h| *h.get_ref());
+        if let Some(m) = &c.max_age {
+            cfg.max_age = match m.get_ref().as_str() {
+                "session" => None,
+                _ => Some(self.duration(&c.max_age, &format!("{at}: cookie.max_age"), Duration::from_secs(3600))),
+            };
+        }
+        for (i, k) in c.keys.iter().enumerate() {
+            match crate::affinity::token::Key::from_base64(k.get_ref()) {
+                Ok(_) => cfg.keys.push(k.get_ref().clone()),
+                Err(e) => self.error(k, format!("{at}: cookie.keys[{i}]: {e}")),
+            }
+        }
+        cfg
+    }
+
+    /// Where the browser sends the cookie: its `Domain`, `Path` and `SameSite`.
+    fn cookie_scope(&mut self, at: &str, c: &file::Cookie, cfg: &mut CookieConfig) {
+        if let Some(d) = &c.domain {
+            if d.get_ref().is_empty() || d.get_ref().contains([';', ' ', ',', '/']) {
+                self.error(d, format!("{at}: cookie.domain \"{}\" is not a domain", d.get_ref()));
+            } else {
+                cfg.domain = Some(d.get_ref().clone());
+            }
+        }
+        if let Some(p) = &c.path {
+            if p.get_ref().starts_with('/') && !p.get_ref().contains([';', ' ']) {
+                cfg.path = p.get_ref().clone();
+            } else {
+                self.error(
+                    p,
+                    format!("{at}: cookie.path \"{}\" must start with / and have no ; or spaces", p.get_ref()),
+                );
+            }
+        }
+        if let Some(s) = &c.same_site {
+            let complaint =
+                |v: &str, list: &str| format!("{at}: cookie.same_site \"{v}\" is not known: expected {list}");
+            cfg.same_site = self.lookup(s, SAME_SITE, str::eq_ignore_ascii_case, complaint).unwrap_or(cfg.same_site);
+        }
+    }
+
+    fn table(&mut self, at: &str, t: Option<&Spanned<file::Table>>) -> TableConfig {
+        let d = TableConfig::default();
+        let Some(t) = t else { return d };
+        let t = t.get_ref();
+        let capacity =
+            self.ranged(&t.capacity, &format!("{at}: table.capacity"), 1..=100_000_000, d.capacity as i64) as usize;
+        let idle_timeout = self.duration(&t.idle_timeout, &format!("{at}: table.idle_timeout"), d.idle_timeout);
+        TableConfig { capacity, idle_timeout }
+    }
+}
+
+/// One entry of an affinity key chain, such as `cookie` or `header:X-User`.
+fn key_source(raw: &str) -> Option<KeySource> {
+    let (kind, arg) = match raw.split_once(':') {
+        Some((kind, arg)) => (kind.trim(), Some(arg.trim())),
+        None => (raw, None),
+    };
+    match (kind, arg) {
+        ("cookie", None) => Some(KeySource::Cookie),
+        ("client_ip", None) => Some(KeySource::ClientIp),
+        ("app_cookie", Some(n)) if is_token(n) => Some(KeySource::AppCookie(n.to_string())),
+        ("header", Some(n)) if http::HeaderName::from_bytes(n.as_bytes()).is_ok() => {
+            Some(KeySource::Header(n.to_ascii_lowercase()))
+        }
+        ("query", Some(n)) if !n.is_empty() && !n.contains(['&', '=', ' ', '#']) => {
+            Some(KeySource::Query(n.to_string()))
+        }
+        _ => None,
+    }
+}
+
+/// Parses `"200-399"`, `"200,204,300-302"` into inclusive ranges.
+fn parse_statuses(s: &str) -> Option<Vec<(u16, u16)>> {
+    let mut v = Vec::new();
+    for part in s.split(',') {
+        let part = part.trim();
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        let (a, b): (u16, u16) = (a.trim().parse().ok()?, b.trim().parse().ok()?);
+        if !(100..=599).contains(&a) || !(100..=599).contains(&b) || a > b {
+            return None;
+        }
+        v.push((a, b));
+    }
+    Some(v)
+}
+
+/// An RFC 9110 token, which is what a cookie name must be.
+fn is_token(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// Resolves `host:port` once, at load time; the error completes a sentence that starts
+/// with the address.
+fn resolve_address(raw: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = raw.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    if raw.parse::<IpAddr>().is_ok() || !raw.contains(':') {
+        return Err("has no port: expected host:port like 10.0.0.2:8080".into());
+    }
+    let (_, port) = raw.rsplit_once(':').unwrap_or((raw, ""));
+    if port.parse::<u16>().is_err() {
+        return Err(format!("has a bad port \"{port}\": expected 1 to 65535"));
+    }
+    match raw.to_socket_addrs() {
+        Ok(mut addrs) => addrs.next().ok_or_else(|| "resolves to no address".to_string()),
+        Err(e) => Err(format!("cannot be resolved: {e}")),
+    }
+}

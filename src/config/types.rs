@@ -1,0 +1,332 @@
+//! The resolved configuration: plain, validated types that the rest of Tether uses.
+//!
+//! Nothing here knows TOML; [`super::parse`] builds these from the file. Where a key may be
+//! left out of the file, the `Default` impls below are the values it then takes.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::net::Cidr;
+
+/// The validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Worker threads; 1 runs a single-threaded runtime, which is the fastest per core.
+    pub threads: usize,
+    /// How long in-flight requests may take to finish after SIGTERM or SIGINT.
+    pub shutdown_grace: Duration,
+    pub timeouts: Timeouts,
+    pub access_log: AccessLog,
+    /// The admin listener; `None` when the file has no `[admin]`.
+    pub admin: Option<Admin>,
+    pub listeners: Vec<Listener>,
+    pub pools: Vec<Pool>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Admin {
+    pub bind: SocketAddr,
+    /// Bearer token: writes need it when set; everything needs it off loopback.
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Timeouts {
+    /// TCP connect to a backend.
+    pub connect: Duration,
+    /// From the first byte of a request head to its end; a client dribbling its headers is cut off.
+    pub request_header: Duration,
+    /// How long a client keep-alive connection may sit with no request.
+    pub client_idle: Duration,
+    /// From sending a request to a backend to receiving its response head.
+    pub backend_response: Duration,
+    /// How long an idle pooled connection to a backend is kept for reuse.
+    pub backend_idle: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        // The defaults follow common practice: NGINX uses 60s for proxy_read_timeout and
+        // client_header_timeout; connect is kept short because a backend that takes longer
+        // than a few seconds to accept is better skipped for another one.
+        Timeouts {
+            connect: Duration::from_secs(3),
+            request_header: Duration::from_secs(10),
+            client_idle: Duration::from_secs(60),
+            backend_response: Duration::from_secs(60),
+            backend_idle: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AccessLog {
+    pub format: LogFormat,
+    /// `None` writes to standard output.
+    pub path: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Off,
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Listener {
+    pub name: String,
+    pub bind: SocketAddr,
+    pub trusted_proxies: Vec<Cidr>,
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Route {
+    /// Lower-case host without port; `None` matches any host.
+    pub host: Option<String>,
+    pub path_prefix: String,
+    /// Index into [`Config::pools`].
+    pub pool: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pool {
+    pub name: String,
+    pub algorithm: Algorithm,
+    pub backends: Vec<Backend>,
+    /// Session persistence; `None` balances every request on its own.
+    pub affinity: Option<Affinity>,
+    /// Active checks (`None`: none) and passive checks.
+    pub health: Option<Health>,
+    pub retries: u32,
+    pub retry_budget: f64,
+    pub queue_timeout: Duration,
+    pub max_queue: u32,
+    pub slow_start: Option<Duration>,
+    pub panic_mode: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Health {
+    pub check: CheckKind,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub rise: u32,
+    pub fall: u32,
+    /// Consecutive connect failures or 5xx that eject a backend; 0 turns passive checks off.
+    pub eject_after: u32,
+    pub eject_time: Duration,
+    pub max_ejected: f64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum CheckKind {
+    Tcp,
+    Http {
+        method: String,
+        path: String,
+        host: Option<String>,
+        expect_status: Vec<(u16, u16)>,
+        expect_body: Option<String>,
+    },
+}
+
+/// How a pool keeps sessions on a backend.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Affinity {
+    /// The key chain: the first key present in a request decides.
+    pub keys: Vec<KeySource>,
+    /// How header, query and client-IP keys map to a backend.
+    pub mapping: Mapping,
+    pub on_unavailable: OnUnavailable,
+    /// Lower-case name of the header that tells a backend a session moved, and why.
+    pub repin_header: String,
+    /// Bounded load: no backend takes new sessions beyond this factor times the mean.
+    pub max_sessions_factor: Option<f64>,
+    /// How long a draining backend keeps its sessions before they re-pin.
+    pub drain_timeout: Option<Duration>,
+    pub ipv4_prefix: u8,
+    pub ipv6_prefix: u8,
+    pub cookie: CookieConfig,
+    pub table: TableConfig,
+}
+
+impl Default for Affinity {
+    /// The affinity of a pool whose `[pools.NAME.affinity]` sets only `keys = ["cookie"]`.
+    fn default() -> Self {
+        Affinity {
+            keys: vec![KeySource::Cookie],
+            mapping: Mapping::Table,
+            on_unavailable: OnUnavailable::Repin,
+            repin_header: "tether-session-repinned".into(),
+            max_sessions_factor: None,
+            drain_timeout: None,
+            ipv4_prefix: 32,
+            ipv6_prefix: 64,
+            cookie: CookieConfig::default(),
+            table: TableConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// Tether's own sealed cookie.
+    Cookie,
+    /// An application's session cookie, learned from its `Set-Cookie`.
+    AppCookie(String),
+    /// A request header (lower-case name).
+    Header(String),
+    Query(String),
+    ClientIp,
+}
+
+impl KeySource {
+    /// The kind as it is written in the config and hashed into keys.
+    pub(crate) fn kind(&self) -> &'static str {
+        match self {
+            KeySource::Cookie => "cookie",
+            KeySource::AppCookie(_) => "app_cookie",
+            KeySource::Header(_) => "header",
+            KeySource::Query(_) => "query",
+            KeySource::ClientIp => "client_ip",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mapping {
+    /// Learned in the stick table on first sight.
+    Table,
+    /// Stateless consistent hashing (Maglev).
+    Hash,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnUnavailable {
+    /// Move the session to another backend and tell it so.
+    Repin,
+    /// Answer 503 rather than move the session.
+    Strict,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CookieConfig {
+    pub name: String,
+    pub idle_timeout: Duration,
+    pub absolute_timeout: Option<Duration>,
+    pub domain: Option<String>,
+    pub path: String,
+    pub same_site: SameSite,
+    /// `None`: `Secure` exactly on TLS listeners.
+    pub secure: Option<bool>,
+    pub http_only: bool,
+    /// `None`: a browser-session cookie.
+    pub max_age: Option<Duration>,
+    /// Base64 keys, checked; the first seals. Empty: Tether generates one at start.
+    pub keys: Vec<String>,
+}
+
+impl Default for CookieConfig {
+    fn default() -> Self {
+        CookieConfig {
+            name: "tether".into(),
+            idle_timeout: Duration::from_secs(30 * 60),
+            absolute_timeout: Some(Duration::from_secs(12 * 3600)),
+            domain: None,
+            path: "/".into(),
+            same_site: SameSite::Lax,
+            secure: None,
+            http_only: true,
+            max_age: None,
+            keys: Vec::new(),
+        }
+    }
+}
+
+/// The `SameSite` cookie attribute.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum SameSite {
+    #[default]
+    Lax,
+    Strict,
+    /// Sent cross-site; browsers require `Secure` with it, so rendering
+    /// forces `Secure`.
+    None,
+}
+
+impl SameSite {
+    /// The attribute value as it is written in a `Set-Cookie` header.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            SameSite::Lax => "Lax",
+            SameSite::Strict => "Strict",
+            SameSite::None => "None",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TableConfig {
+    pub capacity: usize,
+    pub idle_timeout: Duration,
+}
+
+impl Default for TableConfig {
+    fn default() -> Self {
+        TableConfig { capacity: 100_000, idle_timeout: Duration::from_secs(30 * 60) }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Algorithm {
+    RoundRobin,
+    LeastConn,
+    P2c,
+    Random,
+}
+
+impl Algorithm {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Algorithm::RoundRobin => "round_robin",
+            Algorithm::LeastConn => "least_conn",
+            Algorithm::P2c => "p2c",
+            Algorithm::Random => "random",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Backend {
+    /// The backend's identity: it survives reloads and restarts.
+    pub name: String,
+    pub address: SocketAddr,
+    pub weight: u32,
+    pub state: AdminState,
+    /// Connections (requests in flight) at most; more wait in a queue. `None`: no limit.
+    pub max_connections: Option<u32>,
+}
+
+/// What an operator allows a backend to take, independent of its health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminState {
+    Enabled,
+    Draining,
+    Disabled,
+}
+
+impl AdminState {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            AdminState::Enabled => "enabled",
+            AdminState::Draining => "draining",
+            AdminState::Disabled => "disabled",
+        }
+    }
+}
+
+/// The largest weight a backend may have. Weights expand into a round-robin sequence whose
+/// length is their sum divided by their gcd, so a bound keeps that table small.
+pub(crate) const MAX_WEIGHT: u32 = 1000;

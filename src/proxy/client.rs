@@ -1,0 +1,188 @@
+//! What the data path knows of one client connection: its timing state machine, the
+//! socket wrapper that feeds it, and the context every request on it carries.
+//!
+//! hyper's own `header_read_timeout` needs a timer, also fires on idle keep-alive
+//! connections and cannot tell the two apart, so Tether keeps a small state machine per
+//! connection instead. [`Timed`] wraps the socket and notices the first byte of a new
+//! request; the request handler marks when a request is being served and when its
+//! response has ended. The connection task (`conn`) sleeps until the current deadline:
+//!
+//! ```text
+//!  accept ──► Head ──(head complete)──► Busy ──(last response ends)──► Idle
+//!              ▲  deadline: request_header      no deadline              │ deadline: client_idle
+//!              └──────────────(first byte of the next request)───────────┘
+//! ```
+//!
+//! A connection whose head deadline passes is closed at once (the client is dribbling);
+//! one whose idle deadline passes is shut down gracefully. HTTP/2 connections never enter
+//! `Head`: frames arrive on them at any time, so only the idle deadline applies.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::HeaderValue;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::config::Timeouts;
+use crate::state::{ListenerStats, Shared};
+
+const HEAD: u8 = 0;
+const BUSY: u8 = 1;
+const IDLE: u8 = 2;
+
+/// The timing state of one client connection, shared by its socket wrapper, its
+/// connection task and the requests it carries.
+#[derive(Debug)]
+pub struct ConnState {
+    phase: AtomicU8,
+    /// Requests being served (more than one only on HTTP/2).
+    active: AtomicU32,
+    /// The current deadline, in milliseconds since `epoch`.
+    deadline: AtomicU64,
+    h2: AtomicBool,
+    epoch: Instant,
+    request_header: Duration,
+    client_idle: Duration,
+}
+
+pub(super) enum Check {
+    HeadTimeout,
+    IdleTimeout,
+    Wait(Instant),
+}
+
+impl ConnState {
+    pub(super) fn new(timeouts: &Timeouts) -> ConnState {
+        let s = ConnState {
+            phase: AtomicU8::new(HEAD),
+            active: AtomicU32::new(0),
+            deadline: AtomicU64::new(0),
+            h2: AtomicBool::new(false),
+            epoch: Instant::now(),
+            request_header: timeouts.request_header,
+            client_idle: timeouts.client_idle,
+        };
+        s.set_deadline(Instant::now() + s.request_header);
+        s
+    }
+
+    pub(super) fn set_deadline(&self, at: Instant) {
+        self.deadline.store(at.duration_since(self.epoch).as_millis() as u64, Ordering::Relaxed);
+    }
+
+    pub(super) fn deadline(&self) -> Instant {
+        self.epoch + Duration::from_millis(self.deadline.load(Ordering::Relaxed))
+    }
+
+    /// Bytes arrived from the client.
+    pub(super) fn on_read(&self) {
+        if self.phase.load(Ordering::Relaxed) == IDLE && !self.h2.load(Ordering::Relaxed) {
+            self.phase.store(HEAD, Ordering::Relaxed);
+            self.set_deadline(Instant::now() + self.request_header);
+        }
+    }
+
+    /// The connection speaks HTTP/2: frames come at any time, only idleness is timed.
+    pub(super) fn set_h2(&self) {
+        self.h2.store(true, Ordering::Relaxed);
+        self.phase.store(IDLE, Ordering::Relaxed);
+        self.set_deadline(Instant::now() + self.client_idle);
+    }
+
+    /// A request head has been read and its handling starts.
+    pub fn begin(&self) {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        self.phase.store(BUSY, Ordering::Relaxed);
+    }
+
+    /// A response has been sent whole (or abandoned).
+    pub fn end(&self) {
+        if self.active.fetch_sub(1, Ordering::Relaxed) == 1 {
+            self.set_deadline(Instant::now() + self.client_idle);
+            self.phase.store(IDLE, Ordering::Relaxed);
+        }
+    }
+
+    pub(super) fn check(&self, now: Instant) -> Check {
+        let phase = self.phase.load(Ordering::Relaxed);
+        if phase == BUSY {
+            // Nothing to enforce while a request is served; look again later.
+            return Check::Wait(now + self.client_idle.min(self.request_header));
+        }
+        let deadline = self.deadline();
+        if now < deadline {
+            Check::Wait(deadline)
+        } else if phase == HEAD {
+            Check::HeadTimeout
+        } else {
+            Check::IdleTimeout
+        }
+    }
+}
+
+/// A client socket that reports reads to its [`ConnState`].
+pub struct Timed {
+    pub(super) io: TcpStream,
+    pub(super) state: Arc<ConnState>,
+}
+
+impl AsyncRead for Timed {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.io).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.state.on_read();
+        }
+        r
+    }
+}
+
+impl AsyncWrite for Timed {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// What a request handler knows about the connection it came on.
+#[derive(Debug)]
+pub struct ConnCx {
+    pub shared: Arc<Shared>,
+    /// The listener's name, which finds its routes in the current snapshot.
+    pub listener_name: Arc<str>,
+    pub peer: SocketAddr,
+    /// The peer's IP, ready for `X-Forwarded-For`.
+    pub peer_ip: HeaderValue,
+    pub state: Arc<ConnState>,
+    pub stats: Arc<ListenerStats>,
+    /// Held while anything of this connection lives (its requests, an upgraded tunnel),
+    /// so that shutdown waits for it.
+    pub(super) _shutdown: watch::Receiver<bool>,
+}

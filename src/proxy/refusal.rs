@@ -1,0 +1,179 @@
+//! Every way a request can fail in Tether's hands, in one place: the status, the
+//! `Tether-Error` label and the message each one gets. A response Tether writes itself is
+//! made only by [`reply`](super::request::reply) from a [`Refusal`].
+
+use std::time::Duration;
+
+use http::StatusCode;
+
+use crate::affinity::verdict::Reason;
+use crate::upstream::ConnectError;
+
+/// Why Tether answers a request itself instead of with a backend's response.
+#[derive(Debug)]
+pub enum Refusal {
+    /// `CONNECT`: Tether is a reverse proxy.
+    ConnectUnsupported,
+    /// A request Tether cannot make sense of (missing or malformed `Host`, ...).
+    BadRequest(&'static str),
+    /// The listener this connection came in on was removed by a reload.
+    NoListener,
+    NoRoute {
+        host: String,
+        path: String,
+    },
+    /// The session's backend is unavailable and the pool is `strict`.
+    SessionUnavailable(Reason),
+    NoBackend,
+    QueueFull {
+        backend: String,
+        max_queue: u32,
+    },
+    QueueTimeout {
+        backend: String,
+        waited: Duration,
+    },
+    /// No connection to the backend (and no other backend to move to).
+    Connect {
+        backend: String,
+        error: ConnectError,
+    },
+    /// The backend's connection broke before a response head.
+    BackendFailed {
+        backend: String,
+        cause: String,
+    },
+    BackendTimeout {
+        backend: String,
+        after: Duration,
+    },
+    /// A `101 Switching Protocols` to a request that asked for no upgrade.
+    UnaskedSwitch,
+}
+
+impl Refusal {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Refusal::ConnectUnsupported => StatusCode::METHOD_NOT_ALLOWED,
+            Refusal::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Refusal::NoRoute { .. } => StatusCode::NOT_FOUND,
+            Refusal::NoListener
+            | Refusal::SessionUnavailable(_)
+            | Refusal::NoBackend
+            | Refusal::QueueFull { .. }
+            | Refusal::QueueTimeout { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::Connect { error: ConnectError::Timeout(_), .. } | Refusal::BackendTimeout { .. } => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
+            Refusal::Connect { .. } | Refusal::BackendFailed { .. } | Refusal::UnaskedSwitch => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    /// The `Tether-Error` header value and the access log's error field.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Refusal::ConnectUnsupported => "connect-unsupported",
+            Refusal::BadRequest(_) => "bad-request",
+            Refusal::NoListener => "no-listener",
+            Refusal::NoRoute { .. } => "no-route",
+            Refusal::SessionUnavailable(_) => "session-unavailable",
+            Refusal::NoBackend => "no-backend",
+            Refusal::QueueFull { .. } => "queue-full",
+            Refusal::QueueTimeout { .. } => "queue-timeout",
+            Refusal::Connect { error: ConnectError::Timeout(_), .. } => "connect-timeout",
+            Refusal::Connect { .. } => "connect-failed",
+            Refusal::BackendFailed { .. } | Refusal::UnaskedSwitch => "backend-error",
+            Refusal::BackendTimeout { .. } => "backend-timeout",
+        }
+    }
+
+    /// What went wrong, in words, for the response body; `pool` names the routed pool.
+    pub fn message(&self, pool: &str) -> String {
+        match self {
+            Refusal::ConnectUnsupported => "CONNECT is not supported: Tether is a reverse proxy".into(),
+            Refusal::BadRequest(why) => (*why).into(),
+            Refusal::NoListener => "this listener was removed".into(),
+            Refusal::NoRoute { host, path } => format!("no route for host \"{host}\" and path \"{path}\""),
+            Refusal::SessionUnavailable(reason) => format!(
+                "pool \"{pool}\": the session's backend is unavailable ({}) and this pool does not move sessions",
+                crate::affinity::verdict::Verdict::Repin(*reason).reason().unwrap_or("")
+            ),
+            Refusal::NoBackend => format!("pool \"{pool}\": no backend is available"),
+            Refusal::QueueFull { backend, max_queue } => {
+                format!(
+                    "pool \"{pool}\": backend \"{backend}\" is at max_connections and its queue of {max_queue} is full"
+                )
+            }
+            Refusal::QueueTimeout { backend, waited } => format!(
+                "pool \"{pool}\": backend \"{backend}\" is at max_connections and no slot freed within {waited:?}"
+            ),
+            Refusal::Connect { backend, error } => format!("pool \"{pool}\": backend \"{backend}\": {error}"),
+            Refusal::BackendFailed { backend, cause } => {
+                format!("pool \"{pool}\": backend \"{backend}\" failed: {cause}")
+            }
+            Refusal::BackendTimeout { backend, after } => {
+                format!("pool \"{pool}\": backend \"{backend}\" did not answer within {after:?}")
+            }
+            Refusal::UnaskedSwitch => "the backend switched protocols without being asked".into(),
+        }
+    }
+}
+
+/// Failures after the response head went out: logged, never answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LateFailure {
+    /// The backend's response body broke off.
+    BackendBody,
+    /// An accepted upgrade could not be joined.
+    Upgrade,
+    /// An upgraded tunnel ended with an error.
+    Tunnel,
+}
+
+impl LateFailure {
+    pub fn label(self) -> &'static str {
+        match self {
+            LateFailure::BackendBody => "backend-body-error",
+            LateFailure::Upgrade => "upgrade-failed",
+            LateFailure::Tunnel => "tunnel-error",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_faults_are_4xx_and_backend_faults_5xx() {
+        let io = || ConnectError::Io(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        let b = || "app-1".to_string();
+        let cases = [
+            (Refusal::ConnectUnsupported, 405, "connect-unsupported"),
+            (Refusal::BadRequest("malformed Host header"), 400, "bad-request"),
+            (Refusal::NoRoute { host: "x".into(), path: "/".into() }, 404, "no-route"),
+            (Refusal::NoListener, 503, "no-listener"),
+            (Refusal::SessionUnavailable(Reason::Down), 503, "session-unavailable"),
+            (Refusal::NoBackend, 503, "no-backend"),
+            (Refusal::QueueFull { backend: b(), max_queue: 3 }, 503, "queue-full"),
+            (Refusal::QueueTimeout { backend: b(), waited: Duration::from_secs(1) }, 503, "queue-timeout"),
+            (
+                Refusal::Connect { backend: b(), error: ConnectError::Timeout(Duration::from_secs(1)) },
+                504,
+                "connect-timeout",
+            ),
+            (Refusal::Connect { backend: b(), error: io() }, 502, "connect-failed"),
+            (Refusal::BackendFailed { backend: b(), cause: "reset".into() }, 502, "backend-error"),
+            (Refusal::BackendTimeout { backend: b(), after: Duration::from_secs(1) }, 504, "backend-timeout"),
+            (Refusal::UnaskedSwitch, 502, "backend-error"),
+        ];
+        for (r, status, label) in cases {
+            assert_eq!((r.status().as_u16(), r.label()), (status, label), "{r:?}");
+        }
+        let m = Refusal::SessionUnavailable(Reason::Drained).message("web");
+        assert_eq!(
+            m,
+            "pool \"web\": the session's backend is unavailable (drained) and this pool does not move sessions"
+        );
+    }
+}

@@ -1,0 +1,371 @@
+//! One request, start to end, as named steps: [`route`] it to a pool, [`decide`] its
+//! backend, [`send`] it (acquiring a `max_connections` slot, a connection, and moving to
+//! another backend where that is safe), then [`respond`]. Any step may refuse with a
+//! [`Refusal`]; [`reply`] is the one place that turns a refusal into a response.
+//!
+//! The request body is never read here: it streams to the backend as hyper's `Incoming`,
+//! and the response streams back in a [`ProxyBody`]. What a request owes when it ends
+//! (in-flight count, pooled connection, access log) is settled by its [`Outcome`].
+
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri};
+use http_body::Body as _;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::time::Instant;
+
+use super::body::{Outcome, ProxyBody};
+use super::client::ConnCx;
+use super::refusal::{LateFailure, Refusal};
+use super::rewrite;
+use crate::affinity::{Decision, Target};
+use crate::backend::health::passive_failure;
+use crate::backend::Backend;
+use crate::config::Timeouts;
+use crate::pool::{Pool, Routes, Snapshot};
+use crate::upstream::{ConnectError, RequestBody, Sender};
+
+/// Set on every response Tether writes itself, so a client can tell it from the backend's.
+pub static TETHER_ERROR: HeaderName = HeaderName::from_static("tether-error");
+
+/// Attempts on stale pooled connections before a fresh one is opened.
+const STALE_RETRIES: usize = 2;
+
+/// The hyper service: every request gets a response, never an error.
+pub async fn handle(req: Request<Incoming>, cx: Arc<ConnCx>) -> Result<Response<ProxyBody>, Infallible> {
+    let snapshot = cx.shared.snapshot.load_full();
+    let mut out = Outcome::new(cx.clone(), req.method().clone(), req.uri().clone(), req.version());
+    let response = match forward(req, &snapshot, &cx, &mut out).await {
+        Ok(Forwarded { response, sender, client_upgrade }) => respond(response, sender, client_upgrade, out),
+        Err(refusal) => Err((refusal, out)),
+    };
+    Ok(response.unwrap_or_else(|(refusal, out)| reply(out, refusal)))
+}
+
+/// A backend's response head, with what it takes to stream or upgrade it.
+struct Forwarded {
+    response: Response<Incoming>,
+    sender: Sender,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+}
+
+/// Route, decide, rewrite, send; on the response, passive health and persistence.
+async fn forward(
+    mut req: Request<Incoming>,
+    snap: &Snapshot,
+    cx: &Arc<ConnCx>,
+    out: &mut Outcome,
+) -> Result<Forwarded, Refusal> {
+    let (routes, pool, host) = route(&req, snap, cx)?;
+    out.pool = Some(pool.name.clone());
+    let upgrade = rewrite::wants_upgrade(&req);
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let trusted = routes.trusted_proxies.iter().any(|c| c.contains(crate::net::canonical(cx.peer.ip())));
+    let now_ms = if pool.affinity.is_some() { crate::time::unix_millis() } else { 0 };
+    let mut decision = decide(pool, routes, cx, &req, trusted, now_ms);
+    out.verdict = decision.verdict;
+    rewrite::request(&mut req, cx, host, trusted, upgrade);
+    if let Some(a) = &pool.affinity {
+        rewrite::for_affinity(req.headers_mut(), a, decision.verdict);
+    }
+    out.bytes_in = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok()).unwrap_or(0);
+    let index = match decision.target {
+        Target::Use(i) => i,
+        Target::Strict(reason) => return Err(Refusal::SessionUnavailable(reason)),
+        Target::NoBackend => return Err(Refusal::NoBackend),
+    };
+    pool.retry_budget.deposit(pool.config.retry_budget);
+    let mut attempt = Attempt::new(pool, &req, index, now_ms);
+    let (mut response, sender) =
+        send(req.map(RequestBody::Stream), &mut attempt, &mut decision, out, &snap.config.timeouts).await?;
+    let index = attempt.index;
+    if response.status().is_server_error() {
+        let why = format!("status {}", response.status().as_u16());
+        passive_failure(&pool.backends, index, pool.config.health.as_ref(), &why);
+    } else {
+        pool.backends[index].passive_success();
+    }
+    if let Some(a) = &pool.affinity {
+        rewrite::persist(response.headers_mut(), a, &decision, index);
+    }
+    Ok(Forwarded { response, sender, client_upgrade })
+}
+
+/// Step 1: what can be proxied at all, and the pool it goes to (by host, then path).
+fn route<'s>(
+    req: &Request<Incoming>,
+    snap: &'s Snapshot,
+    cx: &ConnCx,
+) -> Result<(&'s Routes, &'s Pool, Option<HeaderValue>), Refusal> {
+    if req.method() == Method::CONNECT {
+        return Err(Refusal::ConnectUnsupported);
+    }
+    let host = rewrite::host_of(req).map_err(Refusal::BadRequest)?;
+    let routes = snap.listener(&cx.listener_name).ok_or(Refusal::NoListener)?;
+    let host_name = host.as_ref().and_then(|h| h.to_str().ok()).map_or("", crate::net::strip_port);
+    let Some(pool) = routes.route(host_name, req.uri().path()) else {
+        return Err(Refusal::NoRoute { host: host_name.to_string(), path: req.uri().path().to_string() });
+    };
+    Ok((routes, &snap.pools[pool], host))
+}
+
+/// Step 2: the backend, by the pool's affinity or, without one, its balancer.
+fn decide(pool: &Pool, routes: &Routes, cx: &ConnCx, req: &Request<Incoming>, trusted: bool, now_ms: u64) -> Decision {
+    match &pool.affinity {
+        Some(a) => {
+            let client = rewrite::client_ip(cx.peer.ip(), req.headers(), &routes.trusted_proxies, trusted);
+            a.decide(&pool.group(), req.headers(), req.uri(), client, now_ms)
+        }
+        None => Decision::plain(pool.group().pick(None)),
+    }
+}
+
+/// Where a request is in its attempts to reach a backend.
+struct Attempt<'p> {
+    pool: &'p Pool,
+    /// The backend being tried.
+    index: usize,
+    /// Moves to another backend still allowed (the pool's `retries`, at least one for a
+    /// failed connect).
+    moves_left: u32,
+    /// Pooled connections found closed so far on this backend.
+    stale: usize,
+    /// An idempotent request without a body, kept so it can be sent again after a
+    /// connection that broke before any response byte.
+    replay: Option<(Method, Uri, HeaderMap)>,
+    now_ms: u64,
+}
+
+impl<'p> Attempt<'p> {
+    fn new(pool: &'p Pool, req: &Request<Incoming>, index: usize, now_ms: u64) -> Attempt<'p> {
+        let replay = (pool.config.retries > 0 && is_idempotent(req.method()) && req.body().is_end_stream())
+            .then(|| (req.method().clone(), req.uri().clone(), req.headers().clone()));
+        Attempt { pool, index, moves_left: pool.config.retries.max(1), stale: 0, replay, now_ms }
+    }
+
+    fn backend(&self) -> &'p Arc<Backend> {
+        &self.pool.backends[self.index]
+    }
+
+    /// Moves to another backend, within the pool's retries and retry budget, re-pinning
+    /// the session there; `false` when there is none to move to.
+    fn move_on(&mut self, decision: &mut Decision, out: &mut Outcome) -> bool {
+        let pool = self.pool;
+        if self.moves_left == 0 || !pool.retry_budget.withdraw() {
+            return false;
+        }
+        let next = match &pool.affinity {
+            Some(a) => a.failover(&pool.group(), decision, self.index, self.now_ms),
+            None => pool.group().pick(Some(self.index)),
+        };
+        let Some(next) = next else { return false };
+        self.moves_left -= 1;
+        pool.retry_budget.retries.fetch_add(1, Ordering::Relaxed);
+        self.index = next;
+        self.stale = 0;
+        out.verdict = decision.verdict;
+        true
+    }
+
+    /// The request headers after a move: the re-pin header says why.
+    fn rewrite_moved(&self, headers: &mut HeaderMap, decision: &Decision) {
+        if let Some(a) = &self.pool.affinity {
+            rewrite::for_affinity(headers, a, decision.verdict);
+        }
+    }
+}
+
+/// Step 3: send to the chosen backend, moving to another where nothing of the request
+/// has reached the first (a failed connect) or the request can be sent again whole (an
+/// idempotent request without a body whose connection broke before any response byte).
+/// A pooled connection found closed before the request was written gets it back, and it
+/// goes out again on another connection to the same backend.
+async fn send(
+    mut req: Request<RequestBody>,
+    attempt: &mut Attempt<'_>,
+    decision: &mut Decision,
+    out: &mut Outcome,
+    timeouts: &Timeouts,
+) -> Result<(Response<Incoming>, Sender), Refusal> {
+    let pool = attempt.pool;
+    loop {
+        let backend = attempt.backend();
+        out.set_backend(backend, &pool.upstreams[attempt.index]);
+        acquire_slot(pool, backend, out).await?;
+        let mut sender = match connection(pool, attempt.index, attempt.stale >= STALE_RETRIES).await {
+            Ok(s) => s,
+            Err(error) => {
+                tracing::warn!(pool = %pool.name, backend = %backend.name, address = %backend.address_text, "{error}");
+                passive_failure(&pool.backends, attempt.index, pool.config.health.as_ref(), &error.to_string());
+                if attempt.move_on(decision, out) {
+                    attempt.rewrite_moved(req.headers_mut(), decision);
+                    continue;
+                }
+                return Err(Refusal::Connect { backend: backend.name.clone(), error });
+            }
+        };
+        let sent = Instant::now();
+        let e = match tokio::time::timeout(timeouts.backend_response, sender.try_send_request(req)).await {
+            Ok(Ok(response)) => {
+                out.upstream = Some(sent.elapsed());
+                return Ok((response, sender));
+            }
+            Err(_) => {
+                tracing::warn!(pool = %pool.name, backend = %backend.name, "no response within {:?}", timeouts.backend_response);
+                passive_failure(&pool.backends, attempt.index, pool.config.health.as_ref(), "response timeout");
+                return Err(Refusal::BackendTimeout {
+                    backend: backend.name.clone(),
+                    after: timeouts.backend_response,
+                });
+            }
+            Ok(Err(e)) => e,
+        };
+        let mut e = e;
+        if let Some(unsent) = e.take_message() {
+            // The pooled connection closed before the request went out: send it again.
+            req = unsent;
+            attempt.stale += 1;
+            continue;
+        }
+        let e = e.into_error();
+        tracing::warn!(pool = %pool.name, backend = %backend.name, "backend failed: {e}");
+        passive_failure(&pool.backends, attempt.index, pool.config.health.as_ref(), &cause(&e));
+        match attempt.replay.clone() {
+            Some((method, uri, headers)) if attempt.move_on(decision, out) => {
+                out.retried = true;
+                req = Request::new(RequestBody::Empty);
+                *req.method_mut() = method;
+                *req.uri_mut() = uri;
+                *req.headers_mut() = headers;
+                attempt.rewrite_moved(req.headers_mut(), decision);
+            }
+            _ => return Err(Refusal::BackendFailed { backend: backend.name.clone(), cause: cause(&e) }),
+        }
+    }
+}
+
+/// Waits for a `max_connections` slot of the backend, if it has a limit, within the
+/// pool's queue length and queue timeout.
+async fn acquire_slot(pool: &Pool, backend: &Backend, out: &mut Outcome) -> Result<(), Refusal> {
+    let Some(slots) = &backend.slots else { return Ok(()) };
+    if slots.available_permits() == 0 && backend.waiting.load(Ordering::Relaxed) >= pool.config.max_queue {
+        return Err(Refusal::QueueFull { backend: backend.name.clone(), max_queue: pool.config.max_queue });
+    }
+    backend.waiting.fetch_add(1, Ordering::Relaxed);
+    let waited = tokio::time::timeout(pool.config.queue_timeout, slots.clone().acquire_owned()).await;
+    backend.waiting.fetch_sub(1, Ordering::Relaxed);
+    match waited {
+        Ok(Ok(permit)) => {
+            out.slot = Some(permit);
+            Ok(())
+        }
+        _ => Err(Refusal::QueueTimeout { backend: backend.name.clone(), waited: pool.config.queue_timeout }),
+    }
+}
+
+/// A pooled connection to backend `i`, or a new one when there is none or `fresh`.
+async fn connection(pool: &Pool, i: usize, fresh: bool) -> Result<Sender, ConnectError> {
+    let upstream = &pool.upstreams[i];
+    if !fresh {
+        if let Some(s) = upstream.take_idle().await {
+            return Ok(s);
+        }
+    }
+    upstream.connect().await
+}
+
+/// RFC 9110 section 9.2.2.
+fn is_idempotent(m: &Method) -> bool {
+    matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE)
+}
+
+/// Step 4: the backend's response becomes the client's: streamed, or for an accepted
+/// upgrade, a tunnel.
+#[allow(clippy::result_large_err)]
+fn respond(
+    mut response: Response<Incoming>,
+    sender: Sender,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    mut out: Outcome,
+) -> Result<Response<ProxyBody>, (Refusal, Outcome)> {
+    out.status = response.status().as_u16();
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let Some(client) = client_upgrade else {
+            // A 101 to a request that asked for no upgrade is a broken backend.
+            return Err((Refusal::UnaskedSwitch, out));
+        };
+        let backend = hyper::upgrade::on(&mut response);
+        rewrite::strip_hop_by_hop(response.headers_mut(), true);
+        let (parts, _) = response.into_parts();
+        tokio::spawn(tunnel(client, backend, out));
+        return Ok(Response::from_parts(parts, ProxyBody::empty(None)));
+    }
+    rewrite::strip_hop_by_hop(response.headers_mut(), false);
+    out.sender = Some(sender);
+    let (parts, body) = response.into_parts();
+    Ok(Response::from_parts(parts, ProxyBody::stream(body, out)))
+}
+
+/// Copies bytes both ways between an upgraded client and backend until either side ends.
+async fn tunnel(client: hyper::upgrade::OnUpgrade, backend: hyper::upgrade::OnUpgrade, mut out: Outcome) {
+    let (client, backend) = match tokio::try_join!(client, backend) {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::debug!("upgrade failed: {e}");
+            out.error = Some(LateFailure::Upgrade.label());
+            return;
+        }
+    };
+    let (mut client, mut backend) = (TokioIo::new(client), TokioIo::new(backend));
+    match tokio::io::copy_bidirectional(&mut client, &mut backend).await {
+        Ok((from_client, from_backend)) => {
+            out.bytes_in += from_client;
+            out.bytes_out += from_backend;
+        }
+        Err(e) => {
+            tracing::debug!("tunnel ended: {e}");
+            out.error = Some(LateFailure::Tunnel.label());
+        }
+    }
+}
+
+/// The innermost cause of a hyper error, which says what actually happened.
+fn cause(e: &hyper::Error) -> String {
+    let mut source: &dyn std::error::Error = e;
+    while let Some(s) = source.source() {
+        source = s;
+    }
+    if std::ptr::addr_eq(source, e) {
+        e.to_string()
+    } else {
+        format!("{e}: {source}")
+    }
+}
+
+/// A response Tether writes itself: plain text naming what went wrong, marked with
+/// `Tether-Error` so nobody mistakes it for the application's.
+pub fn reply(mut out: Outcome, refusal: Refusal) -> Response<ProxyBody> {
+    let status = refusal.status();
+    let msg = refusal.message(out.pool.as_deref().unwrap_or(""));
+    out.status = status.as_u16();
+    out.error = Some(refusal.label());
+    out.sender = None;
+    let body = format!("{} {}: {msg}\n", status.as_u16(), status.canonical_reason().unwrap_or(""));
+    let mut r = Response::new(ProxyBody::full(Bytes::from(body), Some(out)));
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(TETHER_ERROR.clone(), HeaderValue::from_static(refusal.label()));
+    if status.is_client_error() {
+        // After a request Tether could not make sense of, the connection's framing is not
+        // to be trusted either.
+        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    r
+}

@@ -1,0 +1,333 @@
+//! `PoolAffinity::decide` and `failover` as a table: every key kind against every state a
+//! session's backend can be in, for pools that re-pin and pools that are strict, with
+//! table and hash mapping, and bounded load. Each row is one line. No sockets, no config
+//! file: the pool comes from the shared fixture, and time is passed in.
+
+#[path = "support/fixture.rs"]
+mod fixture;
+
+use std::time::Duration;
+
+use http::{HeaderMap, Uri};
+use tether::affinity::verdict::{Reason, Verdict};
+use tether::affinity::{Decision, Target};
+use tether::config::{AdminState, CheckKind, Health, KeySource, Mapping, OnUnavailable};
+
+use fixture::{affinity, client, header, Fixture};
+
+/// A key kind and the mapping it uses.
+#[derive(Debug, Clone, Copy)]
+enum Key {
+    Cookie,
+    AppCookie,
+    HeaderTable,
+    HeaderHash,
+    QueryTable,
+    IpTable,
+    IpHash,
+}
+
+/// What happens to the session's backend between the first request and the next.
+#[derive(Debug, Clone, Copy)]
+enum State {
+    Up,
+    Down,
+    Draining,
+    /// Draining for longer than `drain_timeout`.
+    DrainExpired,
+    Disabled,
+    /// A reload removed it.
+    Removed,
+}
+
+/// What the next request must get.
+#[derive(Debug, Clone, Copy)]
+enum Expect {
+    /// The same backend, verdict `hit`.
+    Stay,
+    /// Another backend, with this verdict.
+    Move(Verdict),
+    /// A hashed key whose backend is gone simply hashes elsewhere: a `hit` there.
+    Rehash,
+    /// Refused (strict pool): the 503 the proxy answers, for this reason.
+    Refuse(Reason),
+}
+
+use Expect::*;
+use Key::*;
+use State::*;
+
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[rustfmt::skip]
+const ROWS: &[(Key, State, bool, Expect)] = &[
+    // key          state          strict  expect
+    (Cookie,        Up,            false,  Stay),
+    (Cookie,        Draining,      false,  Stay),
+    (Cookie,        DrainExpired,  false,  Move(Verdict::Repin(Reason::Drained))),
+    (Cookie,        Down,          false,  Move(Verdict::Repin(Reason::Down))),
+    (Cookie,        Disabled,      false,  Move(Verdict::Repin(Reason::Disabled))),
+    (Cookie,        Removed,       false,  Move(Verdict::Repin(Reason::Removed))),
+    (Cookie,        Up,            true,   Stay),
+    (Cookie,        Draining,      true,   Stay),
+    (Cookie,        DrainExpired,  true,   Refuse(Reason::Drained)),
+    (Cookie,        Down,          true,   Refuse(Reason::Down)),
+    (Cookie,        Disabled,      true,   Refuse(Reason::Disabled)),
+    (Cookie,        Removed,       true,   Refuse(Reason::Removed)),
+    (AppCookie,     Up,            false,  Stay),
+    (AppCookie,     Draining,      false,  Stay),
+    (AppCookie,     DrainExpired,  false,  Move(Verdict::Repin(Reason::Drained))),
+    (AppCookie,     Down,          false,  Move(Verdict::Repin(Reason::Down))),
+    (AppCookie,     Disabled,      false,  Move(Verdict::Repin(Reason::Disabled))),
+    (AppCookie,     Removed,       false,  Move(Verdict::Repin(Reason::Removed))),
+    (AppCookie,     Down,          true,   Refuse(Reason::Down)),
+    (AppCookie,     Removed,       true,   Refuse(Reason::Removed)),
+    (HeaderTable,   Up,            false,  Stay),
+    (HeaderTable,   Draining,      false,  Stay),
+    (HeaderTable,   DrainExpired,  false,  Move(Verdict::Repin(Reason::Drained))),
+    (HeaderTable,   Down,          false,  Move(Verdict::Repin(Reason::Down))),
+    (HeaderTable,   Disabled,      false,  Move(Verdict::Repin(Reason::Disabled))),
+    (HeaderTable,   Removed,       false,  Move(Verdict::Repin(Reason::Removed))),
+    (HeaderTable,   Down,          true,   Refuse(Reason::Down)),
+    (HeaderTable,   Disabled,      true,   Refuse(Reason::Disabled)),
+    (HeaderHash,    Up,            false,  Stay),
+    (HeaderHash,    Draining,      false,  Stay),
+    (HeaderHash,    DrainExpired,  false,  Move(Verdict::Repin(Reason::Drained))),
+    (HeaderHash,    Down,          false,  Move(Verdict::Repin(Reason::Down))),
+    (HeaderHash,    Disabled,      false,  Move(Verdict::Repin(Reason::Disabled))),
+    (HeaderHash,    Removed,       false,  Rehash),
+    (HeaderHash,    Up,            true,   Stay),
+    (HeaderHash,    Down,          true,   Refuse(Reason::Down)),
+    (HeaderHash,    DrainExpired,  true,   Refuse(Reason::Drained)),
+    (HeaderHash,    Removed,       true,   Rehash),
+    (QueryTable,    Up,            false,  Stay),
+    (QueryTable,    Down,          false,  Move(Verdict::Repin(Reason::Down))),
+    (QueryTable,    Disabled,      true,   Refuse(Reason::Disabled)),
+    (IpTable,       Up,            false,  Stay),
+    (IpTable,       Draining,      false,  Stay),
+    (IpTable,       Down,          false,  Move(Verdict::Repin(Reason::Down))),
+    (IpTable,       Removed,       false,  Move(Verdict::Repin(Reason::Removed))),
+    (IpTable,       Down,          true,   Refuse(Reason::Down)),
+    (IpHash,        Up,            false,  Stay),
+    (IpHash,        Disabled,      false,  Move(Verdict::Repin(Reason::Disabled))),
+    (IpHash,        Disabled,      true,   Refuse(Reason::Disabled)),
+];
+
+/// The pool's key chain for a key kind.
+fn pool_for(key: Key, strict: bool) -> Fixture {
+    let (keys, mapping) = match key {
+        Cookie => (vec![KeySource::Cookie], Mapping::Table),
+        AppCookie => (vec![KeySource::AppCookie("JSESSIONID".into())], Mapping::Table),
+        HeaderTable => (vec![KeySource::Header("x-user".into())], Mapping::Table),
+        HeaderHash => (vec![KeySource::Header("x-user".into())], Mapping::Hash),
+        QueryTable => (vec![KeySource::Query("sid".into())], Mapping::Table),
+        IpTable => (vec![KeySource::ClientIp], Mapping::Table),
+        IpHash => (vec![KeySource::ClientIp], Mapping::Hash),
+    };
+    let mut a = affinity(keys, mapping);
+    a.drain_timeout = Some(DRAIN_TIMEOUT);
+    if strict {
+        a.on_unavailable = OnUnavailable::Strict;
+    }
+    Fixture::new(a)
+}
+
+/// Starts a session as a client would, and returns the request that carries it and the
+/// name of the backend it is pinned to.
+fn start_session(f: &Fixture, key: Key, now: u64) -> (HeaderMap, Uri, String) {
+    let uri = Uri::from_static("/shop?sid=s-7731");
+    let (headers, first) = match key {
+        Cookie => {
+            let first = f.decide(&HeaderMap::new(), &uri, client(), now);
+            assert_eq!(first.verdict, Verdict::New);
+            (header("cookie", f.cookie_header(&first).to_str().unwrap()), first)
+        }
+        AppCookie => {
+            // The application on app-2 set its session cookie; Tether learned it.
+            let mut response = HeaderMap::new();
+            response.insert(http::header::SET_COOKIE, "JSESSIONID=abc123; Path=/".parse().unwrap());
+            f.affinity.learn(&response, 1);
+            let h = header("cookie", "JSESSIONID=abc123");
+            let first = f.decide(&h, &uri, client(), now);
+            (h, first)
+        }
+        HeaderTable | HeaderHash => {
+            let h = header("x-user", "user-48213");
+            let first = f.decide(&h, &uri, client(), now);
+            (h, first)
+        }
+        QueryTable | IpTable | IpHash => (HeaderMap::new(), f.decide(&HeaderMap::new(), &uri, client(), now)),
+    };
+    let home = f.target_name(&first).expect("the first request has a backend").to_string();
+    (headers, uri, home)
+}
+
+fn health() -> Health {
+    Health {
+        check: CheckKind::Tcp,
+        interval: Duration::from_secs(1),
+        timeout: Duration::from_secs(1),
+        rise: 1,
+        fall: 1,
+        eject_after: 0,
+        eject_time: Duration::from_secs(1),
+        max_ejected: 0.5,
+    }
+}
+
+/// Puts the session's backend into `state`; returns the pool the next request sees and
+/// the time it comes at.
+fn apply(f: Fixture, state: State, home: &str, now: u64) -> (Fixture, u64) {
+    let i = f.backends.iter().position(|b| b.name == home).unwrap();
+    let b = &f.backends[i];
+    match state {
+        Up => {}
+        Down => b.record_check(&health(), Err("refused")),
+        Draining => b.set_admin_state(AdminState::Draining),
+        DrainExpired => {
+            b.set_admin_state(AdminState::Draining);
+            let later = b.draining_since() + DRAIN_TIMEOUT.as_millis() as u64 + 1;
+            return (f, later.max(now));
+        }
+        Disabled => b.set_admin_state(AdminState::Disabled),
+        Removed => return (f.reloaded_without(i), now),
+    }
+    (f, now)
+}
+
+fn check(f: &Fixture, d: &Decision, home: &str, expect: Expect) -> Result<(), String> {
+    let to = f.target_name(d);
+    let ok = match expect {
+        Stay => d.verdict == Verdict::Hit && to == Some(home),
+        Rehash => d.verdict == Verdict::Hit && to.is_some_and(|t| t != home),
+        Move(v) => d.verdict == v && to.is_some_and(|t| t != home),
+        Refuse(r) => d.verdict == Verdict::Repin(r) && d.target == Target::Strict(r),
+    };
+    ok.then_some(()).ok_or_else(|| format!("got {:?} to {to:?} (home {home})", d.verdict))
+}
+
+#[test]
+fn every_key_kind_in_every_backend_state() {
+    let mut failures = Vec::new();
+    for &(key, state, strict, expect) in ROWS {
+        let now = tether::time::unix_millis();
+        let f = pool_for(key, strict);
+        let (headers, uri, home) = start_session(&f, key, now);
+        let (f, at) = apply(f, state, &home, now);
+        let d = f.decide(&headers, &uri, client(), at);
+        if let Err(e) = check(&f, &d, &home, expect) {
+            failures.push(format!("{key:?} / {state:?} / strict={strict}: expected {expect:?}, {e}"));
+        }
+        // A moved token session keeps its id and gets a token for its new backend.
+        if let (Cookie, Move(_)) = (key, expect) {
+            assert!(d.issue.is_some() && d.session.is_some(), "{key:?} / {state:?}: moved without a new token");
+        }
+    }
+    assert!(failures.is_empty(), "{} of {} rows failed:\n{}", failures.len(), ROWS.len(), failures.join("\n"));
+}
+
+#[rustfmt::skip]
+const TOKEN_AGES: &[(&str, u64, u64, Verdict, bool)] = &[
+    // what                           idle s  age s    verdict on the next request  Set-Cookie?
+    ("fresh",                         10,     10,      Verdict::Hit,                false),
+    ("idle over a quarter of 30 min", 500,    500,     Verdict::Hit,                true),
+    ("idle over 30 min",              1_801,  1_801,   Verdict::Expired,            true),
+    ("older than 12 h, still active", 10,     43_201,  Verdict::Expired,            true),
+];
+
+/// Token time comes from the caller's clock: a request `idle` seconds after the token's
+/// last-seen stamp, and `age` seconds after it was issued.
+#[test]
+fn token_idle_and_absolute_timeouts() {
+    for &(what, idle, age, verdict, set_cookie) in TOKEN_AGES {
+        let f = Fixture::new(fixture::cookie());
+        let uri = Uri::from_static("/");
+        let issued_at = tether::time::unix_millis();
+        let first = f.decide(&HeaderMap::new(), &uri, client(), issued_at);
+        // Keep the session active (a request every 1,000 s) until `idle` seconds before
+        // `at`, then come back at `at`, `age` seconds after the token was issued.
+        let at = issued_at + age * 1000;
+        let last_active = at - idle * 1000;
+        let mut headers = header("cookie", f.cookie_header(&first).to_str().unwrap());
+        let mut t = issued_at;
+        while t < last_active {
+            t = (t + 1_000_000).min(last_active);
+            let d = f.decide(&headers, &uri, client(), t);
+            assert_eq!(d.verdict, Verdict::Hit, "{what}: keeping the session active");
+            if d.issue.is_some() {
+                headers = header("cookie", f.cookie_header(&d).to_str().unwrap());
+            }
+        }
+        let d = f.decide(&headers, &uri, client(), at);
+        assert_eq!(d.verdict, verdict, "{what}");
+        assert_eq!(d.issue.is_some(), set_cookie, "{what}: Set-Cookie");
+        if let Some(t) = &d.issue {
+            assert_eq!(t.last_seen, at / 1000, "{what}: a new or refreshed token is stamped now");
+        }
+    }
+}
+
+#[test]
+fn bounded_load_places_new_sessions_under_the_cap() {
+    let mut a = fixture::cookie();
+    a.max_sessions_factor = Some(1.25);
+    let f = Fixture::new(a);
+    f.backends[0].set_sessions(10);
+    // The cap is ceil(1.25 * 11 / 3) = 5: app-1 takes no new session until others catch up.
+    for n in 0..8 {
+        let d = f.decide(&HeaderMap::new(), &Uri::from_static("/"), client(), tether::time::unix_millis());
+        assert_eq!(d.verdict, Verdict::New);
+        assert_ne!(f.target_name(&d), Some("app-1"), "new session {n} went over the cap");
+    }
+    // A session already on app-1 stays there: bounded load only steers placement.
+    let mut a = fixture::cookie();
+    a.max_sessions_factor = Some(1.25);
+    let f = Fixture::new(a);
+    let now = tether::time::unix_millis();
+    let first = f.decide(&HeaderMap::new(), &Uri::from_static("/"), client(), now);
+    let home = f.target_name(&first).unwrap().to_string();
+    let i = f.backends.iter().position(|b| b.name == home).unwrap();
+    f.backends[i].set_sessions(100);
+    let d =
+        f.decide(&header("cookie", f.cookie_header(&first).to_str().unwrap()), &Uri::from_static("/"), client(), now);
+    assert_eq!((d.verdict, f.target_name(&d)), (Verdict::Hit, Some(home.as_str())));
+}
+
+#[test]
+fn bounded_load_moves_a_hashed_key_off_an_overloaded_backend() {
+    let mut a = affinity(vec![KeySource::Header("x-user".into())], Mapping::Hash);
+    a.max_sessions_factor = Some(1.25);
+    let f = Fixture::new(a);
+    let (h, uri, now) = (header("x-user", "user-48213"), Uri::from_static("/"), tether::time::unix_millis());
+    let first = f.decide(&h, &uri, client(), now);
+    let home = first.backend().unwrap();
+    for _ in 0..10 {
+        f.backends[home].acquire();
+    }
+    let d = f.decide(&h, &uri, client(), now);
+    assert_eq!(d.verdict, Verdict::Overload);
+    assert!(d.backend().is_some_and(|i| i != home), "{d:?}");
+}
+
+#[test]
+fn failover_repins_unless_strict() {
+    for strict in [false, true] {
+        for key in [Cookie, HeaderTable, HeaderHash] {
+            let f = pool_for(key, strict);
+            let now = tether::time::unix_millis();
+            let (headers, uri, home) = start_session(&f, key, now);
+            let mut d = f.decide(&headers, &uri, client(), now);
+            let failed = d.backend().unwrap();
+            assert_eq!(f.target_name(&d), Some(home.as_str()));
+            let moved = f.failover(&mut d, failed, now);
+            if strict {
+                assert_eq!(moved, None, "{key:?}: a strict pool does not move a session that was home");
+                continue;
+            }
+            let to = moved.expect("another backend takes it");
+            assert_ne!(to, failed);
+            assert_eq!((d.verdict, d.target), (Verdict::Repin(Reason::Down), Target::Use(to)), "{key:?}");
+            assert_eq!(d.issue.is_some(), matches!(key, Cookie), "{key:?}: a moved token session gets a new token");
+        }
+    }
+}
