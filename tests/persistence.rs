@@ -76,14 +76,30 @@ async fn thousand_clients_stay(t: &Tether, make: impl Fn(usize) -> Visitor) -> H
         conns.push(Client::connect(t.addr()).await);
     }
     let mut visitors: Vec<Visitor> = (0..1000).map(make).collect();
-    let mut home: Vec<String> = Vec::new();
-    for (i, v) in visitors.iter_mut().enumerate() {
-        home.push(v.visit(&mut conns[i % 8], "/").await.backend());
-    }
-    for round in 1..5 {
+    let mut home: Vec<String> = vec![String::new(); visitors.len()];
+    for round in 0..5 {
+        // The eight connections carry their clients at the same time; a client uses a
+        // different connection each round.
+        let mut by_conn: Vec<Vec<(usize, &mut Visitor)>> = (0..8).map(|_| Vec::new()).collect();
         for (i, v) in visitors.iter_mut().enumerate() {
-            let r = v.visit(&mut conns[(i + round) % 8], "/").await;
-            assert_eq!(r.backend(), home[i], "client {i} moved in round {round}: {}", r.text());
+            by_conn[(i + round) % 8].push((i, v));
+        }
+        let rounds = conns.iter_mut().zip(by_conn).map(|(c, clients)| async move {
+            let mut seen = Vec::with_capacity(clients.len());
+            for (i, v) in clients {
+                let r = v.visit(c, "/").await;
+                seen.push((i, r.backend(), r.text()));
+            }
+            seen
+        });
+        let seen: Vec<_> = futures_util::future::join_all(rounds).await.into_iter().flatten().collect();
+        assert_eq!(seen.len(), 1000, "round {round}");
+        for (i, backend, text) in seen {
+            if round == 0 {
+                home[i] = backend;
+            } else {
+                assert_eq!(backend, home[i], "client {i} moved in round {round}: {text}");
+            }
         }
     }
     let mut spread = HashMap::new();

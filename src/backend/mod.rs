@@ -206,6 +206,7 @@ pub struct Group<'a> {
 impl Group<'_> {
     /// Picks a backend for new work (a request without a session, or a new session),
     /// skipping `exclude` (a backend that just failed).
+    #[inline]
     pub fn pick(&self, exclude: Option<usize>) -> Option<usize> {
         let backends = self.backends;
         let load = |i: usize| backends[i].load();

@@ -365,9 +365,18 @@ const POLL: Duration = Duration::from_millis(10);
 
 /// Looks at `condition` every 10 ms until it holds (true) or `timeout` passes (false).
 pub async fn poll_until<F: FnMut() -> bool>(timeout: Duration, mut condition: F) -> bool {
+    poll_until_async(timeout, || std::future::ready(condition())).await
+}
+
+/// [`poll_until`] for a condition that has to await something, such as an HTTP request.
+pub async fn poll_until_async<F, Fut>(timeout: Duration, mut condition: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
     let start = Instant::now();
     loop {
-        if condition() {
+        if condition().await {
             return true;
         }
         if start.elapsed() >= timeout {
@@ -386,20 +395,13 @@ pub async fn wait_until<F: FnMut() -> bool>(what: &str, timeout: Duration, condi
 }
 
 /// [`wait_until`] for a condition that has to await something, such as an HTTP request.
-pub async fn wait_until_async<F, Fut>(what: &str, timeout: Duration, mut condition: F)
+pub async fn wait_until_async<F, Fut>(what: &str, timeout: Duration, condition: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let start = Instant::now();
-    loop {
-        if condition().await {
-            return;
-        }
-        if start.elapsed() >= timeout {
-            panic!("waited {timeout:?} in vain until {what}");
-        }
-        tokio::time::sleep(POLL).await;
+    if !poll_until_async(timeout, condition).await {
+        panic!("waited {timeout:?} in vain until {what}");
     }
 }
 
