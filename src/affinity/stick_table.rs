@@ -41,16 +41,6 @@ impl Tick {
     pub const fn from_secs(secs: u32) -> Self {
         Tick(secs)
     }
-
-    /// Seconds since the epoch.
-    pub const fn secs(self) -> u32 {
-        self.0
-    }
-
-    /// This tick advanced by `secs` seconds (saturating).
-    pub const fn add_secs(self, secs: u32) -> Self {
-        Tick(self.0.saturating_add(secs))
-    }
 }
 
 /// Converts `Instant`s into [`Tick`]s relative to a fixed epoch.
@@ -289,17 +279,13 @@ impl StickTable {
         }
     }
 
-    /// The table's clock (its epoch is the table's creation).
-    pub fn clock(&self) -> &Clock {
-        &self.clock
-    }
-
-    /// Shorthand for `self.clock().now()`.
+    /// Now, by the table's clock (its epoch is the table's creation).
     pub fn now(&self) -> Tick {
         self.clock.now()
     }
 
     /// Maximum number of entries (the per-shard share times shard count).
+    #[cfg(test)]
     pub fn capacity(&self) -> usize {
         self.shard_cap as usize * self.shards.len()
     }
@@ -660,7 +646,6 @@ mod tests {
         assert_eq!(clock.now(), t(0));
         let later = Instant::now() + Duration::from_secs(5);
         assert_eq!(clock.at(later), t(5));
-        assert_eq!(t(u32::MAX).add_secs(3), t(u32::MAX));
     }
 
     #[test]

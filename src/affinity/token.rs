@@ -86,6 +86,7 @@ impl Key {
     }
 
     /// The raw key bytes.
+    #[cfg(test)]
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0
     }
@@ -211,11 +212,13 @@ impl KeyRing {
     }
 
     /// Number of keys in the ring.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.keys.len()
     }
 
     /// Always false: a ring has at least one key.
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty()
     }

@@ -40,11 +40,10 @@ const STALE_RETRIES: usize = 2;
 pub async fn handle(req: Request<Incoming>, cx: Arc<ConnCx>) -> Result<Response<ProxyBody>, Infallible> {
     let snapshot = cx.shared.snapshot.load_full();
     let mut out = Outcome::new(cx.clone(), req.method().clone(), req.uri().clone(), req.version());
-    let response = match forward(req, &snapshot, &cx, &mut out).await {
+    Ok(match forward(req, &snapshot, &cx, &mut out).await {
         Ok(Forwarded { response, sender, client_upgrade }) => respond(response, sender, client_upgrade, out),
-        Err(refusal) => Err((refusal, out)),
-    };
-    Ok(response.unwrap_or_else(|(refusal, out)| reply(out, refusal)))
+        Err(refusal) => reply(out, refusal),
+    })
 }
 
 /// A backend's response head, with what it takes to stream or upgrade it.
@@ -286,29 +285,28 @@ fn is_idempotent(m: &Method) -> bool {
 
 /// Step 4: the backend's response becomes the client's: streamed, or for an accepted
 /// upgrade, a tunnel.
-#[allow(clippy::result_large_err)]
 fn respond(
     mut response: Response<Incoming>,
     sender: Sender,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     mut out: Outcome,
-) -> Result<Response<ProxyBody>, (Refusal, Outcome)> {
+) -> Response<ProxyBody> {
     out.status = response.status().as_u16();
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         let Some(client) = client_upgrade else {
             // A 101 to a request that asked for no upgrade is a broken backend.
-            return Err((Refusal::UnaskedSwitch, out));
+            return reply(out, Refusal::UnaskedSwitch);
         };
         let backend = hyper::upgrade::on(&mut response);
         rewrite::strip_hop_by_hop(response.headers_mut(), true);
         let (parts, _) = response.into_parts();
         tokio::spawn(tunnel(client, backend, out));
-        return Ok(Response::from_parts(parts, ProxyBody::empty(None)));
+        return Response::from_parts(parts, ProxyBody::empty(None));
     }
     rewrite::strip_hop_by_hop(response.headers_mut(), false);
     out.sender = Some(sender);
     let (parts, body) = response.into_parts();
-    Ok(Response::from_parts(parts, ProxyBody::stream(body, out)))
+    Response::from_parts(parts, ProxyBody::stream(body, out))
 }
 
 /// Copies bytes both ways between an upgraded client and backend until either side ends.
