@@ -341,7 +341,7 @@ pub fn diff(old: &Config, new: &Config) -> Vec<String> {
                 x.max_queue,
             )
         };
-        if settings(o) != settings(p) || o.retry_budget != p.retry_budget {
+        if settings(o) != settings(p) || o.retry_budget != p.retry_budget || o.upgrades != p.upgrades {
             out.push(format!("pool \"{}\": settings changed", p.name));
         }
     }
@@ -349,6 +349,9 @@ pub fn diff(old: &Config, new: &Config) -> Vec<String> {
         if !new.pools.iter().any(|p| p.name == o.name) {
             out.push(format!("pool \"{}\" removed", o.name));
         }
+    }
+    if old.limits != new.limits {
+        out.push("limits changed (new connections use them)".into());
     }
     if old.timeouts != new.timeouts {
         out.push("timeouts changed (new connections use them)".into());

@@ -19,6 +19,8 @@ pub struct File {
     pub timeouts: Timeouts,
     #[serde(default)]
     pub access_log: AccessLog,
+    #[serde(default)]
+    pub limits: Limits,
     pub admin: Option<Spanned<Admin>>,
     #[serde(default)]
     pub listeners: Vec<Listener>,
@@ -42,6 +44,15 @@ pub struct Timeouts {
     pub client_idle: Option<Spanned<String>>,
     pub backend_response: Option<Spanned<String>>,
     pub backend_idle: Option<Spanned<String>>,
+}
+
+/// `[limits]`: what one process, or one client, may hold.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    pub max_client_connections: Option<Spanned<i64>>,
+    pub max_connections_per_ip: Option<Spanned<i64>>,
+    pub h2_max_concurrent_streams: Option<Spanned<i64>>,
 }
 
 /// `[admin]`: the admin listener (API, metrics, dashboard).
@@ -101,6 +112,8 @@ pub struct Pool {
     pub slow_start: Option<Spanned<String>>,
     /// With every backend down: false answers 503, true sends to all of them anyway.
     pub panic_mode: Option<Spanned<bool>>,
+    /// Protocols a client may upgrade to (`Upgrade:` tokens); default `["websocket"]`.
+    pub upgrades: Option<Vec<Spanned<String>>>,
 }
 
 /// `[pools.NAME.health]`: active and passive health checks.

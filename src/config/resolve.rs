@@ -16,7 +16,7 @@ use toml::Spanned;
 use super::file;
 use super::types::{
     AccessLog, Admin, AdminState, Affinity, Algorithm, Backend, CheckKind, Config, CookieConfig, Health, KeySource,
-    Listener, LogFormat, Mapping, OnUnavailable, Pool, Route, SameSite, TableConfig, Timeouts, MAX_WEIGHT,
+    Limits, Listener, LogFormat, Mapping, OnUnavailable, Pool, Route, SameSite, TableConfig, Timeouts, MAX_WEIGHT,
 };
 use super::{locate, parse_duration, Located};
 use crate::net::{strip_port, Cidr};
@@ -152,6 +152,7 @@ impl Resolver<'_> {
             self.duration(&f.runtime.shutdown_grace, "runtime.shutdown_grace", Duration::from_secs(30));
         let timeouts = self.timeouts(&f.timeouts);
         let access_log = self.access_log(&f.access_log);
+        let limits = self.limits(&f.limits);
         let admin = f.admin.as_ref().map(|a| self.admin(a));
         let pools = f.pools.iter().map(|(name, pool)| self.pool(name, pool)).collect();
         if f.pools.is_empty() {
@@ -162,7 +163,31 @@ impl Resolver<'_> {
         }
         let pool_names: Vec<&String> = f.pools.keys().collect();
         let listeners = self.listeners(&f.listeners, &pool_names);
-        Config { threads, shutdown_grace, timeouts, access_log, admin, listeners, pools }
+        Config { threads, shutdown_grace, timeouts, access_log, limits, admin, listeners, pools }
+    }
+
+    fn limits(&mut self, l: &file::Limits) -> Limits {
+        let d = Limits::default();
+        let max = i64::from(u32::MAX);
+        Limits {
+            max_client_connections: self.ranged(
+                &l.max_client_connections,
+                "limits.max_client_connections:",
+                1..=max,
+                i64::from(d.max_client_connections),
+            ) as u32,
+            max_connections_per_ip: l
+                .max_connections_per_ip
+                .as_ref()
+                .and_then(|v| self.in_range(v, "limits.max_connections_per_ip:", 1..=max))
+                .map(|n| n as u32),
+            h2_max_concurrent_streams: self.ranged(
+                &l.h2_max_concurrent_streams,
+                "limits.h2_max_concurrent_streams:",
+                1..=10_000,
+                i64::from(d.h2_max_concurrent_streams),
+            ) as u32,
+        }
     }
 
     fn timeouts(&mut self, t: &file::Timeouts) -> Timeouts {
@@ -356,6 +381,7 @@ impl Resolver<'_> {
             .map(|_| self.duration(&f.slow_start, &format!("pool \"{name}\": slow_start"), Duration::ZERO));
         let max_queue = self.ranged(&f.max_queue, &format!("pool \"{name}\": max_queue"), 0..=1_000_000, 1000) as u32;
         let panic_mode = f.panic_mode.as_ref().is_some_and(|p| *p.get_ref());
+        let upgrades = self.upgrades(name, f.upgrades.as_deref());
         Pool {
             name: name.to_string(),
             algorithm,
@@ -368,7 +394,23 @@ impl Resolver<'_> {
             max_queue,
             slow_start,
             panic_mode,
+            upgrades,
         }
+    }
+
+    /// The `Upgrade` protocols a pool lets clients switch to: tokens, lower-cased.
+    fn upgrades(&mut self, name: &str, list: Option<&[Spanned<String>]>) -> Vec<String> {
+        let Some(list) = list else { return vec!["websocket".to_string()] };
+        let mut out = Vec::new();
+        for v in list {
+            let t = v.get_ref();
+            if t.is_empty() || !t.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~/".contains(&b)) {
+                self.error(v, format!("pool \"{name}\": upgrades: \"{t}\" is not a protocol token"));
+            } else {
+                out.push(t.to_ascii_lowercase());
+            }
+        }
+        out
     }
 
     /// The pool's backends; one with a wrong address or a name used before is left out.

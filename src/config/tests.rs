@@ -267,3 +267,26 @@ fn range_and_choice_messages_keep_their_wording() {
     let c = parse(&ok, "t.toml").unwrap();
     assert_eq!(c.pools[0].affinity.as_ref().unwrap().cookie.same_site, SameSite::None);
 }
+
+#[test]
+fn limits_and_upgrades_have_defaults_and_ranges() {
+    let base = "[[listeners]]\nbind = \"127.0.0.1:0\"\npool = \"p\"\n[pools.p]\nbackends = [{ name = \"a\", address = \"127.0.0.1:1\" }]\n";
+    let c = parse(base, "t.toml").unwrap();
+    assert_eq!(c.limits, Limits::default());
+    assert_eq!(c.pools[0].upgrades, ["websocket"]);
+    let src = format!(
+        "[limits]\nmax_client_connections = 500\nmax_connections_per_ip = 20\nh2_max_concurrent_streams = 64\n{}upgrades = [\"WebSocket\", \"h2c\"]\n",
+        base
+    );
+    let c = parse(&src, "t.toml").unwrap();
+    assert_eq!(
+        c.limits,
+        Limits { max_client_connections: 500, max_connections_per_ip: Some(20), h2_max_concurrent_streams: 64 }
+    );
+    assert_eq!(c.pools[0].upgrades, ["websocket", "h2c"]);
+    let e =
+        parse(&format!("[limits]\nh2_max_concurrent_streams = 0\n{base}upgrades = [\"a b\"]\n"), "t.toml").unwrap_err();
+    let e = e.to_string();
+    assert!(e.contains("limits.h2_max_concurrent_streams: 0 is out of range: expected 1 to 10000"), "{e}");
+    assert!(e.contains("pool \"p\": upgrades: \"a b\" is not a protocol token"), "{e}");
+}

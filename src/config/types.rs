@@ -17,10 +17,28 @@ pub struct Config {
     pub shutdown_grace: Duration,
     pub timeouts: Timeouts,
     pub access_log: AccessLog,
+    pub limits: Limits,
     /// The admin listener; `None` when the file has no `[admin]`.
     pub admin: Option<Admin>,
     pub listeners: Vec<Listener>,
     pub pools: Vec<Pool>,
+}
+
+/// What one process, or one client, may hold (`[limits]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Client connections open at once, over all listeners; more wait in the backlog.
+    pub max_client_connections: u32,
+    /// Client connections one client IP may have open at once; `None`: no limit.
+    pub max_connections_per_ip: Option<u32>,
+    /// Concurrent streams a client may open on one HTTP/2 connection.
+    pub h2_max_concurrent_streams: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_client_connections: 100_000, max_connections_per_ip: None, h2_max_concurrent_streams: 100 }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -105,6 +123,8 @@ pub struct Pool {
     pub max_queue: u32,
     pub slow_start: Option<Duration>,
     pub panic_mode: bool,
+    /// Lower-case `Upgrade` protocol tokens a client may switch to (default: `websocket`).
+    pub upgrades: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
