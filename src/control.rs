@@ -298,51 +298,9 @@ pub fn diff(old: &Config, new: &Config) -> Vec<String> {
         }
     }
     for p in &new.pools {
-        let Some(o) = old.pools.iter().find(|o| o.name == p.name) else {
-            out.push(format!("pool \"{}\" added with {} backends", p.name, p.backends.len()));
-            continue;
-        };
-        for b in &p.backends {
-            match o.backends.iter().find(|ob| ob.name == b.name) {
-                None => out.push(format!("pool \"{}\": backend \"{}\" added ({})", p.name, b.name, b.address)),
-                Some(ob) if ob != b => {
-                    let mut what = Vec::new();
-                    if ob.address != b.address {
-                        what.push(format!("address {} -> {}", ob.address, b.address));
-                    }
-                    if ob.weight != b.weight {
-                        what.push(format!("weight {} -> {}", ob.weight, b.weight));
-                    }
-                    if ob.state != b.state {
-                        what.push(format!("state {} -> {}", ob.state.as_str(), b.state.as_str()));
-                    }
-                    if ob.max_connections != b.max_connections {
-                        what.push(format!("max_connections {:?} -> {:?}", ob.max_connections, b.max_connections));
-                    }
-                    out.push(format!("pool \"{}\": backend \"{}\": {}", p.name, b.name, what.join(", ")));
-                }
-                Some(_) => {}
-            }
-        }
-        for ob in &o.backends {
-            if !p.backends.iter().any(|b| b.name == ob.name) {
-                out.push(format!("pool \"{}\": backend \"{}\" removed", p.name, ob.name));
-            }
-        }
-        let settings = |x: &config::Pool| {
-            (
-                x.algorithm,
-                x.affinity.clone(),
-                x.health.clone(),
-                x.retries,
-                x.slow_start,
-                x.panic_mode,
-                x.queue_timeout,
-                x.max_queue,
-            )
-        };
-        if settings(o) != settings(p) || o.retry_budget != p.retry_budget || o.upgrades != p.upgrades {
-            out.push(format!("pool \"{}\": settings changed", p.name));
+        match old.pools.iter().find(|o| o.name == p.name) {
+            None => out.push(format!("pool \"{}\" added with {} backends", p.name, p.backends.len())),
+            Some(o) => diff_pool(o, p, &mut out),
         }
     }
     for o in &old.pools {
@@ -360,4 +318,40 @@ pub fn diff(old: &Config, new: &Config) -> Vec<String> {
         out.push("runtime.threads and access_log changes take effect at the next restart".into());
     }
     out
+}
+
+/// What changed in one pool kept by a reload.
+fn diff_pool(o: &config::Pool, p: &config::Pool, out: &mut Vec<String>) {
+    for b in &p.backends {
+        match o.backends.iter().find(|ob| ob.name == b.name) {
+            None => out.push(format!("pool \"{}\": backend \"{}\" added ({})", p.name, b.name, b.address)),
+            Some(ob) if ob != b => {
+                let mut what = Vec::new();
+                if ob.address != b.address {
+                    what.push(format!("address {} -> {}", ob.address, b.address));
+                }
+                if ob.weight != b.weight {
+                    what.push(format!("weight {} -> {}", ob.weight, b.weight));
+                }
+                if ob.state != b.state {
+                    what.push(format!("state {} -> {}", ob.state.as_str(), b.state.as_str()));
+                }
+                if ob.max_connections != b.max_connections {
+                    what.push(format!("max_connections {:?} -> {:?}", ob.max_connections, b.max_connections));
+                }
+                out.push(format!("pool \"{}\": backend \"{}\": {}", p.name, b.name, what.join(", ")));
+            }
+            Some(_) => {}
+        }
+    }
+    for ob in &o.backends {
+        if !p.backends.iter().any(|b| b.name == ob.name) {
+            out.push(format!("pool \"{}\": backend \"{}\" removed", p.name, ob.name));
+        }
+    }
+    // Everything but the backends and the name.
+    let settings = |x: &config::Pool| config::Pool { name: String::new(), backends: Vec::new(), ..x.clone() };
+    if settings(o) != settings(p) {
+        out.push(format!("pool \"{}\": settings changed", p.name));
+    }
 }
