@@ -331,3 +331,39 @@ fn failover_repins_unless_strict() {
         }
     }
 }
+
+/// A token stamped ahead of this instance's clock (another instance's clock runs fast, or
+/// this one stepped back) is trusted within `cookie.clock_skew`, and counts as absent
+/// beyond it.
+#[test]
+fn tokens_from_a_clock_ahead_are_trusted_within_the_skew() {
+    let mut a = fixture::cookie();
+    a.cookie.clock_skew = Duration::from_secs(300);
+    let f = Fixture::new(a);
+    let uri = Uri::from_static("/");
+    let issued_at = tether::time::unix_millis();
+    let first = f.decide(&HeaderMap::new(), &uri, client(), issued_at);
+    let headers = header("cookie", f.cookie_header(&first).to_str().unwrap());
+    let behind = |secs: u64| f.decide(&headers, &uri, client(), issued_at - secs * 1000);
+    let d = behind(290);
+    assert_eq!((d.verdict, f.target_name(&d)), (Verdict::Hit, f.target_name(&first)));
+    assert_eq!(behind(310).verdict, Verdict::Expired);
+}
+
+/// Changing a pool's table settings (capacity, idle timeout) or the cookie idle timeout
+/// on reload used to start empty tables: every learned pin was lost.
+#[test]
+fn a_reload_with_new_table_settings_keeps_learned_pins() {
+    for key in [HeaderTable, AppCookie, IpTable] {
+        let f = pool_for(key, false);
+        let now = tether::time::unix_millis();
+        let (headers, uri, home) = start_session(&f, key, now);
+        let mut cfg = f.affinity.cfg.clone();
+        cfg.table.capacity = 50_000;
+        cfg.table.idle_timeout = Duration::from_secs(600);
+        cfg.cookie.idle_timeout = Duration::from_secs(600);
+        let f = f.reloaded_with(&cfg);
+        let d = f.decide(&headers, &uri, client(), now);
+        assert_eq!((d.verdict, f.target_name(&d)), (Verdict::Hit, Some(home.as_str())), "{key:?}");
+    }
+}

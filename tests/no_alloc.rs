@@ -158,7 +158,7 @@ fn seal_and_open_do_not_allocate() {
             let t = Token { last_seen: token.last_seen + i, ..token };
             let s = ring.seal(&t);
             assert_eq!(ring.open(s.as_str()), Ok(t));
-            assert!(t.check(t.last_seen, 60, Some(3600)).is_ok());
+            assert!(t.check(t.last_seen, 60, Some(3600), 60).is_ok());
         }
     });
     assert_eq!(n, 0);

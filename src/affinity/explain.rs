@@ -115,7 +115,12 @@ impl PoolAffinity {
                     Err(_) => continue,
                     Ok(t) => {
                         let c = &self.cfg.cookie;
-                        if let Err(e) = t.check(now_ms / 1000, secs(c.idle_timeout), c.absolute_timeout.map(secs)) {
+                        if let Err(e) = t.check(
+                            now_ms / 1000,
+                            secs(c.idle_timeout),
+                            c.absolute_timeout.map(secs),
+                            c.clock_skew.as_secs(),
+                        ) {
                             return Ok(Explained {
                                 kind: "cookie",
                                 backend: None,

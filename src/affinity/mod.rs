@@ -53,6 +53,20 @@ impl Store {
         }
     }
 
+    /// A store with `cfg`'s table settings that starts with `old`'s pins and sessions (a
+    /// smaller capacity keeps the most recently used; idle clocks start again).
+    fn carried_over(old: &Store, cfg: &config::Affinity) -> Store {
+        let new = Store::new(cfg);
+        old.table.copy_into(&new.table);
+        old.sessions.copy_into(&new.sessions);
+        tracing::info!(
+            "affinity: table settings changed; {} learned pins and {} sessions carried over",
+            new.table.len(),
+            new.sessions.len()
+        );
+        new
+    }
+
     /// Drops expired entries and returns the live sessions per backend identity.
     fn sweep(&self) -> HashMap<u64, usize> {
         self.table.sweep(self.table.now());
@@ -160,7 +174,9 @@ impl PoolAffinity {
             Some(p) if p.cfg.table == cfg.table && p.cfg.cookie.idle_timeout == cfg.cookie.idle_timeout => {
                 p.store.clone()
             }
-            _ => Arc::new(Store::new(cfg)),
+            // New table settings: new tables, holding what the old ones had learned.
+            Some(p) => Arc::new(Store::carried_over(&p.store, cfg)),
+            None => Arc::new(Store::new(cfg)),
         };
         // Only pools with a cookie key seal or open tokens.
         let keyring = cfg.keys.contains(&KeySource::Cookie).then(|| {
@@ -273,7 +289,7 @@ impl PoolAffinity {
             return None;
         };
         let (now, c) = (now_ms / 1000, &self.cfg.cookie);
-        if token.check(now, secs(c.idle_timeout), c.absolute_timeout.map(secs)).is_err() {
+        if token.check(now, secs(c.idle_timeout), c.absolute_timeout.map(secs), c.clock_skew.as_secs()).is_err() {
             *why_new = Verdict::Expired;
             return None;
         }

@@ -120,11 +120,43 @@ struct ShardInner {
     /// Least recently used.
     tail: u32,
     len: u32,
+    /// Entries per backend, kept as entries come and go, so that counting sessions per
+    /// backend never walks the table. Keyed by the backend id, which is already a hash.
+    per_backend: HashTable<(u64, u32)>,
 }
 
 impl ShardInner {
     fn new() -> Self {
-        ShardInner { index: HashTable::new(), slab: Vec::new(), free: NIL, head: NIL, tail: NIL, len: 0 }
+        ShardInner {
+            index: HashTable::new(),
+            slab: Vec::new(),
+            free: NIL,
+            head: NIL,
+            tail: NIL,
+            len: 0,
+            per_backend: HashTable::new(),
+        }
+    }
+
+    /// One more entry for `backend`.
+    fn count_in(&mut self, backend: u64) {
+        match self.per_backend.find_mut(backend, |(b, _)| *b == backend) {
+            Some((_, n)) => *n += 1,
+            None => {
+                self.per_backend.insert_unique(backend, (backend, 1), |(b, _)| *b);
+            }
+        }
+    }
+
+    /// One entry fewer for `backend`.
+    fn count_out(&mut self, backend: u64) {
+        if let Ok(mut found) = self.per_backend.find_entry(backend, |(b, _)| *b == backend) {
+            let n = &mut found.get_mut().1;
+            *n -= 1;
+            if *n == 0 {
+                found.remove();
+            }
+        }
     }
 
     fn find(&self, key: u128) -> Option<u32> {
@@ -181,6 +213,7 @@ impl ShardInner {
         e.prev = NIL;
         self.free = slot;
         self.len -= 1;
+        self.count_out(entry.backend);
         entry.backend
     }
 
@@ -208,6 +241,7 @@ impl ShardInner {
         let slab = &self.slab;
         self.index.insert_unique(index_hash(key), slot, |&s| index_hash(slab[s as usize].key()));
         self.len += 1;
+        self.count_in(backend);
     }
 }
 
@@ -334,9 +368,13 @@ impl StickTable {
         let mut g = shard.lock();
         if let Some(slot) = g.find(key) {
             let e = &mut g.slab[slot as usize];
-            e.backend = backend;
+            let old = std::mem::replace(&mut e.backend, backend);
             e.last_seen = e.last_seen.max(now.0);
             g.touch(slot);
+            if old != backend {
+                g.count_out(old);
+                g.count_in(backend);
+            }
             return;
         }
         if g.len >= self.shard_cap {
@@ -420,15 +458,36 @@ impl StickTable {
     /// Number of stored entries per backend id (idle entries not yet swept
     /// included: sweep first for live counts). Walks the whole table one
     /// shard at a time: run it off the request path.
+    /// Inserts every entry of this table into `to`, least recently used first so that
+    /// `to` keeps their order; their idle clocks start again in `to`. Walks the whole table
+    /// one shard at a time: for reloads that change a table's settings, off the request path.
+    pub fn copy_into(&self, to: &StickTable) {
+        let now = to.now();
+        for shard in self.shards.iter() {
+            let entries: Vec<(u128, u64)> = {
+                let g = shard.lock();
+                let mut out = Vec::with_capacity(g.len as usize);
+                let mut cur = g.tail;
+                while cur != NIL {
+                    let e = &g.slab[cur as usize];
+                    out.push((e.key(), e.backend));
+                    cur = e.prev;
+                }
+                out
+            };
+            for (key, backend) in entries {
+                to.insert(key, backend, now);
+            }
+        }
+    }
+
+    /// Entries per backend id. Reads each shard's running counts: cheap at any size.
     pub fn sessions_per_backend(&self) -> HashMap<u64, usize> {
         let mut counts = HashMap::new();
         for shard in self.shards.iter() {
             let g = shard.lock();
-            let mut cur = g.head;
-            while cur != NIL {
-                let e = &g.slab[cur as usize];
-                *counts.entry(e.backend).or_insert(0) += 1;
-                cur = e.next;
+            for &(backend, n) in g.per_backend.iter() {
+                *counts.entry(backend).or_insert(0) += n as usize;
             }
         }
         counts
@@ -481,6 +540,15 @@ mod tests {
             }
             assert_eq!(free + g.len as usize, g.slab.len());
             assert_eq!(shard.len.load(Relaxed), g.len as usize);
+            // The running per-backend counts match a walk of the entries.
+            let mut walked: HashMap<u64, u32> = HashMap::new();
+            let mut cur = g.head;
+            while cur != NIL {
+                *walked.entry(g.slab[cur as usize].backend).or_insert(0) += 1;
+                cur = g.slab[cur as usize].next;
+            }
+            let kept: HashMap<u64, u32> = g.per_backend.iter().copied().collect();
+            assert_eq!(kept, walked);
             total += g.len as usize;
         }
         assert_eq!(total, table.len());
@@ -623,6 +691,25 @@ mod tests {
     }
 
     #[test]
+    fn copy_into_keeps_entries_and_their_order() {
+        let from = StickTable::new(1_000, HOUR, 4);
+        for i in 0..300 {
+            from.insert(k(i), i % 3, t(0));
+        }
+        // Touch the first 100 so that they are the most recently used.
+        for i in 0..100 {
+            assert_eq!(from.get(k(i), t(1)), Some(i % 3));
+        }
+        let to = StickTable::new(200, HOUR, 4);
+        from.copy_into(&to);
+        check_invariants(&to);
+        assert_eq!(to.len(), 200, "a smaller table keeps what fits");
+        for i in 0..100 {
+            assert_eq!(to.get(k(i), to.now()), Some(i % 3), "recently used entry {i} was dropped");
+        }
+    }
+
+    #[test]
     fn sessions_per_backend() {
         let table = StickTable::new(10_000, HOUR, 8);
         for i in 0..3_000 {
@@ -637,7 +724,19 @@ mod tests {
         let per = table.sessions_per_backend();
         assert_eq!(per.get(&0), None);
         assert_eq!(per[&1] + per[&2], 2_000);
+        // Re-pointing a key moves its count; evictions and expiry take theirs away.
+        table.insert(k(1), 2, t(0));
+        let per = table.sessions_per_backend();
+        assert_eq!((per[&1], per[&2]), (999, 1_001));
         check_invariants(&table);
+        table.sweep(t(3 * 3600));
+        assert!(table.sessions_per_backend().is_empty());
+        let small = StickTable::new(16, HOUR, 1);
+        for i in 0..100 {
+            small.insert(k(i), i % 2, t(0));
+        }
+        assert_eq!(small.sessions_per_backend().values().sum::<usize>(), 16);
+        check_invariants(&small);
     }
 
     #[test]

@@ -37,8 +37,6 @@ const HEADER_LEN: usize = 2;
 const RAW_LEN: usize = HEADER_LEN + NONCE_LEN + PLAIN_LEN + TAG_LEN;
 /// Decoding buffer size: base64's conservative estimate for 110 characters.
 const DECODE_BUF: usize = TOKEN_STR_LEN.div_ceil(4) * 3;
-/// Tokens dated further than this into the future are rejected.
-pub const MAX_CLOCK_SKEW_SECS: u64 = 60;
 
 const _: () = assert!(RAW_LEN == 82);
 const _: () = assert!(TOKEN_STR_LEN == (RAW_LEN * 4).div_ceil(3));
@@ -363,8 +361,8 @@ pub enum Expired {
     Idle,
     /// Older than the absolute timeout.
     Absolute,
-    /// `issued` or `last_seen` lies more than [`MAX_CLOCK_SKEW_SECS`] in the
-    /// future.
+    /// `issued` or `last_seen` lies further in the future than the clock skew
+    /// allowed.
     Future,
 }
 
@@ -393,9 +391,16 @@ impl Token {
     ///
     /// Rejects when `now - last_seen > idle_timeout_secs`, when
     /// `now - issued > absolute_timeout_secs` (if set), and when either
-    /// timestamp is more than [`MAX_CLOCK_SKEW_SECS`] ahead of `now`.
-    pub fn check(&self, now: u64, idle_timeout_secs: u64, absolute_timeout_secs: Option<u64>) -> Result<(), Expired> {
-        let horizon = now.saturating_add(MAX_CLOCK_SKEW_SECS);
+    /// timestamp is more than `skew_secs` ahead of `now` (instances' clocks disagree, or
+    /// this one stepped back; within the skew the token is trusted as it is).
+    pub fn check(
+        &self,
+        now: u64,
+        idle_timeout_secs: u64,
+        absolute_timeout_secs: Option<u64>,
+        skew_secs: u64,
+    ) -> Result<(), Expired> {
+        let horizon = now.saturating_add(skew_secs);
         if self.issued > horizon || self.last_seen > horizon {
             return Err(Expired::Future);
         }
@@ -619,19 +624,19 @@ mod tests {
     fn expiry() {
         let t = Token { backend: 1, session: [0; 16], issued: 1000, last_seen: 2000 };
         // Idle: boundary is inclusive (exactly idle seconds is still fine).
-        assert_eq!(t.check(2300, 300, None), Ok(()));
-        assert_eq!(t.check(2301, 300, None), Err(Expired::Idle));
+        assert_eq!(t.check(2300, 300, None, 60), Ok(()));
+        assert_eq!(t.check(2301, 300, None, 60), Err(Expired::Idle));
         // Absolute.
-        assert_eq!(t.check(2000, 300, Some(1000)), Ok(()));
-        assert_eq!(t.check(2001, 300, Some(1000)), Err(Expired::Absolute));
+        assert_eq!(t.check(2000, 300, Some(1000), 60), Ok(()));
+        assert_eq!(t.check(2001, 300, Some(1000), 60), Err(Expired::Absolute));
         // Future timestamps beyond the allowed skew.
-        assert_eq!(t.check(1940, 300, None), Ok(()));
-        assert_eq!(t.check(1939, 300, None), Err(Expired::Future));
+        assert_eq!(t.check(1940, 300, None, 60), Ok(()));
+        assert_eq!(t.check(1939, 300, None, 60), Err(Expired::Future));
         let future_issue = Token { issued: 3000, ..t };
-        assert_eq!(future_issue.check(2900, 300, None), Err(Expired::Future));
+        assert_eq!(future_issue.check(2900, 300, None, 60), Err(Expired::Future));
         // Saturation: now far before both does not underflow.
-        assert_eq!(t.check(0, 300, Some(10)), Err(Expired::Future));
+        assert_eq!(t.check(0, 300, Some(10), 60), Err(Expired::Future));
         let max = Token { issued: u64::MAX, last_seen: u64::MAX, ..t };
-        assert_eq!(max.check(u64::MAX, 0, Some(0)), Ok(()));
+        assert_eq!(max.check(u64::MAX, 0, Some(0), 60), Ok(()));
     }
 }

@@ -171,8 +171,13 @@ pub struct Cookie {
     pub http_only: Option<Spanned<bool>>,
     /// "session" (a browser-session cookie, the default) or a duration.
     pub max_age: Option<Spanned<String>>,
-    #[serde(default)]
-    pub keys: Vec<Spanned<String>>,
+    pub keys: Option<Spanned<Vec<Spanned<String>>>>,
+    /// A file holding the keys (whitespace- or comma-separated), re-read on reload.
+    pub keys_file: Option<Spanned<String>>,
+    /// An environment variable holding the keys.
+    pub keys_env: Option<Spanned<String>>,
+    /// How far in the future a token's stamps may lie (clocks of a fleet disagree).
+    pub clock_skew: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -16,7 +16,8 @@ use toml::Spanned;
 use super::file;
 use super::types::{
     AccessLog, Admin, AdminState, Affinity, Algorithm, Backend, CheckKind, Config, CookieConfig, Health, KeySource,
-    Limits, Listener, LogFormat, Mapping, OnUnavailable, Pool, Route, SameSite, TableConfig, Timeouts, MAX_WEIGHT,
+    Limits, Listener, LogFormat, Mapping, OnUnavailable, Pool, Route, SameSite, Secret, TableConfig, Timeouts,
+    MAX_WEIGHT,
 };
 use super::{locate, parse_duration, Located};
 use crate::net::{strip_port, Cidr};
@@ -637,13 +638,65 @@ impl Resolver<'_> {
                 _ => Some(self.duration(&c.max_age, &format!("{at}: cookie.max_age"), Duration::from_secs(3600))),
             };
         }
-        for (i, k) in c.keys.iter().enumerate() {
-            match crate::affinity::token::Key::from_base64(k.get_ref()) {
-                Ok(_) => cfg.keys.push(k.get_ref().clone()),
-                Err(e) => self.error(k, format!("{at}: cookie.keys[{i}]: {e}")),
+        cfg.keys = self.cookie_keys(at, c);
+        cfg.clock_skew = self.duration(&c.clock_skew, &format!("{at}: cookie.clock_skew"), cfg.clock_skew);
+        cfg
+    }
+
+    /// The cookie keys, from exactly one of `keys`, `keys_file` or `keys_env`, each checked.
+    fn cookie_keys(&mut self, at: &str, c: &file::Cookie) -> Vec<Secret> {
+        let given = [c.keys.is_some(), c.keys_file.is_some(), c.keys_env.is_some()];
+        if given.iter().filter(|g| **g).count() > 1 {
+            let at_span = c.keys_file.as_ref().or(c.keys_env.as_ref()).map(|v| v.span()).unwrap_or_default();
+            self.errors.push(locate(
+                self.src,
+                at_span,
+                format!("{at}: cookie: set only one of keys, keys_file and keys_env"),
+            ));
+            return Vec::new();
+        }
+        let (raw, span, what): (Vec<String>, _, String) = if let Some(list) = &c.keys {
+            let mut keys = Vec::new();
+            for (i, k) in list.get_ref().iter().enumerate() {
+                match crate::affinity::token::Key::from_base64(k.get_ref()) {
+                    Ok(_) => keys.push(Secret::new(k.get_ref().clone())),
+                    Err(e) => self.error(k, format!("{at}: cookie.keys[{i}]: {e}")),
+                }
+            }
+            return keys;
+        } else if let Some(path) = &c.keys_file {
+            match std::fs::read_to_string(path.get_ref()) {
+                Ok(text) => (split_keys(&text), path.span(), format!("cookie.keys_file {}", path.get_ref())),
+                Err(e) => {
+                    self.error(path, format!("{at}: cookie.keys_file: cannot read {}: {}", path.get_ref(), e.kind()));
+                    return Vec::new();
+                }
+            }
+        } else if let Some(var) = &c.keys_env {
+            match std::env::var(var.get_ref()) {
+                Ok(text) => (split_keys(&text), var.span(), format!("cookie.keys_env {}", var.get_ref())),
+                Err(_) => {
+                    let message =
+                        format!("{at}: cookie.keys_env: the environment variable {} is not set", var.get_ref());
+                    self.error(var, message);
+                    return Vec::new();
+                }
+            }
+        } else {
+            return Vec::new();
+        };
+        if raw.is_empty() {
+            self.errors.push(locate(self.src, span.clone(), format!("{at}: {what} holds no key")));
+        }
+        let mut keys = Vec::new();
+        for (i, k) in raw.into_iter().enumerate() {
+            // The error names the key's place, never the key.
+            match crate::affinity::token::Key::from_base64(&k) {
+                Ok(_) => keys.push(Secret::new(k)),
+                Err(e) => self.errors.push(locate(self.src, span.clone(), format!("{at}: {what}: key {}: {e}", i + 1))),
             }
         }
-        cfg
+        keys
     }
 
     /// Where the browser sends the cookie: its `Domain`, `Path` and `SameSite`.
@@ -716,6 +769,11 @@ fn parse_statuses(s: &str) -> Option<Vec<(u16, u16)>> {
         v.push((a, b));
     }
     Some(v)
+}
+
+/// Keys as a file or variable holds them: separated by whitespace or commas.
+fn split_keys(text: &str) -> Vec<String> {
+    text.split(|c: char| c.is_whitespace() || c == ',').filter(|k| !k.is_empty()).map(str::to_string).collect()
 }
 
 /// An RFC 9110 token, which is what a cookie name must be.

@@ -290,3 +290,49 @@ fn limits_and_upgrades_have_defaults_and_ranges() {
     assert!(e.contains("limits.h2_max_concurrent_streams: 0 is out of range: expected 1 to 10000"), "{e}");
     assert!(e.contains("pool \"p\": upgrades: \"a b\" is not a protocol token"), "{e}");
 }
+
+/// A pool with Tether's cookie whose `[cookie]` section is `cookie`.
+fn with_cookie(cookie: &str) -> String {
+    format!(
+        "[[listeners]]\nbind = \"127.0.0.1:0\"\npool = \"p\"\n[pools.p]\nbackends = [{{ name = \"a\", address = \"127.0.0.1:1\" }}]\n[pools.p.affinity]\nkeys = [\"cookie\"]\n[pools.p.affinity.cookie]\n{cookie}"
+    )
+}
+
+const KEY_1: &str = "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=";
+const KEY_2: &str = "AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=";
+
+#[test]
+fn cookie_keys_come_from_a_file_or_the_environment() {
+    let dir = std::env::temp_dir().join(format!("tether-keys-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("keys");
+    std::fs::write(&file, format!("{KEY_1}\n{KEY_2}\n")).unwrap();
+    let c = parse(&with_cookie(&format!("keys_file = \"{}\"\n", file.display())), "t.toml").unwrap();
+    let keys: Vec<&str> = c.pools[0].affinity.as_ref().unwrap().cookie.keys.iter().map(|k| &**k).collect();
+    assert_eq!(keys, [KEY_1, KEY_2]);
+
+    std::env::set_var("TETHER_TEST_COOKIE_KEYS", format!("{KEY_2}, {KEY_1}"));
+    let c = parse(&with_cookie("keys_env = \"TETHER_TEST_COOKIE_KEYS\"\n"), "t.toml").unwrap();
+    let keys: Vec<&str> = c.pools[0].affinity.as_ref().unwrap().cookie.keys.iter().map(|k| &**k).collect();
+    assert_eq!(keys, [KEY_2, KEY_1]);
+
+    // A bad key is named by its place, never shown.
+    std::fs::write(&file, format!("{KEY_1}\nnot-a-key-but-a-secret\n")).unwrap();
+    let e = parse(&with_cookie(&format!("keys_file = \"{}\"\n", file.display())), "t.toml").unwrap_err().to_string();
+    assert!(e.contains("key 2:") && !e.contains("not-a-key-but-a-secret"), "{e}");
+    let e = parse(&with_cookie("keys_env = \"TETHER_TEST_NO_SUCH_VARIABLE\"\n"), "t.toml").unwrap_err().to_string();
+    assert!(e.contains("the environment variable TETHER_TEST_NO_SUCH_VARIABLE is not set"), "{e}");
+    let e =
+        parse(&with_cookie(&format!("keys = [\"{KEY_1}\"]\nkeys_env = \"X\"\n")), "t.toml").unwrap_err().to_string();
+    assert!(e.contains("set only one of keys, keys_file and keys_env"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn secrets_stay_out_of_debug_output() {
+    let c = parse(&with_cookie(&format!("keys = [\"{KEY_1}\"]\nclock_skew = \"2m\"\n")), "t.toml").unwrap();
+    let cookie = &c.pools[0].affinity.as_ref().unwrap().cookie;
+    assert_eq!(cookie.clock_skew, Duration::from_secs(120));
+    let shown = format!("{c:?}");
+    assert!(!shown.contains(KEY_1) && shown.contains("Secret(..)"), "{shown}");
+}

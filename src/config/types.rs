@@ -245,7 +245,9 @@ pub struct CookieConfig {
     /// `None`: a browser-session cookie.
     pub max_age: Option<Duration>,
     /// Base64 keys, checked; the first seals. Empty: Tether generates one at start.
-    pub keys: Vec<String>,
+    pub keys: Vec<Secret>,
+    /// Token stamps up to this far in the future are trusted.
+    pub clock_skew: Duration,
 }
 
 impl Default for CookieConfig {
@@ -261,7 +263,38 @@ impl Default for CookieConfig {
             http_only: true,
             max_age: None,
             keys: Vec::new(),
+            clock_skew: Duration::from_secs(300),
         }
+    }
+}
+
+/// A value that must not appear in logs or `Debug` output: cookie keys, the admin token.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+impl std::ops::Deref for Secret {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl AsRef<str> for Secret {
+    fn as_ref(&self) -> &str {
+        &self.0
     }
 }
 

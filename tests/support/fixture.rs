@@ -79,7 +79,7 @@ impl Fixture {
 /// An affinity with this key chain and otherwise the defaults, sealing with [`KEY`].
 pub fn affinity(keys: Vec<KeySource>, mapping: Mapping) -> Affinity {
     let mut a = Affinity { keys, mapping, ..Affinity::default() };
-    a.cookie.keys = vec![KEY.to_string()];
+    a.cookie.keys = vec![tether::config::Secret::new(KEY)];
     a
 }
 
@@ -117,5 +117,17 @@ impl Fixture {
     /// The name of the backend a decision sends the request to.
     pub fn target_name(&self, d: &Decision) -> Option<&str> {
         d.backend().map(|i| self.backends[i].name.as_str())
+    }
+}
+
+impl Fixture {
+    /// The same pool after a reload that changed its affinity settings to `cfg`.
+    pub fn reloaded_with(&self, cfg: &Affinity) -> Fixture {
+        let members: Vec<(&str, u32)> = self.backends.iter().map(|b| (b.name.as_str(), 1)).collect();
+        Fixture {
+            backends: self.backends.clone(),
+            balancer: Balancer::new(Algorithm::RoundRobin, &vec![1; self.backends.len()]),
+            affinity: PoolAffinity::build("p", &members, cfg, Some(&self.affinity)),
+        }
     }
 }
