@@ -3,23 +3,37 @@
 //! A request formats its own line (text or JSON) when it ends, then hands the line over a
 //! channel; the writer thread batches lines into a buffered writer and flushes whenever the
 //! channel runs dry, so a burst costs one write system call and a request never waits on
-//! the disk. If the writer falls behind, lines queue in memory rather than slow requests.
+//! the disk. If the writer falls behind (a slow disk, a standard output nobody reads), at
+//! most [`QUEUE`] lines wait in memory; further lines are dropped and counted
+//! (`tether_access_log_dropped_total`) rather than slow requests or grow memory without
+//! bound. A line carries at most [`MAX_URI`] bytes of the request URI.
 
 use std::fmt::Write as _;
 use std::io::{self, Write};
 use std::net::SocketAddr;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, TrySendError};
 use std::time::Duration;
 
 use http::{Method, Uri, Version};
 
 use crate::config::{self, LogFormat};
 
+/// Lines waiting for the writer thread at most. With URIs cut to [`MAX_URI`], a full queue
+/// holds some 40 MiB at worst, and a few MiB for ordinary requests.
+pub const QUEUE: usize = 8192;
+
+/// The most bytes of a request URI a log line carries; a longer URI (hyper accepts 64 KiB)
+/// is cut there and marked with `...`.
+pub const MAX_URI: usize = 4096;
+
 /// Where finished requests are reported.
 #[derive(Debug)]
 pub struct AccessLog {
     format: LogFormat,
-    tx: Option<mpsc::Sender<String>>,
+    tx: Option<mpsc::SyncSender<String>>,
+    /// Lines dropped because the queue was full (or the writer thread gone).
+    dropped: AtomicU64,
 }
 
 /// Everything known about one request when it ends.
@@ -48,15 +62,25 @@ impl AccessLog {
     /// Opens the log and starts its writer thread; `Off` writes nothing and starts nothing.
     pub fn open(cfg: &config::AccessLog) -> io::Result<AccessLog> {
         if cfg.format == LogFormat::Off {
-            return Ok(AccessLog { format: LogFormat::Off, tx: None });
+            return Ok(AccessLog { format: LogFormat::Off, tx: None, dropped: AtomicU64::new(0) });
         }
         let out: Box<dyn Write + Send> = match &cfg.path {
             None => Box::new(io::stdout()),
             Some(p) => Box::new(std::fs::OpenOptions::new().create(true).append(true).open(p)?),
         };
-        let (tx, rx) = mpsc::channel::<String>();
+        AccessLog::start(cfg.format, out, QUEUE)
+    }
+
+    /// A log writing to `out` from its own thread, with room for `queue` waiting lines.
+    fn start(format: LogFormat, out: Box<dyn Write + Send>, queue: usize) -> io::Result<AccessLog> {
+        let (tx, rx) = mpsc::sync_channel::<String>(queue);
         std::thread::Builder::new().name("access-log".into()).spawn(move || write_lines(rx, out))?;
-        Ok(AccessLog { format: cfg.format, tx: Some(tx) })
+        Ok(AccessLog { format, tx: Some(tx), dropped: AtomicU64::new(0) })
+    }
+
+    /// Lines dropped so far because the writer had fallen [`QUEUE`] lines behind.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
     }
 
     pub fn enabled(&self) -> bool {
@@ -65,13 +89,18 @@ impl AccessLog {
 
     pub fn write(&self, r: &Record<'_>) {
         let Some(tx) = &self.tx else { return };
-        let mut line = String::with_capacity(256);
+        // Room for the whole line up front: a doubled buffer would double what the queue holds.
+        let uri = r.uri.path_and_query().map_or(0, |p| p.as_str().len()).min(MAX_URI);
+        let mut line = String::with_capacity(384 + uri);
         match self.format {
             LogFormat::Json => format_json(&mut line, r),
             _ => format_text(&mut line, r),
         }
         line.push('\n');
-        let _ = tx.send(line);
+        // Never wait for the writer: a request that ends must not block on the disk.
+        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = tx.try_send(line) {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -106,7 +135,7 @@ fn millis(d: Duration) -> f64 {
 pub fn format_text(s: &mut String, r: &Record<'_>) {
     crate::time::write_rfc3339(s, r.start_millis);
     let _ = write!(s, " {} {} \"{} ", r.client, r.listener, r.method);
-    push_escaped(s, &r.uri.to_string(), false);
+    push_uri(s, r.uri, false);
     let _ = write!(
         s,
         " {}\" {} pool={} backend={}",
@@ -141,8 +170,9 @@ pub fn format_json(s: &mut String, r: &Record<'_>) {
     push_json_str(s, r.listener);
     let _ = write!(s, ",\"method\":");
     push_json_str(s, r.method.as_str());
-    s.push_str(",\"uri\":");
-    push_json_str(s, &r.uri.to_string());
+    s.push_str(",\"uri\":\"");
+    push_uri(s, r.uri, true);
+    s.push('"');
     let _ = write!(s, ",\"protocol\":\"{}\",\"status\":{}", version(r.version), r.status);
     s.push_str(",\"pool\":");
     push_json_opt(s, r.pool);
@@ -160,6 +190,22 @@ pub fn format_json(s: &mut String, r: &Record<'_>) {
     s.push_str(",\"error\":");
     push_json_opt(s, r.error);
     s.push('}');
+}
+
+/// The URI, escaped, cut after [`MAX_URI`] bytes (at a character boundary) with `...`
+/// marking the cut.
+fn push_uri(s: &mut String, uri: &Uri, json: bool) {
+    let text = uri.to_string();
+    if text.len() <= MAX_URI {
+        push_escaped(s, &text, json);
+        return;
+    }
+    let mut end = MAX_URI;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    push_escaped(s, &text[..end], json);
+    s.push_str("...");
 }
 
 fn push_json_opt(s: &mut String, v: Option<&str>) {
@@ -244,5 +290,85 @@ mod tests {
         assert_eq!(v["error"], "backend \"x\"\n");
         assert!(v["upstream_ms"].is_null());
         assert_eq!(v["bytes_out"], 512);
+    }
+
+    #[test]
+    fn long_uris_are_cut_and_marked() {
+        // Reproduction: a 64 KiB request target (hyper accepts that much) used to be
+        // logged whole, 64 KiB per queued line.
+        let long = format!("/{}?q=1", "a".repeat(64 * 1024 - 8));
+        let (m, u) = (Method::GET, Uri::try_from(long.as_str()).unwrap());
+        let mut text = String::new();
+        format_text(&mut text, &record(&m, &u));
+        let logged = text.split(' ').nth(4).unwrap();
+        assert_eq!(logged.len(), MAX_URI + 3, "{}", &text[..200]);
+        assert!(logged.starts_with("/aaaa") && logged.ends_with("a..."), "{logged}");
+        assert!(text.len() < MAX_URI + 300);
+        let mut json = String::new();
+        format_json(&mut json, &record(&m, &u));
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        let uri = v["uri"].as_str().unwrap();
+        assert_eq!(uri.len(), MAX_URI + 3);
+        assert!(uri.ends_with("a..."));
+        // A URI within the bound is logged as it is, without the mark.
+        let (m, u) = (Method::GET, Uri::try_from(&long[..MAX_URI]).unwrap());
+        let mut text = String::new();
+        format_text(&mut text, &record(&m, &u));
+        assert_eq!(text.split(' ').nth(4).unwrap(), &long[..MAX_URI]);
+    }
+
+    /// An output that says when a write reaches it, then blocks until released, as a full
+    /// pipe or a stalled disk would; it reports what it got when the writer thread ends.
+    struct Stalled {
+        entered: mpsc::Sender<()>,
+        release: mpsc::Receiver<()>,
+        got: Vec<u8>,
+        done: mpsc::Sender<Vec<u8>>,
+    }
+
+    impl Write for Stalled {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let _ = self.entered.send(());
+            let _ = self.release.recv();
+            self.got.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Drop for Stalled {
+        fn drop(&mut self) {
+            let _ = self.done.send(std::mem::take(&mut self.got));
+        }
+    }
+
+    #[test]
+    fn a_stalled_writer_drops_and_counts_lines_instead_of_queueing_them_all() {
+        // Reproduction: with the unbounded channel, every line a request wrote while the
+        // output was stuck stayed in memory; nothing was ever dropped.
+        let (entered_tx, entered) = mpsc::channel();
+        let (release, release_rx) = mpsc::channel();
+        let (done_tx, done) = mpsc::channel();
+        let out = Stalled { entered: entered_tx, release: release_rx, got: Vec::new(), done: done_tx };
+        let queue = 4;
+        let log = AccessLog::start(LogFormat::Text, Box::new(out), queue).unwrap();
+        let (m, u) = (Method::GET, Uri::from_static("/first"));
+        log.write(&record(&m, &u));
+        // The writer thread took the first line and is now stuck writing it.
+        entered.recv_timeout(Duration::from_secs(10)).expect("the writer reached its output");
+        let (m, u) = (Method::GET, Uri::from_static("/queued"));
+        for _ in 0..queue + 3 {
+            log.write(&record(&m, &u));
+        }
+        assert_eq!(log.dropped(), 3, "the queue holds {queue} lines; the rest must be dropped");
+        // Unstuck, the writer writes what was queued and ends when the log is dropped.
+        drop(log);
+        drop(release);
+        let got = String::from_utf8(done.recv_timeout(Duration::from_secs(10)).unwrap()).unwrap();
+        assert_eq!(got.lines().filter(|l| l.contains("/first")).count(), 1, "{got}");
+        assert_eq!(got.lines().filter(|l| l.contains("/queued")).count(), queue, "{got}");
     }
 }

@@ -1,9 +1,13 @@
 //! The command line: `tether run`, `tether check`, `tether demo`.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
@@ -65,6 +69,14 @@ enum Command {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
+    raise_open_files_limit();
+    let code = run_command(cli);
+    // Lines still queued for the log writer thread go out before the process exits.
+    flush_logs(Duration::from_secs(2));
+    code
+}
+
+fn run_command(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::Check { config } => match config::load(&config) {
             Ok(c) => {
@@ -111,14 +123,158 @@ fn init_logging(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let writer = LOG.get_or_init(LogWriter::start).clone();
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(std::io::stderr().is_terminal())
         // A closed stderr must never take Tether down: by default tracing-subscriber
         // reports a failed write with eprintln!, which panics when stderr is gone.
         .log_internal_errors(false)
         .init();
+    // A panic's own message goes straight to stderr; what was logged before it goes first.
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        flush_logs(Duration::from_millis(500));
+        previous(info);
+    }));
+}
+
+/// Raises the soft limit on open files to the hard limit: every client and backend
+/// connection is a descriptor, and the usual soft limit (1024) is far below what a
+/// balancer holds.
+fn raise_open_files_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: `lim` is a valid `rlimit` for getrlimit to fill and setrlimit to read.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        tracing::debug!("cannot read the open files limit: {}", std::io::Error::last_os_error());
+        return;
+    }
+    if lim.rlim_cur >= lim.rlim_max {
+        tracing::debug!(limit = lim.rlim_cur, "open files limit already at its maximum");
+        return;
+    }
+    let old = lim.rlim_cur;
+    lim.rlim_cur = lim.rlim_max;
+    // SAFETY: as above.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } == 0 {
+        tracing::debug!(from = old, to = lim.rlim_cur, "raised the open files limit");
+    } else {
+        tracing::debug!(limit = old, "cannot raise the open files limit: {}", std::io::Error::last_os_error());
+    }
+}
+
+/// The log writer of this process, once logging is set up.
+static LOG: OnceLock<LogWriter> = OnceLock::new();
+
+/// Lines of log waiting for the writer thread; more are dropped (and counted).
+const LOG_QUEUE: usize = 4096;
+
+/// Writes log lines to stderr from a thread of its own, so that a slow or blocked stderr
+/// never stalls a runtime thread: each formatted event goes into a bounded queue, and
+/// one that finds the queue full is dropped and counted. The writer says how many were
+/// dropped when it can write again.
+#[derive(Clone, Debug)]
+struct LogWriter {
+    tx: SyncSender<Vec<u8>>,
+    progress: Arc<LogProgress>,
+}
+
+/// How far the writer thread has got, for [`flush_logs`].
+#[derive(Debug, Default)]
+struct LogProgress {
+    /// Lines queued so far.
+    queued: AtomicU64,
+    /// Lines dropped because the queue was full.
+    dropped: AtomicU64,
+    /// Lines written (or given up on) so far.
+    done: Mutex<u64>,
+    advanced: Condvar,
+}
+
+impl LogWriter {
+    fn start() -> LogWriter {
+        let (tx, rx) = mpsc::sync_channel(LOG_QUEUE);
+        let progress = Arc::new(LogProgress::default());
+        let p = progress.clone();
+        let spawned = std::thread::Builder::new().name("tether-log".into()).spawn(move || write_logs(rx, &p));
+        if let Err(e) = spawned {
+            // Without the thread nothing would ever be written; say so once, directly.
+            let _ = writeln!(std::io::stderr(), "tether: cannot start the log writer thread: {e}");
+        }
+        LogWriter { tx, progress }
+    }
+
+    /// Waits up to `limit` until every line queued so far has been written.
+    fn wait_written(&self, limit: Duration) {
+        let target = self.progress.queued.load(Ordering::SeqCst);
+        let done = self.progress.done.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = self.progress.advanced.wait_timeout_while(done, limit, |d| *d < target);
+    }
+}
+
+/// The writer thread: writes what is queued, a batch per `write` call.
+fn write_logs(rx: Receiver<Vec<u8>>, progress: &LogProgress) {
+    let mut batch = Vec::new();
+    while let Ok(first) = rx.recv() {
+        batch.clear();
+        let dropped = progress.dropped.swap(0, Ordering::Relaxed);
+        if dropped > 0 {
+            let _ = writeln!(batch, "tether: {dropped} log lines dropped: stderr was too slow");
+        }
+        batch.extend_from_slice(&first);
+        let mut lines = 1;
+        while batch.len() < 64 * 1024 {
+            match rx.try_recv() {
+                Ok(more) => {
+                    batch.extend_from_slice(&more);
+                    lines += 1;
+                }
+                Err(_) => break,
+            }
+        }
+        // A closed stderr must never take Tether down: errors are ignored.
+        let mut err = std::io::stderr().lock();
+        let _ = err.write_all(&batch);
+        let _ = err.flush();
+        drop(err);
+        *progress.done.lock().unwrap_or_else(|e| e.into_inner()) += lines;
+        progress.advanced.notify_all();
+    }
+}
+
+/// Waits up to `limit` for queued log lines to be written.
+fn flush_logs(limit: Duration) {
+    if let Some(w) = LOG.get() {
+        w.wait_written(limit);
+    }
+}
+
+impl Write for &LogWriter {
+    /// Queues `buf` (one formatted event) without waiting.
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self.tx.try_send(buf.to_vec()) {
+            Ok(()) => {
+                self.progress.queued.fetch_add(1, Ordering::SeqCst);
+            }
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.progress.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogWriter {
+    type Writer = &'a LogWriter;
+
+    fn make_writer(&'a self) -> &'a LogWriter {
+        self
+    }
 }
 
 fn run(path: PathBuf, threads: Option<usize>) -> anyhow::Result<()> {

@@ -1,5 +1,10 @@
 //! Traffic listeners: binding a socket and the loop that accepts its connections and
 //! hands each to the data path. Opening and closing listeners by name is `control`'s.
+//!
+//! The accept loop applies `[limits]`: at `max_client_connections` open connections (over
+//! all listeners) it stops accepting until one closes, so the kernel's backlog holds the
+//! rest; a connection over `max_connections_per_ip` is closed at once. Each cap is logged
+//! at most once a second.
 
 use std::io;
 use std::net::SocketAddr;
@@ -9,8 +14,12 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
 
-use crate::proxy::conn::Protocols;
-use crate::state::Shared;
+use crate::proxy::conn::{Accepted, Protocols};
+use crate::state::{ConnPermit, OverLimit, Shared};
+
+/// How long an accept loop at the connection cap waits before it looks at the cap again
+/// (a reload may have raised it); a closing connection wakes it sooner.
+const RECHECK: Duration = Duration::from_secs(1);
 
 /// Binds a listening socket (`SO_REUSEADDR`, a backlog of 4096).
 pub fn bind(address: SocketAddr) -> io::Result<TcpListener> {
@@ -30,7 +39,21 @@ pub async fn accept_loop(
     mut stopped: watch::Receiver<bool>,
 ) {
     let stats = shared.listener_stats(&name);
+    let counts = shared.connections.clone();
     loop {
+        // At the global cap, leave new connections in the backlog until one closes.
+        let max = shared.snapshot.load().config.limits.max_client_connections;
+        if counts.total() >= max {
+            log_cap(&shared, &name, OverLimit::Global, None);
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = stopped.changed() => {
+                    tracing::info!(listener = %name, "listener closed");
+                    return;
+                }
+                _ = counts.wait_for_room(max, RECHECK) => continue,
+            }
+        }
         let accepted = tokio::select! {
             _ = shutdown.changed() => return,
             _ = stopped.changed() => {
@@ -42,10 +65,37 @@ pub async fn accept_loop(
         match accepted {
             Ok((stream, peer)) => {
                 stats.accepted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let permit = loop {
+                    let limits = shared.snapshot.load().config.limits;
+                    match counts.try_open(peer.ip(), limits.max_client_connections, limits.max_connections_per_ip) {
+                        Ok(p) => break Some(p),
+                        Err(OverLimit::PerIp) => {
+                            log_cap(&shared, &name, OverLimit::PerIp, Some(peer));
+                            break None;
+                        }
+                        // Another listener took the last place since we looked: this
+                        // connection waits for one to close.
+                        Err(OverLimit::Global) => {
+                            log_cap(&shared, &name, OverLimit::Global, None);
+                            tokio::select! {
+                                _ = shutdown.changed() => return,
+                                _ = stopped.changed() => {
+                                    tracing::info!(listener = %name, "listener closed");
+                                    return;
+                                }
+                                _ = counts.wait_for_room(limits.max_client_connections, RECHECK) => {}
+                            }
+                        }
+                    }
+                };
+                let Some(permit): Option<ConnPermit> = permit else {
+                    // Over the per-IP cap: closed at once.
+                    drop(stream);
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
                 let conn = crate::proxy::conn::serve(
-                    stream,
-                    peer,
+                    Accepted { stream, peer, permit },
                     name.clone(),
                     shared.clone(),
                     protocols.clone(),
@@ -62,6 +112,25 @@ pub async fn accept_loop(
             }
             Err(e) => tracing::debug!(listener = %name, "accept failed: {e}"),
         }
+    }
+}
+
+/// Logs that a connection cap was hit, at most once a second per cap.
+fn log_cap(shared: &Shared, name: &str, cap: OverLimit, peer: Option<SocketAddr>) {
+    let Some(hits) = shared.connections.log_hit(cap) else { return };
+    let limits = shared.snapshot.load().config.limits;
+    match cap {
+        OverLimit::Global => tracing::warn!(
+            listener = %name,
+            "limits.max_client_connections ({}) reached: accepts paused until a connection closes (paused {hits} times since last said)",
+            limits.max_client_connections
+        ),
+        OverLimit::PerIp => tracing::warn!(
+            listener = %name,
+            "limits.max_connections_per_ip ({}) reached: closed a connection from {} ({hits} refused since last said)",
+            limits.max_connections_per_ip.unwrap_or(0),
+            peer.map(|p| crate::net::canonical(p.ip()).to_string()).unwrap_or_default()
+        ),
     }
 }
 

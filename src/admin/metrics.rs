@@ -56,6 +56,16 @@ impl Collector for Scrape {
         backends(&mut e, &snap)?;
         latency(&mut e, &snap)?;
         pools(&mut e, &snap)?;
+        {
+            // No labels: `tether_access_log_dropped_total 0`, not `..._total{} 0`.
+            let m = e.encode_descriptor(
+                "tether_access_log_dropped",
+                "Access log lines dropped because the log writer had fallen behind.",
+                None,
+                MetricType::Counter,
+            )?;
+            ConstCounter::new(self.0.access_log.dropped()).encode(m)?;
+        }
         gauge(
             &mut e,
             "tether_uptime_seconds",
@@ -168,16 +178,24 @@ fn pools(e: &mut DescriptorEncoder<'_>, snap: &Snapshot) -> std::fmt::Result {
     let mut size = Vec::new();
     let mut evictions = Vec::new();
     let mut expirations = Vec::new();
+    let mut rejections = Vec::new();
     for p in &snap.pools {
         if let Some(a) = &p.affinity {
             let s = a.store.table.stats();
             size.push((vec![("pool", &*p.name)], s.entries as i64));
             evictions.push((vec![("pool", &*p.name)], s.evictions));
             expirations.push((vec![("pool", &*p.name)], s.expirations));
+            rejections.push((vec![("pool", &*p.name)], s.rejections));
         }
     }
     gauge(e, "tether_stick_table_entries", "Entries in a pool's stick table.", &size)?;
     counter(e, "tether_stick_table_evictions", "Stick-table entries evicted for room.", &evictions)?;
     counter(e, "tether_stick_table_expirations", "Stick-table entries expired.", &expirations)?;
+    counter(
+        e,
+        "tether_stick_table_rejections",
+        "New keys not learned because the table was full of established sessions.",
+        &rejections,
+    )?;
     Ok(())
 }

@@ -67,6 +67,13 @@ pub fn set_cookie_name_value(set_cookie: &str) -> Option<(&str, &str)> {
     pair(first).filter(|(n, _)| !n.is_empty())
 }
 
+/// Whether a `Set-Cookie` value carries attribute `name` (`Secure`, `HttpOnly`,
+/// `Max-Age=60`...), compared case-insensitively; the cookie's own `name=value` is not an
+/// attribute.
+pub fn has_attribute(set_cookie: &str, name: &str) -> bool {
+    set_cookie.split(';').skip(1).any(|a| trim_ows(a.split('=').next().unwrap_or("")).eq_ignore_ascii_case(name))
+}
+
 /// Attributes of the session cookie the balancer sets.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CookieAttrs {
@@ -228,6 +235,17 @@ mod tests {
         assert_eq!(set_cookie_name_value("=v"), None);
         assert_eq!(set_cookie_name_value("novalue; Path=/"), None);
         assert_eq!(set_cookie_name_value(""), None);
+    }
+
+    #[test]
+    fn set_cookie_attributes() {
+        assert!(has_attribute("t=v; Path=/; Secure; HttpOnly", "Secure"));
+        assert!(has_attribute("t=v; secure", "Secure"));
+        assert!(has_attribute("t=v;Max-Age=60", "max-age"));
+        assert!(!has_attribute("t=v; Path=/; HttpOnly", "Secure"));
+        // The cookie itself is no attribute, whatever it is called.
+        assert!(!has_attribute("Secure=1; Path=/", "Secure"));
+        assert!(!has_attribute("t=Secure", "Secure"));
     }
 
     #[test]

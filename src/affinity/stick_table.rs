@@ -88,6 +88,8 @@ pub struct StickStats {
     /// Idle entries removed (by `get`, `sweep`, or when reclaimed by
     /// `insert` at capacity).
     pub expirations: u64,
+    /// New keys not stored because the table was full of established sessions.
+    pub rejections: u64,
 }
 
 #[derive(Clone, Copy)]
@@ -98,6 +100,8 @@ struct Entry {
     last_seen: u32,
     prev: u32,
     next: u32,
+    /// Found again after it was inserted: an established session, not a one-off key.
+    seen_again: bool,
 }
 
 impl Entry {
@@ -106,9 +110,19 @@ impl Entry {
     }
 }
 
-fn index_hash(key: u128) -> u64 {
-    (key as u64) ^ ((key >> 64) as u64)
+/// A keyed hash of a key, for the shard choice and the index. Keys are fixed-seed hashes
+/// that any client can compute for the values it sends; mixing in a per-table random seed
+/// means a client cannot aim a flood of keys at one shard or one index bucket.
+fn index_hash(key: u128, seed: u64) -> u64 {
+    // A folded 64x64->128 multiply of the seeded halves (as wyhash and foldhash do).
+    let a = (key as u64) ^ seed;
+    let b = ((key >> 64) as u64) ^ seed.rotate_left(29) ^ 0x9e37_79b9_7f4a_7c15;
+    let m = u128::from(a) * u128::from(b);
+    (m as u64) ^ ((m >> 64) as u64)
 }
+
+/// Entries looked at, from the least recently used end, for one that may make room.
+const ADMISSION_SCAN: usize = 8;
 
 struct ShardInner {
     index: HashTable<u32>,
@@ -123,11 +137,14 @@ struct ShardInner {
     /// Entries per backend, kept as entries come and go, so that counting sessions per
     /// backend never walks the table. Keyed by the backend id, which is already a hash.
     per_backend: HashTable<(u64, u32)>,
+    /// The table's seed for [`index_hash`].
+    seed: u64,
 }
 
 impl ShardInner {
-    fn new() -> Self {
+    fn new(seed: u64) -> Self {
         ShardInner {
+            seed,
             index: HashTable::new(),
             slab: Vec::new(),
             free: NIL,
@@ -161,7 +178,7 @@ impl ShardInner {
 
     fn find(&self, key: u128) -> Option<u32> {
         let slab = &self.slab;
-        self.index.find(index_hash(key), |&s| slab[s as usize].key() == key).copied()
+        self.index.find(index_hash(key, self.seed), |&s| slab[s as usize].key() == key).copied()
     }
 
     fn unlink(&mut self, slot: u32) {
@@ -205,7 +222,7 @@ impl ShardInner {
     fn remove_slot(&mut self, slot: u32) -> u64 {
         self.unlink(slot);
         let entry = self.slab[slot as usize];
-        if let Ok(found) = self.index.find_entry(index_hash(entry.key()), |&s| s == slot) {
+        if let Ok(found) = self.index.find_entry(index_hash(entry.key(), self.seed), |&s| s == slot) {
             found.remove();
         }
         let e = &mut self.slab[slot as usize];
@@ -219,9 +236,16 @@ impl ShardInner {
 
     /// Stores a new entry (the key must be absent and a slot available
     /// within `cap`) at the front of the list.
-    fn add(&mut self, key: u128, backend: u64, now: u32, cap: u32) {
-        let entry =
-            Entry { key_lo: key as u64, key_hi: (key >> 64) as u64, backend, last_seen: now, prev: NIL, next: NIL };
+    fn add(&mut self, key: u128, backend: u64, now: u32, cap: u32, seen_again: bool) {
+        let entry = Entry {
+            key_lo: key as u64,
+            key_hi: (key >> 64) as u64,
+            backend,
+            last_seen: now,
+            prev: NIL,
+            next: NIL,
+            seen_again,
+        };
         let slot = if self.free != NIL {
             let slot = self.free;
             self.free = self.slab[slot as usize].next;
@@ -238,8 +262,8 @@ impl ShardInner {
             len as u32
         };
         self.push_front(slot);
-        let slab = &self.slab;
-        self.index.insert_unique(index_hash(key), slot, |&s| index_hash(slab[s as usize].key()));
+        let (slab, seed) = (&self.slab, self.seed);
+        self.index.insert_unique(index_hash(key, seed), slot, |&s| index_hash(slab[s as usize].key(), seed));
         self.len += 1;
         self.count_in(backend);
     }
@@ -253,6 +277,7 @@ struct Shard {
     misses: AtomicU64,
     evictions: AtomicU64,
     expirations: AtomicU64,
+    rejections: AtomicU64,
 }
 
 impl Shard {
@@ -271,6 +296,8 @@ pub struct StickTable {
     shard_cap: u32,
     idle_secs: u32,
     clock: Clock,
+    /// Random per table: see [`index_hash`].
+    seed: u64,
 }
 
 impl std::fmt::Debug for StickTable {
@@ -294,14 +321,19 @@ impl StickTable {
         let shards = shards.clamp(1, MAX_SHARDS).next_power_of_two();
         let shard_cap = capacity.div_ceil(shards).clamp(1, (NIL - 1) as usize) as u32;
         let shard_bits = shards.trailing_zeros();
+        // Without the system's random source the clock still makes seeds differ by process.
+        let seed = getrandom::u64().unwrap_or_else(|_| {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+        });
         let shards = (0..shards)
             .map(|_| Shard {
-                inner: Mutex::new(ShardInner::new()),
+                inner: Mutex::new(ShardInner::new(seed)),
                 len: AtomicUsize::new(0),
                 hits: AtomicU64::new(0),
                 misses: AtomicU64::new(0),
                 evictions: AtomicU64::new(0),
                 expirations: AtomicU64::new(0),
+                rejections: AtomicU64::new(0),
             })
             .collect();
         StickTable {
@@ -310,6 +342,7 @@ impl StickTable {
             shard_cap,
             idle_secs: u32::try_from(idle_timeout.as_secs()).unwrap_or(u32::MAX),
             clock: Clock::new(),
+            seed,
         }
     }
 
@@ -325,8 +358,9 @@ impl StickTable {
     }
 
     fn shard(&self, key: u128) -> &Shard {
-        let hi = (key >> 64) as u64;
-        let i = hi.checked_shr(64 - self.shard_bits).unwrap_or(0);
+        // A hash of its own (another seed), so that the keys of one shard do not share the
+        // bits the shard's index uses.
+        let i = index_hash(key, !self.seed).checked_shr(64 - self.shard_bits).unwrap_or(0);
         &self.shards[i as usize]
     }
 
@@ -354,6 +388,7 @@ impl StickTable {
         }
         let e = &mut g.slab[slot as usize];
         e.last_seen = last_seen.max(now.0);
+        e.seen_again = true;
         let backend = e.backend;
         g.touch(slot);
         shard.hits.fetch_add(1, Relaxed);
@@ -364,12 +399,19 @@ impl StickTable {
     /// mapping) and makes it most recently used. When the key's shard is
     /// full, its least recently used entry is dropped first.
     pub fn insert(&self, key: u128, backend: u64, now: Tick) {
+        self.insert_as(key, backend, now, false);
+    }
+
+    /// [`insert`](Self::insert), with whether a new entry counts as already established.
+    fn insert_as(&self, key: u128, backend: u64, now: Tick, established: bool) {
         let shard = self.shard(key);
         let mut g = shard.lock();
         if let Some(slot) = g.find(key) {
             let e = &mut g.slab[slot as usize];
             let old = std::mem::replace(&mut e.backend, backend);
             e.last_seen = e.last_seen.max(now.0);
+            // Stored again (re-pinned, learned again): the key is in use.
+            e.seen_again = true;
             g.touch(slot);
             if old != backend {
                 g.count_out(old);
@@ -378,16 +420,35 @@ impl StickTable {
             return;
         }
         if g.len >= self.shard_cap {
-            let tail = g.tail;
-            let idle = self.expired(g.slab[tail as usize].last_seen, now);
-            g.remove_slot(tail);
+            // Admission: a new key takes the place of an idle entry or of a key that was
+            // never seen again, looking a few entries in from the least recently used end;
+            // it never pushes out an established session. A flood of one-off keys only
+            // churns among itself.
+            let mut victim = None;
+            let mut cur = g.tail;
+            for _ in 0..ADMISSION_SCAN {
+                if cur == NIL {
+                    break;
+                }
+                let e = &g.slab[cur as usize];
+                if self.expired(e.last_seen, now) || !e.seen_again {
+                    victim = Some((cur, self.expired(e.last_seen, now)));
+                    break;
+                }
+                cur = e.prev;
+            }
+            let Some((slot, idle)) = victim else {
+                shard.rejections.fetch_add(1, Relaxed);
+                return;
+            };
+            g.remove_slot(slot);
             if idle {
                 shard.expirations.fetch_add(1, Relaxed);
             } else {
                 shard.evictions.fetch_add(1, Relaxed);
             }
         }
-        g.add(key, backend, now.0, self.shard_cap);
+        g.add(key, backend, now.0, self.shard_cap, established);
         shard.len.store(g.len as usize, Relaxed);
     }
 
@@ -451,37 +512,35 @@ impl StickTable {
             st.misses += s.misses.load(Relaxed);
             st.evictions += s.evictions.load(Relaxed);
             st.expirations += s.expirations.load(Relaxed);
+            st.rejections += s.rejections.load(Relaxed);
         }
         st
     }
 
-    /// Number of stored entries per backend id (idle entries not yet swept
-    /// included: sweep first for live counts). Walks the whole table one
-    /// shard at a time: run it off the request path.
     /// Inserts every entry of this table into `to`, least recently used first so that
     /// `to` keeps their order; their idle clocks start again in `to`. Walks the whole table
     /// one shard at a time: for reloads that change a table's settings, off the request path.
     pub fn copy_into(&self, to: &StickTable) {
-        let now = to.now();
+        let mut entries: Vec<(u32, u128, u64, bool)> = Vec::with_capacity(self.len());
         for shard in self.shards.iter() {
-            let entries: Vec<(u128, u64)> = {
-                let g = shard.lock();
-                let mut out = Vec::with_capacity(g.len as usize);
-                let mut cur = g.tail;
-                while cur != NIL {
-                    let e = &g.slab[cur as usize];
-                    out.push((e.key(), e.backend));
-                    cur = e.prev;
-                }
-                out
-            };
-            for (key, backend) in entries {
-                to.insert(key, backend, now);
+            let g = shard.lock();
+            let mut cur = g.tail;
+            while cur != NIL {
+                let e = &g.slab[cur as usize];
+                entries.push((e.last_seen, e.key(), e.backend, e.seen_again));
+                cur = e.prev;
             }
+        }
+        // One order over all shards: the two tables place keys in shards differently.
+        entries.sort_by_key(|e| e.0);
+        let now = to.now();
+        for (_, key, backend, seen_again) in entries {
+            to.insert_as(key, backend, now, seen_again);
         }
     }
 
-    /// Entries per backend id. Reads each shard's running counts: cheap at any size.
+    /// Entries per backend id (idle entries not yet swept included: sweep first for live
+    /// counts). Reads each shard's running counts: cheap at any table size.
     pub fn sessions_per_backend(&self) -> HashMap<u64, usize> {
         let mut counts = HashMap::new();
         for shard in self.shards.iter() {
@@ -574,26 +633,46 @@ mod tests {
     }
 
     #[test]
-    fn lru_eviction_order() {
+    fn eviction_takes_one_off_keys_before_established_sessions() {
         let table = StickTable::new(3, HOUR, 1);
         table.insert(k(1), 1, t(0));
         table.insert(k(2), 2, t(0));
         table.insert(k(3), 3, t(0));
-        // Touch 1: LRU order is now 2, 3, 1.
+        // 1 comes back: an established session. Order, least recent first: 2, 3, 1.
         assert_eq!(table.get(k(1), t(1)), Some(1));
         table.insert(k(4), 4, t(2));
-        assert_eq!(table.get(k(2), t(2)), None, "2 was least recently used");
-        // Order: 3, 1, 4. Re-inserting 3 refreshes it: 1, 4, 3.
+        assert_eq!(table.get(k(2), t(2)), None, "2, never seen again and least recently used, made room");
+        // 3 is stored again (re-pinned): established too. Order: 4, 3 (with 1 before them).
         table.insert(k(3), 33, t(3));
         table.insert(k(5), 5, t(3));
-        assert_eq!(table.get(k(1), t(3)), None, "1 was least recently used");
-        assert_eq!(table.get(k(4), t(3)), Some(4));
+        assert_eq!(table.get(k(4), t(3)), None, "4 was the one-off key");
+        assert_eq!(table.get(k(1), t(3)), Some(1), "the established session stays");
         assert_eq!(table.get(k(3), t(3)), Some(33));
         assert_eq!(table.get(k(5), t(3)), Some(5));
+        // Now every entry is established: a new key is not admitted.
+        table.insert(k(6), 6, t(4));
+        assert_eq!(table.get(k(6), t(4)), None);
         let st = table.stats();
-        assert_eq!(st.evictions, 2);
-        assert_eq!(st.expirations, 0);
-        assert_eq!(st.entries, 3);
+        assert_eq!((st.evictions, st.rejections, st.expirations, st.entries), (2, 1, 0, 3));
+        // An idle entry always makes room.
+        table.insert(k(7), 7, t(4 + 3601));
+        assert_eq!(table.get(k(7), t(4 + 3601)), Some(7));
+        check_invariants(&table);
+    }
+
+    #[test]
+    fn a_flood_of_one_off_keys_keeps_established_sessions() {
+        let table = StickTable::new(1_000, HOUR, 4);
+        for i in 0..500 {
+            table.insert(k(i), i % 3, t(0));
+            assert_eq!(table.get(k(i), t(0)), Some(i % 3));
+        }
+        for i in 1_000..200_000 {
+            table.insert(k(i), 0, t(1));
+        }
+        for i in 0..500 {
+            assert_eq!(table.get(k(i), t(1)), Some(i % 3), "established session {i} was pushed out");
+        }
         check_invariants(&table);
     }
 

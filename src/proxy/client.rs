@@ -32,7 +32,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::config::Timeouts;
-use crate::state::{ListenerStats, Shared};
+use crate::state::{ConnPermit, ListenerStats, Shared};
 
 const HEAD: u8 = 0;
 const BUSY: u8 = 1;
@@ -185,4 +185,6 @@ pub struct ConnCx {
     /// Held while anything of this connection lives (its requests, an upgraded tunnel),
     /// so that shutdown waits for it.
     pub(super) _shutdown: watch::Receiver<bool>,
+    /// This connection's place under `[limits]`, given back when the last holder drops.
+    pub(super) _permit: ConnPermit,
 }

@@ -2,7 +2,9 @@
 //! deadlines (kept by [`client::ConnState`](super::client::ConnState)) and the shutdown
 //! signal.
 
+use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -12,27 +14,50 @@ use http::HeaderValue;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::client::{Check, ConnCx, ConnState, Timed};
-use crate::state::{ListenerStats, Shared};
+use crate::config::Limits;
+use crate::state::{ConnPermit, ListenerStats, Shared};
 
 /// The HTTP server settings for client connections, shared by all of them.
+///
+/// HTTP/2 is bounded so that one client cannot hold much: `limits.h2_max_concurrent_streams`
+/// streams per connection, at most 256 KiB queued for sending per stream
+/// (hyper: 400 KiB), and receive windows of 256 KiB per stream and 1 MiB per connection
+/// (hyper: 1 MiB each). hyper's 16 KiB limit on a header list is kept.
 #[derive(Debug)]
 pub struct Protocols {
     pub h1: http1::Builder,
     pub h2: http2::Builder<TokioExecutor>,
+    /// The concurrent stream limit `h2` was built with; a connection made under another
+    /// (after a reload changed `[limits]`) uses a copy of `h2` with its own.
+    h2_streams: u32,
 }
+
+/// Bytes hyper may queue for sending on one HTTP/2 stream.
+const H2_MAX_SEND_BUF: usize = 256 * 1024;
+/// How much a client may send on one HTTP/2 stream, and on a connection, before Tether reads it.
+const H2_STREAM_WINDOW: u32 = 256 * 1024;
+const H2_CONN_WINDOW: u32 = 1024 * 1024;
 
 impl Protocols {
     pub fn new() -> Protocols {
+        Protocols::with_limits(&Limits::default())
+    }
+
+    pub fn with_limits(limits: &Limits) -> Protocols {
         let mut h1 = http1::Builder::new();
         h1.keep_alive(true).max_buf_size(64 * 1024);
         let mut h2 = http2::Builder::new(TokioExecutor::new());
-        h2.max_concurrent_streams(256);
-        Protocols { h1, h2 }
+        h2.max_concurrent_streams(limits.h2_max_concurrent_streams)
+            .max_send_buf_size(H2_MAX_SEND_BUF)
+            .initial_stream_window_size(H2_STREAM_WINDOW)
+            .initial_connection_window_size(H2_CONN_WINDOW);
+        Protocols { h1, h2, h2_streams: limits.h2_max_concurrent_streams }
     }
 }
 
@@ -47,36 +72,80 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Waits for the client's first bytes and tells HTTP/2 prior knowledge from HTTP/1 by
 /// peeking at them. Nothing is allocated for a connection before it speaks, so idle
 /// connections that never send stay cheap. `None`: the client left.
+///
+/// A client that sent part of the preface and stopped is waited for without polling: the
+/// peek runs inside `try_io`, so when it sees only part of the preface the socket's
+/// readiness is cleared as of *before* the peek, and the next wake-up is new data (or the
+/// client closing). The caller's `request_header` deadline bounds the wait.
 async fn sniff(stream: &TcpStream) -> Option<bool> {
-    let mut buf = [0u8; 24];
     loop {
-        let n = stream.peek(&mut buf).await.ok()?;
-        if n == 0 {
-            return None;
+        let ready = stream.ready(Interest::READABLE).await.ok()?;
+        match stream.try_io(Interest::READABLE, || peek_preface(stream)) {
+            Ok(found) => return found,
+            // Nothing yet, or a preface split across packets: wait for more, unless the
+            // client has closed its side and the preface can never complete.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if ready.is_read_closed() {
+                    return None;
+                }
+            }
+            Err(_) => return None,
         }
-        if !H2_PREFACE.starts_with(&buf[..n]) {
-            return Some(false);
-        }
-        if n == H2_PREFACE.len() {
-            return Some(true);
-        }
-        // A preface split across packets: wait for the rest.
-        tokio::time::sleep(Duration::from_millis(2)).await;
     }
+}
+
+/// Peeks at the client's first bytes: `Some(true)` the HTTP/2 preface, `Some(false)`
+/// anything else, `None` the client left; `WouldBlock` nothing or only part of the
+/// preface yet.
+fn peek_preface(stream: &TcpStream) -> io::Result<Option<bool>> {
+    let mut buf = [0u8; H2_PREFACE.len()];
+    let n = loop {
+        // SAFETY: `buf` is valid for writes of `buf.len()` bytes, and the descriptor is
+        // open for as long as `stream` is borrowed.
+        let n = unsafe {
+            libc::recv(stream.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_PEEK | libc::MSG_DONTWAIT)
+        };
+        if n >= 0 {
+            break n as usize;
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    };
+    if n == 0 {
+        return Ok(None);
+    }
+    if !H2_PREFACE.starts_with(&buf[..n]) {
+        return Ok(Some(false));
+    }
+    if n == H2_PREFACE.len() {
+        return Ok(Some(true));
+    }
+    Err(io::ErrorKind::WouldBlock.into())
+}
+
+/// A client connection as the accept loop hands it over: the socket, the client's
+/// address, and its place under `[limits]` (held as long as anything of it lives).
+#[derive(Debug)]
+pub struct Accepted {
+    pub stream: TcpStream,
+    pub peer: SocketAddr,
+    pub permit: ConnPermit,
 }
 
 /// Serves one client connection until it closes, times out, or shutdown is asked for and
 /// its requests have finished. Holding `shutdown` keeps the server waiting for this
 /// connection at shutdown.
 pub async fn serve(
-    stream: TcpStream,
-    peer: SocketAddr,
+    accepted: Accepted,
     listener_name: Arc<str>,
     shared: Arc<Shared>,
     protocols: Arc<Protocols>,
     stats: Arc<ListenerStats>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let Accepted { stream, peer, permit } = accepted;
     stats.connections.fetch_add(1, Ordering::Relaxed);
     struct Open(Arc<ListenerStats>);
     impl Drop for Open {
@@ -85,7 +154,10 @@ pub async fn serve(
         }
     }
     let _open = Open(stats.clone());
-    let timeouts = shared.snapshot.load().config.timeouts;
+    let (timeouts, limits) = {
+        let snapshot = shared.snapshot.load();
+        (snapshot.config.timeouts, snapshot.config.limits)
+    };
     let h2 = tokio::select! {
         r = sniff(&stream) => match r {
             Some(h2) => h2,
@@ -110,11 +182,21 @@ pub async fn serve(
         state: state.clone(),
         stats,
         _shutdown: shutdown.clone(),
+        _permit: permit,
     });
     let io = TokioIo::new(Timed { io: stream, state: state.clone() });
     let service = service_fn(move |req| super::request::handle(req, cx.clone()));
     if h2 {
-        let conn = protocols.h2.serve_connection(io, service);
+        let own;
+        let h2 = if limits.h2_max_concurrent_streams == protocols.h2_streams {
+            &protocols.h2
+        } else {
+            let mut b = protocols.h2.clone();
+            b.max_concurrent_streams(limits.h2_max_concurrent_streams);
+            own = b;
+            &own
+        };
+        let conn = h2.serve_connection(io, service);
         drive(conn, |c| c.graceful_shutdown(), &state, shutdown, peer, timeouts.request_header).await;
     } else {
         let conn = protocols.h1.serve_connection(io, service).with_upgrades();

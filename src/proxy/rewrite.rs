@@ -55,16 +55,50 @@ fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
         .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
+/// Forwarding headers a backend may believe. From a client that is not a trusted proxy, each
+/// of them, under any spelling a CGI-style backend reads as the same variable (`_` for
+/// `-`, any case), is removed or replaced.
+const FORWARDING: [&str; 5] = ["x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded", "x-real-ip"];
+
+/// Whether header name `name` is `canonical` (lower case, with `-`) when `_` is read as
+/// `-` and case is ignored, as CGI-style backends read names (`X_Real_IP` is `x-real-ip`).
+fn same_name(name: &str, canonical: &str) -> bool {
+    let fold = |b: u8| if b == b'_' { b'-' } else { b.to_ascii_lowercase() };
+    name.len() == canonical.len() && name.bytes().zip(canonical.bytes()).all(|(a, b)| fold(a) == fold(b))
+}
+
+/// Removes every header whose name `hit` matches. One pass over the names and no
+/// allocation when none does, which is nearly always.
+fn remove_names(headers: &mut HeaderMap, hit: impl Fn(&HeaderName) -> bool) {
+    if !headers.keys().any(&hit) {
+        return;
+    }
+    let names: Vec<HeaderName> = headers.keys().filter(|n| hit(n)).cloned().collect();
+    for name in names {
+        headers.remove(name);
+    }
+}
+
 /// Prepares a client's request for the backend: HTTP/1.1 in origin-form, hop-by-hop
-/// headers removed, `Host` kept, forwarding headers set.
+/// headers removed, HTTP/2 cookie crumbs joined, `Host` kept, forwarding headers set.
 pub fn request(req: &mut Request<Incoming>, cx: &ConnCx, host: Option<HeaderValue>, trusted: bool, upgrade: bool) {
     if req.uri().scheme().is_some() || req.uri().authority().is_some() {
         let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
         *req.uri_mut() = Uri::try_from(pq).unwrap_or_else(|_| Uri::from_static("/"));
     }
+    let h2 = req.version() == Version::HTTP_2;
     *req.version_mut() = Version::HTTP_11;
     let headers = req.headers_mut();
     strip_hop_by_hop(headers, upgrade);
+    if h2 {
+        join_cookie_crumbs(headers);
+    }
+    if !trusted {
+        // A client that is not a trusted proxy chooses none of the forwarding headers, under
+        // any spelling: `X_Forwarded_For` or `x-real-ip` would otherwise reach a backend
+        // that reads them as its client's address.
+        remove_names(headers, |n| FORWARDING.iter().any(|f| same_name(n.as_str(), f)));
+    }
 
     // X-Forwarded-For: a trusted proxy's list is extended; anyone else's is replaced, so a
     // client cannot choose the address a backend believes it has.
@@ -101,6 +135,43 @@ pub fn request(req: &mut Request<Incoming>, cx: &ConnCx, host: Option<HeaderValu
             headers.remove(header::HOST);
         }
     }
+}
+
+/// HTTP/2 lets a client split `Cookie` into one field per cookie ("crumbs"); an HTTP/1
+/// backend expects one line, so the crumbs are joined with "; " (RFC 9113 section 8.2.3).
+fn join_cookie_crumbs(headers: &mut HeaderMap) {
+    let mut crumbs = headers.get_all(header::COOKIE).iter();
+    if crumbs.next().is_none() || crumbs.next().is_none() {
+        return;
+    }
+    let mut joined = Vec::with_capacity(256);
+    for v in headers.get_all(header::COOKIE) {
+        if v.is_empty() {
+            continue;
+        }
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(v.as_bytes());
+    }
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, v);
+    }
+}
+
+/// Whether the client reached the trusted proxy in front of Tether over HTTPS: the peer is
+/// a trusted proxy and the first entry of its `X-Forwarded-Proto` is `https`. From anyone
+/// else the header means nothing (and is replaced by `http`).
+// `request::forward` is to compute this before the request goes and pass it to
+// `persist_as`; until it does, Tether's cookie never gets `Secure` this way.
+#[allow(dead_code)]
+pub fn forwarded_https(headers: &HeaderMap, trusted: bool) -> bool {
+    trusted
+        && headers
+            .get(&X_FORWARDED_PROTO)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(',').next())
+            .is_some_and(|p| p.trim().eq_ignore_ascii_case("https"))
 }
 
 /// Removes the headers that belong to one connection and must not be forwarded (RFC 9110
@@ -196,8 +267,9 @@ pub fn for_affinity(headers: &mut HeaderMap, a: &PoolAffinity, verdict: Verdict)
             }
         }
     }
+    // Under any spelling a CGI-style backend reads as the same name.
     let repin = a.cfg.repin_header.as_str();
-    headers.remove(repin);
+    remove_names(headers, |n| same_name(n.as_str(), repin));
     if let Some(reason) = verdict.reason() {
         if let Ok(name) = HeaderName::from_bytes(repin.as_bytes()) {
             headers.insert(name, HeaderValue::from_static(reason));
@@ -208,18 +280,69 @@ pub fn for_affinity(headers: &mut HeaderMap, a: &PoolAffinity, verdict: Verdict)
 /// Response changes for a pool with affinity: learn the application's session cookie,
 /// and set Tether's when the session is new, moved, or due for a fresh idle stamp.
 pub fn persist(headers: &mut HeaderMap, a: &PoolAffinity, d: &Decision, backend: usize) {
+    persist_as(headers, a, d, backend, false);
+}
+
+/// [`persist`] for a request that came over HTTPS (see [`forwarded_https`]): Tether's cookie
+/// then carries `Secure` unless the pool's `cookie.secure` says otherwise.
+pub fn persist_as(headers: &mut HeaderMap, a: &PoolAffinity, d: &Decision, backend: usize, https: bool) {
     if a.learns() {
         a.learn(headers, backend);
     }
     if let Some(t) = &d.issue {
-        if let Ok(v) = HeaderValue::from_str(&a.set_cookie(t)) {
+        let mut cookie = a.set_cookie(t);
+        if https && a.cfg.cookie.secure.is_none() && !cookies::has_attribute(&cookie, "Secure") {
+            cookie.push_str("; Secure");
+        }
+        if let Ok(v) = HeaderValue::from_str(&cookie) {
             headers.append(header::SET_COOKIE, v);
-            // A shared cache must not hand one client's session cookie to another.
-            if !headers.contains_key(header::CACHE_CONTROL) {
-                headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("private"));
-            }
+            private_to_shared_caches(headers);
         }
     }
+}
+
+/// A shared cache must not hand one client's session cookie to another. Tether keeps
+/// issuing its cookie (so stickiness works) and makes the response private instead: a
+/// response without `Cache-Control` gets `private`; one that is neither `private` nor
+/// `no-store` (for instance `public, max-age=600`, `s-maxage=60` or a bare `max-age`,
+/// which a shared cache may store) has `public` and `s-maxage` removed and `private`
+/// added, its other directives kept. A browser may still cache it; a CDN may not.
+fn private_to_shared_caches(headers: &mut HeaderMap) {
+    if !headers.contains_key(header::CACHE_CONTROL) {
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("private"));
+        return;
+    }
+    let directives =
+        || headers.get_all(header::CACHE_CONTROL).iter().filter_map(|v| v.to_str().ok()).flat_map(cache_directives);
+    let name = |d: &str| d.split('=').next().unwrap_or("").trim().to_ascii_lowercase();
+    // A qualified `private="field"` leaves the rest of the response shareable.
+    if directives().any(|d| d.eq_ignore_ascii_case("private") || d.eq_ignore_ascii_case("no-store")) {
+        return;
+    }
+    let mut out = String::from("private");
+    for d in directives() {
+        if !matches!(name(d).as_str(), "public" | "s-maxage" | "private") {
+            out.push_str(", ");
+            out.push_str(d);
+        }
+    }
+    if let Ok(v) = HeaderValue::from_str(&out) {
+        headers.insert(header::CACHE_CONTROL, v);
+    }
+}
+
+/// The directives of one `Cache-Control` value, trimmed, empty ones skipped; a comma inside
+/// a quoted string (`no-cache="a, b"`) does not split.
+fn cache_directives(v: &str) -> impl Iterator<Item = &str> {
+    let mut quoted = false;
+    v.split(move |c| {
+        if c == '"' {
+            quoted = !quoted;
+        }
+        c == ',' && !quoted
+    })
+    .map(str::trim)
+    .filter(|d| !d.is_empty())
 }
 
 #[cfg(test)]
@@ -259,5 +382,98 @@ mod tests {
         h.insert(header::HOST, HeaderValue::from_static("shop.example"));
         strip_hop_by_hop(&mut h, false);
         assert!(h.contains_key(header::HOST));
+    }
+
+    #[test]
+    fn header_names_match_with_underscores_and_any_case() {
+        assert!(same_name("x_forwarded_for", "x-forwarded-for"));
+        assert!(same_name("X_Real-IP", "x-real-ip"));
+        assert!(same_name("tether_session_repinned", "Tether-Session-Repinned"));
+        assert!(!same_name("x-forwarded-fo", "x-forwarded-for"));
+        assert!(!same_name("x.forwarded.for", "x-forwarded-for"));
+    }
+
+    #[test]
+    fn forwarding_headers_go_under_every_spelling() {
+        let mut h = HeaderMap::new();
+        for name in ["forwarded", "x_forwarded_for", "x_forwarded_host", "x-real-ip", "x_real_ip", "x-app"] {
+            h.insert(HeaderName::from_static(name), HeaderValue::from_static("6.6.6.6"));
+        }
+        remove_names(&mut h, |n| FORWARDING.iter().any(|f| same_name(n.as_str(), f)));
+        let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-app"]);
+    }
+
+    #[test]
+    fn cookie_crumbs_become_one_line() {
+        let mut h = HeaderMap::new();
+        h.append(header::COOKIE, HeaderValue::from_static("a=1"));
+        h.append(header::COOKIE, HeaderValue::from_static("b=2"));
+        h.append(header::COOKIE, HeaderValue::from_static("c=3"));
+        join_cookie_crumbs(&mut h);
+        let all: Vec<_> = h.get_all(header::COOKIE).iter().collect();
+        assert_eq!(all, ["a=1; b=2; c=3"]);
+        // One line stays as it is.
+        join_cookie_crumbs(&mut h);
+        assert_eq!(h.get_all(header::COOKIE).iter().count(), 1);
+    }
+
+    fn cache_control_after(values: &[&'static str]) -> String {
+        let mut h = HeaderMap::new();
+        for v in values {
+            h.append(header::CACHE_CONTROL, HeaderValue::from_static(v));
+        }
+        private_to_shared_caches(&mut h);
+        let all: Vec<_> = h.get_all(header::CACHE_CONTROL).iter().map(|v| v.to_str().unwrap()).collect();
+        all.join(" | ")
+    }
+
+    #[test]
+    fn a_response_with_tethers_cookie_is_private() {
+        assert_eq!(cache_control_after(&[]), "private");
+        assert_eq!(cache_control_after(&["public, max-age=600"]), "private, max-age=600");
+        assert_eq!(cache_control_after(&["max-age=60, S-MaxAge=600"]), "private, max-age=60");
+        assert_eq!(cache_control_after(&["Public", "must-revalidate"]), "private, must-revalidate");
+        assert_eq!(cache_control_after(&["max-age=60"]), "private, max-age=60");
+        assert_eq!(cache_control_after(&["public, no-cache=\"a, b\""]), "private, no-cache=\"a, b\"");
+        assert_eq!(cache_control_after(&["private=\"x\", public"]), "private");
+        // Already kept out of shared caches: left alone.
+        assert_eq!(cache_control_after(&["private, max-age=60"]), "private, max-age=60");
+        assert_eq!(cache_control_after(&["no-store"]), "no-store");
+    }
+
+    #[test]
+    fn tethers_cookie_is_secure_behind_a_trusted_https_proxy() {
+        let cfg = crate::config::Affinity::default();
+        let a = PoolAffinity::build("web", &[("app-1", 1)], &cfg, None);
+        let set_cookie = |https: bool, a: &PoolAffinity| {
+            let mut d = Decision::plain(Some(0));
+            d.issue = Some(crate::affinity::token::Token::issue(a.ids[0], 1_800_000_000).unwrap());
+            let mut h = HeaderMap::new();
+            persist_as(&mut h, a, &d, 0, https);
+            h.get(header::SET_COOKIE).unwrap().to_str().unwrap().to_string()
+        };
+        assert!(!cookies::has_attribute(&set_cookie(false, &a), "Secure"));
+        let secure = set_cookie(true, &a);
+        assert!(secure.ends_with("; Secure") && secure.matches("Secure").count() == 1, "{secure}");
+        // `cookie.secure = false` is the operator's word; SameSite=None carries Secure once.
+        let mut off = cfg.clone();
+        off.cookie.secure = Some(false);
+        let a = PoolAffinity::build("web", &[("app-1", 1)], &off, None);
+        assert!(!cookies::has_attribute(&set_cookie(true, &a), "Secure"));
+        let mut none = cfg.clone();
+        none.cookie.same_site = crate::config::SameSite::None;
+        let a = PoolAffinity::build("web", &[("app-1", 1)], &none, None);
+        assert_eq!(set_cookie(true, &a).matches("Secure").count(), 1);
+    }
+
+    #[test]
+    fn https_is_believed_only_from_trusted_proxies() {
+        let mut h = HeaderMap::new();
+        h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("HTTPS, http"));
+        assert!(forwarded_https(&h, true));
+        assert!(!forwarded_https(&h, false));
+        h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+        assert!(!forwarded_https(&h, true));
     }
 }
