@@ -10,6 +10,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context as _;
+use arc_swap::ArcSwapOption;
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::backend::Backend;
@@ -76,7 +78,18 @@ pub struct Control {
     overrides: Mutex<HashMap<(String, String), Override>>,
     /// Serialises reloads and admin actions.
     changing: Mutex<()>,
+    /// The admin listener's settings as the file says them now. The admin API reads them
+    /// for every request, so a token changed by a reload applies at once.
+    admin: ArcSwapOption<config::Admin>,
+    /// The open admin listener: its configured address and the switch that stops it.
+    admin_listener: Mutex<Option<(SocketAddr, watch::Sender<bool>)>>,
+    /// Starts serving the admin API on a bound socket until the switch says stop (set by
+    /// the server, which knows the admin module; control sits below it).
+    admin_server: Mutex<Option<AdminServer>>,
 }
+
+/// Serves the admin API on a bound listener until the receiver sees `true`.
+pub type AdminServer = Box<dyn Fn(TcpListener, watch::Receiver<bool>) + Send + Sync>;
 
 /// An admin API change to one backend, with the file's values it was made over.
 #[derive(Debug, Clone)]
@@ -103,6 +116,7 @@ impl Control {
     /// re-read it). Opens no listener yet.
     pub fn new(shared: Arc<Shared>, config: Arc<Config>, source: Option<PathBuf>) -> Control {
         let (shutdown, _) = watch::channel(false);
+        let admin = ArcSwapOption::new(config.admin.clone().map(Arc::new));
         Control {
             shared,
             source,
@@ -112,7 +126,39 @@ impl Control {
             file_config: Mutex::new(config),
             overrides: Default::default(),
             changing: Mutex::new(()),
+            admin,
+            admin_listener: Mutex::new(None),
+            admin_server: Mutex::new(None),
         }
+    }
+
+    /// The admin listener's settings in force now (`None`: the config has no `[admin]`).
+    pub fn admin_config(&self) -> Option<Arc<config::Admin>> {
+        self.admin.load_full()
+    }
+
+    /// Opens the admin listener the config asks for, served by `server` (also on every
+    /// later reload that moves it). Returns the address it got.
+    pub fn start_admin(&self, server: AdminServer) -> anyhow::Result<Option<SocketAddr>> {
+        let _one_at_a_time = lock(&self.changing);
+        *lock(&self.admin_server) = Some(server);
+        let Some(cfg) = self.admin_config() else { return Ok(None) };
+        let listener = bind_admin(cfg.bind)?;
+        Ok(Some(self.serve_admin(cfg.bind, listener)?))
+    }
+
+    /// Hands a bound admin socket to the admin server; stops the previous one, if any.
+    fn serve_admin(&self, bind: SocketAddr, listener: TcpListener) -> anyhow::Result<SocketAddr> {
+        let address = listener.local_addr()?;
+        let (stop, stopped) = watch::channel(false);
+        if let Some(serve) = lock(&self.admin_server).as_ref() {
+            serve(listener, stopped);
+        }
+        tracing::info!(listener = "admin", "admin listening on {address} (dashboard, API, metrics)");
+        if let Some((_, old)) = lock(&self.admin_listener).replace((bind, stop)) {
+            let _ = old.send(true);
+        }
+        Ok(address)
     }
 
     /// A receiver that sees shutdown; holding it keeps shutdown waiting for its holder.
@@ -122,8 +168,13 @@ impl Control {
 
     /// Binds listener `l` and starts accepting on it; returns the address it got.
     pub(crate) fn open_listener(&self, l: &config::Listener) -> anyhow::Result<SocketAddr> {
-        let listener =
-            listener::bind(l.bind).with_context(|| format!("listener \"{}\": cannot bind {}", l.name, l.bind))?;
+        let listener = bind_listener(l)?;
+        self.serve_listener(l, listener)
+    }
+
+    /// Starts accepting on `listener`, bound for `l`, under `l`'s name; a listener of the
+    /// same name that was open is stopped.
+    fn serve_listener(&self, l: &config::Listener, listener: TcpListener) -> anyhow::Result<SocketAddr> {
         let address = listener.local_addr()?;
         tracing::info!(listener = %l.name, "listening on {address}");
         let (stop, stopped) = watch::channel(false);
@@ -136,7 +187,9 @@ impl Control {
             self.shutdown.subscribe(),
             stopped,
         ));
-        lock(&self.listeners).insert(l.name.clone(), (l.bind, stop));
+        if let Some((_, old)) = lock(&self.listeners).insert(l.name.clone(), (l.bind, stop)) {
+            let _ = old.send(true);
+        }
         Ok(address)
     }
 
@@ -175,27 +228,35 @@ impl Control {
             }
         };
         let old = self.shared.snapshot.load_full();
-        // Listeners first: if a new one cannot be bound, nothing changes.
-        let mut opened = Vec::new();
+        // Sockets first: every listener that is new or moves, and the admin listener if it
+        // moves, is bound before anything is stopped. If one bind fails, the sockets bound
+        // so far are dropped unused and every running listener keeps serving.
         let open = lock(&self.listeners).clone();
+        let mut bound = Vec::new();
         for l in &config.listeners {
             if open.get(&l.name).is_some_and(|(bind, _)| *bind == l.bind) {
                 continue;
             }
-            if let Some((_, stop)) = open.get(&l.name) {
-                let _ = stop.send(true);
+            match bind_listener(l) {
+                Ok(socket) => bound.push((l, socket)),
+                Err(e) => return Err(reject(e)),
             }
-            match self.open_listener(l) {
-                Ok(_) => opened.push(l.name.clone()),
-                Err(e) => {
-                    for name in &opened {
-                        if let Some((_, stop)) = lock(&self.listeners).remove(name) {
-                            let _ = stop.send(true);
-                        }
-                    }
-                    tracing::error!("reload rejected, the running config stays in force: {e:#}");
-                    return Err(ReloadError::Listener(format!("{e:#}")));
-                }
+        }
+        let admin_bind = config.admin.as_ref().map(|a| a.bind);
+        let admin_open = lock(&self.admin_listener).as_ref().map(|(bind, _)| *bind);
+        let has_admin_server = lock(&self.admin_server).is_some();
+        let admin_socket = match admin_bind {
+            Some(bind) if has_admin_server && admin_open != Some(bind) => match bind_admin(bind) {
+                Ok(socket) => Some((bind, socket)),
+                Err(e) => return Err(reject(e)),
+            },
+            _ => None,
+        };
+        // Every bind succeeded: from here on nothing fails. Serving a socket stops the
+        // listener it replaces.
+        for (l, socket) in bound {
+            if let Err(e) = self.serve_listener(l, socket) {
+                tracing::warn!(listener = %l.name, "{e:#}");
             }
         }
         lock(&self.listeners).retain(|name, (_, stop)| {
@@ -205,6 +266,16 @@ impl Control {
             }
             keep
         });
+        self.admin.store(config.admin.clone().map(Arc::new));
+        if let Some((bind, socket)) = admin_socket {
+            if let Err(e) = self.serve_admin(bind, socket) {
+                tracing::warn!(listener = "admin", "{e:#}");
+            }
+        } else if admin_bind.is_none() {
+            if let Some((_, stop)) = lock(&self.admin_listener).take() {
+                let _ = stop.send(true);
+            }
+        }
         // An admin change lasts until the file itself changes that backend.
         lock(&self.overrides).retain(|(pool, backend), o| {
             let now = config
@@ -258,7 +329,10 @@ impl Control {
         }
         let old = self.shared.snapshot.load_full();
         let snapshot = Snapshot::build(Arc::new(self.effective(&file)), Some(&old));
-        let changed = snapshot.backend(pool, backend).expect("the file config has this backend").clone();
+        // The snapshot is built from the file that has this backend, so it is there.
+        let Some(changed) = snapshot.backend(pool, backend).cloned() else {
+            return Err(ActionError::NoBackend { pool: pool.to_string(), backend: backend.to_string() });
+        };
         self.shared.snapshot.store(Arc::new(snapshot));
         tracing::info!(pool, backend, "admin: {action:?}");
         Ok(changed)
@@ -279,9 +353,26 @@ impl Control {
     }
 }
 
+/// A reload that could not bind a socket: logged, and nothing changed.
+fn reject(e: anyhow::Error) -> ReloadError {
+    tracing::error!("reload rejected, the running config stays in force: {e:#}");
+    ReloadError::Listener(format!("{e:#}"))
+}
+
+/// Binds the socket for traffic listener `l`.
+fn bind_listener(l: &config::Listener) -> anyhow::Result<TcpListener> {
+    listener::bind(l.bind).with_context(|| format!("listener \"{}\": cannot bind {}", l.name, l.bind))
+}
+
+/// Binds the admin listener's socket.
+fn bind_admin(bind: SocketAddr) -> anyhow::Result<TcpListener> {
+    listener::bind(bind).with_context(|| format!("admin: cannot bind {bind}"))
+}
+
 /// What a reload changes, one line per listener, pool or backend, in words.
 pub fn diff(old: &Config, new: &Config) -> Vec<String> {
     let mut out = Vec::new();
+    diff_admin(old.admin.as_ref(), new.admin.as_ref(), &mut out);
     for l in &new.listeners {
         match old.listeners.iter().find(|o| o.name == l.name) {
             None => out.push(format!("listener \"{}\" added on {}", l.name, l.bind)),
@@ -320,6 +411,26 @@ pub fn diff(old: &Config, new: &Config) -> Vec<String> {
     out
 }
 
+/// What changed in the admin listener. The token itself is never written out.
+fn diff_admin(old: Option<&config::Admin>, new: Option<&config::Admin>, out: &mut Vec<String>) {
+    match (old, new) {
+        (None, None) => {}
+        (None, Some(n)) => out.push(format!("admin listener added on {}", n.bind)),
+        (Some(_), None) => out.push("admin listener removed".into()),
+        (Some(o), Some(n)) => {
+            if o.bind != n.bind {
+                out.push(format!("admin listener moved from {} to {}", o.bind, n.bind));
+            }
+            match (&o.token, &n.token) {
+                (None, Some(_)) => out.push("admin token set".into()),
+                (Some(_), None) => out.push("admin token removed".into()),
+                (Some(a), Some(b)) if a != b => out.push("admin token changed".into()),
+                _ => {}
+            }
+        }
+    }
+}
+
 /// What changed in one pool kept by a reload.
 fn diff_pool(o: &config::Pool, p: &config::Pool, out: &mut Vec<String>) {
     for b in &p.backends {
@@ -353,5 +464,40 @@ fn diff_pool(o: &config::Pool, p: &config::Pool, out: &mut Vec<String>) {
     let settings = |x: &config::Pool| config::Pool { name: String::new(), backends: Vec::new(), ..x.clone() };
     if settings(o) != settings(p) {
         out.push(format!("pool \"{}\": settings changed", p.name));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(admin: &str) -> Config {
+        let text = format!(
+            "{admin}\n[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\npool = \"web\"\n\n[pools.web]\nbackends = [{{ name = \"a\", address = \"127.0.0.1:1\" }}]\n"
+        );
+        config::parse(&text, "test.toml").unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    const A: &str = "first-admin-token-0123";
+    const B: &str = "second-admin-token-4567";
+
+    #[test]
+    fn diff_reports_admin_changes_without_the_token() {
+        let on = |bind: &str, token: &str| config(&format!("[admin]\nbind = \"{bind}\"\ntoken = \"{token}\"\n"));
+        let changes = diff(&on("127.0.0.1:9901", A), &on("127.0.0.1:9901", B));
+        assert_eq!(changes, ["admin token changed"]);
+        let changes = diff(&on("127.0.0.1:9901", A), &on("127.0.0.2:9902", A));
+        assert_eq!(changes, ["admin listener moved from 127.0.0.1:9901 to 127.0.0.2:9902"]);
+        let changes = diff(&on("127.0.0.1:9901", A), &on("127.0.0.2:9902", B));
+        assert_eq!(changes.len(), 2, "{changes:?}");
+        assert!(changes.iter().all(|c| !c.contains(A) && !c.contains(B)), "{changes:?}");
+
+        let none = config("");
+        let open = config("[admin]\nbind = \"127.0.0.1:9901\"\n");
+        assert_eq!(diff(&none, &open), ["admin listener added on 127.0.0.1:9901"]);
+        assert_eq!(diff(&open, &none), ["admin listener removed"]);
+        assert_eq!(diff(&open, &on("127.0.0.1:9901", A)), ["admin token set"]);
+        assert_eq!(diff(&on("127.0.0.1:9901", A), &open), ["admin token removed"]);
+        assert!(diff(&open, &open).is_empty());
     }
 }

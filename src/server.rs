@@ -17,7 +17,6 @@ use anyhow::Context as _;
 use crate::access_log::AccessLog;
 use crate::config::Config;
 use crate::control::Control;
-use crate::listener;
 use crate::pool::Snapshot;
 use crate::state::Shared;
 
@@ -58,16 +57,15 @@ impl Server {
         for l in &config.listeners {
             addresses.push((l.name.clone(), control.open_listener(l)?));
         }
-        let admin_address = match &config.admin {
-            Some(a) => {
-                let listener = listener::bind(a.bind).with_context(|| format!("admin: cannot bind {}", a.bind))?;
-                let address = listener.local_addr()?;
-                tracing::info!(listener = "admin", "admin listening on {address} (dashboard, API, metrics)");
-                tokio::spawn(crate::admin::serve(listener, control.clone(), a.clone(), control.shutdown_signal()));
-                Some(address)
+        // The admin listener is control's to move on reload; what serves it is the admin
+        // module's, handed over here. It holds the control weakly, so the two do not keep
+        // each other alive.
+        let weak = Arc::downgrade(&control);
+        let admin_address = control.start_admin(Box::new(move |listener, stopped| {
+            if let Some(control) = weak.upgrade() {
+                tokio::spawn(crate::admin::serve(listener, control, stopped));
             }
-            None => None,
-        };
+        }))?;
         tokio::spawn(crate::housekeeping::run(shared.clone(), control.shutdown_signal()));
         tokio::spawn(crate::health::supervise(shared.clone(), control.shutdown_signal()));
         Ok(Server { control, addresses, admin_address, signals })

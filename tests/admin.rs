@@ -17,7 +17,7 @@ const TOKEN: &str = "s3cret-admin-token-123";
 
 async fn call(admin: SocketAddr, method: &str, path: &str, body: &str, token: Option<&str>) -> (u16, Value) {
     let mut c = Client::connect(admin).await;
-    let mut r = Request::builder().method(method).uri(path).header("host", "admin");
+    let mut r = Request::builder().method(method).uri(path).header("host", admin.to_string());
     if let Some(t) = token {
         r = r.header("authorization", format!("Bearer {t}"));
     }

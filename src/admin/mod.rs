@@ -3,11 +3,21 @@
 //! listeners, and is plain HTTP/1.1.
 //!
 //! Authorization: with `admin.token` set, every write needs `Authorization: Bearer TOKEN`;
-//! bound off loopback (which config allows only with a token), reads need it too.
+//! bound off loopback (which config allows only with a token), reads need it too. The
+//! token and bind address are read from `Control` for every request, so a reload that
+//! changes them applies at once.
+//!
+//! Web pages: a page of another site must not act through a browser that can reach this
+//! listener. A `Host` that is not a loopback name or address, nor the address the
+//! connection came in on, is answered 421 (DNS rebinding: a page of `evil.example` whose
+//! name now points to 127.0.0.1); a write whose `Origin` is not this listener's, or that a
+//! browser calls `cross-site` or `same-site`, is answered 403 (form posts need no CORS
+//! preflight). Every answer forbids framing.
 
 pub mod metrics;
 
 use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -25,21 +35,24 @@ use crate::affinity::verdict::Verdict;
 use crate::backend::Backend;
 use crate::config::{self, AdminState};
 use crate::control::{BackendAction, Control, ReloadError};
+use crate::net;
 use crate::pool::Pool;
 
 const DASHBOARD: &str = include_str!("dashboard.html");
 
-/// Accepts admin connections until shutdown.
-pub async fn serve(
-    listener: TcpListener,
-    control: Arc<Control>,
-    cfg: config::Admin,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let cfg = Arc::new(cfg);
+/// Accepts admin connections until shutdown or until `stopped` says this listener was
+/// replaced (a reload moved it) or removed.
+pub async fn serve(listener: TcpListener, control: Arc<Control>, mut stopped: watch::Receiver<bool>) {
+    let mut shutdown = control.shutdown_signal();
     loop {
         let (stream, _) = tokio::select! {
             _ = shutdown.changed() => return,
+            _ = stopped.changed() => {
+                if let Ok(a) = listener.local_addr() {
+                    tracing::info!(listener = "admin", "admin listener on {a} closed");
+                }
+                return;
+            }
             r = listener.accept() => match r {
                 Ok(s) => s,
                 Err(e) => {
@@ -49,11 +62,13 @@ pub async fn serve(
                 }
             },
         };
-        let (control, cfg) = (control.clone(), cfg.clone());
+        // The address this connection came in on is one of the names the Host may give.
+        let local = stream.local_addr().ok();
+        let control = control.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| {
-                let (control, cfg) = (control.clone(), cfg.clone());
-                async move { Ok::<_, Infallible>(handle(req, &control, &cfg).await) }
+                let control = control.clone();
+                async move { Ok::<_, Infallible>(respond(req, &control, local).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
         });
@@ -87,14 +102,24 @@ fn segments(path: &str) -> Vec<String> {
     path.split('/').filter(|s| !s.is_empty()).map(percent_decode).collect()
 }
 
+/// Decodes `%XX` escapes and `+`, byte by byte: anything that is not a valid escape is
+/// kept as it is, and bytes that are not UTF-8 become U+FFFD. Never panics.
 fn percent_decode(s: &str) -> String {
+    fn hex(b: u8) -> Option<u8> {
+        match b {
+            b'0'..=b'9' => Some(b - b'0'),
+            b'a'..=b'f' => Some(b - b'a' + 10),
+            b'A'..=b'F' => Some(b - b'A' + 10),
+            _ => None,
+        }
+    }
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(v);
+        if b[i] == b'%' {
+            if let (Some(h), Some(l)) = (b.get(i + 1).copied().and_then(hex), b.get(i + 2).copied().and_then(hex)) {
+                out.push(h << 4 | l);
                 i += 3;
                 continue;
             }
@@ -105,6 +130,85 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Whether `host` (a `Host` header or a URI's authority) names this listener: `localhost`,
+/// a loopback address, the configured bind address or the address the connection came in
+/// on, with or without a port. Any other name may be a DNS-rebinding page's.
+fn host_allowed(host: &str, bind: Option<SocketAddr>, local: Option<SocketAddr>) -> bool {
+    let host = host.trim();
+    let (name, port) = match host.strip_prefix('[') {
+        Some(rest) => match rest.split_once(']') {
+            Some((ip, "")) => (ip, None),
+            Some((ip, tail)) => match tail.strip_prefix(':') {
+                Some(p) => (ip, Some(p)),
+                None => return false,
+            },
+            None => return false,
+        },
+        None => match host.rsplit_once(':') {
+            Some((h, p)) if !h.contains(':') => (h, Some(p)),
+            Some(_) => return false,
+            None => (host, None),
+        },
+    };
+    if port.is_some_and(|p| p.parse::<u16>().is_err()) {
+        return false;
+    }
+    let name = name.strip_suffix('.').unwrap_or(name);
+    if name.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    let Ok(ip) = name.parse::<IpAddr>() else { return false };
+    let ip = net::canonical(ip);
+    let known = |a: Option<SocketAddr>| a.is_some_and(|a| !a.ip().is_unspecified() && net::canonical(a.ip()) == ip);
+    ip.is_loopback() || known(bind) || known(local)
+}
+
+/// Whether every `Host` header and the URI's authority (if any) name this listener. A
+/// request with neither (HTTP/1.0) cannot come from a browser page and passes.
+fn hosts_allowed<B>(req: &Request<B>, bind: Option<SocketAddr>, local: Option<SocketAddr>) -> bool {
+    let headers = req.headers().get_all(header::HOST).iter();
+    let from_headers = headers.map(|v| v.to_str().is_ok_and(|h| host_allowed(h, bind, local)));
+    let from_uri = req.uri().authority().map(|a| host_allowed(a.as_str(), bind, local));
+    from_headers.chain(from_uri).all(|ok| ok)
+}
+
+/// Why a write must be refused as coming from another site's page, if it must: a browser
+/// says so in `Sec-Fetch-Site`, or the page's `Origin` is not this listener's.
+fn cross_site<B>(req: &Request<B>) -> Option<&'static str> {
+    let site = req.headers().get("sec-fetch-site").map(HeaderValue::as_bytes);
+    if site.is_some_and(|s| s.eq_ignore_ascii_case(b"cross-site") || s.eq_ignore_ascii_case(b"same-site")) {
+        return Some("the browser says this write comes from another site's page");
+    }
+    let origin = req.headers().get(header::ORIGIN)?;
+    let host = req.uri().authority().map(|a| a.as_str()).or_else(|| {
+        let h = req.headers().get(header::HOST)?;
+        h.to_str().ok()
+    });
+    match (origin.to_str(), host) {
+        (Ok(origin), Some(host)) if same_origin(origin, host) => None,
+        _ => Some("the Origin of this write is not the admin listener"),
+    }
+}
+
+/// Whether `origin` (`scheme://host[:port]`) is the origin of a page served as `host`.
+fn same_origin(origin: &str, host: &str) -> bool {
+    let (authority, default_port) = if let Some(a) = origin.strip_prefix("http://") {
+        (a, "80")
+    } else if let Some(a) = origin.strip_prefix("https://") {
+        (a, "443")
+    } else {
+        return false; // "null" (a sandboxed or file page) and anything else
+    };
+    let strip_default = |a: &str| -> String {
+        let a = a.to_ascii_lowercase();
+        match a.strip_suffix(default_port).and_then(|r| r.strip_suffix(':')) {
+            Some(r) if !r.is_empty() && (r.ends_with(']') || !r.contains(':')) => r.to_string(),
+            _ => a,
+        }
+    };
+    strip_default(authority) == strip_default(host.trim())
+}
+
 fn query_param(req: &Request<Incoming>, name: &str) -> Option<String> {
     let q = req.uri().query()?;
     q.split('&').find_map(|kv| {
@@ -113,9 +217,37 @@ fn query_param(req: &Request<Incoming>, name: &str) -> Option<String> {
     })
 }
 
-/// One admin request: authorization, then the endpoint its method and path name.
-async fn handle(req: Request<Incoming>, control: &Control, cfg: &config::Admin) -> Reply {
+/// One admin request, answered with headers that forbid framing the answer.
+async fn respond(req: Request<Incoming>, control: &Control, local: Option<SocketAddr>) -> Reply {
+    let mut r = handle(req, control, local).await;
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static("frame-ancestors 'none'"));
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    r
+}
+
+/// One admin request: the host it names, where a write comes from, authorization, then
+/// the endpoint its method and path name.
+async fn handle(req: Request<Incoming>, control: &Control, local: Option<SocketAddr>) -> Reply {
+    // The settings in force now: a reload may have changed the token since this
+    // connection opened.
+    let Some(cfg) = control.admin_config() else {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "the admin listener was removed from the config");
+    };
+    if !hosts_allowed(&req, Some(cfg.bind), local) {
+        return error(
+            StatusCode::MISDIRECTED_REQUEST,
+            "this admin listener answers only to Host localhost, a loopback address or its own address",
+        );
+    }
     let write = req.method() != Method::GET && req.method() != Method::HEAD;
+    if write {
+        if let Some(why) = cross_site(&req) {
+            return error(StatusCode::FORBIDDEN, format!("{why}: writes are refused from other sites' pages"));
+        }
+    }
+    let cfg = &*cfg;
     if (write || !cfg.bind.ip().is_loopback()) && !authorized(&req, cfg) {
         let mut r = error(StatusCode::UNAUTHORIZED, "this needs Authorization: Bearer <admin.token>");
         r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
@@ -220,7 +352,7 @@ fn sessions(control: &Control, req: &Request<Incoming>, pool: &str, unpin: bool)
         StatusCode::OK,
         &json!({
             "pool": pool, "key": key, "kind": found.kind,
-            "backend": found.backend.map(|i| p.backends[i].name.clone()),
+            "backend": found.backend.and_then(|i| p.backends.get(i)).map(|b| b.name.clone()),
             "why": found.why,
         }),
     )
@@ -293,4 +425,75 @@ fn backend_json(p: Option<&Pool>, b: &Arc<Backend>) -> Value {
         "affinity_hits": hits,
         "draining_since_ms": (state == AdminState::Draining).then(|| b.draining_since()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percent_decode_works_on_bytes_and_never_panics() {
+        assert_eq!(percent_decode("%e4%b8%ad"), "中");
+        assert_eq!(percent_decode("a%2Fb+c"), "a/b c");
+        // A '%' followed by a multi-byte character: kept as it is, no slicing inside it.
+        assert_eq!(percent_decode("%a中"), "%a中");
+        assert_eq!(percent_decode("%中"), "%中");
+        assert_eq!(percent_decode("中%"), "中%");
+        assert_eq!(percent_decode("%"), "%");
+        assert_eq!(percent_decode("%4"), "%4");
+        assert_eq!(percent_decode("%zz"), "%zz");
+        assert_eq!(percent_decode("%ff"), "\u{fffd}");
+        // Every string of these pieces, up to three long, decodes without a panic.
+        let pieces = ["%", "a", "4", "中", "é", "+", "%e4", "\u{10348}"];
+        for x in pieces {
+            for y in pieces {
+                for z in pieces {
+                    let _ = percent_decode(&format!("{x}{y}{z}"));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn only_loopback_and_own_addresses_are_hosts() {
+        let bind: Option<SocketAddr> = "127.0.0.1:9901".parse().ok();
+        let public: Option<SocketAddr> = "10.0.0.5:9901".parse().ok();
+        let any: Option<SocketAddr> = "0.0.0.0:9901".parse().ok();
+        for ok in ["localhost", "LocalHost:9901", "localhost.", "127.0.0.1", "127.0.0.1:9901", "[::1]", "[::1]:80"] {
+            assert!(host_allowed(ok, bind, None), "{ok}");
+        }
+        for bad in [
+            "evil.example",
+            "evil.example:9901",
+            "localhost.evil.example",
+            "127.0.0.1.nip.io",
+            "10.0.0.5",
+            "0.0.0.0",
+            "[::]",
+            "::1",
+            "[::1",
+            "[::1]x",
+            "localhost:http",
+            "localhost:99999",
+            "",
+        ] {
+            assert!(!host_allowed(bad, bind, None), "{bad}");
+        }
+        // Bound off loopback: its own address is a host; an unspecified bind is not.
+        assert!(host_allowed("10.0.0.5:9901", public, None));
+        assert!(!host_allowed("0.0.0.0:9901", any, None));
+        assert!(host_allowed("10.0.0.5:9901", any, public));
+    }
+
+    #[test]
+    fn same_origin_compares_scheme_host_and_port() {
+        assert!(same_origin("http://127.0.0.1:9901", "127.0.0.1:9901"));
+        assert!(same_origin("http://LOCALHOST:9901", "localhost:9901"));
+        assert!(same_origin("http://localhost", "localhost:80"));
+        assert!(same_origin("http://[::1]:80", "[::1]"));
+        assert!(!same_origin("http://127.0.0.1:8080", "127.0.0.1:9901"));
+        assert!(!same_origin("http://evil.example", "127.0.0.1:9901"));
+        assert!(!same_origin("null", "127.0.0.1:9901"));
+        assert!(!same_origin("http://127.0.0.1:9901.evil.example", "127.0.0.1:9901"));
+    }
 }

@@ -61,6 +61,10 @@ pub struct Limits {
 pub struct Admin {
     pub bind: Option<Spanned<String>>,
     pub token: Option<Spanned<String>>,
+    /// A file holding the token, re-read on reload.
+    pub token_file: Option<Spanned<String>>,
+    /// An environment variable holding the token.
+    pub token_env: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -214,13 +214,7 @@ impl Resolver<'_> {
                 fallback
             }),
         };
-        let token = match &f.token {
-            Some(t) if t.get_ref().len() < 16 => {
-                self.error(t, "admin.token: must be at least 16 characters".into());
-                None
-            }
-            t => t.as_ref().map(|t| t.get_ref().clone()),
-        };
+        let token = self.admin_token(a);
         if !bind.ip().is_loopback() && token.is_none() {
             let at = f.bind.as_ref().map_or(a.span(), |b| b.span());
             self.errors.push(locate(
@@ -230,6 +224,46 @@ impl Resolver<'_> {
             ));
         }
         Admin { bind, token }
+    }
+
+    /// The admin token, from exactly one of `token`, `token_file` or `token_env`.
+    fn admin_token(&mut self, a: &Spanned<file::Admin>) -> Option<Secret> {
+        let f = a.get_ref();
+        let given = [f.token.is_some(), f.token_file.is_some(), f.token_env.is_some()];
+        if given.iter().filter(|g| **g).count() > 1 {
+            self.errors.push(locate(
+                self.src,
+                a.span(),
+                "admin: set only one of token, token_file and token_env".into(),
+            ));
+            return None;
+        }
+        let (token, at) = if let Some(t) = &f.token {
+            (t.get_ref().clone(), t)
+        } else if let Some(path) = &f.token_file {
+            match std::fs::read_to_string(path.get_ref()) {
+                Ok(text) => (text.trim().to_string(), path),
+                Err(e) => {
+                    self.error(path, format!("admin.token_file: cannot read {}: {}", path.get_ref(), e.kind()));
+                    return None;
+                }
+            }
+        } else if let Some(var) = &f.token_env {
+            match std::env::var(var.get_ref()) {
+                Ok(text) => (text.trim().to_string(), var),
+                Err(_) => {
+                    self.error(var, format!("admin.token_env: the environment variable {} is not set", var.get_ref()));
+                    return None;
+                }
+            }
+        } else {
+            return None;
+        };
+        if token.len() < 16 {
+            self.error(at, "admin.token: must be at least 16 characters".into());
+            return None;
+        }
+        Some(Secret::new(token))
     }
 
     fn access_log(&mut self, a: &file::AccessLog) -> AccessLog {

@@ -336,3 +336,22 @@ fn secrets_stay_out_of_debug_output() {
     let shown = format!("{c:?}");
     assert!(!shown.contains(KEY_1) && shown.contains("Secret(..)"), "{shown}");
 }
+
+#[test]
+fn the_admin_token_comes_from_a_file_or_the_environment() {
+    let base = "[[listeners]]\nbind = \"127.0.0.1:0\"\npool = \"p\"\n[pools.p]\nbackends = [{ name = \"a\", address = \"127.0.0.1:1\" }]\n";
+    let file = std::env::temp_dir().join(format!("tether-admin-token-{}", std::process::id()));
+    std::fs::write(&file, "a-token-read-from-a-file\n").unwrap();
+    let c = parse(&format!("[admin]\ntoken_file = \"{}\"\n{base}", file.display()), "t.toml").unwrap();
+    assert_eq!(c.admin.as_ref().unwrap().token.as_deref(), Some("a-token-read-from-a-file"));
+    assert!(!format!("{c:?}").contains("a-token-read-from-a-file"));
+    std::env::set_var("TETHER_TEST_ADMIN_TOKEN", "a-token-from-the-environment");
+    let c = parse(&format!("[admin]\ntoken_env = \"TETHER_TEST_ADMIN_TOKEN\"\n{base}"), "t.toml").unwrap();
+    assert_eq!(c.admin.as_ref().unwrap().token.as_deref(), Some("a-token-from-the-environment"));
+    let e = parse(&format!("[admin]\ntoken = \"x\"\ntoken_env = \"X\"\n{base}"), "t.toml").unwrap_err().to_string();
+    assert!(e.contains("admin: set only one of token, token_file and token_env"), "{e}");
+    std::fs::write(&file, "short\n").unwrap();
+    let e = parse(&format!("[admin]\ntoken_file = \"{}\"\n{base}", file.display()), "t.toml").unwrap_err().to_string();
+    assert!(e.contains("admin.token: must be at least 16 characters") && !e.contains("short\n"), "{e}");
+    let _ = std::fs::remove_file(&file);
+}

@@ -45,7 +45,7 @@ impl Default for Limits {
 pub struct Admin {
     pub bind: SocketAddr,
     /// Bearer token: writes need it when set; everything needs it off loopback.
-    pub token: Option<String>,
+    pub token: Option<Secret>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -271,7 +271,7 @@ impl Client {
     }
 
     pub async fn get(&mut self, path: &str) -> Resp {
-        self.request(Request::get(path).header("host", "test.local").body(Full::default()).unwrap()).await
+        self.request(Request::get(path).header("host", self.addr.to_string()).body(Full::default()).unwrap()).await
     }
 
     pub async fn request(&mut self, req: Request<Full<Bytes>>) -> Resp {
