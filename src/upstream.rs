@@ -14,7 +14,8 @@
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -60,6 +61,27 @@ pub enum ConnectError {
     Timeout(Duration),
     Io(io::Error),
     Handshake(hyper::Error),
+}
+
+impl ConnectError {
+    /// The backend's fault (it refused, reset, did not answer in time, or is unreachable),
+    /// as opposed to Tether's own (out of file descriptors, ports or memory), which must not
+    /// count against the backend's health.
+    pub fn is_backend_fault(&self) -> bool {
+        match self {
+            ConnectError::Timeout(_) | ConnectError::Handshake(_) => true,
+            ConnectError::Io(e) => matches!(
+                e.kind(),
+                io::ErrorKind::ConnectionRefused
+                    | io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::ConnectionAborted
+                    | io::ErrorKind::TimedOut
+                    | io::ErrorKind::HostUnreachable
+                    | io::ErrorKind::NetworkUnreachable
+                    | io::ErrorKind::NetworkDown
+            ),
+        }
+    }
 }
 
 impl std::fmt::Display for ConnectError {
@@ -140,8 +162,52 @@ impl Upstream {
 /// sent again after a broken connection.
 #[derive(Debug)]
 pub enum RequestBody {
-    Stream(Incoming),
+    /// The client's body; `state`, when there is a body at all, records how reading it went.
+    Stream(Incoming, Option<Arc<BodyState>>),
     Empty,
+}
+
+impl RequestBody {
+    /// The client's body. A body with something to read gets a [`BodyState`], shared with
+    /// the caller, so that a failed send can be blamed on the client or the backend.
+    pub fn client(body: Incoming) -> (RequestBody, Option<Arc<BodyState>>) {
+        let state = (!body.is_end_stream()).then(|| Arc::new(BodyState::default()));
+        (RequestBody::Stream(body, state.clone()), state)
+    }
+}
+
+/// How reading a client's request body went, as seen by the connection that sends it to a
+/// backend. hyper reports a failure of the request body as a failure of the send, so this
+/// is how the proxy tells a broken upload (the client's fault) from a broken backend.
+#[derive(Debug, Default)]
+pub struct BodyState(AtomicU8);
+
+const READING: u8 = 0;
+const WAITING: u8 = 1;
+const DONE: u8 = 2;
+const FAILED: u8 = 3;
+
+impl BodyState {
+    /// Reading the client's body failed (malformed chunked encoding, a client that went
+    /// away mid-upload, ...).
+    pub fn failed(&self) -> bool {
+        self.0.load(Ordering::Relaxed) == FAILED
+    }
+
+    /// The whole body was read and handed to the backend connection.
+    pub fn done(&self) -> bool {
+        self.0.load(Ordering::Relaxed) == DONE
+    }
+
+    /// The backend connection asked for more of the body and the client has not sent it
+    /// yet: whatever is late now is late because of the client.
+    pub fn waiting_on_client(&self) -> bool {
+        self.0.load(Ordering::Relaxed) == WAITING
+    }
+
+    fn set(&self, v: u8) {
+        self.0.store(v, Ordering::Relaxed);
+    }
 }
 
 impl Body for RequestBody {
@@ -150,22 +216,51 @@ impl Body for RequestBody {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
-            RequestBody::Stream(b) => Pin::new(b).poll_frame(cx),
+            RequestBody::Stream(b, None) => Pin::new(b).poll_frame(cx),
+            RequestBody::Stream(b, Some(state)) => {
+                let polled = Pin::new(&mut *b).poll_frame(cx);
+                match &polled {
+                    Poll::Pending => state.set(WAITING),
+                    Poll::Ready(None) => state.set(DONE),
+                    Poll::Ready(Some(Err(_))) => state.set(FAILED),
+                    Poll::Ready(Some(Ok(_))) => state.set(if b.is_end_stream() { DONE } else { READING }),
+                }
+                polled
+            }
             RequestBody::Empty => Poll::Ready(None),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            RequestBody::Stream(b) => b.is_end_stream(),
+            RequestBody::Stream(b, _) => b.is_end_stream(),
             RequestBody::Empty => true,
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            RequestBody::Stream(b) => b.size_hint(),
+            RequestBody::Stream(b, _) => b.size_hint(),
             RequestBody::Empty => SizeHint::with_exact(0),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_backends_connect_failures_are_its_fault() {
+        let os = |n| ConnectError::Io(io::Error::from_raw_os_error(n));
+        // ECONNREFUSED, ECONNRESET, EHOSTUNREACH, ENETUNREACH: the backend or its network.
+        for n in [111, 104, 113, 101] {
+            assert!(os(n).is_backend_fault(), "os error {n}");
+        }
+        assert!(ConnectError::Timeout(Duration::from_secs(1)).is_backend_fault());
+        // EMFILE, ENFILE, EADDRNOTAVAIL, ENOBUFS, ENOMEM: Tether's own host.
+        for n in [24, 23, 99, 105, 12] {
+            assert!(!os(n).is_backend_fault(), "os error {n}");
         }
     }
 }

@@ -203,7 +203,6 @@ fn tether_cookie(r: &Resp) -> Option<String> {
 }
 
 #[tokio::test]
-#[ignore = "needs request::forward to pass rewrite::forwarded_https(...) to rewrite::persist_as (request.rs is not in this change)"]
 async fn tethers_cookie_is_secure_behind_a_trusted_https_proxy() {
     // Reproduction: behind a trusted TLS-terminating proxy (`X-Forwarded-Proto: https`)
     // and with `cookie.secure` unset, Tether's `Set-Cookie` had no `Secure`, so a browser

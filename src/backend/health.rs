@@ -131,8 +131,12 @@ impl Backend {
     }
 }
 
-/// A request to `backends[i]` failed through the backend's fault (refused connection,
-/// 5xx, timeout). `backends` is its whole pool: at most `max_ejected` of it is ejected.
+/// A request to `backends[i]` failed through the backend's own fault: a refused, reset or
+/// timed-out connect, a connection it broke, no answer in time after it had the whole
+/// request, or a 5xx. Callers never report a client's fault (a broken or slow request
+/// body) or Tether's own (EMFILE, EADDRNOTAVAIL on connect), so clients cannot get a
+/// healthy backend ejected. `backends` is its whole pool: at most `max_ejected` of it is
+/// ejected.
 pub fn passive_failure(backends: &[Arc<Backend>], i: usize, cfg: Option<&Health>, why: &str) {
     let Some(cfg) = cfg else { return };
     if cfg.eject_after == 0 {

@@ -134,7 +134,8 @@ pub struct Health {
     pub timeout: Duration,
     pub rise: u32,
     pub fall: u32,
-    /// Consecutive connect failures or 5xx that eject a backend; 0 turns passive checks off.
+    /// Consecutive faults of the backend (refused or reset connects, broken connections,
+    /// response timeouts, 5xx) that eject it; 0 turns passive checks off.
     pub eject_after: u32,
     pub eject_time: Duration,
     pub max_ejected: f64,

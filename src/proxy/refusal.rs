@@ -38,10 +38,10 @@ pub enum Refusal {
         backend: String,
         error: ConnectError,
     },
-    /// The backend's connection broke before a response head.
+    /// The backend's connection broke before a response head. What hyper said is logged,
+    /// never shown to the client.
     BackendFailed {
         backend: String,
-        cause: String,
     },
     BackendTimeout {
         backend: String,
@@ -49,13 +49,22 @@ pub enum Refusal {
     },
     /// A `101 Switching Protocols` to a request that asked for no upgrade.
     UnaskedSwitch,
+    /// Reading the client's request body failed (malformed chunked encoding, a client
+    /// that went away mid-upload): the client's fault, never the backend's.
+    BadRequestBody,
+    /// The backend did not answer in time while it was still waiting for the client's
+    /// request body: a slow upload, the client's fault.
+    RequestBodyTimeout {
+        after: Duration,
+    },
 }
 
 impl Refusal {
     pub fn status(&self) -> StatusCode {
         match self {
             Refusal::ConnectUnsupported => StatusCode::METHOD_NOT_ALLOWED,
-            Refusal::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Refusal::BadRequest(_) | Refusal::BadRequestBody => StatusCode::BAD_REQUEST,
+            Refusal::RequestBodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Refusal::NoRoute { .. } => StatusCode::NOT_FOUND,
             Refusal::NoListener
             | Refusal::SessionUnavailable(_)
@@ -74,6 +83,8 @@ impl Refusal {
         match self {
             Refusal::ConnectUnsupported => "connect-unsupported",
             Refusal::BadRequest(_) => "bad-request",
+            Refusal::BadRequestBody => "bad-request-body",
+            Refusal::RequestBodyTimeout { .. } => "request-body-timeout",
             Refusal::NoListener => "no-listener",
             Refusal::NoRoute { .. } => "no-route",
             Refusal::SessionUnavailable(_) => "session-unavailable",
@@ -88,6 +99,8 @@ impl Refusal {
     }
 
     /// What went wrong, in words, for the response body; `pool` names the routed pool.
+    /// It names Tether's pool and backend but never says what the operating system or
+    /// hyper said: that detail goes to the log only.
     pub fn message(&self, pool: &str) -> String {
         match self {
             Refusal::ConnectUnsupported => "CONNECT is not supported: Tether is a reverse proxy".into(),
@@ -107,14 +120,21 @@ impl Refusal {
             Refusal::QueueTimeout { backend, waited } => format!(
                 "pool \"{pool}\": backend \"{backend}\" is at max_connections and no slot freed within {waited:?}"
             ),
-            Refusal::Connect { backend, error } => format!("pool \"{pool}\": backend \"{backend}\": {error}"),
-            Refusal::BackendFailed { backend, cause } => {
-                format!("pool \"{pool}\": backend \"{backend}\" failed: {cause}")
+            Refusal::Connect { backend, error: ConnectError::Timeout(after) } => {
+                format!("pool \"{pool}\": could not connect to backend \"{backend}\" within {after:?}")
+            }
+            Refusal::Connect { backend, .. } => format!("pool \"{pool}\": could not connect to backend \"{backend}\""),
+            Refusal::BackendFailed { backend } => {
+                format!("pool \"{pool}\": backend \"{backend}\" failed before responding")
             }
             Refusal::BackendTimeout { backend, after } => {
                 format!("pool \"{pool}\": backend \"{backend}\" did not answer within {after:?}")
             }
             Refusal::UnaskedSwitch => "the backend switched protocols without being asked".into(),
+            Refusal::BadRequestBody => format!("pool \"{pool}\": the request body could not be read"),
+            Refusal::RequestBodyTimeout { after } => {
+                format!("pool \"{pool}\": the request body did not arrive within {after:?}")
+            }
         }
     }
 }
@@ -163,13 +183,17 @@ mod tests {
                 "connect-timeout",
             ),
             (Refusal::Connect { backend: b(), error: io() }, 502, "connect-failed"),
-            (Refusal::BackendFailed { backend: b(), cause: "reset".into() }, 502, "backend-error"),
+            (Refusal::BackendFailed { backend: b() }, 502, "backend-error"),
             (Refusal::BackendTimeout { backend: b(), after: Duration::from_secs(1) }, 504, "backend-timeout"),
             (Refusal::UnaskedSwitch, 502, "backend-error"),
+            (Refusal::BadRequestBody, 400, "bad-request-body"),
+            (Refusal::RequestBodyTimeout { after: Duration::from_secs(1) }, 408, "request-body-timeout"),
         ];
         for (r, status, label) in cases {
             assert_eq!((r.status().as_u16(), r.label()), (status, label), "{r:?}");
         }
+        let m = Refusal::Connect { backend: b(), error: io() }.message("web");
+        assert_eq!(m, "pool \"web\": could not connect to backend \"app-1\"", "no OS error text");
         let m = Refusal::SessionUnavailable(Reason::Drained).message("web");
         assert_eq!(
             m,

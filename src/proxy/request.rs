@@ -28,7 +28,7 @@ use crate::backend::health::passive_failure;
 use crate::backend::Backend;
 use crate::config::Timeouts;
 use crate::pool::{Pool, Routes, Snapshot};
-use crate::upstream::{ConnectError, RequestBody, Sender};
+use crate::upstream::{BodyState, ConnectError, RequestBody, Sender};
 
 /// Set on every response Tether writes itself, so a client can tell it from the backend's.
 pub static TETHER_ERROR: HeaderName = HeaderName::from_static("tether-error");
@@ -62,13 +62,20 @@ async fn forward(
 ) -> Result<Forwarded, Refusal> {
     let (routes, pool, host) = route(&req, snap, cx)?;
     out.pool = Some(pool.name.clone());
-    let upgrade = rewrite::wants_upgrade(&req);
+    // Only protocols the pool allows are tunnelled; any other upgrade request goes to the
+    // backend as a plain request, its upgrade headers stripped.
+    let upgrade = rewrite::wants_upgrade(&req) && upgrade_allowed(req.headers(), &pool.config.upgrades);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let trusted = routes.trusted_proxies.iter().any(|c| c.contains(crate::net::canonical(cx.peer.ip())));
     let now_ms = if pool.affinity.is_some() { crate::time::unix_millis() } else { 0 };
     let mut decision = decide(pool, routes, cx, &req, trusted, now_ms);
     out.verdict = decision.verdict;
+    // Read before the rewrite replaces an untrusted client's X-Forwarded-Proto.
+    let https = rewrite::forwarded_https(req.headers(), trusted);
     rewrite::request(&mut req, cx, host, trusted, upgrade);
+    if upgrade {
+        keep_allowed_upgrades(req.headers_mut(), &pool.config.upgrades);
+    }
     if let Some(a) = &pool.affinity {
         rewrite::for_affinity(req.headers_mut(), a, decision.verdict);
     }
@@ -80,8 +87,11 @@ async fn forward(
     };
     pool.retry_budget.deposit(pool.config.retry_budget);
     let mut attempt = Attempt::new(pool, &req, index, now_ms);
-    let (mut response, sender) =
-        send(req.map(RequestBody::Stream), &mut attempt, &mut decision, out, &snap.config.timeouts).await?;
+    let (parts, body) = req.into_parts();
+    let (body, body_state) = RequestBody::client(body);
+    attempt.body = body_state;
+    let req = Request::from_parts(parts, body);
+    let (mut response, sender) = send(req, &mut attempt, &mut decision, out, &snap.config.timeouts).await?;
     let index = attempt.index;
     if response.status().is_server_error() {
         let why = format!("status {}", response.status().as_u16());
@@ -90,7 +100,7 @@ async fn forward(
         pool.backends[index].passive_success();
     }
     if let Some(a) = &pool.affinity {
-        rewrite::persist(response.headers_mut(), a, &decision, index);
+        rewrite::persist(response.headers_mut(), a, &decision, index, https);
     }
     Ok(Forwarded { response, sender, client_upgrade })
 }
@@ -137,6 +147,9 @@ struct Attempt<'p> {
     /// An idempotent request without a body, kept so it can be sent again after a
     /// connection that broke before any response byte.
     replay: Option<(Method, Uri, HeaderMap)>,
+    /// How reading the client's body went, for a request with one: a send that failed
+    /// because of it is the client's fault, not the backend's.
+    body: Option<Arc<BodyState>>,
     now_ms: u64,
 }
 
@@ -144,7 +157,7 @@ impl<'p> Attempt<'p> {
     fn new(pool: &'p Pool, req: &Request<Incoming>, index: usize, now_ms: u64) -> Attempt<'p> {
         let replay = (pool.config.retries > 0 && is_idempotent(req.method()) && req.body().is_end_stream())
             .then(|| (req.method().clone(), req.uri().clone(), req.headers().clone()));
-        Attempt { pool, index, moves_left: pool.config.retries.max(1), stale: 0, replay, now_ms }
+        Attempt { pool, index, moves_left: pool.config.retries.max(1), stale: 0, replay, body: None, now_ms }
     }
 
     fn backend(&self) -> &'p Arc<Backend> {
@@ -167,6 +180,8 @@ impl<'p> Attempt<'p> {
         pool.retry_budget.retries.fetch_add(1, Ordering::Relaxed);
         self.index = next;
         self.stale = 0;
+        // The old backend's `max_connections` slot goes back before the new one is waited for.
+        out.slot = None;
         out.verdict = decision.verdict;
         true
     }
@@ -183,7 +198,12 @@ impl<'p> Attempt<'p> {
 /// has reached the first (a failed connect) or the request can be sent again whole (an
 /// idempotent request without a body whose connection broke before any response byte).
 /// A pooled connection found closed before the request was written gets it back, and it
-/// goes out again on another connection to the same backend.
+/// goes out again on another connection to the same backend, under the slot it holds.
+///
+/// Only the backend's own faults count towards passive ejection: a refused, reset or
+/// timed-out connect, a connection it broke, or no answer within `backend_response` after
+/// it had the whole request. A client body that failed or is late, and Tether's own
+/// errors (out of file descriptors or ports), do not.
 async fn send(
     mut req: Request<RequestBody>,
     attempt: &mut Attempt<'_>,
@@ -192,15 +212,22 @@ async fn send(
     timeouts: &Timeouts,
 ) -> Result<(Response<Incoming>, Sender), Refusal> {
     let pool = attempt.pool;
+    let health = pool.config.health.as_ref();
     loop {
         let backend = attempt.backend();
         out.set_backend(backend, &pool.upstreams[attempt.index]);
-        acquire_slot(pool, backend, out).await?;
+        // After a stale connection the slot already held is this backend's; a move to
+        // another backend gave the old one back.
+        if out.slot.is_none() {
+            acquire_slot(pool, backend, out).await?;
+        }
         let mut sender = match connection(pool, attempt.index, attempt.stale >= STALE_RETRIES).await {
             Ok(s) => s,
             Err(error) => {
                 tracing::warn!(pool = %pool.name, backend = %backend.name, address = %backend.address_text, "{error}");
-                passive_failure(&pool.backends, attempt.index, pool.config.health.as_ref(), &error.to_string());
+                if error.is_backend_fault() {
+                    passive_failure(&pool.backends, attempt.index, health, &error.to_string());
+                }
                 if attempt.move_on(decision, out) {
                     attempt.rewrite_moved(req.headers_mut(), decision);
                     continue;
@@ -209,17 +236,31 @@ async fn send(
             }
         };
         let sent = Instant::now();
+        let body = attempt.body.clone();
         let e = match tokio::time::timeout(timeouts.backend_response, sender.try_send_request(req)).await {
             Ok(Ok(response)) => {
                 out.upstream = Some(sent.elapsed());
                 return Ok((response, sender));
             }
             Err(_) => {
-                tracing::warn!(pool = %pool.name, backend = %backend.name, "no response within {:?}", timeouts.backend_response);
-                passive_failure(&pool.backends, attempt.index, pool.config.health.as_ref(), "response timeout");
-                return Err(Refusal::BackendTimeout {
-                    backend: backend.name.clone(),
-                    after: timeouts.backend_response,
+                let after = timeouts.backend_response;
+                return Err(match body.as_deref() {
+                    Some(b) if b.failed() => Refusal::BadRequestBody,
+                    Some(b) if b.waiting_on_client() => {
+                        tracing::info!(pool = %pool.name, backend = %backend.name, "request body still arriving after {after:?}");
+                        Refusal::RequestBodyTimeout { after }
+                    }
+                    Some(b) if !b.done() => {
+                        // The backend is not reading the body: late, but it never had the
+                        // whole request, so this is no strike against it.
+                        tracing::warn!(pool = %pool.name, backend = %backend.name, "no response within {after:?}, request body not fully sent");
+                        Refusal::BackendTimeout { backend: backend.name.clone(), after }
+                    }
+                    _ => {
+                        tracing::warn!(pool = %pool.name, backend = %backend.name, "no response within {after:?}");
+                        passive_failure(&pool.backends, attempt.index, health, "response timeout");
+                        Refusal::BackendTimeout { backend: backend.name.clone(), after }
+                    }
                 });
             }
             Ok(Err(e)) => e,
@@ -232,8 +273,20 @@ async fn send(
             continue;
         }
         let e = e.into_error();
-        tracing::warn!(pool = %pool.name, backend = %backend.name, "backend failed: {e}");
-        passive_failure(&pool.backends, attempt.index, pool.config.health.as_ref(), &cause(&e));
+        // The connection is dropped here, never pooled: after a failed send its framing is
+        // lost.
+        drop(sender);
+        if body.as_deref().is_some_and(BodyState::failed) {
+            tracing::info!(pool = %pool.name, backend = %backend.name, "request body failed: {}", cause(&e));
+            return Err(Refusal::BadRequestBody);
+        }
+        tracing::warn!(pool = %pool.name, backend = %backend.name, "backend failed: {}", cause(&e));
+        if body.as_deref().is_some_and(BodyState::waiting_on_client) {
+            // It gave up on a client that was slow to send its body: not the backend's
+            // fault, so no strike (and no replay: there was a body).
+            return Err(Refusal::BackendFailed { backend: backend.name.clone() });
+        }
+        passive_failure(&pool.backends, attempt.index, health, &cause(&e));
         match attempt.replay.clone() {
             Some((method, uri, headers)) if attempt.move_on(decision, out) => {
                 out.retried = true;
@@ -243,7 +296,7 @@ async fn send(
                 *req.headers_mut() = headers;
                 attempt.rewrite_moved(req.headers_mut(), decision);
             }
-            _ => return Err(Refusal::BackendFailed { backend: backend.name.clone(), cause: cause(&e) }),
+            _ => return Err(Refusal::BackendFailed { backend: backend.name.clone() }),
         }
     }
 }
@@ -276,6 +329,41 @@ async fn connection(pool: &Pool, i: usize, fresh: bool) -> Result<Sender, Connec
         }
     }
     upstream.connect().await
+}
+
+/// Whether the request's `Upgrade` header offers a protocol in the pool's `upgrades`.
+fn upgrade_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
+    upgrade_tokens(headers).any(|t| allows(allowed, t))
+}
+
+/// The protocols a request's `Upgrade` header offers, in order.
+fn upgrade_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// `token` (`name` or `name/version`) is allowed by an entry naming it exactly, or by an
+/// entry naming its protocol without a version.
+fn allows(allowed: &[String], token: &str) -> bool {
+    let name = token.split('/').next().unwrap_or(token);
+    allowed.iter().any(|a| a.eq_ignore_ascii_case(token) || (!a.contains('/') && a.eq_ignore_ascii_case(name)))
+}
+
+/// Leaves only allowed protocols in `Upgrade`, so a backend cannot pick one the pool does
+/// not allow from a list that also names an allowed one.
+fn keep_allowed_upgrades(headers: &mut HeaderMap, allowed: &[String]) {
+    if upgrade_tokens(headers).all(|t| allows(allowed, t)) {
+        return;
+    }
+    let kept: Vec<&str> = upgrade_tokens(headers).filter(|t| allows(allowed, t)).collect();
+    if let Ok(v) = HeaderValue::from_str(&kept.join(", ")) {
+        headers.insert(header::UPGRADE, v);
+    }
 }
 
 /// RFC 9110 section 9.2.2.

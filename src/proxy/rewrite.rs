@@ -162,9 +162,6 @@ fn join_cookie_crumbs(headers: &mut HeaderMap) {
 /// Whether the client reached the trusted proxy in front of Tether over HTTPS: the peer is
 /// a trusted proxy and the first entry of its `X-Forwarded-Proto` is `https`. From anyone
 /// else the header means nothing (and is replaced by `http`).
-// `request::forward` is to compute this before the request goes and pass it to
-// `persist_as`; until it does, Tether's cookie never gets `Secure` this way.
-#[allow(dead_code)]
 pub fn forwarded_https(headers: &HeaderMap, trusted: bool) -> bool {
     trusted
         && headers
@@ -278,14 +275,10 @@ pub fn for_affinity(headers: &mut HeaderMap, a: &PoolAffinity, verdict: Verdict)
 }
 
 /// Response changes for a pool with affinity: learn the application's session cookie,
-/// and set Tether's when the session is new, moved, or due for a fresh idle stamp.
-pub fn persist(headers: &mut HeaderMap, a: &PoolAffinity, d: &Decision, backend: usize) {
-    persist_as(headers, a, d, backend, false);
-}
-
-/// [`persist`] for a request that came over HTTPS (see [`forwarded_https`]): Tether's cookie
-/// then carries `Secure` unless the pool's `cookie.secure` says otherwise.
-pub fn persist_as(headers: &mut HeaderMap, a: &PoolAffinity, d: &Decision, backend: usize, https: bool) {
+/// and set Tether's when the session is new, moved, or due for a fresh idle stamp. For a
+/// request that came over HTTPS (see [`forwarded_https`]) Tether's cookie carries `Secure`
+/// unless the pool's `cookie.secure` says otherwise.
+pub fn persist(headers: &mut HeaderMap, a: &PoolAffinity, d: &Decision, backend: usize, https: bool) {
     if a.learns() {
         a.learn(headers, backend);
     }
@@ -450,7 +443,7 @@ mod tests {
             let mut d = Decision::plain(Some(0));
             d.issue = Some(crate::affinity::token::Token::issue(a.ids[0], 1_800_000_000).unwrap());
             let mut h = HeaderMap::new();
-            persist_as(&mut h, a, &d, 0, https);
+            persist(&mut h, a, &d, 0, https);
             h.get(header::SET_COOKIE).unwrap().to_str().unwrap().to_string()
         };
         assert!(!cookies::has_attribute(&set_cookie(false, &a), "Secure"));
