@@ -44,6 +44,12 @@ impl fmt::Display for ReloadError {
 
 impl std::error::Error for ReloadError {}
 
+/// Sockets a reload has bound but not yet serves.
+struct Bound<'c> {
+    listeners: Vec<(&'c config::Listener, TcpListener)>,
+    admin: Option<(SocketAddr, TcpListener)>,
+}
+
 /// Why an admin action could not be applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ActionError {
@@ -227,34 +233,45 @@ impl Control {
                 return Err(ReloadError::Invalid(e));
             }
         };
-        let old = self.shared.snapshot.load_full();
         // Sockets first: every listener that is new or moves, and the admin listener if it
         // moves, is bound before anything is stopped. If one bind fails, the sockets bound
         // so far are dropped unused and every running listener keeps serving.
+        let bound = self.bind_new(&config)?;
+        // Every bind succeeded: from here on nothing fails.
+        self.switch_listeners(&config, bound);
+        let changes = self.apply(config);
+        for c in &changes {
+            tracing::info!("reload: {c}");
+        }
+        tracing::info!(path = %path.display(), changes = changes.len(), "config reloaded");
+        Ok(changes)
+    }
+
+    /// Binds the sockets `config` needs that are not open yet.
+    fn bind_new<'c>(&self, config: &'c Config) -> Result<Bound<'c>, ReloadError> {
         let open = lock(&self.listeners).clone();
-        let mut bound = Vec::new();
+        let mut listeners = Vec::new();
         for l in &config.listeners {
             if open.get(&l.name).is_some_and(|(bind, _)| *bind == l.bind) {
                 continue;
             }
-            match bind_listener(l) {
-                Ok(socket) => bound.push((l, socket)),
-                Err(e) => return Err(reject(e)),
-            }
+            listeners.push((l, bind_listener(l).map_err(reject)?));
         }
-        let admin_bind = config.admin.as_ref().map(|a| a.bind);
         let admin_open = lock(&self.admin_listener).as_ref().map(|(bind, _)| *bind);
         let has_admin_server = lock(&self.admin_server).is_some();
-        let admin_socket = match admin_bind {
-            Some(bind) if has_admin_server && admin_open != Some(bind) => match bind_admin(bind) {
-                Ok(socket) => Some((bind, socket)),
-                Err(e) => return Err(reject(e)),
-            },
+        let admin = match config.admin.as_ref().map(|a| a.bind) {
+            Some(bind) if has_admin_server && admin_open != Some(bind) => {
+                Some((bind, bind_admin(bind).map_err(reject)?))
+            }
             _ => None,
         };
-        // Every bind succeeded: from here on nothing fails. Serving a socket stops the
-        // listener it replaces.
-        for (l, socket) in bound {
+        Ok(Bound { listeners, admin })
+    }
+
+    /// Serves the new sockets (each stops the listener it replaces) and stops the
+    /// listeners `config` no longer has.
+    fn switch_listeners(&self, config: &Config, bound: Bound<'_>) {
+        for (l, socket) in bound.listeners {
             if let Err(e) = self.serve_listener(l, socket) {
                 tracing::warn!(listener = %l.name, "{e:#}");
             }
@@ -267,15 +284,20 @@ impl Control {
             keep
         });
         self.admin.store(config.admin.clone().map(Arc::new));
-        if let Some((bind, socket)) = admin_socket {
+        if let Some((bind, socket)) = bound.admin {
             if let Err(e) = self.serve_admin(bind, socket) {
                 tracing::warn!(listener = "admin", "{e:#}");
             }
-        } else if admin_bind.is_none() {
+        } else if config.admin.is_none() {
             if let Some((_, stop)) = lock(&self.admin_listener).take() {
                 let _ = stop.send(true);
             }
         }
+    }
+
+    /// Makes `config` the file's config: keeps the admin overrides it does not change,
+    /// swaps in a snapshot built from it, and returns what changed.
+    fn apply(&self, config: Config) -> Vec<String> {
         // An admin change lasts until the file itself changes that backend.
         lock(&self.overrides).retain(|(pool, backend), o| {
             let now = config
@@ -289,13 +311,10 @@ impl Control {
         let changes = diff(&file_old, &config);
         let config = Arc::new(config);
         *lock(&self.file_config) = config.clone();
+        let old = self.shared.snapshot.load_full();
         let snapshot = Snapshot::build(Arc::new(self.effective(&config)), Some(&old));
         self.shared.snapshot.store(Arc::new(snapshot));
-        for c in &changes {
-            tracing::info!("reload: {c}");
-        }
-        tracing::info!(path = %path.display(), changes = changes.len(), "config reloaded");
-        Ok(changes)
+        changes
     }
 
     /// Applies an admin action to a backend at once; it outlives reloads until the file

@@ -39,56 +39,26 @@ pub async fn accept_loop(
     mut stopped: watch::Receiver<bool>,
 ) {
     let stats = shared.listener_stats(&name);
-    let counts = shared.connections.clone();
     loop {
         // At the global cap, leave new connections in the backlog until one closes.
         let max = shared.snapshot.load().config.limits.max_client_connections;
-        if counts.total() >= max {
+        if shared.connections.total() >= max {
             log_cap(&shared, &name, OverLimit::Global, None);
-            tokio::select! {
-                _ = shutdown.changed() => return,
-                _ = stopped.changed() => {
-                    tracing::info!(listener = %name, "listener closed");
-                    return;
-                }
-                _ = counts.wait_for_room(max, RECHECK) => continue,
-            }
-        }
-        let accepted = tokio::select! {
-            _ = shutdown.changed() => return,
-            _ = stopped.changed() => {
-                tracing::info!(listener = %name, "listener closed");
+            let room = shared.connections.wait_for_room(max, RECHECK);
+            if unless_stopped(&name, &mut shutdown, &mut stopped, room).await.is_none() {
                 return;
             }
-            r = listener.accept() => r,
+            continue;
+        }
+        let Some(accepted) = unless_stopped(&name, &mut shutdown, &mut stopped, listener.accept()).await else {
+            return;
         };
         match accepted {
             Ok((stream, peer)) => {
                 stats.accepted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let permit = loop {
-                    let limits = shared.snapshot.load().config.limits;
-                    match counts.try_open(peer.ip(), limits.max_client_connections, limits.max_connections_per_ip) {
-                        Ok(p) => break Some(p),
-                        Err(OverLimit::PerIp) => {
-                            log_cap(&shared, &name, OverLimit::PerIp, Some(peer));
-                            break None;
-                        }
-                        // Another listener took the last place since we looked: this
-                        // connection waits for one to close.
-                        Err(OverLimit::Global) => {
-                            log_cap(&shared, &name, OverLimit::Global, None);
-                            tokio::select! {
-                                _ = shutdown.changed() => return,
-                                _ = stopped.changed() => {
-                                    tracing::info!(listener = %name, "listener closed");
-                                    return;
-                                }
-                                _ = counts.wait_for_room(limits.max_client_connections, RECHECK) => {}
-                            }
-                        }
-                    }
-                };
-                let Some(permit): Option<ConnPermit> = permit else {
+                let place = admit(&shared, &name, peer);
+                let Some(place) = unless_stopped(&name, &mut shutdown, &mut stopped, place).await else { return };
+                let Some(permit) = place else {
                     // Over the per-IP cap: closed at once.
                     drop(stream);
                     continue;
@@ -111,6 +81,43 @@ pub async fn accept_loop(
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             Err(e) => tracing::debug!(listener = %name, "accept failed: {e}"),
+        }
+    }
+}
+
+/// `fut`'s result, unless Tether shuts down or this listener is stopped first (`None`).
+async fn unless_stopped<T>(
+    name: &str,
+    shutdown: &mut watch::Receiver<bool>,
+    stopped: &mut watch::Receiver<bool>,
+    fut: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    tokio::select! {
+        _ = shutdown.changed() => None,
+        _ = stopped.changed() => {
+            tracing::info!(listener = %name, "listener closed");
+            None
+        }
+        r = fut => Some(r),
+    }
+}
+
+/// A connection's place under `[limits]`: `None` when its client IP is over the per-IP
+/// cap (the connection is closed at once). When another listener took the last place
+/// since the accept loop looked, this waits for one to close.
+async fn admit(shared: &Shared, name: &str, peer: SocketAddr) -> Option<ConnPermit> {
+    loop {
+        let limits = shared.snapshot.load().config.limits;
+        match shared.connections.try_open(peer.ip(), limits.max_client_connections, limits.max_connections_per_ip) {
+            Ok(p) => return Some(p),
+            Err(OverLimit::PerIp) => {
+                log_cap(shared, name, OverLimit::PerIp, Some(peer));
+                return None;
+            }
+            Err(OverLimit::Global) => {
+                log_cap(shared, name, OverLimit::Global, None);
+                shared.connections.wait_for_room(limits.max_client_connections, RECHECK).await;
+            }
         }
     }
 }

@@ -88,6 +88,28 @@ impl PoolAffinity {
         }
     }
 
+    /// Where a token leads; `None` when it does not open and the caller did not ask for
+    /// tokens explicitly (the value may be another kind of key).
+    fn explain_token(&self, backends: &[Arc<Backend>], value: &str, explicit: bool, now_ms: u64) -> Option<Explained> {
+        let opened = self.keyring.as_ref().map_or(Err(token::OpenError::Malformed), |r| r.open(value));
+        let t = match opened {
+            Err(e) if explicit => {
+                return Some(Explained { kind: "cookie", backend: None, why: format!("not a valid token: {e}") })
+            }
+            Err(_) => return None,
+            Ok(t) => t,
+        };
+        let c = &self.cfg.cookie;
+        let checked =
+            t.check(now_ms / 1000, secs(c.idle_timeout), c.absolute_timeout.map(secs), c.clock_skew.as_secs());
+        if let Err(e) = checked {
+            let why = format!("the token has expired ({e}); its next request starts a new session");
+            return Some(Explained { kind: "cookie", backend: None, why });
+        }
+        let (backend, why) = self.describe(backends, t.backend, now_ms, "the token");
+        Some(Explained { kind: "cookie", backend, why })
+    }
+
     /// Which backend `value` leads to now, and why; `kind` narrows the key chain.
     pub fn explain(
         &self,
@@ -104,32 +126,9 @@ impl PoolAffinity {
             matched_kind = true;
             let explicit = kind.is_some();
             match k {
-                KeySource::Cookie => match self
-                    .keyring
-                    .as_ref()
-                    .map_or(Err(token::OpenError::Malformed), |r| r.open(value))
-                {
-                    Err(e) if explicit => {
-                        return Ok(Explained { kind: "cookie", backend: None, why: format!("not a valid token: {e}") })
-                    }
-                    Err(_) => continue,
-                    Ok(t) => {
-                        let c = &self.cfg.cookie;
-                        if let Err(e) = t.check(
-                            now_ms / 1000,
-                            secs(c.idle_timeout),
-                            c.absolute_timeout.map(secs),
-                            c.clock_skew.as_secs(),
-                        ) {
-                            return Ok(Explained {
-                                kind: "cookie",
-                                backend: None,
-                                why: format!("the token has expired ({e}); its next request starts a new session"),
-                            });
-                        }
-                        let (backend, why) = self.describe(backends, t.backend, now_ms, "the token");
-                        return Ok(Explained { kind: "cookie", backend, why });
-                    }
+                KeySource::Cookie => match self.explain_token(backends, value, explicit, now_ms) {
+                    Some(found) => return Ok(found),
+                    None => continue,
                 },
                 _ if self.maglev.is_some() && !matches!(k, KeySource::AppCookie(_)) => {
                     let h = self.hash_key(k, value)?;

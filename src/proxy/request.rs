@@ -10,6 +10,7 @@
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -237,67 +238,84 @@ async fn send(
         };
         let sent = Instant::now();
         let body = attempt.body.clone();
-        let e = match tokio::time::timeout(timeouts.backend_response, sender.try_send_request(req)).await {
+        let mut e = match tokio::time::timeout(timeouts.backend_response, sender.try_send_request(req)).await {
             Ok(Ok(response)) => {
                 out.upstream = Some(sent.elapsed());
                 return Ok((response, sender));
             }
-            Err(_) => {
-                let after = timeouts.backend_response;
-                return Err(match body.as_deref() {
-                    Some(b) if b.failed() => Refusal::BadRequestBody,
-                    Some(b) if b.waiting_on_client() => {
-                        tracing::info!(pool = %pool.name, backend = %backend.name, "request body still arriving after {after:?}");
-                        Refusal::RequestBodyTimeout { after }
-                    }
-                    Some(b) if !b.done() => {
-                        // The backend is not reading the body: late, but it never had the
-                        // whole request, so this is no strike against it.
-                        tracing::warn!(pool = %pool.name, backend = %backend.name, "no response within {after:?}, request body not fully sent");
-                        Refusal::BackendTimeout { backend: backend.name.clone(), after }
-                    }
-                    _ => {
-                        tracing::warn!(pool = %pool.name, backend = %backend.name, "no response within {after:?}");
-                        passive_failure(&pool.backends, attempt.index, health, "response timeout");
-                        Refusal::BackendTimeout { backend: backend.name.clone(), after }
-                    }
-                });
-            }
+            Err(_) => return Err(timed_out(attempt, body.as_deref(), timeouts.backend_response)),
             Ok(Err(e)) => e,
         };
-        let mut e = e;
         if let Some(unsent) = e.take_message() {
             // The pooled connection closed before the request went out: send it again.
             req = unsent;
             attempt.stale += 1;
             continue;
         }
-        let e = e.into_error();
         // The connection is dropped here, never pooled: after a failed send its framing is
         // lost.
         drop(sender);
-        if body.as_deref().is_some_and(BodyState::failed) {
-            tracing::info!(pool = %pool.name, backend = %backend.name, "request body failed: {}", cause(&e));
-            return Err(Refusal::BadRequestBody);
+        req = broke(attempt, decision, out, body.as_deref(), e.into_error())?;
+    }
+}
+
+/// No response head within `backend_response`: whose fault that is decides the answer,
+/// and whether it is a strike against the backend.
+fn timed_out(attempt: &Attempt<'_>, body: Option<&BodyState>, after: Duration) -> Refusal {
+    let (pool, backend) = (attempt.pool, attempt.backend());
+    match body {
+        Some(b) if b.failed() => Refusal::BadRequestBody,
+        Some(b) if b.waiting_on_client() => {
+            tracing::info!(pool = %pool.name, backend = %backend.name, "request body still arriving after {after:?}");
+            Refusal::RequestBodyTimeout { after }
         }
-        tracing::warn!(pool = %pool.name, backend = %backend.name, "backend failed: {}", cause(&e));
-        if body.as_deref().is_some_and(BodyState::waiting_on_client) {
-            // It gave up on a client that was slow to send its body: not the backend's
-            // fault, so no strike (and no replay: there was a body).
-            return Err(Refusal::BackendFailed { backend: backend.name.clone() });
+        Some(b) if !b.done() => {
+            // The backend is not reading the body: late, but it never had the whole
+            // request, so this is no strike against it.
+            tracing::warn!(pool = %pool.name, backend = %backend.name, "no response within {after:?}, request body not fully sent");
+            Refusal::BackendTimeout { backend: backend.name.clone(), after }
         }
-        passive_failure(&pool.backends, attempt.index, health, &cause(&e));
-        match attempt.replay.clone() {
-            Some((method, uri, headers)) if attempt.move_on(decision, out) => {
-                out.retried = true;
-                req = Request::new(RequestBody::Empty);
-                *req.method_mut() = method;
-                *req.uri_mut() = uri;
-                *req.headers_mut() = headers;
-                attempt.rewrite_moved(req.headers_mut(), decision);
-            }
-            _ => return Err(Refusal::BackendFailed { backend: backend.name.clone() }),
+        _ => {
+            tracing::warn!(pool = %pool.name, backend = %backend.name, "no response within {after:?}");
+            passive_failure(&pool.backends, attempt.index, pool.config.health.as_ref(), "response timeout");
+            Refusal::BackendTimeout { backend: backend.name.clone(), after }
         }
+    }
+}
+
+/// The connection broke before a response head. A client body that failed is the
+/// client's fault; otherwise it is a strike against the backend, and a replayable request
+/// is rebuilt for another backend (`Ok`).
+fn broke(
+    attempt: &mut Attempt<'_>,
+    decision: &mut Decision,
+    out: &mut Outcome,
+    body: Option<&BodyState>,
+    e: hyper::Error,
+) -> Result<Request<RequestBody>, Refusal> {
+    let (pool, backend) = (attempt.pool, attempt.backend());
+    if body.is_some_and(BodyState::failed) {
+        tracing::info!(pool = %pool.name, backend = %backend.name, "request body failed: {}", cause(&e));
+        return Err(Refusal::BadRequestBody);
+    }
+    tracing::warn!(pool = %pool.name, backend = %backend.name, "backend failed: {}", cause(&e));
+    if body.is_some_and(BodyState::waiting_on_client) {
+        // It gave up on a client that was slow to send its body: not the backend's fault,
+        // so no strike (and no replay: there was a body).
+        return Err(Refusal::BackendFailed { backend: backend.name.clone() });
+    }
+    passive_failure(&pool.backends, attempt.index, pool.config.health.as_ref(), &cause(&e));
+    match attempt.replay.clone() {
+        Some((method, uri, headers)) if attempt.move_on(decision, out) => {
+            out.retried = true;
+            let mut req = Request::new(RequestBody::Empty);
+            *req.method_mut() = method;
+            *req.uri_mut() = uri;
+            *req.headers_mut() = headers;
+            attempt.rewrite_moved(req.headers_mut(), decision);
+            Ok(req)
+        }
+        _ => Err(Refusal::BackendFailed { backend: backend.name.clone() }),
     }
 }
 
