@@ -44,6 +44,10 @@ pub struct Timeouts {
     pub client_idle: Option<Spanned<String>>,
     pub backend_response: Option<Spanned<String>>,
     pub backend_idle: Option<Spanned<String>>,
+    pub client_body: Option<Spanned<String>>,
+    pub client_send: Option<Spanned<String>>,
+    pub backend_body: Option<Spanned<String>>,
+    pub tunnel_idle: Option<Spanned<String>>,
 }
 
 /// `[limits]`: what one process, or one client, may hold.

@@ -199,6 +199,10 @@ impl Resolver<'_> {
             client_idle: self.duration(&t.client_idle, "timeouts.client_idle", d.client_idle),
             backend_response: self.duration(&t.backend_response, "timeouts.backend_response", d.backend_response),
             backend_idle: self.duration(&t.backend_idle, "timeouts.backend_idle", d.backend_idle),
+            client_body: self.duration(&t.client_body, "timeouts.client_body", d.client_body),
+            client_send: self.duration(&t.client_send, "timeouts.client_send", d.client_send),
+            backend_body: self.duration(&t.backend_body, "timeouts.backend_body", d.backend_body),
+            tunnel_idle: self.duration(&t.tunnel_idle, "timeouts.tunnel_idle", d.tunnel_idle),
         }
     }
 

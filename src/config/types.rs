@@ -60,6 +60,14 @@ pub struct Timeouts {
     pub backend_response: Duration,
     /// How long an idle pooled connection to a backend is kept for reuse.
     pub backend_idle: Duration,
+    /// The longest wait for the next piece of a request body from the client.
+    pub client_body: Duration,
+    /// The longest a client may leave a response unread (Tether's write waits that long).
+    pub client_send: Duration,
+    /// The longest wait for the next piece of a response body from the backend.
+    pub backend_body: Duration,
+    /// How long an upgraded connection (WebSocket) may carry nothing either way.
+    pub tunnel_idle: Duration,
 }
 
 impl Default for Timeouts {
@@ -73,6 +81,10 @@ impl Default for Timeouts {
             client_idle: Duration::from_secs(60),
             backend_response: Duration::from_secs(60),
             backend_idle: Duration::from_secs(30),
+            client_body: Duration::from_secs(60),
+            client_send: Duration::from_secs(60),
+            backend_body: Duration::from_secs(60),
+            tunnel_idle: Duration::from_secs(3600),
         }
     }
 }
