@@ -367,3 +367,28 @@ fn a_reload_with_new_table_settings_keeps_learned_pins() {
         assert_eq!((d.verdict, f.target_name(&d)), (Verdict::Hit, Some(home.as_str())), "{key:?}");
     }
 }
+
+/// Application sessions and first-sight keys keep separate tables: a flood of new
+/// `?sid=` values (each a first-sight key) cannot push out an application's session that
+/// was just learned from its `Set-Cookie` and not yet used again.
+#[test]
+fn a_flood_of_first_sight_keys_leaves_learned_sessions_alone() {
+    let keys = vec![KeySource::AppCookie("JSESSIONID".into()), KeySource::Query("sid".into())];
+    let mut a = affinity(keys, Mapping::Table);
+    a.table.capacity = 64;
+    let f = Fixture::new(a);
+    for n in 0..20 {
+        let mut response = HeaderMap::new();
+        response.insert(http::header::SET_COOKIE, format!("JSESSIONID=s{n}; Path=/").parse().unwrap());
+        f.affinity.learn(&response, n % 3);
+    }
+    let now = tether::time::unix_millis();
+    for n in 0..10_000 {
+        let uri: Uri = format!("/?sid=flood-{n}").parse().unwrap();
+        f.decide(&HeaderMap::new(), &uri, client(), now);
+    }
+    for n in 0..20 {
+        let d = f.decide(&header("cookie", &format!("JSESSIONID=s{n}")), &Uri::from_static("/"), client(), now);
+        assert_eq!((d.verdict, d.backend()), (Verdict::Hit, Some(n % 3)), "session s{n}");
+    }
+}

@@ -181,7 +181,7 @@ fn pools(e: &mut DescriptorEncoder<'_>, snap: &Snapshot) -> std::fmt::Result {
     let mut rejections = Vec::new();
     for p in &snap.pools {
         if let Some(a) = &p.affinity {
-            let s = a.store.table.stats();
+            let s = a.store.pin_stats();
             size.push((vec![("pool", &*p.name)], s.entries as i64));
             evictions.push((vec![("pool", &*p.name)], s.evictions));
             expirations.push((vec![("pool", &*p.name)], s.expirations));

@@ -147,7 +147,8 @@ impl PoolAffinity {
                 }
                 _ => {
                     let key = self.table_key(k, value)?;
-                    match self.store.table.get(key, self.store.table.now()) {
+                    let t = self.store.table(matches!(k, KeySource::AppCookie(_)));
+                    match t.get(key, t.now()) {
                         Some(id) => {
                             let (backend, why) = self.describe(backends, id, now_ms, "the stick table");
                             return Ok(Explained { kind: k.kind(), backend, why });
@@ -181,6 +182,7 @@ impl PoolAffinity {
         if self.maglev.is_some() && !matches!(k, KeySource::AppCookie(_)) {
             return Err(KeyError::Stateless);
         }
-        Ok(self.store.table.remove(self.table_key(k, value)?).is_some())
+        let t = self.store.table(matches!(k, KeySource::AppCookie(_)));
+        Ok(t.remove(self.table_key(k, value)?).is_some())
     }
 }

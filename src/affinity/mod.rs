@@ -37,19 +37,64 @@ use token::{KeyRing, Token, TokenString};
 use verdict::{Reason, Verdict};
 
 /// A pool's persistence state that survives reloads.
+///
+/// Pins learned from backends and pins taken at first sight from clients live in tables
+/// of their own, each with the configured capacity, so that clients sending new header,
+/// query or address keys cannot crowd out the sessions applications created (and the
+/// table's admission rule keeps one-off keys from pushing out established ones within a
+/// table).
 #[derive(Debug)]
 pub struct Store {
-    /// Learned keys (app cookies; header, query and client-IP keys in table mode).
-    pub table: StickTable,
+    /// Application session ids learned from backends' `Set-Cookie` (`app_cookie` keys).
+    pub learned: StickTable,
+    /// Header, query and client-IP keys in table mode, learned when first seen.
+    pub first_sight: StickTable,
     /// Token sessions seen within the cookie idle timeout, to count sessions per backend.
     pub sessions: StickTable,
 }
 
+/// A key in one of a pool's pin tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pin {
+    pub key: u128,
+    /// In [`Store::learned`] (an application's session id) rather than [`Store::first_sight`].
+    pub learned: bool,
+}
+
 impl Store {
     fn new(cfg: &config::Affinity) -> Store {
+        let table = || StickTable::new(cfg.table.capacity, cfg.table.idle_timeout, 16);
         Store {
-            table: StickTable::new(cfg.table.capacity, cfg.table.idle_timeout, 16),
+            learned: table(),
+            first_sight: table(),
             sessions: StickTable::new(cfg.table.capacity.max(100_000), cfg.cookie.idle_timeout, 16),
+        }
+    }
+
+    /// The table a pin lives in.
+    pub fn table(&self, learned: bool) -> &StickTable {
+        if learned {
+            &self.learned
+        } else {
+            &self.first_sight
+        }
+    }
+
+    fn insert(&self, pin: Pin, backend: u64) {
+        let t = self.table(pin.learned);
+        t.insert(pin.key, backend, t.now());
+    }
+
+    /// The counters of both pin tables together.
+    pub fn pin_stats(&self) -> stick_table::StickStats {
+        let (a, b) = (self.learned.stats(), self.first_sight.stats());
+        stick_table::StickStats {
+            entries: a.entries + b.entries,
+            hits: a.hits + b.hits,
+            misses: a.misses + b.misses,
+            evictions: a.evictions + b.evictions,
+            expirations: a.expirations + b.expirations,
+            rejections: a.rejections + b.rejections,
         }
     }
 
@@ -57,11 +102,12 @@ impl Store {
     /// smaller capacity keeps the most recently used; idle clocks start again).
     fn carried_over(old: &Store, cfg: &config::Affinity) -> Store {
         let new = Store::new(cfg);
-        old.table.copy_into(&new.table);
+        old.learned.copy_into(&new.learned);
+        old.first_sight.copy_into(&new.first_sight);
         old.sessions.copy_into(&new.sessions);
         tracing::info!(
-            "affinity: table settings changed; {} learned pins and {} sessions carried over",
-            new.table.len(),
+            "affinity: table settings changed; {} pins and {} sessions carried over",
+            new.learned.len() + new.first_sight.len(),
             new.sessions.len()
         );
         new
@@ -69,11 +115,12 @@ impl Store {
 
     /// Drops expired entries and returns the live sessions per backend identity.
     fn sweep(&self) -> HashMap<u64, usize> {
-        self.table.sweep(self.table.now());
-        self.sessions.sweep(self.sessions.now());
-        let mut counts = self.sessions.sessions_per_backend();
-        for (b, n) in self.table.sessions_per_backend() {
-            *counts.entry(b).or_insert(0) += n;
+        let mut counts = HashMap::new();
+        for t in [&self.learned, &self.first_sight, &self.sessions] {
+            t.sweep(t.now());
+            for (b, n) in t.sessions_per_backend() {
+                *counts.entry(b).or_insert(0) += n;
+            }
         }
         counts
     }
@@ -103,8 +150,8 @@ pub struct Decision {
     pub issue: Option<Token>,
     /// The session id of a token session, kept when the session moves.
     pub session: Option<[u8; 16]>,
-    /// The stick-table key of a table session, re-pointed when the session moves.
-    pub key: Option<u128>,
+    /// The pin of a table session, re-pointed when the session moves.
+    pub key: Option<Pin>,
     /// The hash of a hashed key, to find the next backend when the session moves.
     pub hash: Option<u64>,
 }
@@ -267,7 +314,7 @@ impl PoolAffinity {
         group: &Group<'_>,
         reason: Reason,
         session: Option<[u8; 16]>,
-        learn: Option<u128>,
+        learn: Option<Pin>,
         now_ms: u64,
     ) -> Decision {
         if self.strict() {
@@ -319,7 +366,7 @@ impl PoolAffinity {
         now_ms: u64,
     ) -> Option<Decision> {
         let value = app_session(headers, uri, name)?;
-        let k = hash::key_hash128(&self.pool, "app_cookie", value.as_bytes());
+        let k = Pin { key: hash::key_hash128(&self.pool, "app_cookie", value.as_bytes()), learned: true };
         match self.lookup_table(group.backends, k, now_ms)? {
             Ok(i) => Some(Decision { key: Some(k), ..Decision::to(Target::Use(i), Verdict::Hit) }),
             Err(reason) => Some(self.gone(group, reason, None, Some(k), now_ms)),
@@ -356,7 +403,7 @@ impl PoolAffinity {
         if let Some(m) = &self.maglev {
             return Some(self.hashed(group.backends, m, hash::key_hash(&self.pool, key.kind(), value), now_ms));
         }
-        let k = hash::key_hash128(&self.pool, key.kind(), value);
+        let k = Pin { key: hash::key_hash128(&self.pool, key.kind(), value), learned: false };
         Some(match self.lookup_table(group.backends, k, now_ms) {
             Some(Ok(i)) => Decision { key: Some(k), ..Decision::to(Target::Use(i), Verdict::Hit) },
             Some(Err(reason)) => self.gone(group, reason, None, Some(k), now_ms),
@@ -372,15 +419,15 @@ impl PoolAffinity {
         group: &Group<'_>,
         verdict: Verdict,
         session: Option<[u8; 16]>,
-        learn: Option<u128>,
+        learn: Option<Pin>,
         now_ms: u64,
     ) -> Decision {
         let Some(i) = self.place_index(group) else {
             return Decision::to(Target::NoBackend, verdict);
         };
         let id = self.ids[i];
-        if let Some(k) = learn {
-            self.store.table.insert(k, id, self.store.table.now());
+        if let Some(pin) = learn {
+            self.store.insert(pin, id);
         }
         group.backends[i].add_session();
         let issue = self.issue_token(id, now_ms, session);
@@ -435,8 +482,8 @@ impl PoolAffinity {
             d.verdict = Verdict::Repin(Reason::Down);
         }
         let id = self.ids[i];
-        if let Some(k) = d.key {
-            self.store.table.insert(k, id, self.store.table.now());
+        if let Some(pin) = d.key {
+            self.store.insert(pin, id);
         }
         if let Some(t) = self.issue_token(id, now_ms, d.session) {
             d.issue = Some(t);
@@ -448,8 +495,9 @@ impl PoolAffinity {
         Some(i)
     }
 
-    fn lookup_table(&self, backends: &[Arc<Backend>], key: u128, now_ms: u64) -> Option<Result<usize, Reason>> {
-        let id = self.store.table.get(key, self.store.table.now())?;
+    fn lookup_table(&self, backends: &[Arc<Backend>], pin: Pin, now_ms: u64) -> Option<Result<usize, Reason>> {
+        let t = self.store.table(pin.learned);
+        let id = t.get(pin.key, t.now())?;
         Some(self.available(backends, id, now_ms))
     }
 
@@ -498,7 +546,7 @@ impl PoolAffinity {
                 match cookies::set_cookie_name_value(v) {
                     Some((n, value)) if n == name && !value.is_empty() => {
                         let k = hash::key_hash128(&self.pool, "app_cookie", value.as_bytes());
-                        self.store.table.insert(k, self.ids[backend], self.store.table.now());
+                        self.store.insert(Pin { key: k, learned: true }, self.ids[backend]);
                     }
                     _ => {}
                 }
