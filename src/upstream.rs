@@ -11,6 +11,7 @@
 //! This module does not choose backends and does not retry across backends: the proxy's
 //! request flow does.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -20,12 +21,14 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
+use hyper::client::conn::TrySendError;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 use crate::config::Timeouts;
 
@@ -37,14 +40,39 @@ pub const MAX_IDLE: usize = 512;
 /// How long a pooled connection may take to become ready after its last response.
 const SETTLE: Duration = Duration::from_millis(250);
 
-/// A sender for one HTTP/1.1 connection to a backend.
-pub type Sender = SendRequest<RequestBody>;
+/// An error of a body Tether streams: the peer's, or a wait for its next piece that went
+/// on too long.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A sender for one HTTP/1.1 connection to a backend. A client's body sent on it waits at
+/// most the backend's `client_body` timeout for each next piece.
+#[derive(Debug)]
+pub struct Sender {
+    inner: SendRequest<RequestBody>,
+    client_body: Duration,
+}
+
+impl Sender {
+    /// Sends `req`, or hands it back when the connection closed before it was written
+    /// (see hyper's `SendRequest::try_send_request`).
+    pub fn try_send_request(
+        &mut self,
+        mut req: Request<RequestBody>,
+    ) -> impl Future<Output = Result<Response<Incoming>, TrySendError<Request<RequestBody>>>> {
+        if let RequestBody::Stream(b) = req.body_mut() {
+            b.stall.limit = self.client_body;
+        }
+        self.inner.try_send_request(req)
+    }
+}
 
 #[derive(Debug)]
 pub struct Upstream {
     address: SocketAddr,
     connect_timeout: Duration,
     idle_timeout: Duration,
+    client_body: Duration,
+    backend_body: Duration,
     idle: Mutex<Vec<Idle>>,
 }
 
@@ -102,8 +130,15 @@ impl Upstream {
             address,
             connect_timeout: timeouts.connect,
             idle_timeout: timeouts.backend_idle,
+            client_body: timeouts.client_body,
+            backend_body: timeouts.backend_body,
             idle: Mutex::new(Vec::new()),
         }
+    }
+
+    /// The longest wait for the next piece of a response body from this backend.
+    pub fn backend_body(&self) -> Duration {
+        self.backend_body
     }
 
     /// An idle connection that is still open and ready, most recently used first (its
@@ -114,13 +149,13 @@ impl Upstream {
         let now = Instant::now();
         loop {
             let Idle { mut sender, since } = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop()?;
-            if sender.is_closed() || now.duration_since(since) >= self.idle_timeout {
+            if sender.inner.is_closed() || now.duration_since(since) >= self.idle_timeout {
                 continue;
             }
-            if sender.is_ready() {
+            if sender.inner.is_ready() {
                 return Some(sender);
             }
-            if let Ok(Ok(())) = tokio::time::timeout(SETTLE, sender.ready()).await {
+            if let Ok(Ok(())) = tokio::time::timeout(SETTLE, sender.inner.ready()).await {
                 return Some(sender);
             }
         }
@@ -128,7 +163,7 @@ impl Upstream {
 
     /// Keeps a connection whose last response has been read to the end.
     pub fn put_back(&self, sender: Sender) {
-        if sender.is_closed() {
+        if sender.inner.is_closed() {
             return;
         }
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
@@ -154,7 +189,7 @@ impl Upstream {
             let _ = conn.with_upgrades().await;
         });
         sender.ready().await.map_err(ConnectError::Handshake)?;
-        Ok(sender)
+        Ok(Sender { inner: sender, client_body: self.client_body })
     }
 }
 
@@ -162,19 +197,90 @@ impl Upstream {
 /// sent again after a broken connection.
 #[derive(Debug)]
 pub enum RequestBody {
-    /// The client's body; `state`, when there is a body at all, records how reading it went.
-    Stream(Incoming, Option<Arc<BodyState>>),
+    /// The client's body, with how reading it went when there is a body at all.
+    Stream(ClientBody),
     Empty,
+}
+
+/// The client's body as the backend connection reads it.
+#[derive(Debug)]
+pub struct ClientBody {
+    body: Incoming,
+    /// How reading it went, for a body with something to read.
+    state: Option<Arc<BodyState>>,
+    /// The wait for its next piece, bounded by `client_body` once the body is sent.
+    stall: Stall,
 }
 
 impl RequestBody {
     /// The client's body. A body with something to read gets a [`BodyState`], shared with
-    /// the caller, so that a failed send can be blamed on the client or the backend.
+    /// the caller, so that a failed send can be blamed on the client or the backend. Each
+    /// wait for its next piece is bounded by the `client_body` timeout of the connection
+    /// it is sent on: after that the body fails, as the client's fault.
     pub fn client(body: Incoming) -> (RequestBody, Option<Arc<BodyState>>) {
         let state = (!body.is_end_stream()).then(|| Arc::new(BodyState::default()));
-        (RequestBody::Stream(body, state.clone()), state)
+        let stall = Stall::new(crate::config::Timeouts::default().client_body);
+        (RequestBody::Stream(ClientBody { body, state: state.clone(), stall }), state)
     }
 }
+
+/// A wait for the next piece of a streamed body that may last at most `limit`. The timer
+/// is made the first time the body has to wait, so a body that keeps flowing (or none at
+/// all) never allocates one, and it is restarted, not made again, for each later wait.
+#[derive(Debug)]
+pub struct Stall {
+    limit: Duration,
+    timer: Option<Pin<Box<Sleep>>>,
+    /// The timer runs for the current wait (no frame since it was started).
+    armed: bool,
+}
+
+impl Stall {
+    pub fn new(limit: Duration) -> Stall {
+        Stall { limit, timer: None, armed: false }
+    }
+
+    pub fn limit(&self) -> Duration {
+        self.limit
+    }
+
+    /// A piece arrived: the next wait is timed afresh.
+    pub fn arrived(&mut self) {
+        self.armed = false;
+    }
+
+    /// The body has nothing yet: `Ready` once this wait has lasted `limit`, else `Pending`
+    /// with `cx` woken when it will have.
+    pub fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if !self.armed {
+            self.armed = true;
+            let deadline = Instant::now() + self.limit;
+            match &mut self.timer {
+                Some(t) => t.as_mut().reset(deadline),
+                None => self.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
+        }
+        match &mut self.timer {
+            Some(t) => t.as_mut().poll(cx),
+            None => Poll::Pending,
+        }
+    }
+}
+
+/// No next piece of a body within its limit.
+#[derive(Debug)]
+pub struct BodyTimeout {
+    pub from: &'static str,
+    pub after: Duration,
+}
+
+impl std::fmt::Display for BodyTimeout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "nothing more of the {} body within {:?}", self.from, self.after)
+    }
+}
+
+impl std::error::Error for BodyTimeout {}
 
 /// How reading a client's request body went, as seen by the connection that sends it to a
 /// backend. hyper reports a failure of the request body as a failure of the send, so this
@@ -189,7 +295,7 @@ const FAILED: u8 = 3;
 
 impl BodyState {
     /// Reading the client's body failed (malformed chunked encoding, a client that went
-    /// away mid-upload, ...).
+    /// away mid-upload, a client that sent nothing more within `client_body`, ...).
     pub fn failed(&self) -> bool {
         self.0.load(Ordering::Relaxed) == FAILED
     }
@@ -212,35 +318,53 @@ impl BodyState {
 
 impl Body for RequestBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match self.get_mut() {
-            RequestBody::Stream(b, None) => Pin::new(b).poll_frame(cx),
-            RequestBody::Stream(b, Some(state)) => {
-                let polled = Pin::new(&mut *b).poll_frame(cx);
-                match &polled {
-                    Poll::Pending => state.set(WAITING),
-                    Poll::Ready(None) => state.set(DONE),
-                    Poll::Ready(Some(Err(_))) => state.set(FAILED),
-                    Poll::Ready(Some(Ok(_))) => state.set(if b.is_end_stream() { DONE } else { READING }),
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let c = match self.get_mut() {
+            RequestBody::Stream(c) => c,
+            RequestBody::Empty => return Poll::Ready(None),
+        };
+        let Some(state) = &c.state else {
+            // Nothing to read: no state to keep and no wait to bound.
+            return Pin::new(&mut c.body).poll_frame(cx).map_err(Into::into);
+        };
+        match Pin::new(&mut c.body).poll_frame(cx) {
+            Poll::Pending => {
+                if c.stall.poll_expired(cx).is_ready() {
+                    state.set(FAILED);
+                    let e = BodyTimeout { from: "client's request", after: c.stall.limit() };
+                    return Poll::Ready(Some(Err(e.into())));
                 }
-                polled
+                state.set(WAITING);
+                Poll::Pending
             }
-            RequestBody::Empty => Poll::Ready(None),
+            Poll::Ready(None) => {
+                state.set(DONE);
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => {
+                state.set(FAILED);
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Ready(Some(Ok(frame))) => {
+                c.stall.arrived();
+                state.set(if c.body.is_end_stream() { DONE } else { READING });
+                Poll::Ready(Some(Ok(frame)))
+            }
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            RequestBody::Stream(b, _) => b.is_end_stream(),
+            RequestBody::Stream(c) => c.body.is_end_stream(),
             RequestBody::Empty => true,
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            RequestBody::Stream(b, _) => b.size_hint(),
+            RequestBody::Stream(c) => c.body.size_hint(),
             RequestBody::Empty => SizeHint::with_exact(0),
         }
     }

@@ -6,6 +6,10 @@
 //! finished request owes, in one place and exactly once: the backend's in-flight count goes
 //! down, a backend connection whose response was read to the end goes back to the idle
 //! pool, the client connection's idle timer starts, and the access log line is written.
+//!
+//! A backend's body that sends nothing more for `backend_body` ends with an error: hyper
+//! then closes the client's connection (its response is cut short), and the backend's
+//! connection is dropped, never pooled.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -23,7 +27,7 @@ use super::refusal::LateFailure;
 use crate::access_log::Record;
 use crate::affinity::verdict::Verdict;
 use crate::backend::Backend;
-use crate::upstream::{Sender, Upstream};
+use crate::upstream::{BodyTimeout, BoxError, Sender, Stall, Upstream};
 
 /// What is known about a request while it is served; settled on drop.
 #[derive(Debug)]
@@ -135,13 +139,19 @@ pub struct ProxyBody {
 
 #[derive(Debug)]
 enum Inner {
-    Stream(Incoming),
+    /// The backend's body, each wait for its next piece bounded by `backend_body`.
+    Stream(Incoming, Stall),
     Full(Option<Bytes>),
 }
 
 impl ProxyBody {
     pub fn stream(body: Incoming, outcome: Outcome) -> ProxyBody {
-        ProxyBody { inner: Inner::Stream(body), outcome: Some(outcome) }
+        // The backend's own timeouts, from the snapshot the request was sent under.
+        let limit = match &outcome.connections {
+            Some(c) => c.backend_body(),
+            None => outcome.cx.shared.snapshot.load().config.timeouts.backend_body,
+        };
+        ProxyBody { inner: Inner::Stream(body, Stall::new(limit)), outcome: Some(outcome) }
     }
 
     pub fn full(data: Bytes, outcome: Option<Outcome>) -> ProxyBody {
@@ -157,6 +167,17 @@ impl ProxyBody {
         ProxyBody::full(Bytes::new(), outcome)
     }
 
+    /// Ends the request on a failed backend body: its connection is not pooled.
+    fn failed(&mut self, e: BoxError) -> BoxError {
+        if let Some(o) = &mut self.outcome {
+            o.error = Some(LateFailure::BackendBody.label());
+            o.sender = None;
+        }
+        tracing::debug!("backend response body failed: {e}");
+        self.outcome = None;
+        e
+    }
+
     /// Ends the request now (its response has no body worth waiting for).
     fn finish(&mut self) {
         if let Some(o) = &mut self.outcome {
@@ -170,7 +191,7 @@ impl Drop for ProxyBody {
     fn drop(&mut self) {
         // hyper stops polling a body whose length it knows once it has written that many
         // bytes, so "read to the end" is also judged here, when the body goes.
-        if let (Inner::Stream(b), Some(o)) = (&self.inner, &mut self.outcome) {
+        if let (Inner::Stream(b, _), Some(o)) = (&self.inner, &mut self.outcome) {
             if b.is_end_stream() {
                 o.complete = true;
             }
@@ -180,9 +201,9 @@ impl Drop for ProxyBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         match &mut this.inner {
             Inner::Full(data) => {
@@ -197,23 +218,22 @@ impl Body for ProxyBody {
                 }
                 Poll::Ready(frame)
             }
-            Inner::Stream(body) => match Pin::new(body).poll_frame(cx) {
-                Poll::Pending => Poll::Pending,
+            Inner::Stream(body, stall) => match Pin::new(body).poll_frame(cx) {
+                Poll::Pending => {
+                    if stall.poll_expired(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    let e = BodyTimeout { from: "backend's response", after: stall.limit() };
+                    Poll::Ready(Some(Err(this.failed(e.into()))))
+                }
                 Poll::Ready(Some(Ok(frame))) => {
+                    stall.arrived();
                     if let (Some(d), Some(o)) = (frame.data_ref(), &mut this.outcome) {
                         o.bytes_out += d.len() as u64;
                     }
                     Poll::Ready(Some(Ok(frame)))
                 }
-                Poll::Ready(Some(Err(e))) => {
-                    if let Some(o) = &mut this.outcome {
-                        o.error = Some(LateFailure::BackendBody.label());
-                        o.sender = None;
-                    }
-                    tracing::debug!("backend response body failed: {e}");
-                    this.outcome = None;
-                    Poll::Ready(Some(Err(e)))
-                }
+                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(this.failed(e.into())))),
                 Poll::Ready(None) => {
                     this.finish();
                     Poll::Ready(None)
@@ -225,7 +245,7 @@ impl Body for ProxyBody {
     fn is_end_stream(&self) -> bool {
         match &self.inner {
             Inner::Full(d) => d.is_none(),
-            Inner::Stream(b) => b.is_end_stream(),
+            Inner::Stream(b, _) => b.is_end_stream(),
         }
     }
 
@@ -233,7 +253,7 @@ impl Body for ProxyBody {
         match &self.inner {
             Inner::Full(Some(d)) => SizeHint::with_exact(d.len() as u64),
             Inner::Full(None) => SizeHint::with_exact(0),
-            Inner::Stream(b) => b.size_hint(),
+            Inner::Stream(b, _) => b.size_hint(),
         }
     }
 }

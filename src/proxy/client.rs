@@ -16,6 +16,12 @@
 //! A connection whose head deadline passes is closed at once (the client is dribbling);
 //! one whose idle deadline passes is shut down gracefully. HTTP/2 connections never enter
 //! `Head`: frames arrive on them at any time, so only the idle deadline applies.
+//!
+//! In any phase, [`Timed`] also notes when a write to the client started waiting (the
+//! client stopped reading and the socket's send buffer is full) and forgets it when a
+//! write makes progress. A connection whose write has waited longer than `client_send` is
+//! closed at once: a client that never reads its response cannot hold the connection, the
+//! request and its backend slot for ever.
 
 use std::io;
 use std::net::SocketAddr;
@@ -48,14 +54,20 @@ pub struct ConnState {
     /// The current deadline, in milliseconds since `epoch`.
     deadline: AtomicU64,
     h2: AtomicBool,
+    /// Since when a write to the client has been waiting, in milliseconds since `epoch`
+    /// plus one; 0 while no write waits.
+    write_blocked: AtomicU64,
     epoch: Instant,
     request_header: Duration,
     client_idle: Duration,
+    client_send: Duration,
 }
 
 pub(super) enum Check {
     HeadTimeout,
     IdleTimeout,
+    /// A write to the client has waited longer than `client_send`.
+    SendTimeout,
     Wait(Instant),
 }
 
@@ -66,9 +78,11 @@ impl ConnState {
             active: AtomicU32::new(0),
             deadline: AtomicU64::new(0),
             h2: AtomicBool::new(false),
+            write_blocked: AtomicU64::new(0),
             epoch: Instant::now(),
             request_header: timeouts.request_header,
             client_idle: timeouts.client_idle,
+            client_send: timeouts.client_send,
         };
         s.set_deadline(Instant::now() + s.request_header);
         s
@@ -111,20 +125,48 @@ impl ConnState {
         }
     }
 
+    /// A write to the client could not go on: note when, unless a write already waits.
+    fn on_write_blocked(&self) {
+        if self.write_blocked.load(Ordering::Relaxed) == 0 {
+            let since = Instant::now().saturating_duration_since(self.epoch).as_millis() as u64;
+            self.write_blocked.store(since + 1, Ordering::Relaxed);
+        }
+    }
+
+    /// A write to the client made progress (or failed): nothing waits any more.
+    fn on_write_progress(&self) {
+        if self.write_blocked.load(Ordering::Relaxed) != 0 {
+            self.write_blocked.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// When the write waiting now runs out of `client_send`; `None` when none waits.
+    pub(super) fn send_deadline(&self) -> Option<Instant> {
+        match self.write_blocked.load(Ordering::Relaxed) {
+            0 => None,
+            since => Some(self.epoch + Duration::from_millis(since - 1) + self.client_send),
+        }
+    }
+
     pub(super) fn check(&self, now: Instant) -> Check {
+        let send = self.send_deadline();
+        if send.is_some_and(|at| now >= at) {
+            return Check::SendTimeout;
+        }
         let phase = self.phase.load(Ordering::Relaxed);
-        if phase == BUSY {
-            // Nothing to enforce while a request is served; look again later.
-            return Check::Wait(now + self.client_idle.min(self.request_header));
-        }
-        let deadline = self.deadline();
-        if now < deadline {
-            Check::Wait(deadline)
-        } else if phase == HEAD {
-            Check::HeadTimeout
+        let next = if phase == BUSY {
+            // No deadline of its own while a request is served: look again in a while
+            // (the phase may change), and no later than a write that starts waiting
+            // meanwhile could run out of `client_send`.
+            now + self.client_idle.min(self.request_header).min(self.client_send)
         } else {
-            Check::IdleTimeout
-        }
+            let deadline = self.deadline();
+            if now >= deadline {
+                return if phase == HEAD { Check::HeadTimeout } else { Check::IdleTimeout };
+            }
+            deadline
+        };
+        Check::Wait(send.map_or(next, |at| at.min(next)))
     }
 }
 
@@ -145,9 +187,22 @@ impl AsyncRead for Timed {
     }
 }
 
+impl Timed {
+    /// Notes whether a write to the client waits or went on (see [`ConnState::check`]).
+    fn track<T>(&self, r: Poll<io::Result<T>>, progress: impl FnOnce(&T) -> bool) -> Poll<io::Result<T>> {
+        match &r {
+            Poll::Pending => self.state.on_write_blocked(),
+            Poll::Ready(Ok(v)) if !progress(v) => {}
+            Poll::Ready(_) => self.state.on_write_progress(),
+        }
+        r
+    }
+}
+
 impl AsyncWrite for Timed {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        let r = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.track(r, |&n| n > 0)
     }
 
     fn poll_write_vectored(
@@ -155,7 +210,8 @@ impl AsyncWrite for Timed {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.track(r, |&n| n > 0)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -163,7 +219,8 @@ impl AsyncWrite for Timed {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+        let r = Pin::new(&mut self.io).poll_flush(cx);
+        self.track(r, |_| true)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -8,6 +8,7 @@ use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use http::HeaderValue;
@@ -20,7 +21,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::client::{Check, ConnCx, ConnState, Timed};
-use crate::config::Limits;
+use crate::config::{Limits, Timeouts};
 use crate::state::{ConnPermit, ListenerStats, Shared};
 
 /// The HTTP server settings for client connections, shared by all of them.
@@ -197,22 +198,23 @@ pub async fn serve(
             &own
         };
         let conn = h2.serve_connection(io, service);
-        drive(conn, |c| c.graceful_shutdown(), &state, shutdown, peer, timeouts.request_header).await;
+        drive(conn, |c| c.graceful_shutdown(), &state, shutdown, peer, &timeouts).await;
     } else {
         let conn = protocols.h1.serve_connection(io, service).with_upgrades();
-        drive(conn, |c| c.graceful_shutdown(), &state, shutdown, peer, timeouts.request_header).await;
+        drive(conn, |c| c.graceful_shutdown(), &state, shutdown, peer, &timeouts).await;
     }
 }
 
 /// Runs a hyper connection to its end while enforcing the connection's deadlines and
-/// the shutdown signal.
+/// the shutdown signal. Returning drops the connection, and with it the socket and any
+/// response being sent (whose `Outcome` then ends the request).
 async fn drive<F, G>(
     conn: F,
     graceful: G,
     state: &ConnState,
     mut shutdown: watch::Receiver<bool>,
     peer: SocketAddr,
-    request_header: Duration,
+    timeouts: &Timeouts,
 ) where
     F: std::future::Future<Output = Result<(), hyper::Error>>,
     G: Fn(Pin<&mut F>),
@@ -222,13 +224,29 @@ async fn drive<F, G>(
     let mut sleep = std::pin::pin!(sleep);
     let mut closing = false;
     loop {
+        // The connection is polled in this task, so a write that starts waiting is seen
+        // here at once: the poll then ends early (`None`) and the timer is brought forward
+        // to when the wait runs out of `client_send`.
+        let waiting = state.send_deadline().is_some();
+        let polled = std::future::poll_fn(|cx| match conn.as_mut().poll(cx) {
+            Poll::Ready(r) => Poll::Ready(Some(r)),
+            Poll::Pending if !waiting && state.send_deadline().is_some() => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        });
         tokio::select! {
-            r = conn.as_mut() => {
-                if let Err(e) = r {
-                    tracing::debug!(%peer, "client connection ended: {e}");
+            r = polled => match r {
+                Some(r) => {
+                    if let Err(e) = r {
+                        tracing::debug!(%peer, "client connection ended: {e}");
+                    }
+                    return;
                 }
-                return;
-            }
+                None => {
+                    if let Some(at) = state.send_deadline().filter(|at| *at < sleep.deadline()) {
+                        sleep.as_mut().reset(at);
+                    }
+                }
+            },
             _ = shutdown.changed(), if !closing => {
                 closing = true;
                 graceful(conn.as_mut());
@@ -236,7 +254,11 @@ async fn drive<F, G>(
             _ = &mut sleep => match state.check(Instant::now()) {
                 Check::Wait(at) => sleep.as_mut().reset(at),
                 Check::HeadTimeout => {
-                    tracing::debug!(%peer, "closing connection: request head not received within {request_header:?}");
+                    tracing::debug!(%peer, "closing connection: request head not received within {:?}", timeouts.request_header);
+                    return;
+                }
+                Check::SendTimeout => {
+                    tracing::debug!(%peer, "closing connection: the client read nothing of its response for {:?}", timeouts.client_send);
                     return;
                 }
                 Check::IdleTimeout => {

@@ -8,8 +8,10 @@
 //! (in-flight count, pooled connection, access log) is settled by its [`Outcome`].
 
 use std::convert::Infallible;
-use std::sync::atomic::Ordering;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -18,6 +20,7 @@ use http::{Method, Request, Response, StatusCode, Uri};
 use http_body::Body as _;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
 use super::body::{Outcome, ProxyBody};
@@ -415,7 +418,9 @@ fn respond(
     Response::from_parts(parts, ProxyBody::stream(body, out))
 }
 
-/// Copies bytes both ways between an upgraded client and backend until either side ends.
+/// Copies bytes both ways between an upgraded client and backend until either side ends,
+/// or until nothing has moved either way for `tunnel_idle`: an idle WebSocket does not
+/// hold its client connection (and its place under `[limits]`) for ever.
 async fn tunnel(client: hyper::upgrade::OnUpgrade, backend: hyper::upgrade::OnUpgrade, mut out: Outcome) {
     let (client, backend) = match tokio::try_join!(client, backend) {
         Ok(pair) => pair,
@@ -425,16 +430,82 @@ async fn tunnel(client: hyper::upgrade::OnUpgrade, backend: hyper::upgrade::OnUp
             return;
         }
     };
-    let (mut client, mut backend) = (TokioIo::new(client), TokioIo::new(backend));
-    match tokio::io::copy_bidirectional(&mut client, &mut backend).await {
-        Ok((from_client, from_backend)) => {
-            out.bytes_in += from_client;
-            out.bytes_out += from_backend;
+    let idle = out.cx.shared.snapshot.load().config.timeouts.tunnel_idle;
+    let start = Instant::now();
+    let last = AtomicU64::new(0);
+    let mut client = Stamped { io: TokioIo::new(client), start, last: &last, written: 0 };
+    let mut backend = Stamped { io: TokioIo::new(backend), start, last: &last, written: 0 };
+    let ended = {
+        let copy = tokio::io::copy_bidirectional(&mut client, &mut backend);
+        let mut copy = std::pin::pin!(copy);
+        let sleep = tokio::time::sleep_until(start + idle);
+        let mut sleep = std::pin::pin!(sleep);
+        loop {
+            tokio::select! {
+                r = copy.as_mut() => break r.map(|_| ()),
+                _ = sleep.as_mut() => {
+                    let at = start + Duration::from_millis(last.load(Ordering::Relaxed)) + idle;
+                    if Instant::now() >= at {
+                        tracing::debug!(peer = %out.cx.peer, "closing tunnel: nothing moved either way for {idle:?}");
+                        break Ok(());
+                    }
+                    sleep.as_mut().reset(at);
+                }
+            }
         }
-        Err(e) => {
-            tracing::debug!("tunnel ended: {e}");
-            out.error = Some(LateFailure::Tunnel.label());
+    };
+    out.bytes_in += backend.written;
+    out.bytes_out += client.written;
+    if let Err(e) = ended {
+        tracing::debug!("tunnel ended: {e}");
+        out.error = Some(LateFailure::Tunnel.label());
+    }
+}
+
+/// One side of a tunnel: stamps `last` (milliseconds since `start`) whenever bytes move
+/// on it, and counts the bytes written to it.
+struct Stamped<'a, T> {
+    io: T,
+    start: Instant,
+    last: &'a AtomicU64,
+    written: u64,
+}
+
+impl<T> Stamped<'_, T> {
+    fn moved(&self) {
+        self.last.store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Stamped<'_, T> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.io).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.moved();
         }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Stamped<'_, T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            if n > 0 {
+                self.written += n as u64;
+                self.moved();
+            }
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
