@@ -368,27 +368,43 @@ fn a_reload_with_new_table_settings_keeps_learned_pins() {
     }
 }
 
-/// Application sessions and first-sight keys keep separate tables: a flood of new
-/// `?sid=` values (each a first-sight key) cannot push out an application's session that
-/// was just learned from its `Set-Cookie` and not yet used again.
+/// Each kind of table-mapped key has its own table: a flood of new `?sid=` values cannot
+/// push out an application's session just learned from its `Set-Cookie`, nor a header key
+/// placed once and not yet seen again (both would be the first to go in a shared table).
 #[test]
-fn a_flood_of_first_sight_keys_leaves_learned_sessions_alone() {
-    let keys = vec![KeySource::AppCookie("JSESSIONID".into()), KeySource::Query("sid".into())];
+fn a_flood_of_one_kind_of_key_leaves_the_other_kinds_alone() {
+    let keys = vec![
+        KeySource::AppCookie("JSESSIONID".into()),
+        KeySource::Header("x-user".into()),
+        KeySource::Query("sid".into()),
+    ];
     let mut a = affinity(keys, Mapping::Table);
     a.table.capacity = 64;
     let f = Fixture::new(a);
+    let now = tether::time::unix_millis();
+    let root = Uri::from_static("/");
     for n in 0..20 {
         let mut response = HeaderMap::new();
         response.insert(http::header::SET_COOKIE, format!("JSESSIONID=s{n}; Path=/").parse().unwrap());
         f.affinity.learn(&response, n % 3);
     }
-    let now = tether::time::unix_millis();
+    let users: Vec<_> = (0..20)
+        .map(|n| {
+            let h = header("x-user", &format!("user-{n}"));
+            let home = f.decide(&h, &root, client(), now).backend();
+            (h, home)
+        })
+        .collect();
     for n in 0..10_000 {
         let uri: Uri = format!("/?sid=flood-{n}").parse().unwrap();
         f.decide(&HeaderMap::new(), &uri, client(), now);
     }
     for n in 0..20 {
-        let d = f.decide(&header("cookie", &format!("JSESSIONID=s{n}")), &Uri::from_static("/"), client(), now);
+        let d = f.decide(&header("cookie", &format!("JSESSIONID=s{n}")), &root, client(), now);
         assert_eq!((d.verdict, d.backend()), (Verdict::Hit, Some(n % 3)), "session s{n}");
+    }
+    for (n, (h, home)) in users.iter().enumerate() {
+        let d = f.decide(h, &root, client(), now);
+        assert_eq!((d.verdict, d.backend()), (Verdict::Hit, *home), "user-{n}");
     }
 }

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use super::verdict::Verdict;
-use super::{hash, masked_ip, secs, token, PoolAffinity};
+use super::{hash, masked_ip, secs, token, PinKind, PoolAffinity};
 use crate::backend::Backend;
 use crate::config::KeySource;
 
@@ -147,7 +147,8 @@ impl PoolAffinity {
                 }
                 _ => {
                     let key = self.table_key(k, value)?;
-                    let t = self.store.table(matches!(k, KeySource::AppCookie(_)));
+                    let Some(kind) = PinKind::of(k) else { continue };
+                    let t = self.store.table(kind);
                     match t.get(key, t.now()) {
                         Some(id) => {
                             let (backend, why) = self.describe(backends, id, now_ms, "the stick table");
@@ -182,7 +183,7 @@ impl PoolAffinity {
         if self.maglev.is_some() && !matches!(k, KeySource::AppCookie(_)) {
             return Err(KeyError::Stateless);
         }
-        let t = self.store.table(matches!(k, KeySource::AppCookie(_)));
-        Ok(t.remove(self.table_key(k, value)?).is_some())
+        let Some(kind) = PinKind::of(k) else { return Ok(false) };
+        Ok(self.store.table(kind).remove(self.table_key(k, value)?).is_some())
     }
 }

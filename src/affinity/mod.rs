@@ -38,76 +38,95 @@ use verdict::{Reason, Verdict};
 
 /// A pool's persistence state that survives reloads.
 ///
-/// Pins learned from backends and pins taken at first sight from clients live in tables
-/// of their own, each with the configured capacity, so that clients sending new header,
-/// query or address keys cannot crowd out the sessions applications created (and the
-/// table's admission rule keeps one-off keys from pushing out established ones within a
-/// table).
+/// Every kind of table-mapped key has a pin table of its own, each with the configured
+/// capacity: application session ids learned from backends, and header, query and
+/// client-IP keys taken at first sight. Clients sending new keys of one kind cannot crowd
+/// out the pins of another, and within a table the admission rule keeps one-off keys from
+/// pushing out established ones.
 #[derive(Debug)]
 pub struct Store {
-    /// Application session ids learned from backends' `Set-Cookie` (`app_cookie` keys).
-    pub learned: StickTable,
-    /// Header, query and client-IP keys in table mode, learned when first seen.
-    pub first_sight: StickTable,
+    /// By [`PinKind`].
+    pins: [StickTable; PinKind::ALL.len()],
     /// Token sessions seen within the cookie idle timeout, to count sessions per backend.
     pub sessions: StickTable,
+}
+
+/// The kinds of key that are pinned in a table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PinKind {
+    /// An application's session id, learned from its `Set-Cookie`.
+    AppCookie,
+    Header,
+    Query,
+    ClientIp,
+}
+
+impl PinKind {
+    const ALL: [PinKind; 4] = [PinKind::AppCookie, PinKind::Header, PinKind::Query, PinKind::ClientIp];
+
+    /// The table kind of a key source, if it is ever table-mapped.
+    fn of(key: &KeySource) -> Option<PinKind> {
+        match key {
+            KeySource::Cookie => None,
+            KeySource::AppCookie(_) => Some(PinKind::AppCookie),
+            KeySource::Header(_) => Some(PinKind::Header),
+            KeySource::Query(_) => Some(PinKind::Query),
+            KeySource::ClientIp => Some(PinKind::ClientIp),
+        }
+    }
 }
 
 /// A key in one of a pool's pin tables.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Pin {
     pub key: u128,
-    /// In [`Store::learned`] (an application's session id) rather than [`Store::first_sight`].
-    pub learned: bool,
+    pub kind: PinKind,
 }
 
 impl Store {
     fn new(cfg: &config::Affinity) -> Store {
-        let table = || StickTable::new(cfg.table.capacity, cfg.table.idle_timeout, 16);
         Store {
-            learned: table(),
-            first_sight: table(),
+            pins: PinKind::ALL.map(|_| StickTable::new(cfg.table.capacity, cfg.table.idle_timeout, 16)),
             sessions: StickTable::new(cfg.table.capacity.max(100_000), cfg.cookie.idle_timeout, 16),
         }
     }
 
-    /// The table a pin lives in.
-    pub fn table(&self, learned: bool) -> &StickTable {
-        if learned {
-            &self.learned
-        } else {
-            &self.first_sight
-        }
+    /// The table a kind of key is pinned in.
+    pub fn table(&self, kind: PinKind) -> &StickTable {
+        &self.pins[kind as usize]
     }
 
     fn insert(&self, pin: Pin, backend: u64) {
-        let t = self.table(pin.learned);
+        let t = self.table(pin.kind);
         t.insert(pin.key, backend, t.now());
     }
 
-    /// The counters of both pin tables together.
+    /// The counters of all pin tables together.
     pub fn pin_stats(&self) -> stick_table::StickStats {
-        let (a, b) = (self.learned.stats(), self.first_sight.stats());
-        stick_table::StickStats {
-            entries: a.entries + b.entries,
-            hits: a.hits + b.hits,
-            misses: a.misses + b.misses,
-            evictions: a.evictions + b.evictions,
-            expirations: a.expirations + b.expirations,
-            rejections: a.rejections + b.rejections,
+        let mut sum = stick_table::StickStats::default();
+        for t in &self.pins {
+            let s = t.stats();
+            sum.entries += s.entries;
+            sum.hits += s.hits;
+            sum.misses += s.misses;
+            sum.evictions += s.evictions;
+            sum.expirations += s.expirations;
+            sum.rejections += s.rejections;
         }
+        sum
     }
 
     /// A store with `cfg`'s table settings that starts with `old`'s pins and sessions (a
     /// smaller capacity keeps the most recently used; idle clocks start again).
     fn carried_over(old: &Store, cfg: &config::Affinity) -> Store {
         let new = Store::new(cfg);
-        old.learned.copy_into(&new.learned);
-        old.first_sight.copy_into(&new.first_sight);
+        for (from, to) in old.pins.iter().zip(&new.pins) {
+            from.copy_into(to);
+        }
         old.sessions.copy_into(&new.sessions);
         tracing::info!(
             "affinity: table settings changed; {} pins and {} sessions carried over",
-            new.learned.len() + new.first_sight.len(),
+            new.pin_stats().entries,
             new.sessions.len()
         );
         new
@@ -116,7 +135,7 @@ impl Store {
     /// Drops expired entries and returns the live sessions per backend identity.
     fn sweep(&self) -> HashMap<u64, usize> {
         let mut counts = HashMap::new();
-        for t in [&self.learned, &self.first_sight, &self.sessions] {
+        for t in self.pins.iter().chain([&self.sessions]) {
             t.sweep(t.now());
             for (b, n) in t.sessions_per_backend() {
                 *counts.entry(b).or_insert(0) += n;
@@ -366,7 +385,7 @@ impl PoolAffinity {
         now_ms: u64,
     ) -> Option<Decision> {
         let value = app_session(headers, uri, name)?;
-        let k = Pin { key: hash::key_hash128(&self.pool, "app_cookie", value.as_bytes()), learned: true };
+        let k = Pin { key: hash::key_hash128(&self.pool, "app_cookie", value.as_bytes()), kind: PinKind::AppCookie };
         match self.lookup_table(group.backends, k, now_ms)? {
             Ok(i) => Some(Decision { key: Some(k), ..Decision::to(Target::Use(i), Verdict::Hit) }),
             Err(reason) => Some(self.gone(group, reason, None, Some(k), now_ms)),
@@ -403,7 +422,8 @@ impl PoolAffinity {
         if let Some(m) = &self.maglev {
             return Some(self.hashed(group.backends, m, hash::key_hash(&self.pool, key.kind(), value), now_ms));
         }
-        let k = Pin { key: hash::key_hash128(&self.pool, key.kind(), value), learned: false };
+        let kind = PinKind::of(key).expect("by_key is for header, query and client-IP keys");
+        let k = Pin { key: hash::key_hash128(&self.pool, key.kind(), value), kind };
         Some(match self.lookup_table(group.backends, k, now_ms) {
             Some(Ok(i)) => Decision { key: Some(k), ..Decision::to(Target::Use(i), Verdict::Hit) },
             Some(Err(reason)) => self.gone(group, reason, None, Some(k), now_ms),
@@ -496,7 +516,7 @@ impl PoolAffinity {
     }
 
     fn lookup_table(&self, backends: &[Arc<Backend>], pin: Pin, now_ms: u64) -> Option<Result<usize, Reason>> {
-        let t = self.store.table(pin.learned);
+        let t = self.store.table(pin.kind);
         let id = t.get(pin.key, t.now())?;
         Some(self.available(backends, id, now_ms))
     }
@@ -546,7 +566,7 @@ impl PoolAffinity {
                 match cookies::set_cookie_name_value(v) {
                     Some((n, value)) if n == name && !value.is_empty() => {
                         let k = hash::key_hash128(&self.pool, "app_cookie", value.as_bytes());
-                        self.store.insert(Pin { key: k, learned: true }, self.ids[backend]);
+                        self.store.insert(Pin { key: k, kind: PinKind::AppCookie }, self.ids[backend]);
                     }
                     _ => {}
                 }
