@@ -1,23 +1,21 @@
 //! The access log: one line per request, written by a dedicated thread.
 //!
-//! A request formats its own line (text or JSON) when it ends, then hands the line over a
-//! channel; the writer thread batches lines into a buffered writer and flushes whenever the
-//! channel runs dry, so a burst costs one write system call and a request never waits on
-//! the disk. If the writer falls behind (a slow disk, a standard output nobody reads), at
-//! most [`QUEUE`] lines wait in memory; further lines are dropped and counted
-//! (`tether_access_log_dropped_total`) rather than slow requests or grow memory without
-//! bound. A line carries at most [`MAX_URI`] bytes of the request URI.
+//! A request formats its own line (text or JSON) when it ends, then hands it to a
+//! [`LineWriter`], whose thread batches lines so that a burst costs one write system call
+//! and a request never waits on the disk. If the writer falls behind (a slow disk, a
+//! standard output nobody reads), at most [`QUEUE`] lines wait in memory; further lines
+//! are dropped and counted (`tether_access_log_dropped_total`) rather than slow requests or
+//! grow memory without bound. A line carries at most [`MAX_URI`] bytes of the request URI.
 
 use std::fmt::Write as _;
 use std::io::{self, Write};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, TrySendError};
 use std::time::Duration;
 
 use http::{Method, Uri, Version};
 
 use crate::config::{self, LogFormat};
+use crate::line_writer::LineWriter;
 
 /// Lines waiting for the writer thread at most. With URIs cut to [`MAX_URI`], a full queue
 /// holds some 40 MiB at worst, and a few MiB for ordinary requests.
@@ -31,9 +29,8 @@ pub const MAX_URI: usize = 4096;
 #[derive(Debug)]
 pub struct AccessLog {
     format: LogFormat,
-    tx: Option<mpsc::SyncSender<String>>,
-    /// Lines dropped because the queue was full (or the writer thread gone).
-    dropped: AtomicU64,
+    /// `None` when the log is off.
+    out: Option<LineWriter>,
 }
 
 /// Everything known about one request when it ends.
@@ -62,7 +59,7 @@ impl AccessLog {
     /// Opens the log and starts its writer thread; `Off` writes nothing and starts nothing.
     pub fn open(cfg: &config::AccessLog) -> io::Result<AccessLog> {
         if cfg.format == LogFormat::Off {
-            return Ok(AccessLog { format: LogFormat::Off, tx: None, dropped: AtomicU64::new(0) });
+            return Ok(AccessLog { format: LogFormat::Off, out: None });
         }
         let out: Box<dyn Write + Send> = match &cfg.path {
             None => Box::new(io::stdout()),
@@ -73,22 +70,20 @@ impl AccessLog {
 
     /// A log writing to `out` from its own thread, with room for `queue` waiting lines.
     fn start(format: LogFormat, out: Box<dyn Write + Send>, queue: usize) -> io::Result<AccessLog> {
-        let (tx, rx) = mpsc::sync_channel::<String>(queue);
-        std::thread::Builder::new().name("access-log".into()).spawn(move || write_lines(rx, out))?;
-        Ok(AccessLog { format, tx: Some(tx), dropped: AtomicU64::new(0) })
+        Ok(AccessLog { format, out: Some(LineWriter::start("access-log", out, queue, false)?) })
     }
 
     /// Lines dropped so far because the writer had fallen [`QUEUE`] lines behind.
     pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
+        self.out.as_ref().map_or(0, LineWriter::dropped)
     }
 
     pub fn enabled(&self) -> bool {
-        self.tx.is_some()
+        self.out.is_some()
     }
 
     pub fn write(&self, r: &Record<'_>) {
-        let Some(tx) = &self.tx else { return };
+        let Some(out) = &self.out else { return };
         // Room for the whole line up front: a doubled buffer would double what the queue holds.
         let uri = r.uri.path_and_query().map_or(0, |p| p.as_str().len()).min(MAX_URI);
         let mut line = String::with_capacity(384 + uri);
@@ -97,21 +92,8 @@ impl AccessLog {
             _ => format_text(&mut line, r),
         }
         line.push('\n');
-        // Never wait for the writer: a request that ends must not block on the disk.
-        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = tx.try_send(line) {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-}
-
-fn write_lines(rx: mpsc::Receiver<String>, out: Box<dyn Write + Send>) {
-    let mut out = io::BufWriter::with_capacity(64 * 1024, out);
-    while let Ok(line) = rx.recv() {
-        let _ = out.write_all(line.as_bytes());
-        while let Ok(line) = rx.try_recv() {
-            let _ = out.write_all(line.as_bytes());
-        }
-        let _ = out.flush();
+        // Never waits for the writer: a request that ends must not block on the disk.
+        out.send(line.into_bytes());
     }
 }
 
@@ -243,6 +225,7 @@ fn push_escaped(s: &mut String, v: &str, json: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::mpsc;
 
     fn record<'a>(method: &'a Method, uri: &'a Uri) -> Record<'a> {
         Record {

@@ -4,15 +4,14 @@ use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
 use crate::config;
 use crate::demo::{self, DemoBackend};
+use crate::line_writer::LineWriter;
 use crate::server::{self, Server};
 
 #[derive(Debug, Parser)]
@@ -123,7 +122,7 @@ fn init_logging(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let writer = LOG.get_or_init(LogWriter::start).clone();
+    let writer = LOG.get_or_init(LogOutput::start);
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)
@@ -165,101 +164,41 @@ fn raise_open_files_limit() {
 }
 
 /// The log writer of this process, once logging is set up.
-static LOG: OnceLock<LogWriter> = OnceLock::new();
+static LOG: OnceLock<LogOutput> = OnceLock::new();
 
 /// Lines of log waiting for the writer thread; more are dropped (and counted).
 const LOG_QUEUE: usize = 4096;
 
-/// Writes log lines to stderr from a thread of its own, so that a slow or blocked stderr
-/// never stalls a runtime thread: each formatted event goes into a bounded queue, and
-/// one that finds the queue full is dropped and counted. The writer says how many were
-/// dropped when it can write again.
-#[derive(Clone, Debug)]
-struct LogWriter {
-    tx: SyncSender<Vec<u8>>,
-    progress: Arc<LogProgress>,
-}
+/// Log lines go to stderr through a [`LineWriter`], so that a slow or blocked stderr never
+/// stalls a runtime thread; dropped lines are noticed in the log when it flows again.
+#[derive(Debug)]
+struct LogOutput(Option<LineWriter>);
 
-/// How far the writer thread has got, for [`flush_logs`].
-#[derive(Debug, Default)]
-struct LogProgress {
-    /// Lines queued so far.
-    queued: AtomicU64,
-    /// Lines dropped because the queue was full.
-    dropped: AtomicU64,
-    /// Lines written (or given up on) so far.
-    done: Mutex<u64>,
-    advanced: Condvar,
-}
-
-impl LogWriter {
-    fn start() -> LogWriter {
-        let (tx, rx) = mpsc::sync_channel(LOG_QUEUE);
-        let progress = Arc::new(LogProgress::default());
-        let p = progress.clone();
-        let spawned = std::thread::Builder::new().name("tether-log".into()).spawn(move || write_logs(rx, &p));
-        if let Err(e) = spawned {
-            // Without the thread nothing would ever be written; say so once, directly.
-            let _ = writeln!(std::io::stderr(), "tether: cannot start the log writer thread: {e}");
-        }
-        LogWriter { tx, progress }
-    }
-
-    /// Waits up to `limit` until every line queued so far has been written.
-    fn wait_written(&self, limit: Duration) {
-        let target = self.progress.queued.load(Ordering::SeqCst);
-        let done = self.progress.done.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = self.progress.advanced.wait_timeout_while(done, limit, |d| *d < target);
-    }
-}
-
-/// The writer thread: writes what is queued, a batch per `write` call.
-fn write_logs(rx: Receiver<Vec<u8>>, progress: &LogProgress) {
-    let mut batch = Vec::new();
-    while let Ok(first) = rx.recv() {
-        batch.clear();
-        let dropped = progress.dropped.swap(0, Ordering::Relaxed);
-        if dropped > 0 {
-            let _ = writeln!(batch, "tether: {dropped} log lines dropped: stderr was too slow");
-        }
-        batch.extend_from_slice(&first);
-        let mut lines = 1;
-        while batch.len() < 64 * 1024 {
-            match rx.try_recv() {
-                Ok(more) => {
-                    batch.extend_from_slice(&more);
-                    lines += 1;
-                }
-                Err(_) => break,
+impl LogOutput {
+    fn start() -> LogOutput {
+        match LineWriter::start("tether-log", Box::new(std::io::stderr()), LOG_QUEUE, true) {
+            Ok(w) => LogOutput(Some(w)),
+            Err(e) => {
+                // Without the thread nothing would ever be written; say so once, directly.
+                let _ = writeln!(std::io::stderr(), "tether: cannot start the log writer thread: {e}");
+                LogOutput(None)
             }
         }
-        // A closed stderr must never take Tether down: errors are ignored.
-        let mut err = std::io::stderr().lock();
-        let _ = err.write_all(&batch);
-        let _ = err.flush();
-        drop(err);
-        *progress.done.lock().unwrap_or_else(|e| e.into_inner()) += lines;
-        progress.advanced.notify_all();
     }
 }
 
 /// Waits up to `limit` for queued log lines to be written.
 fn flush_logs(limit: Duration) {
-    if let Some(w) = LOG.get() {
+    if let Some(LogOutput(Some(w))) = LOG.get() {
         w.wait_written(limit);
     }
 }
 
-impl Write for &LogWriter {
+impl Write for &LogOutput {
     /// Queues `buf` (one formatted event) without waiting.
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        match self.tx.try_send(buf.to_vec()) {
-            Ok(()) => {
-                self.progress.queued.fetch_add(1, Ordering::SeqCst);
-            }
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                self.progress.dropped.fetch_add(1, Ordering::Relaxed);
-            }
+        if let Some(w) = &self.0 {
+            w.send(buf.to_vec());
         }
         Ok(buf.len())
     }
@@ -269,10 +208,10 @@ impl Write for &LogWriter {
     }
 }
 
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogWriter {
-    type Writer = &'a LogWriter;
+impl tracing_subscriber::fmt::MakeWriter<'_> for &'static LogOutput {
+    type Writer = &'static LogOutput;
 
-    fn make_writer(&'a self) -> &'a LogWriter {
+    fn make_writer(&self) -> &'static LogOutput {
         self
     }
 }

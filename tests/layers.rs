@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 /// The target architecture: (module prefix, layer, what it is). Longest prefix wins.
 const LAYERS: &[(&str, u8, &str)] = &[
     ("time", 0, "primitives, depend on nothing"),
+    ("line_writer", 0, "primitives, depend on nothing"),
     ("net", 0, "primitives, depend on nothing"),
     ("random", 0, "primitives, depend on nothing"),
     ("affinity::hash", 0, "primitives, depend on nothing"),
