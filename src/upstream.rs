@@ -21,11 +21,9 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
-use hyper::client::conn::TrySendError;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
@@ -44,35 +42,14 @@ const SETTLE: Duration = Duration::from_millis(250);
 /// on too long.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// A sender for one HTTP/1.1 connection to a backend. A client's body sent on it waits at
-/// most the backend's `client_body` timeout for each next piece.
-#[derive(Debug)]
-pub struct Sender {
-    inner: SendRequest<RequestBody>,
-    client_body: Duration,
-}
-
-impl Sender {
-    /// Sends `req`, or hands it back when the connection closed before it was written
-    /// (see hyper's `SendRequest::try_send_request`).
-    pub fn try_send_request(
-        &mut self,
-        mut req: Request<RequestBody>,
-    ) -> impl Future<Output = Result<Response<Incoming>, TrySendError<Request<RequestBody>>>> {
-        if let RequestBody::Stream(b) = req.body_mut() {
-            b.stall.limit = self.client_body;
-        }
-        self.inner.try_send_request(req)
-    }
-}
+/// A sender for one HTTP/1.1 connection to a backend.
+pub type Sender = SendRequest<RequestBody>;
 
 #[derive(Debug)]
 pub struct Upstream {
     address: SocketAddr,
     connect_timeout: Duration,
     idle_timeout: Duration,
-    client_body: Duration,
-    backend_body: Duration,
     idle: Mutex<Vec<Idle>>,
 }
 
@@ -130,15 +107,8 @@ impl Upstream {
             address,
             connect_timeout: timeouts.connect,
             idle_timeout: timeouts.backend_idle,
-            client_body: timeouts.client_body,
-            backend_body: timeouts.backend_body,
             idle: Mutex::new(Vec::new()),
         }
-    }
-
-    /// The longest wait for the next piece of a response body from this backend.
-    pub fn backend_body(&self) -> Duration {
-        self.backend_body
     }
 
     /// An idle connection that is still open and ready, most recently used first (its
@@ -149,13 +119,13 @@ impl Upstream {
         let now = Instant::now();
         loop {
             let Idle { mut sender, since } = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop()?;
-            if sender.inner.is_closed() || now.duration_since(since) >= self.idle_timeout {
+            if sender.is_closed() || now.duration_since(since) >= self.idle_timeout {
                 continue;
             }
-            if sender.inner.is_ready() {
+            if sender.is_ready() {
                 return Some(sender);
             }
-            if let Ok(Ok(())) = tokio::time::timeout(SETTLE, sender.inner.ready()).await {
+            if let Ok(Ok(())) = tokio::time::timeout(SETTLE, sender.ready()).await {
                 return Some(sender);
             }
         }
@@ -163,7 +133,7 @@ impl Upstream {
 
     /// Keeps a connection whose last response has been read to the end.
     pub fn put_back(&self, sender: Sender) {
-        if sender.inner.is_closed() {
+        if sender.is_closed() {
             return;
         }
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
@@ -189,7 +159,7 @@ impl Upstream {
             let _ = conn.with_upgrades().await;
         });
         sender.ready().await.map_err(ConnectError::Handshake)?;
-        Ok(Sender { inner: sender, client_body: self.client_body })
+        Ok(sender)
     }
 }
 
@@ -208,18 +178,18 @@ pub struct ClientBody {
     body: Incoming,
     /// How reading it went, for a body with something to read.
     state: Option<Arc<BodyState>>,
-    /// The wait for its next piece, bounded by `client_body` once the body is sent.
+    /// The wait for its next piece, bounded by `client_body`.
     stall: Stall,
 }
 
 impl RequestBody {
     /// The client's body. A body with something to read gets a [`BodyState`], shared with
     /// the caller, so that a failed send can be blamed on the client or the backend. Each
-    /// wait for its next piece is bounded by the `client_body` timeout of the connection
-    /// it is sent on: after that the body fails, as the client's fault.
-    pub fn client(body: Incoming) -> (RequestBody, Option<Arc<BodyState>>) {
+    /// wait for its next piece lasts at most `client_body`: after that the body fails, as
+    /// the client's fault.
+    pub fn client(body: Incoming, client_body: Duration) -> (RequestBody, Option<Arc<BodyState>>) {
         let state = (!body.is_end_stream()).then(|| Arc::new(BodyState::default()));
-        let stall = Stall::new(crate::config::Timeouts::default().client_body);
+        let stall = Stall::new(client_body);
         (RequestBody::Stream(ClientBody { body, state: state.clone(), stall }), state)
     }
 }

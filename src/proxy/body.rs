@@ -145,13 +145,9 @@ enum Inner {
 }
 
 impl ProxyBody {
-    pub fn stream(body: Incoming, outcome: Outcome) -> ProxyBody {
-        // The backend's own timeouts, from the snapshot the request was sent under.
-        let limit = match &outcome.connections {
-            Some(c) => c.backend_body(),
-            None => outcome.cx.shared.snapshot.load().config.timeouts.backend_body,
-        };
-        ProxyBody { inner: Inner::Stream(body, Stall::new(limit)), outcome: Some(outcome) }
+    /// The backend's body, each wait for its next piece lasting at most `backend_body`.
+    pub fn stream(body: Incoming, outcome: Outcome, backend_body: Duration) -> ProxyBody {
+        ProxyBody { inner: Inner::Stream(body, Stall::new(backend_body)), outcome: Some(outcome) }
     }
 
     pub fn full(data: Bytes, outcome: Option<Outcome>) -> ProxyBody {

@@ -45,7 +45,9 @@ pub async fn handle(req: Request<Incoming>, cx: Arc<ConnCx>) -> Result<Response<
     let snapshot = cx.shared.snapshot.load_full();
     let mut out = Outcome::new(cx.clone(), req.method().clone(), req.uri().clone(), req.version());
     Ok(match forward(req, &snapshot, &cx, &mut out).await {
-        Ok(Forwarded { response, sender, client_upgrade }) => respond(response, sender, client_upgrade, out),
+        Ok(Forwarded { response, sender, client_upgrade }) => {
+            respond(response, sender, client_upgrade, out, &snapshot.config.timeouts)
+        }
         Err(refusal) => reply(out, refusal),
     })
 }
@@ -92,7 +94,7 @@ async fn forward(
     pool.retry_budget.deposit(pool.config.retry_budget);
     let mut attempt = Attempt::new(pool, &req, index, now_ms);
     let (parts, body) = req.into_parts();
-    let (body, body_state) = RequestBody::client(body);
+    let (body, body_state) = RequestBody::client(body, snap.config.timeouts.client_body);
     attempt.body = body_state;
     let req = Request::from_parts(parts, body);
     let (mut response, sender) = send(req, &mut attempt, &mut decision, out, &snap.config.timeouts).await?;
@@ -399,6 +401,7 @@ fn respond(
     sender: Sender,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     mut out: Outcome,
+    timeouts: &Timeouts,
 ) -> Response<ProxyBody> {
     out.status = response.status().as_u16();
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -409,19 +412,24 @@ fn respond(
         let backend = hyper::upgrade::on(&mut response);
         rewrite::strip_hop_by_hop(response.headers_mut(), true);
         let (parts, _) = response.into_parts();
-        tokio::spawn(tunnel(client, backend, out));
+        tokio::spawn(tunnel(client, backend, out, timeouts.tunnel_idle));
         return Response::from_parts(parts, ProxyBody::empty(None));
     }
     rewrite::strip_hop_by_hop(response.headers_mut(), false);
     out.sender = Some(sender);
     let (parts, body) = response.into_parts();
-    Response::from_parts(parts, ProxyBody::stream(body, out))
+    Response::from_parts(parts, ProxyBody::stream(body, out, timeouts.backend_body))
 }
 
 /// Copies bytes both ways between an upgraded client and backend until either side ends,
 /// or until nothing has moved either way for `tunnel_idle`: an idle WebSocket does not
 /// hold its client connection (and its place under `[limits]`) for ever.
-async fn tunnel(client: hyper::upgrade::OnUpgrade, backend: hyper::upgrade::OnUpgrade, mut out: Outcome) {
+async fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    backend: hyper::upgrade::OnUpgrade,
+    mut out: Outcome,
+    idle: Duration,
+) {
     let (client, backend) = match tokio::try_join!(client, backend) {
         Ok(pair) => pair,
         Err(e) => {
@@ -430,7 +438,6 @@ async fn tunnel(client: hyper::upgrade::OnUpgrade, backend: hyper::upgrade::OnUp
             return;
         }
     };
-    let idle = out.cx.shared.snapshot.load().config.timeouts.tunnel_idle;
     let start = Instant::now();
     let last = AtomicU64::new(0);
     let mut client = Stamped { io: TokioIo::new(client), start, last: &last, written: 0 };
