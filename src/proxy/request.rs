@@ -70,7 +70,7 @@ async fn forward(
     out.pool = Some(pool.name.clone());
     // Only protocols the pool allows are tunnelled; any other upgrade request goes to the
     // backend as a plain request, its upgrade headers stripped.
-    let upgrade = rewrite::wants_upgrade(&req) && upgrade_allowed(req.headers(), &pool.config.upgrades);
+    let upgrade = rewrite::wants_upgrade(&req, &pool.config.upgrades);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let trusted = routes.trusted_proxies.iter().any(|c| c.contains(crate::net::canonical(cx.peer.ip())));
     let now_ms = if pool.affinity.is_some() { crate::time::unix_millis() } else { 0 };
@@ -80,7 +80,7 @@ async fn forward(
     let https = rewrite::forwarded_https(req.headers(), trusted);
     rewrite::request(&mut req, cx, host, trusted, upgrade);
     if upgrade {
-        keep_allowed_upgrades(req.headers_mut(), &pool.config.upgrades);
+        rewrite::keep_allowed_upgrades(req.headers_mut(), &pool.config.upgrades);
     }
     if let Some(a) = &pool.affinity {
         rewrite::for_affinity(req.headers_mut(), a, decision.verdict);
@@ -352,41 +352,6 @@ async fn connection(pool: &Pool, i: usize, fresh: bool) -> Result<Sender, Connec
         }
     }
     upstream.connect().await
-}
-
-/// Whether the request's `Upgrade` header offers a protocol in the pool's `upgrades`.
-fn upgrade_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
-    upgrade_tokens(headers).any(|t| allows(allowed, t))
-}
-
-/// The protocols a request's `Upgrade` header offers, in order.
-fn upgrade_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
-    headers
-        .get_all(header::UPGRADE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-}
-
-/// `token` (`name` or `name/version`) is allowed by an entry naming it exactly, or by an
-/// entry naming its protocol without a version.
-fn allows(allowed: &[String], token: &str) -> bool {
-    let name = token.split('/').next().unwrap_or(token);
-    allowed.iter().any(|a| a.eq_ignore_ascii_case(token) || (!a.contains('/') && a.eq_ignore_ascii_case(name)))
-}
-
-/// Leaves only allowed protocols in `Upgrade`, so a backend cannot pick one the pool does
-/// not allow from a list that also names an allowed one.
-fn keep_allowed_upgrades(headers: &mut HeaderMap, allowed: &[String]) {
-    if upgrade_tokens(headers).all(|t| allows(allowed, t)) {
-        return;
-    }
-    let kept: Vec<&str> = upgrade_tokens(headers).filter(|t| allows(allowed, t)).collect();
-    if let Ok(v) = HeaderValue::from_str(&kept.join(", ")) {
-        headers.insert(header::UPGRADE, v);
-    }
 }
 
 /// RFC 9110 section 9.2.2.

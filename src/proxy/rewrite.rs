@@ -40,19 +40,43 @@ pub fn host_of(req: &Request<Incoming>) -> Result<Option<HeaderValue>, &'static 
     }
 }
 
-pub fn wants_upgrade(req: &Request<Incoming>) -> bool {
+/// Whether an HTTP/1.1 request asks to upgrade (`Connection: upgrade`) to a protocol the
+/// pool allows (`Upgrade` names one of `allowed`). Any other upgrade request goes to the
+/// backend as a plain request, its upgrade headers stripped.
+pub fn wants_upgrade(req: &Request<Incoming>, allowed: &[String]) -> bool {
     req.version() == Version::HTTP_11
-        && req.headers().contains_key(header::UPGRADE)
-        && has_token(req.headers(), &header::CONNECTION, "upgrade")
+        && tokens(req.headers(), &header::CONNECTION).any(|t| t.eq_ignore_ascii_case("upgrade"))
+        && tokens(req.headers(), &header::UPGRADE).any(|t| allows(allowed, t))
 }
 
-fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
+/// The comma-separated tokens of every `name` header, trimmed, empty ones skipped.
+fn tokens<'h>(headers: &'h HeaderMap, name: &HeaderName) -> impl Iterator<Item = &'h str> {
     headers
         .get_all(name)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// `token` (`name` or `name/version`) is allowed by an entry naming it exactly, or by an
+/// entry naming its protocol without a version.
+fn allows(allowed: &[String], token: &str) -> bool {
+    let name = token.split('/').next().unwrap_or(token);
+    allowed.iter().any(|a| a.eq_ignore_ascii_case(token) || (!a.contains('/') && a.eq_ignore_ascii_case(name)))
+}
+
+/// Leaves only allowed protocols in `Upgrade`, so a backend cannot pick one the pool does
+/// not allow from a list that also names an allowed one.
+pub fn keep_allowed_upgrades(headers: &mut HeaderMap, allowed: &[String]) {
+    if tokens(headers, &header::UPGRADE).all(|t| allows(allowed, t)) {
+        return;
+    }
+    let kept: Vec<&str> = tokens(headers, &header::UPGRADE).filter(|t| allows(allowed, t)).collect();
+    if let Ok(v) = HeaderValue::from_str(&kept.join(", ")) {
+        headers.insert(header::UPGRADE, v);
+    }
 }
 
 /// Forwarding headers a backend may believe. From a client that is not a trusted proxy, each
@@ -194,17 +218,14 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     }
     if headers.contains_key(header::CONNECTION) {
         let mut named: Vec<HeaderName> = Vec::new();
-        for v in headers.get_all(header::CONNECTION) {
-            let Ok(v) = v.to_str() else { continue };
-            for token in v.split(',').map(str::trim).filter(|t| !t.is_empty()) {
-                if token.eq_ignore_ascii_case("upgrade") || token.eq_ignore_ascii_case("close") {
-                    continue;
-                }
-                if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
-                    // Never let a client strip what Tether itself sets or relies on.
-                    if name != header::HOST && name != X_FORWARDED_FOR {
-                        named.push(name);
-                    }
+        for token in tokens(headers, &header::CONNECTION) {
+            if token.eq_ignore_ascii_case("upgrade") || token.eq_ignore_ascii_case("close") {
+                continue;
+            }
+            if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+                // Never let a client strip what Tether itself sets or relies on.
+                if name != header::HOST && name != X_FORWARDED_FOR {
+                    named.push(name);
                 }
             }
         }
