@@ -127,7 +127,7 @@ impl Control {
             shared,
             source,
             shutdown,
-            protocols: Arc::new(Protocols::new()),
+            protocols: Arc::new(Protocols::with_limits(&config.limits)),
             listeners: Default::default(),
             file_config: Mutex::new(config),
             overrides: Default::default(),

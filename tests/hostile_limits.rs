@@ -61,6 +61,18 @@ async fn h2_settings_advertise_the_configured_stream_limit() {
     assert!(get(4).unwrap_or(65_535) <= 256 * 1024, "{settings:?}");
 }
 
+/// A reload that changes the stream limit applies to HTTP/2 connections opened after it.
+#[tokio::test]
+async fn a_reloaded_stream_limit_applies_to_new_connections() {
+    let b = backends(1).await;
+    let cfg = |n: u32| config("round_robin", &[&b[0]], &[], &format!("[limits]\nh2_max_concurrent_streams = {n}\n"));
+    let t = Tether::start(&cfg(7));
+    let streams = |s: Vec<(u16, u32)>| s.iter().find(|(i, _)| *i == 3).map(|(_, v)| *v);
+    assert_eq!(streams(server_settings(t.addr()).await), Some(7));
+    reload(&t, &cfg(11), "config reloaded").await;
+    assert_eq!(streams(server_settings(t.addr()).await), Some(11));
+}
+
 // Reproduction: with `h2_max_concurrent_streams = 3`, one h2c connection opens six
 // streams to a backend endpoint that answers after a while. Before the fix all six were
 // in flight at the backend at once; now three are, and the others wait their turn.

@@ -46,10 +46,8 @@ const H2_STREAM_WINDOW: u32 = 256 * 1024;
 const H2_CONN_WINDOW: u32 = 1024 * 1024;
 
 impl Protocols {
-    pub fn new() -> Protocols {
-        Protocols::with_limits(&Limits::default())
-    }
-
+    /// The settings for `limits`; a connection made after a reload changed the stream
+    /// limit uses a copy of `h2` with the new one.
     pub fn with_limits(limits: &Limits) -> Protocols {
         let mut h1 = http1::Builder::new();
         h1.keep_alive(true).max_buf_size(64 * 1024);
@@ -59,12 +57,6 @@ impl Protocols {
             .initial_stream_window_size(H2_STREAM_WINDOW)
             .initial_connection_window_size(H2_CONN_WINDOW);
         Protocols { h1, h2, h2_streams: limits.h2_max_concurrent_streams }
-    }
-}
-
-impl Default for Protocols {
-    fn default() -> Self {
-        Protocols::new()
     }
 }
 
