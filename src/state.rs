@@ -107,20 +107,25 @@ impl ConnCounts {
         self.total.load(Ordering::SeqCst)
     }
 
-    /// Counts a new connection from `ip` (canonical) when both caps allow it.
+    /// Counts a new connection from `ip` when both caps allow it. Connections are counted
+    /// per IP only while a per-IP cap is set (no lock or hash per connection otherwise); a
+    /// cap a reload turns on counts the connections opened from then on.
     pub fn try_open(
         self: &Arc<Self>,
         ip: IpAddr,
         max_total: u32,
         max_per_ip: Option<u32>,
     ) -> Result<ConnPermit, OverLimit> {
-        let ip = crate::net::canonical(ip);
         self.total
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < max_total).then_some(n + 1))
             .map_err(|_| OverLimit::Global)?;
+        let Some(max) = max_per_ip else {
+            return Ok(ConnPermit { counts: self.clone(), ip: None });
+        };
+        let ip = crate::net::canonical(ip);
         let mut m = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
         let n = m.entry(ip).or_insert(0);
-        if max_per_ip.is_some_and(|max| *n >= max) {
+        if *n >= max {
             if *n == 0 {
                 m.remove(&ip);
             }
@@ -129,7 +134,7 @@ impl ConnCounts {
             return Err(OverLimit::PerIp);
         }
         *n += 1;
-        Ok(ConnPermit { counts: self.clone(), ip })
+        Ok(ConnPermit { counts: self.clone(), ip: Some(ip) })
     }
 
     /// Waits until fewer than `max_total` connections are open, or `limit` passes (the
@@ -174,17 +179,18 @@ impl ConnCounts {
 #[derive(Debug)]
 pub struct ConnPermit {
     counts: Arc<ConnCounts>,
-    ip: IpAddr,
+    /// The client IP it is counted under, when a per-IP cap was set.
+    ip: Option<IpAddr>,
 }
 
 impl Drop for ConnPermit {
     fn drop(&mut self) {
-        {
+        if let Some(ip) = self.ip {
             let mut m = self.counts.per_ip.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(n) = m.get_mut(&self.ip) {
+            if let Some(n) = m.get_mut(&ip) {
                 *n -= 1;
                 if *n == 0 {
-                    m.remove(&self.ip);
+                    m.remove(&ip);
                 }
             }
         }
@@ -213,6 +219,11 @@ mod tests {
         drop(a1);
         assert_eq!(c.total(), 2);
         let a3 = c.try_open(ip("10.0.0.1"), 3, None).unwrap();
+        assert_eq!(
+            c.per_ip.lock().unwrap().get(&ip("10.0.0.1")),
+            Some(&1),
+            "without a per-IP cap nothing is counted per IP"
+        );
         drop((a2, a3, b1));
         assert_eq!(c.total(), 0);
         assert!(c.per_ip.lock().unwrap().is_empty(), "no entry is kept for a client with no connection");

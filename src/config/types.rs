@@ -29,7 +29,8 @@ pub struct Config {
 pub struct Limits {
     /// Client connections open at once, over all listeners; more wait in the backlog.
     pub max_client_connections: u32,
-    /// Client connections one client IP may have open at once; `None`: no limit.
+    /// Client connections one client IP may have open at once; `None`: no limit (and no
+    /// per-IP counting). A limit a reload turns on counts connections opened after it.
     pub max_connections_per_ip: Option<u32>,
     /// Concurrent streams a client may open on one HTTP/2 connection.
     pub h2_max_concurrent_streams: u32,
