@@ -105,13 +105,7 @@ impl Store {
     pub fn pin_stats(&self) -> stick_table::StickStats {
         let mut sum = stick_table::StickStats::default();
         for t in &self.pins {
-            let s = t.stats();
-            sum.entries += s.entries;
-            sum.hits += s.hits;
-            sum.misses += s.misses;
-            sum.evictions += s.evictions;
-            sum.expirations += s.expirations;
-            sum.rejections += s.rejections;
+            sum += t.stats();
         }
         sum
     }

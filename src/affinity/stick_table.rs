@@ -92,6 +92,18 @@ pub struct StickStats {
     pub rejections: u64,
 }
 
+impl std::ops::AddAssign for StickStats {
+    /// The counters of two tables together.
+    fn add_assign(&mut self, o: StickStats) {
+        self.entries += o.entries;
+        self.hits += o.hits;
+        self.misses += o.misses;
+        self.evictions += o.evictions;
+        self.expirations += o.expirations;
+        self.rejections += o.rejections;
+    }
+}
+
 #[derive(Clone, Copy)]
 struct Entry {
     key_lo: u64,
