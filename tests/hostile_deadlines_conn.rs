@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 
 /// Pool `web` of one demo backend that takes one connection at a time, with an admin API.
@@ -98,31 +98,6 @@ async fn a_client_that_stops_reading_is_cut_off_after_client_send() {
     .await
     .expect("the stuck client's connection was closed");
     assert!(total < 1 << 30, "the whole response came ({end})");
-}
-
-/// A WebSocket server that echoes every text message, prefixed with `echo: `.
-async fn websocket_backend() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (s, _) = l.accept().await.unwrap();
-            tokio::spawn(async move {
-                let Ok(mut ws) = tokio_tungstenite::accept_async(s).await else { return };
-                while let Some(Ok(m)) = ws.next().await {
-                    if m.is_text() {
-                        let reply = format!("echo: {}", m.to_text().unwrap());
-                        if ws.send(Message::text(reply)).await.is_err() {
-                            return;
-                        }
-                    } else if m.is_close() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    addr
 }
 
 /// Reproduction: with `tunnel_idle = 1s`, a WebSocket through Tether exchanges a message

@@ -244,29 +244,6 @@ async fn http2_prior_knowledge_clients_are_served() {
     assert_eq!(r.into_body().collect().await.unwrap().to_bytes(), "h2 body");
 }
 
-/// A WebSocket server that echoes every message, prefixed with its name.
-async fn websocket_backend() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (s, _) = l.accept().await.unwrap();
-            tokio::spawn(async move {
-                let Ok(mut ws) = tokio_tungstenite::accept_async(s).await else { return };
-                while let Some(Ok(m)) = ws.next().await {
-                    if m.is_text() {
-                        let reply = format!("echo: {}", m.to_text().unwrap());
-                        ws.send(tokio_tungstenite::tungstenite::Message::text(reply)).await.unwrap();
-                    } else if m.is_close() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    addr
-}
-
 #[tokio::test]
 async fn websocket_is_tunnelled_both_ways() {
     let addr = websocket_backend().await;

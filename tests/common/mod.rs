@@ -449,3 +449,30 @@ pub async fn wait_in_flight(admin: SocketAddr, pool: &str, backend: &str, n: u64
     wait_until_async(&what, Duration::from_secs(10), || async move { in_flight(admin, pool, backend).await >= n })
         .await;
 }
+
+/// A WebSocket server on a free loopback port that answers every text message with
+/// `echo: ` and the message.
+pub async fn websocket_backend() -> SocketAddr {
+    use futures_util::{SinkExt, StreamExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { return };
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(s).await else { return };
+                while let Some(Ok(m)) = ws.next().await {
+                    if m.is_text() {
+                        let reply = format!("echo: {}", m.to_text().unwrap());
+                        if ws.send(tokio_tungstenite::tungstenite::Message::text(reply)).await.is_err() {
+                            return;
+                        }
+                    } else if m.is_close() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
