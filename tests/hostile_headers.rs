@@ -16,15 +16,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-/// The request headers the demo backend's `/headers` reports, as (name, value).
-fn header_lines(text: &str) -> Vec<(String, String)> {
-    text.lines().skip(2).filter_map(|l| l.split_once(": ")).map(|(k, v)| (k.to_string(), v.to_string())).collect()
-}
-
-fn values(text: &str, name: &str) -> Vec<String> {
-    header_lines(text).into_iter().filter(|(k, _)| k == name).map(|(_, v)| v).collect()
-}
-
 /// The header names the backend got that read as `canonical` to a CGI-style backend
 /// (`_` for `-`, any case).
 fn spellings_of(text: &str, canonical: &str) -> Vec<String> {

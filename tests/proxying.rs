@@ -14,14 +14,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-fn header_lines(text: &str) -> Vec<(String, String)> {
-    text.lines().skip(2).filter_map(|l| l.split_once(": ")).map(|(k, v)| (k.to_string(), v.to_string())).collect()
-}
-
-fn values(text: &str, name: &str) -> Vec<String> {
-    header_lines(text).into_iter().filter(|(k, _)| k == name).map(|(_, v)| v).collect()
-}
-
 #[tokio::test]
 async fn request_headers_are_rewritten_for_the_backend() {
     let b = backends(1).await;

@@ -476,3 +476,13 @@ pub async fn websocket_backend() -> SocketAddr {
     });
     addr
 }
+
+/// The request headers the demo backend's `/headers` reports, as (name, value).
+pub fn header_lines(text: &str) -> Vec<(String, String)> {
+    text.lines().skip(2).filter_map(|l| l.split_once(": ")).map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+/// The values of header `name` in a `/headers` report.
+pub fn values(text: &str, name: &str) -> Vec<String> {
+    header_lines(text).into_iter().filter(|(k, _)| k == name).map(|(_, v)| v).collect()
+}
