@@ -242,13 +242,12 @@ async fn send(
             }
         };
         let sent = Instant::now();
-        let body = attempt.body.clone();
         let mut e = match tokio::time::timeout(timeouts.backend_response, sender.try_send_request(req)).await {
             Ok(Ok(response)) => {
                 out.upstream = Some(sent.elapsed());
                 return Ok((response, sender));
             }
-            Err(_) => return Err(timed_out(attempt, body.as_deref(), timeouts.backend_response)),
+            Err(_) => return Err(timed_out(attempt, timeouts.backend_response)),
             Ok(Err(e)) => e,
         };
         if let Some(unsent) = e.take_message() {
@@ -260,15 +259,15 @@ async fn send(
         // The connection is dropped here, never pooled: after a failed send its framing is
         // lost.
         drop(sender);
-        req = broke(attempt, decision, out, body.as_deref(), e.into_error())?;
+        req = broke(attempt, decision, out, e.into_error())?;
     }
 }
 
 /// No response head within `backend_response`: whose fault that is decides the answer,
 /// and whether it is a strike against the backend.
-fn timed_out(attempt: &Attempt<'_>, body: Option<&BodyState>, after: Duration) -> Refusal {
+fn timed_out(attempt: &Attempt<'_>, after: Duration) -> Refusal {
     let (pool, backend) = (attempt.pool, attempt.backend());
-    match body {
+    match attempt.body.as_deref() {
         Some(b) if b.failed() => Refusal::BadRequestBody,
         Some(b) if b.waiting_on_client() => {
             tracing::info!(pool = %pool.name, backend = %backend.name, "request body still arriving after {after:?}");
@@ -295,10 +294,10 @@ fn broke(
     attempt: &mut Attempt<'_>,
     decision: &mut Decision,
     out: &mut Outcome,
-    body: Option<&BodyState>,
     e: hyper::Error,
 ) -> Result<Request<RequestBody>, Refusal> {
     let (pool, backend) = (attempt.pool, attempt.backend());
+    let body = attempt.body.as_deref();
     if body.is_some_and(BodyState::failed) {
         tracing::info!(pool = %pool.name, backend = %backend.name, "request body failed: {}", cause(&e));
         return Err(Refusal::BadRequestBody);
