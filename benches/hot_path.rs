@@ -18,10 +18,10 @@ use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion};
 use http::{HeaderMap, HeaderValue, Uri};
 use tether::affinity::hash::key_hash128;
 use tether::affinity::stick_table::StickTable;
-use tether::affinity::token::{KeyRing, Token};
+use tether::affinity::token::{KeyRing, Token, Version};
 use tether::affinity::verdict::Verdict;
 use tether::balance::Balancer;
-use tether::config::{Algorithm, KeySource, Mapping};
+use tether::config::{Algorithm, KeySource, Mapping, TokenVersion};
 
 use fixture::{affinity, client, header, Fixture, KEY};
 
@@ -62,6 +62,15 @@ fn decide(c: &mut Criterion) {
     h.insert(http::header::COOKIE, f.cookie_header(&first));
     assert_hit_allocates_nothing(&f, &h, &uri, now);
     g.bench_function("cookie_hit", |bench| bench.iter(|| black_box(f.decide(black_box(&h), &uri, ip, now))));
+    // The same with a pool issuing version 2 tokens (AES-256-GCM-SIV).
+    let mut v2 = fixture::cookie();
+    v2.cookie.token_version = TokenVersion::V2;
+    let f2 = Fixture::new(v2);
+    let mut h2 = HeaderMap::new();
+    h2.insert(http::header::COOKIE, f2.cookie_header(&f2.decide(&no_headers, &uri, ip, now)));
+    assert_eq!(h2[http::header::COOKIE].len(), "lang=en; tether=".len() + Version::V2.str_len());
+    assert_hit_allocates_nothing(&f2, &h2, &uri, now);
+    g.bench_function("cookie_hit_v2", |bench| bench.iter(|| black_box(f2.decide(black_box(&h2), &uri, ip, now))));
     // No key present: a new session is placed and a token issued (random session id).
     g.bench_function("new_session_cookie", |bench| {
         bench.iter(|| black_box(f.decide(black_box(&no_headers), &uri, ip, now)))
@@ -116,11 +125,18 @@ fn token(c: &mut Criterion) {
     let mut g = group(c, "token");
     let ring = KeyRing::from_base64([KEY]).unwrap();
     let now = tether::time::unix_millis() / 1000;
-    let t = Token::issue(0x9e37_79b9_7f4a_7c15, now).unwrap();
-    let sealed = ring.seal(&t);
-    assert_eq!(ring.open(sealed.as_str()), Ok(t));
-    g.bench_function("seal", |bench| bench.iter(|| black_box(ring.seal(black_box(&t)))));
-    g.bench_function("open", |bench| bench.iter(|| black_box(ring.open(black_box(sealed.as_str())))));
+    let t = Token { pool: Some(0x5bd1_e995_0000_0001), ..Token::issue(0x9e37_79b9_7f4a_7c15, now).unwrap() };
+    for (version, name) in [(Version::V1, "v1"), (Version::V2, "v2")] {
+        let sealed = ring.seal_as(version, &t);
+        let want = if version == Version::V1 { Token { pool: None, ..t } } else { t };
+        assert_eq!(ring.open(sealed.as_str()), Ok(want));
+        g.bench_function(format!("seal_{name}"), |bench| {
+            bench.iter(|| black_box(ring.seal_as(version, black_box(&t))))
+        });
+        g.bench_function(format!("open_{name}"), |bench| {
+            bench.iter(|| black_box(ring.open(black_box(sealed.as_str()))))
+        });
+    }
     g.finish();
 }
 

@@ -6,6 +6,7 @@
 
 // Primitives and configuration.
 pub mod config;
+pub mod h1;
 pub(crate) mod line_writer;
 pub(crate) mod net;
 pub(crate) mod random;

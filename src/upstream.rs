@@ -180,17 +180,21 @@ pub struct ClientBody {
     state: Option<Arc<BodyState>>,
     /// The wait for its next piece, bounded by `client_body`.
     stall: Stall,
+    /// Bytes it may still carry (`limits.max_request_body`); `u64::MAX`: no limit.
+    allowed: u64,
 }
 
 impl RequestBody {
     /// The client's body. A body with something to read gets a [`BodyState`], shared with
     /// the caller, so that a failed send can be blamed on the client or the backend. Each
     /// wait for its next piece lasts at most `client_body`: after that the body fails, as
-    /// the client's fault.
-    pub fn client(body: Incoming, client_body: Duration) -> (RequestBody, Option<Arc<BodyState>>) {
+    /// the client's fault. A body that carries more than `max` bytes fails as soon as it
+    /// does, before the piece that passes the limit is sent ([`BodyState::too_large`]).
+    pub fn client(body: Incoming, client_body: Duration, max: Option<u64>) -> (RequestBody, Option<Arc<BodyState>>) {
         let state = (!body.is_end_stream()).then(|| Arc::new(BodyState::default()));
         let stall = Stall::new(client_body);
-        (RequestBody::Stream(ClientBody { body, state: state.clone(), stall }), state)
+        let allowed = max.unwrap_or(u64::MAX);
+        (RequestBody::Stream(ClientBody { body, state: state.clone(), stall, allowed }), state)
     }
 }
 
@@ -252,6 +256,18 @@ impl std::fmt::Display for BodyTimeout {
 
 impl std::error::Error for BodyTimeout {}
 
+/// A request body that carried more than `limits.max_request_body`.
+#[derive(Debug)]
+pub struct BodyTooLarge;
+
+impl std::fmt::Display for BodyTooLarge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the client's request body is larger than limits.max_request_body")
+    }
+}
+
+impl std::error::Error for BodyTooLarge {}
+
 /// How reading a client's request body went, as seen by the connection that sends it to a
 /// backend. hyper reports a failure of the request body as a failure of the send, so this
 /// is how the proxy tells a broken upload (the client's fault) from a broken backend.
@@ -262,12 +278,18 @@ const READING: u8 = 0;
 const WAITING: u8 = 1;
 const DONE: u8 = 2;
 const FAILED: u8 = 3;
+const TOO_LARGE: u8 = 4;
 
 impl BodyState {
     /// Reading the client's body failed (malformed chunked encoding, a client that went
     /// away mid-upload, a client that sent nothing more within `client_body`, ...).
     pub fn failed(&self) -> bool {
-        self.0.load(Ordering::Relaxed) == FAILED
+        matches!(self.0.load(Ordering::Relaxed), FAILED | TOO_LARGE)
+    }
+
+    /// The body failed because it carried more than `limits.max_request_body`.
+    pub fn too_large(&self) -> bool {
+        self.0.load(Ordering::Relaxed) == TOO_LARGE
     }
 
     /// The whole body was read and handed to the backend connection.
@@ -319,6 +341,14 @@ impl Body for RequestBody {
             }
             Poll::Ready(Some(Ok(frame))) => {
                 c.stall.arrived();
+                if let Some(d) = frame.data_ref() {
+                    let n = d.len() as u64;
+                    if n > c.allowed {
+                        state.set(TOO_LARGE);
+                        return Poll::Ready(Some(Err(BodyTooLarge.into())));
+                    }
+                    c.allowed -= n;
+                }
                 state.set(if c.body.is_end_stream() { DONE } else { READING });
                 Poll::Ready(Some(Ok(frame)))
             }

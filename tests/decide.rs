@@ -9,9 +9,10 @@ mod fixture;
 use std::time::Duration;
 
 use http::{HeaderMap, Uri};
+use tether::affinity::token::{KeyRing, Token, Version};
 use tether::affinity::verdict::{Reason, Verdict};
 use tether::affinity::{Decision, Target};
-use tether::config::{AdminState, CheckKind, Health, KeySource, Mapping, OnUnavailable};
+use tether::config::{AdminState, CheckKind, Health, KeySource, Mapping, OnUnavailable, TokenVersion};
 
 use fixture::{affinity, client, header, Fixture};
 
@@ -406,5 +407,66 @@ fn a_flood_of_one_kind_of_key_leaves_the_other_kinds_alone() {
     for (n, (h, home)) in users.iter().enumerate() {
         let d = f.decide(h, &root, client(), now);
         assert_eq!((d.verdict, d.backend()), (Verdict::Hit, *home), "user-{n}");
+    }
+}
+
+/// A session's cookie sealed by hand with the fixture's key: `version`, pinned to backend
+/// `backend` of pool "p", recording `pool`, last seen `age` seconds before `now_ms`.
+fn sealed_cookie(f: &Fixture, version: Version, backend: usize, pool: Option<u64>, now_ms: u64, age: u64) -> HeaderMap {
+    let ring = KeyRing::from_base64([fixture::KEY]).unwrap();
+    let now = now_ms / 1000;
+    let t = Token { backend: f.affinity.ids[backend], pool, session: [9; 16], issued: now - age, last_seen: now - age };
+    let sealed = ring.seal_as(version, &t);
+    assert_eq!(sealed.as_str().len(), version.str_len());
+    header("cookie", &format!("lang=en; tether={sealed}"))
+}
+
+/// A version 2 token records its pool; one of another pool counts as absent (`invalid`)
+/// even when it names a backend of this pool, and the new session's token records this
+/// pool. Version 1 tokens record none and stay valid.
+#[test]
+fn a_v2_token_of_another_pool_is_invalid() {
+    let now = tether::time::unix_millis();
+    let uri = Uri::from_static("/");
+    let (p, q) = (tether::affinity::pool_id("p"), tether::affinity::pool_id("q"));
+    assert_ne!(p, q);
+    for issuing in [TokenVersion::V1, TokenVersion::V2] {
+        let mut a = fixture::cookie();
+        a.cookie.token_version = issuing;
+        let f = Fixture::new(a);
+        let d = f.decide(&sealed_cookie(&f, Version::V2, 2, Some(q), now, 0), &uri, client(), now);
+        assert_eq!(d.verdict, Verdict::Invalid, "issuing {issuing:?}");
+        assert_eq!(d.issue.map(|t| t.pool), Some(Some(p)), "the new session's token is this pool's");
+        // The same token in this pool, or with no pool recorded, keeps its backend.
+        for (version, pool) in [(Version::V2, Some(p)), (Version::V2, None), (Version::V1, Some(q))] {
+            let d = f.decide(&sealed_cookie(&f, version, 2, pool, now, 0), &uri, client(), now);
+            assert_eq!((d.verdict, d.backend()), (Verdict::Hit, Some(2)), "{version:?} {pool:?}");
+        }
+    }
+}
+
+/// The rollout: a pool opens both versions whichever it issues, and a refreshed cookie is
+/// sealed in the version the pool issues.
+#[test]
+fn both_token_versions_hit_and_refresh_into_the_issued_one() {
+    let now = tether::time::unix_millis();
+    let uri = Uri::from_static("/");
+    for issuing in [TokenVersion::V1, TokenVersion::V2] {
+        let mut a = fixture::cookie();
+        a.cookie.token_version = issuing;
+        let f = Fixture::new(a);
+        for presented in [Version::V1, Version::V2] {
+            // Fresh: a hit without Set-Cookie.
+            let d = f.decide(&sealed_cookie(&f, presented, 1, None, now, 0), &uri, client(), now);
+            assert_eq!((d.verdict, d.backend(), d.issue.is_some()), (Verdict::Hit, Some(1), false));
+            // Idle for more than a quarter of the idle timeout: refreshed, same backend.
+            let d = f.decide(&sealed_cookie(&f, presented, 1, None, now, 1000), &uri, client(), now);
+            assert_eq!((d.verdict, d.backend()), (Verdict::Hit, Some(1)), "{issuing:?} {presented:?}");
+            let refreshed = f.cookie_header(&d);
+            let value = refreshed.to_str().unwrap().split("tether=").nth(1).unwrap();
+            assert_eq!(value.len(), issuing.str_len(), "{issuing:?} refreshing {presented:?}");
+            let d = f.decide(&header("cookie", refreshed.to_str().unwrap()), &uri, client(), now);
+            assert_eq!((d.verdict, d.backend()), (Verdict::Hit, Some(1)));
+        }
     }
 }

@@ -11,9 +11,9 @@ mod alloc;
 mod fixture;
 
 use http::{HeaderMap, HeaderValue, Uri};
-use tether::affinity::token::{Key, KeyRing, OpenError, Token};
+use tether::affinity::token::{Key, KeyRing, OpenError, Token, Version};
 use tether::affinity::verdict::Verdict;
-use tether::config::{KeySource, Mapping};
+use tether::config::{KeySource, Mapping, TokenVersion};
 
 use alloc::{allocations, allocations_during};
 use fixture::{affinity, client, header, Fixture};
@@ -62,6 +62,56 @@ fn cookie_hit_without_refresh() {
     h.insert(http::header::COOKIE, f.cookie_header(&first));
     // Same `now` as the issue: the token is fresh, so no refresh is due.
     assert_hits_without_allocating(&f, &h, &uri, now);
+}
+
+/// The same with a pool issuing version 2 tokens.
+#[test]
+fn cookie_hit_without_refresh_v2() {
+    let mut a = fixture::cookie();
+    a.cookie.token_version = TokenVersion::V2;
+    let f = Fixture::new(a);
+    let uri = Uri::from_static("/account");
+    let now = now_ms();
+    let first = f.decide(&HeaderMap::new(), &uri, client(), now);
+    let mut h = HeaderMap::new();
+    h.insert(http::header::COOKIE, f.cookie_header(&first));
+    assert_eq!(h[http::header::COOKIE].len(), "lang=en; tether=".len() + Version::V2.str_len());
+    assert_hits_without_allocating(&f, &h, &uri, now);
+}
+
+#[test]
+fn seal_and_open_v2_do_not_allocate() {
+    let old = KeyRing::new([Key::from_bytes([1; 32])]).unwrap();
+    let ring = KeyRing::new([Key::from_bytes([2; 32]), Key::from_bytes([1; 32])]).unwrap();
+    let token = Token { backend: 42, pool: Some(7), session: [7; 16], issued: 1_700_000_000, last_seen: 1_700_000_500 };
+    let (n, sealed) = allocations_during(|| ring.seal_as(Version::V2, &token));
+    assert_eq!(n, 0, "seal v2 allocated");
+    assert_eq!(sealed.as_str().len(), Version::V2.str_len());
+    let (n, opened) = allocations_during(|| ring.open(sealed.as_str()));
+    assert_eq!((n, opened), (0, Ok(token)), "open v2");
+
+    // The rotated-out key, a tampered token and a truncated one.
+    let by_old = old.seal_as(Version::V2, &token);
+    let (n, results) = allocations_during(|| {
+        let a = ring.open(by_old.as_str());
+        let mut buf = [0u8; 104];
+        buf.copy_from_slice(by_old.as_str().as_bytes());
+        buf[50] = if buf[50] == b'x' { b'y' } else { b'x' };
+        let b = ring.open(std::str::from_utf8(&buf).unwrap());
+        let c = ring.open(&by_old.as_str()[..100]);
+        (a, b, c)
+    });
+    assert_eq!(n, 0, "open v2 (rotation / failure paths) allocated");
+    assert_eq!(results, (Ok(token), Err(OpenError::Forged), Err(OpenError::Malformed)));
+
+    let (n, ()) = allocations_during(|| {
+        for i in 0..1000u64 {
+            let t = Token { last_seen: token.last_seen + i, ..token };
+            let s = ring.seal_as(Version::V2, &t);
+            assert_eq!(ring.open(s.as_str()), Ok(t));
+        }
+    });
+    assert_eq!(n, 0);
 }
 
 #[test]
@@ -121,7 +171,7 @@ fn seal_and_open_do_not_allocate() {
     // Building the ring allocates (a Vec); everything after must not.
     let old = KeyRing::new([Key::from_bytes([1; 32])]).unwrap();
     let ring = KeyRing::new([Key::from_bytes([2; 32]), Key::from_bytes([1; 32])]).unwrap();
-    let token = Token { backend: 42, session: [7; 16], issued: 1_700_000_000, last_seen: 1_700_000_500 };
+    let token = Token { backend: 42, pool: None, session: [7; 16], issued: 1_700_000_000, last_seen: 1_700_000_500 };
 
     // The very first seal also covers any lazy RNG initialisation.
     let (n, sealed) = allocations_during(|| ring.seal(&token));

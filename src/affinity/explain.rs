@@ -97,6 +97,11 @@ impl PoolAffinity {
                 return Some(Explained { kind: "cookie", backend: None, why: format!("not a valid token: {e}") })
             }
             Err(_) => return None,
+            // A version 2 token of another pool counts as absent here (see `by_token`).
+            Ok(t) if t.pool.is_some_and(|p| p != self.pool_id) => {
+                let why = "a token of another pool: its next request here starts a new session".to_string();
+                return explicit.then_some(Explained { kind: "cookie", backend: None, why });
+            }
             Ok(t) => t,
         };
         let c = &self.cfg.cookie;

@@ -33,7 +33,7 @@ use crate::config::{self, AdminState, KeySource, Mapping, OnUnavailable};
 use cookies::CookieAttrs;
 use maglev::Maglev;
 use stick_table::StickTable;
-use token::{KeyRing, Token, TokenString};
+use token::{KeyRing, Token, TokenString, Version};
 use verdict::{Reason, Verdict};
 
 /// A pool's persistence state that survives reloads.
@@ -147,6 +147,10 @@ pub struct PoolAffinity {
     /// `Some` exactly when the key chain has `cookie`.
     keyring: Option<Arc<KeyRing>>,
     pool: Arc<str>,
+    /// [`pool_id`] of `pool`: what version 2 tokens record.
+    pool_id: u64,
+    /// The token version this pool issues (it opens every version).
+    issue_version: Version,
     /// Backend identity hashes, by backend index.
     pub ids: Vec<u64>,
     by_id: HashMap<u64, usize>,
@@ -217,6 +221,12 @@ fn generated_ring() -> Arc<KeyRing> {
     .clone()
 }
 
+/// The identity a version 2 token records for the pool named `pool`: a fixed-seed hash of
+/// the name, so every instance agrees; never 0, which a token uses for "no pool".
+pub fn pool_id(pool: &str) -> u64 {
+    hash::key_hash(pool, "pool", b"").max(1)
+}
+
 fn secs(d: Duration) -> u64 {
     d.as_secs().max(1)
 }
@@ -265,7 +275,18 @@ impl PoolAffinity {
             http_only: c.http_only,
             max_age: c.max_age.map(|d| d.as_secs()),
         };
-        PoolAffinity { cfg: cfg.clone(), store, keyring, pool: Arc::from(pool), ids, by_id, maglev, attrs }
+        PoolAffinity {
+            cfg: cfg.clone(),
+            store,
+            keyring,
+            pool: Arc::from(pool),
+            pool_id: pool_id(pool),
+            issue_version: c.token_version,
+            ids,
+            by_id,
+            maglev,
+            attrs,
+        }
     }
 
     pub fn cookie_name(&self) -> Option<&str> {
@@ -338,15 +359,23 @@ impl PoolAffinity {
 
     /// Tether's own cookie: a token that opens and has not expired pins the session.
     ///
+    /// A version 2 token records the pool its session belongs to; one whose pool is not
+    /// this one counts as absent, like a token that does not open (verdict `invalid`).
+    /// Version 1 tokens record no pool and are taken as this pool's. (Traffic splits
+    /// between pools will route by the recorded pool instead.)
+    ///
     /// The three key lookups stay out of line: inlined into `decide`, their loop-invariant
     /// setup (IP masks, timeout divisions) is hoisted above the key loop and paid on every
     /// request, whichever key it carries (callgrind: +2% to +20% instructions per decide).
     #[inline(never)]
     fn by_token(&self, group: &Group<'_>, headers: &HeaderMap, now_ms: u64, why_new: &mut Verdict) -> Option<Decision> {
         let (value, ring) = (cookie_value(headers, &self.attrs.name)?, self.keyring.as_ref()?);
-        let Ok(token) = ring.open(value) else {
-            *why_new = Verdict::Invalid;
-            return None;
+        let token = match ring.open(value) {
+            Ok(t) if t.pool.is_none_or(|p| p == self.pool_id) => t,
+            _ => {
+                *why_new = Verdict::Invalid;
+                return None;
+            }
         };
         let (now, c) = (now_ms / 1000, &self.cfg.cookie);
         if token.check(now, secs(c.idle_timeout), c.absolute_timeout.map(secs), c.clock_skew.as_secs()).is_err() {
@@ -359,7 +388,7 @@ impl PoolAffinity {
                 // Refresh the idle stamp once a quarter of the idle timeout has passed,
                 // so a busy client does not get a Set-Cookie on every response.
                 let stale = now.saturating_sub(token.last_seen) > secs(c.idle_timeout) / 4;
-                let issue = stale.then_some(Token { last_seen: now, ..token });
+                let issue = stale.then_some(Token { last_seen: now, pool: Some(self.pool_id), ..token });
                 let hit = Decision::to(Target::Use(i), Verdict::Hit);
                 Some(Decision { issue, session: Some(token.session), ..hit })
             }
@@ -472,6 +501,7 @@ impl PoolAffinity {
     fn issue_token(&self, id: u64, now_ms: u64, session: Option<[u8; 16]>) -> Option<Token> {
         self.keyring.as_ref()?;
         let mut t = Token::issue(id, now_ms / 1000).expect("the system random source works");
+        t.pool = Some(self.pool_id);
         if let Some(s) = session {
             t.session = s;
         }
@@ -544,10 +574,11 @@ impl PoolAffinity {
         }
     }
 
-    /// The `Set-Cookie` value for a token.
+    /// The `Set-Cookie` value for a token, sealed in the version this pool issues
+    /// (`cookie.token_version`).
     pub fn set_cookie(&self, t: &Token) -> String {
         let ring = self.keyring.as_ref().expect("tokens are issued only by pools with a cookie key");
-        let sealed: TokenString = ring.seal(t);
+        let sealed: TokenString = ring.seal_as(self.issue_version, t);
         self.attrs.render(sealed.as_str())
     }
 

@@ -57,6 +57,9 @@ pub struct Limits {
     pub max_client_connections: Option<Spanned<i64>>,
     pub max_connections_per_ip: Option<Spanned<i64>>,
     pub h2_max_concurrent_streams: Option<Spanned<i64>>,
+    pub max_request_head: Option<Spanned<i64>>,
+    pub max_request_target: Option<Spanned<i64>>,
+    pub max_request_body: Option<Spanned<i64>>,
 }
 
 /// `[admin]`: the admin listener (API, metrics, dashboard).
@@ -186,6 +189,8 @@ pub struct Cookie {
     pub keys_env: Option<Spanned<String>>,
     /// How far in the future a token's stamps may lie (clocks of a fleet disagree).
     pub clock_skew: Option<Spanned<String>>,
+    /// The token format to issue: 1 (the default) or 2. Both are always opened.
+    pub token_version: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]

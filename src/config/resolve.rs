@@ -188,6 +188,24 @@ impl Resolver<'_> {
                 1..=10_000,
                 i64::from(d.h2_max_concurrent_streams),
             ) as u32,
+            max_request_head: self.ranged(
+                &l.max_request_head,
+                "limits.max_request_head:",
+                1024..=1024 * 1024,
+                i64::from(d.max_request_head),
+            ) as u32,
+            // hyper answers 414 itself above 65534 bytes.
+            max_request_target: self.ranged(
+                &l.max_request_target,
+                "limits.max_request_target:",
+                64..=65_534,
+                i64::from(d.max_request_target),
+            ) as u32,
+            max_request_body: l
+                .max_request_body
+                .as_ref()
+                .and_then(|v| self.in_range(v, "limits.max_request_body:", 0..=i64::MAX))
+                .map(|n| n as u64),
         }
     }
 
@@ -678,6 +696,10 @@ impl Resolver<'_> {
         }
         cfg.keys = self.cookie_keys(at, c);
         cfg.clock_skew = self.duration(&c.clock_skew, &format!("{at}: cookie.clock_skew"), cfg.clock_skew);
+        // Every version this build opens may be issued: 1 (the default) or 2.
+        let version = self.ranged(&c.token_version, &format!("{at}: cookie.token_version"), 1..=2, 1);
+        cfg.token_version =
+            u8::try_from(version).ok().and_then(super::types::TokenVersion::from_number).unwrap_or(cfg.token_version);
         cfg
     }
 

@@ -275,13 +275,20 @@ fn limits_and_upgrades_have_defaults_and_ranges() {
     assert_eq!(c.limits, Limits::default());
     assert_eq!(c.pools[0].upgrades, ["websocket"]);
     let src = format!(
-        "[limits]\nmax_client_connections = 500\nmax_connections_per_ip = 20\nh2_max_concurrent_streams = 64\n{}upgrades = [\"WebSocket\", \"h2c\"]\n",
+        "[limits]\nmax_client_connections = 500\nmax_connections_per_ip = 20\nh2_max_concurrent_streams = 64\nmax_request_head = 16384\nmax_request_target = 2048\nmax_request_body = 0\n{}upgrades = [\"WebSocket\", \"h2c\"]\n",
         base
     );
     let c = parse(&src, "t.toml").unwrap();
     assert_eq!(
         c.limits,
-        Limits { max_client_connections: 500, max_connections_per_ip: Some(20), h2_max_concurrent_streams: 64 }
+        Limits {
+            max_client_connections: 500,
+            max_connections_per_ip: Some(20),
+            h2_max_concurrent_streams: 64,
+            max_request_head: 16384,
+            max_request_target: 2048,
+            max_request_body: Some(0),
+        }
     );
     assert_eq!(c.pools[0].upgrades, ["websocket", "h2c"]);
     let e =
@@ -289,6 +296,19 @@ fn limits_and_upgrades_have_defaults_and_ranges() {
     let e = e.to_string();
     assert!(e.contains("limits.h2_max_concurrent_streams: 0 is out of range: expected 1 to 10000"), "{e}");
     assert!(e.contains("pool \"p\": upgrades: \"a b\" is not a protocol token"), "{e}");
+    // The request size limits: each bad value is reported at its line.
+    let e = parse(
+        &format!("[limits]\nmax_request_head = 100\nmax_request_target = 70000\nmax_request_body = -1\n{base}"),
+        "t.toml",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("t.toml:2:20: limits.max_request_head: 100 is out of range: expected 1024 to 1048576"), "{e}");
+    assert!(e.contains("t.toml:3:22: limits.max_request_target: 70000 is out of range: expected 64 to 65534"), "{e}");
+    assert!(
+        e.contains("t.toml:4:20: limits.max_request_body: -1 is out of range: expected 0 to 9223372036854775807"),
+        "{e}"
+    );
 }
 
 /// A pool with Tether's cookie whose `[cookie]` section is `cookie`.
@@ -335,6 +355,25 @@ fn secrets_stay_out_of_debug_output() {
     assert_eq!(cookie.clock_skew, Duration::from_secs(120));
     let shown = format!("{c:?}");
     assert!(!shown.contains(KEY_1) && shown.contains("Secret(..)"), "{shown}");
+}
+
+#[test]
+fn cookie_token_version_is_1_by_default_or_2() {
+    let version = |cookie: &str| parse(&with_cookie(cookie), "t.toml").unwrap().pools[0].affinity.clone().unwrap();
+    assert_eq!(version("").cookie.token_version, TokenVersion::V1);
+    assert_eq!(version("token_version = 1\n").cookie.token_version, TokenVersion::V1);
+    assert_eq!(version("token_version = 2\n").cookie.token_version, TokenVersion::V2);
+    // The value sits on line 9, column 17 of `with_cookie`'s file.
+    for bad in ["0", "3", "-1"] {
+        assert_eq!(
+            errors(&with_cookie(&format!("token_version = {bad}\n"))),
+            [format!("t.toml:9:17: pool \"p\": affinity: cookie.token_version {bad} is out of range: expected 1 to 2")]
+        );
+    }
+    for bad in ["\"x\"", "\"2\"", "2.0"] {
+        let e = errors(&with_cookie(&format!("token_version = {bad}\n")));
+        assert!(e.len() == 1 && e[0].starts_with("t.toml:9:17: key `token_version`"), "{bad}: {e:?}");
+    }
 }
 
 #[test]

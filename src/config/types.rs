@@ -6,6 +6,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+pub use crate::affinity::token::Version as TokenVersion;
 use crate::net::Cidr;
 
 /// The validated configuration.
@@ -34,11 +35,28 @@ pub struct Limits {
     pub max_connections_per_ip: Option<u32>,
     /// Concurrent streams a client may open on one HTTP/2 connection.
     pub h2_max_concurrent_streams: u32,
+    /// Bytes an HTTP/1 request head (request line and header lines) may take; a longer
+    /// one is answered 431.
+    pub max_request_head: u32,
+    /// Bytes a request target (the URI as sent) may take; a longer one is answered 414.
+    pub max_request_target: u32,
+    /// Bytes a request body may carry; a larger one is answered 413. `None`: no limit.
+    pub max_request_body: Option<u64>,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_client_connections: 100_000, max_connections_per_ip: None, h2_max_concurrent_streams: 100 }
+        Limits {
+            max_client_connections: 100_000,
+            max_connections_per_ip: None,
+            h2_max_concurrent_streams: 100,
+            max_request_head: 64 * 1024,
+            // 8 KiB is what NGINX and Apache allow a request line; 16 KiB leaves room for
+            // the long query strings some applications use (and which tests/hostile_headers.rs
+            // sends through with the defaults).
+            max_request_target: 16 * 1024,
+            max_request_body: None,
+        }
     }
 }
 
@@ -262,6 +280,9 @@ pub struct CookieConfig {
     pub keys: Vec<Secret>,
     /// Token stamps up to this far in the future are trusted.
     pub clock_skew: Duration,
+    /// The token format issued; every format is opened (a fleet moves to a new one in two
+    /// phases: first every instance opens it, then they issue it).
+    pub token_version: TokenVersion,
 }
 
 impl Default for CookieConfig {
@@ -278,6 +299,7 @@ impl Default for CookieConfig {
             max_age: None,
             keys: Vec::new(),
             clock_skew: Duration::from_secs(300),
+            token_version: TokenVersion::V1,
         }
     }
 }

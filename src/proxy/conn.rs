@@ -37,6 +37,8 @@ pub struct Protocols {
     /// The concurrent stream limit `h2` was built with; a connection made under another
     /// (after a reload changed `[limits]`) uses a copy of `h2` with its own.
     h2_streams: u32,
+    /// The `limits.max_request_head` `h1` was built with; likewise copied when it changes.
+    h1_head: u32,
 }
 
 /// Bytes hyper may queue for sending on one HTTP/2 stream.
@@ -50,14 +52,23 @@ impl Protocols {
     /// limit uses a copy of `h2` with the new one.
     pub fn with_limits(limits: &Limits) -> Protocols {
         let mut h1 = http1::Builder::new();
-        h1.keep_alive(true).max_buf_size(64 * 1024);
+        h1.keep_alive(true);
+        head_limit(&mut h1, limits.max_request_head);
         let mut h2 = http2::Builder::new(TokioExecutor::new());
         h2.max_concurrent_streams(limits.h2_max_concurrent_streams)
             .max_send_buf_size(H2_MAX_SEND_BUF)
             .initial_stream_window_size(H2_STREAM_WINDOW)
             .initial_connection_window_size(H2_CONN_WINDOW);
-        Protocols { h1, h2, h2_streams: limits.h2_max_concurrent_streams }
+        Protocols { h1, h2, h2_streams: limits.h2_max_concurrent_streams, h1_head: limits.max_request_head }
     }
+}
+
+/// A request head over `max` bytes is answered 431 (by hyper, which also answers a head
+/// that does not fit its read buffer so). The buffer holds at least hyper's minimum of
+/// 8 KiB.
+fn head_limit(h1: &mut http1::Builder, max: u32) {
+    let max = max as usize;
+    h1.max_buf_size(max.max(8192)).max_header_size(max);
 }
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -192,7 +203,16 @@ pub async fn serve(
         let conn = h2.serve_connection(io, service);
         drive(conn, |c| c.graceful_shutdown(), &state, shutdown, peer, &timeouts).await;
     } else {
-        let conn = protocols.h1.serve_connection(io, service).with_upgrades();
+        let own;
+        let h1 = if limits.max_request_head == protocols.h1_head {
+            &protocols.h1
+        } else {
+            let mut b = protocols.h1.clone();
+            head_limit(&mut b, limits.max_request_head);
+            own = b;
+            &own
+        };
+        let conn = h1.serve_connection(io, service).with_upgrades();
         drive(conn, |c| c.graceful_shutdown(), &state, shutdown, peer, &timeouts).await;
     }
 }

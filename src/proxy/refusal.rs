@@ -14,8 +14,21 @@ use crate::upstream::ConnectError;
 pub enum Refusal {
     /// `CONNECT`: Tether is a reverse proxy.
     ConnectUnsupported,
-    /// A request Tether cannot make sense of (missing or malformed `Host`, ...).
+    /// A request Tether cannot make sense of (missing or malformed `Host`, a target form
+    /// its method does not allow, `chunked` applied twice, ...).
     BadRequest(&'static str),
+    /// A request target longer than `limits.max_request_target`.
+    TargetTooLong {
+        limit: u32,
+    },
+    /// A request body larger than `limits.max_request_body`: known from `Content-Length`
+    /// before anything is sent, or found while a chunked body streams.
+    BodyTooLarge {
+        limit: u64,
+    },
+    /// A request transfer coding other than `chunked` (RFC 9112 section 6.1: a server
+    /// SHOULD answer 501 to a coding it does not understand).
+    UnsupportedTransferCoding,
     /// The listener this connection came in on was removed by a reload.
     NoListener,
     NoRoute {
@@ -64,6 +77,9 @@ impl Refusal {
         match self {
             Refusal::ConnectUnsupported => StatusCode::METHOD_NOT_ALLOWED,
             Refusal::BadRequest(_) | Refusal::BadRequestBody => StatusCode::BAD_REQUEST,
+            Refusal::TargetTooLong { .. } => StatusCode::URI_TOO_LONG,
+            Refusal::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Refusal::UnsupportedTransferCoding => StatusCode::NOT_IMPLEMENTED,
             Refusal::RequestBodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Refusal::NoRoute { .. } => StatusCode::NOT_FOUND,
             Refusal::NoListener
@@ -83,6 +99,9 @@ impl Refusal {
         match self {
             Refusal::ConnectUnsupported => "connect-unsupported",
             Refusal::BadRequest(_) => "bad-request",
+            Refusal::TargetTooLong { .. } => "target-too-long",
+            Refusal::BodyTooLarge { .. } => "body-too-large",
+            Refusal::UnsupportedTransferCoding => "transfer-coding-unsupported",
             Refusal::BadRequestBody => "bad-request-body",
             Refusal::RequestBodyTimeout { .. } => "request-body-timeout",
             Refusal::NoListener => "no-listener",
@@ -105,6 +124,11 @@ impl Refusal {
         match self {
             Refusal::ConnectUnsupported => "CONNECT is not supported: Tether is a reverse proxy".into(),
             Refusal::BadRequest(why) => (*why).into(),
+            Refusal::TargetTooLong { limit } => format!("the request target is longer than {limit} bytes"),
+            Refusal::BodyTooLarge { limit } => {
+                format!("pool \"{pool}\": the request body is larger than {limit} bytes")
+            }
+            Refusal::UnsupportedTransferCoding => "only the chunked transfer coding is supported".into(),
             Refusal::NoListener => "this listener was removed".into(),
             Refusal::NoRoute { host, path } => format!("no route for host \"{host}\" and path \"{path}\""),
             Refusal::SessionUnavailable(reason) => format!(
@@ -171,6 +195,9 @@ mod tests {
         let cases = [
             (Refusal::ConnectUnsupported, 405, "connect-unsupported"),
             (Refusal::BadRequest("malformed Host header"), 400, "bad-request"),
+            (Refusal::TargetTooLong { limit: 8192 }, 414, "target-too-long"),
+            (Refusal::BodyTooLarge { limit: 10 }, 413, "body-too-large"),
+            (Refusal::UnsupportedTransferCoding, 501, "transfer-coding-unsupported"),
             (Refusal::NoRoute { host: "x".into(), path: "/".into() }, 404, "no-route"),
             (Refusal::NoListener, 503, "no-listener"),
             (Refusal::SessionUnavailable(Reason::Down), 503, "session-unavailable"),

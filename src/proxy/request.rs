@@ -68,6 +68,13 @@ async fn forward(
 ) -> Result<Forwarded, Refusal> {
     let (routes, pool, host) = route(&req, snap, cx)?;
     out.pool = Some(pool.name.clone());
+    // A body whose length is known (`Content-Length`) is refused before anything is sent;
+    // a chunked one as soon as it passes the limit (`RequestBody`).
+    if let Some(limit) = snap.config.limits.max_request_body {
+        if req.body().size_hint().lower() > limit {
+            return Err(Refusal::BodyTooLarge { limit });
+        }
+    }
     // Only protocols the pool allows are tunnelled; any other upgrade request goes to the
     // backend as a plain request, its upgrade headers stripped.
     let upgrade = rewrite::wants_upgrade(&req, &pool.config.upgrades);
@@ -94,8 +101,10 @@ async fn forward(
     pool.retry_budget.deposit(pool.config.retry_budget);
     let mut attempt = Attempt::new(pool, &req, index, now_ms);
     let (parts, body) = req.into_parts();
-    let (body, body_state) = RequestBody::client(body, snap.config.timeouts.client_body);
+    let (body, body_state) =
+        RequestBody::client(body, snap.config.timeouts.client_body, snap.config.limits.max_request_body);
     attempt.body = body_state;
+    attempt.max_body = snap.config.limits.max_request_body.unwrap_or(u64::MAX);
     let req = Request::from_parts(parts, body);
     let (mut response, sender) = send(req, &mut attempt, &mut decision, out, &snap.config.timeouts).await?;
     let index = attempt.index;
@@ -120,13 +129,64 @@ fn route<'s>(
     if req.method() == Method::CONNECT {
         return Err(Refusal::ConnectUnsupported);
     }
+    let uri = req.uri();
+    // RFC 9112 section 3.2: the authority form is for CONNECT only, the asterisk form for
+    // OPTIONS only.
+    if uri.scheme().is_none() && uri.authority().is_some() {
+        return Err(Refusal::BadRequest("an authority-form request target is only for CONNECT"));
+    }
+    let asterisk = uri.path() == "*" && uri.authority().is_none();
+    if asterisk && req.method() != Method::OPTIONS {
+        return Err(Refusal::BadRequest("an asterisk-form request target is only for OPTIONS"));
+    }
+    let limit = snap.config.limits.max_request_target;
+    if target_len(uri) > limit as usize {
+        return Err(Refusal::TargetTooLong { limit });
+    }
+    transfer_coding(req.headers())?;
     let host = rewrite::host_of(req).map_err(Refusal::BadRequest)?;
     let routes = snap.listener(&cx.listener_name).ok_or(Refusal::NoListener)?;
     let host_name = host.as_ref().and_then(|h| h.to_str().ok()).map_or("", crate::net::strip_port);
-    let Some(pool) = routes.route(host_name, req.uri().path()) else {
-        return Err(Refusal::NoRoute { host: host_name.to_string(), path: req.uri().path().to_string() });
+    // `OPTIONS *` asks about the server as a whole: it goes where `/` goes.
+    let path = if asterisk { "/" } else { uri.path() };
+    let Some(pool) = routes.route(host_name, path) else {
+        return Err(Refusal::NoRoute { host: host_name.to_string(), path: path.to_string() });
     };
     Ok((routes, &snap.pools[pool], host))
+}
+
+/// The length of the request target as the client sent it (for HTTP/2, of its scheme,
+/// authority and path together).
+fn target_len(uri: &Uri) -> usize {
+    uri.scheme_str().map_or(0, |s| s.len() + 3)
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.path_and_query().map_or(0, |p| p.as_str().len())
+}
+
+/// A request's transfer codings must be `chunked` alone. hyper has already refused a list
+/// whose final coding is not `chunked` (RFC 9112 section 6.3); `chunked` applied twice is
+/// malformed (section 7), and any other coding is one Tether does not implement (section
+/// 6.1: 501), since it would be lost on the way to the backend.
+fn transfer_coding(headers: &HeaderMap) -> Result<(), Refusal> {
+    if !headers.contains_key(header::TRANSFER_ENCODING) {
+        return Ok(());
+    }
+    let (mut chunked, mut other) = (0, false);
+    for coding in headers.get_all(header::TRANSFER_ENCODING).iter().flat_map(|v| v.as_bytes().split(|&c| c == b',')) {
+        let coding = coding.trim_ascii();
+        if coding.eq_ignore_ascii_case(b"chunked") {
+            chunked += 1;
+        } else if !coding.is_empty() {
+            other = true;
+        }
+    }
+    if chunked > 1 {
+        return Err(Refusal::BadRequest("the chunked transfer coding is applied more than once"));
+    }
+    if other {
+        return Err(Refusal::UnsupportedTransferCoding);
+    }
+    Ok(())
 }
 
 /// Step 2: the backend, by the pool's affinity or, without one, its balancer.
@@ -157,13 +217,29 @@ struct Attempt<'p> {
     /// because of it is the client's fault, not the backend's.
     body: Option<Arc<BodyState>>,
     now_ms: u64,
+    /// The request has no `Host` (HTTP/1.0 allows that); each backend it goes to gets
+    /// its own address as `Host`, so that what it receives is valid HTTP/1.1.
+    no_host: bool,
+    /// `limits.max_request_body`, for the refusal of a body found to be over it.
+    max_body: u64,
 }
 
 impl<'p> Attempt<'p> {
     fn new(pool: &'p Pool, req: &Request<Incoming>, index: usize, now_ms: u64) -> Attempt<'p> {
         let replay = (pool.config.retries > 0 && is_idempotent(req.method()) && req.body().is_end_stream())
             .then(|| (req.method().clone(), req.uri().clone(), req.headers().clone()));
-        Attempt { pool, index, moves_left: pool.config.retries.max(1), stale: 0, replay, body: None, now_ms }
+        let no_host = !req.headers().contains_key(header::HOST);
+        Attempt {
+            pool,
+            index,
+            moves_left: pool.config.retries.max(1),
+            stale: 0,
+            replay,
+            body: None,
+            now_ms,
+            no_host,
+            max_body: u64::MAX,
+        }
     }
 
     fn backend(&self) -> &'p Arc<Backend> {
@@ -222,6 +298,11 @@ async fn send(
     loop {
         let backend = attempt.backend();
         out.set_backend(backend, &pool.upstreams[attempt.index]);
+        if attempt.no_host {
+            if let Ok(host) = HeaderValue::from_str(&backend.address_text) {
+                req.headers_mut().insert(header::HOST, host);
+            }
+        }
         // After a stale connection the slot already held is this backend's; a move to
         // another backend gave the old one back.
         if out.slot.is_none() {
@@ -268,6 +349,7 @@ async fn send(
 fn timed_out(attempt: &Attempt<'_>, after: Duration) -> Refusal {
     let (pool, backend) = (attempt.pool, attempt.backend());
     match attempt.body.as_deref() {
+        Some(b) if b.too_large() => Refusal::BodyTooLarge { limit: attempt.max_body },
         Some(b) if b.failed() => Refusal::BadRequestBody,
         Some(b) if b.waiting_on_client() => {
             tracing::info!(pool = %pool.name, backend = %backend.name, "request body still arriving after {after:?}");
@@ -298,6 +380,10 @@ fn broke(
 ) -> Result<Request<RequestBody>, Refusal> {
     let (pool, backend) = (attempt.pool, attempt.backend());
     let body = attempt.body.as_deref();
+    if body.is_some_and(BodyState::too_large) {
+        tracing::info!(pool = %pool.name, backend = %backend.name, "request body over limits.max_request_body");
+        return Err(Refusal::BodyTooLarge { limit: attempt.max_body });
+    }
     if body.is_some_and(BodyState::failed) {
         tracing::info!(pool = %pool.name, backend = %backend.name, "request body failed: {}", cause(&e));
         return Err(Refusal::BadRequestBody);
@@ -379,7 +465,18 @@ fn respond(
         tokio::spawn(tunnel(client, backend, out, timeouts.tunnel_idle));
         return Response::from_parts(parts, ProxyBody::empty(None));
     }
+    // A response framed by `Transfer-Encoding` (hyper read it so) loses any
+    // `Content-Length`, which the client would otherwise frame it by (RFC 9112 section
+    // 6.3); codings other than the final `chunked` hyper removed are passed on, and the
+    // client's connection frames the body anew.
+    let codings = response.headers().contains_key(header::TRANSFER_ENCODING).then(|| {
+        response.headers_mut().remove(header::CONTENT_LENGTH);
+        rewrite::unapplied_codings(response.headers())
+    });
     rewrite::strip_hop_by_hop(response.headers_mut(), false);
+    if let Some(Some(codings)) = codings {
+        response.headers_mut().insert(header::TRANSFER_ENCODING, codings);
+    }
     out.sender = Some(sender);
     let (parts, body) = response.into_parts();
     Response::from_parts(parts, ProxyBody::stream(body, out, timeouts.backend_body))
@@ -508,7 +605,7 @@ pub fn reply(mut out: Outcome, refusal: Refusal) -> Response<ProxyBody> {
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     h.insert(TETHER_ERROR.clone(), HeaderValue::from_static(refusal.label()));
-    if status.is_client_error() {
+    if status.is_client_error() || status == StatusCode::NOT_IMPLEMENTED {
         // After a request Tether could not make sense of, the connection's framing is not
         // to be trusted either.
         h.insert(header::CONNECTION, HeaderValue::from_static("close"));

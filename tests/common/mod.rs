@@ -486,3 +486,235 @@ pub fn header_lines(text: &str) -> Vec<(String, String)> {
 pub fn values(text: &str, name: &str) -> Vec<String> {
     header_lines(text).into_iter().filter(|(k, _)| k == name).map(|(_, v)| v).collect()
 }
+
+/// What a [`RecordingBackend`] saw on one connection.
+#[derive(Debug, Clone, Default)]
+pub struct Recorded {
+    /// Every byte received, as received.
+    pub bytes: Vec<u8>,
+    /// The requests it read whole, in order.
+    pub requests: Vec<RecordedRequest>,
+    /// Why it stopped reading: what was not strictly HTTP/1.1 (it then closed the
+    /// connection without answering).
+    pub malformed: Option<String>,
+    /// The connection has ended (either side closed it).
+    pub closed: bool,
+}
+
+/// One request a [`RecordingBackend`] read whole.
+#[derive(Debug, Clone)]
+pub struct RecordedRequest {
+    /// The request line and header lines, without the final empty line.
+    pub head: String,
+    /// The body, de-chunked when it came chunked.
+    pub body: Vec<u8>,
+}
+
+impl RecordedRequest {
+    /// The values of header `name` (any case), in order.
+    pub fn header(&self, name: &str) -> Vec<String> {
+        self.head
+            .split("\r\n")
+            .skip(1)
+            .filter_map(|l| l.split_once(':'))
+            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.trim().to_string())
+            .collect()
+    }
+
+    /// The request line.
+    pub fn line(&self) -> &str {
+        self.head.split("\r\n").next().unwrap_or("")
+    }
+}
+
+/// A strict HTTP/1.1 server on a raw socket that records the exact bytes it receives per
+/// connection and answers every request it reads whole with the same raw `answer`. It
+/// accepts only what RFC 9112 allows a proxy to send (CRLF line ends, token methods and
+/// header names, no control characters, one `Host`, at most one valid `Content-Length`,
+/// `Transfer-Encoding` exactly `chunked` and never with `Content-Length`, a well-formed
+/// chunked body); anything else is recorded as `malformed` and the connection closed.
+pub struct RecordingBackend {
+    pub addr: SocketAddr,
+    conns: Arc<Mutex<Vec<Arc<Mutex<Recorded>>>>>,
+}
+
+impl RecordingBackend {
+    /// Answers each request with `answer` and keeps the connection open.
+    pub async fn start(answer: &[u8]) -> RecordingBackend {
+        RecordingBackend::start_with(answer, false).await
+    }
+
+    /// Answers each request with `answer`, then closes the connection when `close`.
+    pub async fn start_with(answer: &[u8], close: bool) -> RecordingBackend {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let conns: Arc<Mutex<Vec<Arc<Mutex<Recorded>>>>> = Arc::default();
+        let answer: Arc<[u8]> = answer.into();
+        let all = conns.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = l.accept().await else { return };
+                let rec = Arc::new(Mutex::new(Recorded::default()));
+                all.lock().unwrap().push(rec.clone());
+                let answer = answer.clone();
+                tokio::spawn(async move {
+                    let mut pending = Vec::new();
+                    let mut buf = vec![0u8; 16 * 1024];
+                    'conn: loop {
+                        loop {
+                            match strict_request(&pending) {
+                                Ok(Some((req, used))) => {
+                                    pending.drain(..used);
+                                    rec.lock().unwrap().requests.push(req);
+                                    if s.write_all(&answer).await.is_err() || close {
+                                        break 'conn;
+                                    }
+                                }
+                                Ok(None) => break,
+                                Err(why) => {
+                                    rec.lock().unwrap().malformed = Some(why);
+                                    break 'conn;
+                                }
+                            }
+                        }
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                rec.lock().unwrap().bytes.extend_from_slice(&buf[..n]);
+                                pending.extend_from_slice(&buf[..n]);
+                            }
+                        }
+                    }
+                    drop(s);
+                    rec.lock().unwrap().closed = true;
+                });
+            }
+        });
+        RecordingBackend { addr, conns }
+    }
+
+    /// What each connection so far saw, in the order they were accepted.
+    pub fn connections(&self) -> Vec<Recorded> {
+        self.conns.lock().unwrap().iter().map(|c| c.lock().unwrap().clone()).collect()
+    }
+
+    /// Every request read whole, over all connections.
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        self.connections().into_iter().flat_map(|c| c.requests).collect()
+    }
+
+    /// Waits until every connection so far has ended.
+    pub async fn wait_all_closed(&self) {
+        wait_until("every backend connection is closed", Duration::from_secs(10), || {
+            self.connections().iter().all(|c| c.closed)
+        })
+        .await;
+    }
+}
+
+/// One strictly valid request at the start of `b`: `Ok(None)` while it is incomplete, with
+/// the bytes it took.
+fn strict_request(b: &[u8]) -> Result<Option<(RecordedRequest, usize)>, String> {
+    let Some(end) = b.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return match b.iter().position(|&c| c == b'\n') {
+            Some(i) if i == 0 || b[i - 1] != b'\r' => Err("bare LF in the head".into()),
+            _ => Ok(None),
+        };
+    };
+    let head = &b[..end];
+    if let Some(c) = head.iter().find(|&&c| (c < 0x20 && c != b'\r' && c != b'\n' && c != b'\t') || c == 0x7f) {
+        return Err(format!("control character {c:#04x} in the head"));
+    }
+    let head = std::str::from_utf8(head).map_err(|_| "head is not UTF-8".to_string())?;
+    let mut lines = head.split("\r\n");
+    let line = lines.next().unwrap_or("");
+    let parts: Vec<&str> = line.split(' ').collect();
+    let tchar = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+    if parts.len() != 3 || parts[0].is_empty() || !parts[0].chars().all(tchar) || parts[2] != "HTTP/1.1" {
+        return Err(format!("bad request line {line:?}"));
+    }
+    if !(parts[1].starts_with('/') || (parts[0] == "OPTIONS" && parts[1] == "*")) || parts[1].contains(['\t', '#']) {
+        return Err(format!("a proxy sends origin-form targets, not {:?}", parts[1]));
+    }
+    let (mut hosts, mut lengths, mut codings) = (0, Vec::new(), Vec::new());
+    for l in lines {
+        if l.contains('\n') || l.contains('\r') {
+            return Err(format!("bare CR or LF in {l:?}"));
+        }
+        let Some((name, value)) = l.split_once(':') else { return Err(format!("header line without colon {l:?}")) };
+        if name.is_empty() || !name.chars().all(tchar) {
+            return Err(format!("bad header name {name:?}"));
+        }
+        let value = value.trim_matches([' ', '\t']);
+        match name.to_ascii_lowercase().as_str() {
+            "host" => hosts += 1,
+            "content-length" => lengths.push(value.to_string()),
+            "transfer-encoding" => codings.push(value.to_string()),
+            _ => {}
+        }
+    }
+    if hosts != 1 {
+        return Err(format!("{hosts} Host headers"));
+    }
+    let start = end + 4;
+    let (body, used) = match (&lengths[..], &codings[..]) {
+        ([], []) => (Vec::new(), start),
+        ([n], []) => {
+            if n.is_empty() || !n.bytes().all(|c| c.is_ascii_digit()) || n.len() > 15 {
+                return Err(format!("bad Content-Length {n:?}"));
+            }
+            let n: usize = n.parse().unwrap();
+            if b.len() < start + n {
+                return Ok(None);
+            }
+            (b[start..start + n].to_vec(), start + n)
+        }
+        ([], [te]) if te == "chunked" => match strict_chunked(&b[start..])? {
+            Some((body, used)) => (body, start + used),
+            None => return Ok(None),
+        },
+        _ => return Err(format!("framing Content-Length {lengths:?}, Transfer-Encoding {codings:?}")),
+    };
+    Ok(Some((RecordedRequest { head: head.to_string(), body }, used)))
+}
+
+/// A strictly valid chunked body (extensions allowed, trailers allowed) at the start of
+/// `b`, de-chunked, with the bytes it took; `Ok(None)` while incomplete.
+fn strict_chunked(b: &[u8]) -> Result<Option<(Vec<u8>, usize)>, String> {
+    let mut body = Vec::new();
+    let mut at = 0;
+    loop {
+        let Some(eol) = b[at..].windows(2).position(|w| w == b"\r\n") else { return Ok(None) };
+        let line = std::str::from_utf8(&b[at..at + eol]).map_err(|_| "chunk line is not UTF-8".to_string())?;
+        let size = line.split(';').next().unwrap_or("");
+        if size.is_empty() || size.len() > 15 || !size.bytes().all(|c| c.is_ascii_hexdigit()) {
+            return Err(format!("bad chunk size line {line:?}"));
+        }
+        let size = usize::from_str_radix(size, 16).unwrap();
+        at += eol + 2;
+        if size == 0 {
+            // Trailer fields, then the empty line.
+            loop {
+                let Some(eol) = b[at..].windows(2).position(|w| w == b"\r\n") else { return Ok(None) };
+                let line = &b[at..at + eol];
+                at += eol + 2;
+                if line.is_empty() {
+                    return Ok(Some((body, at)));
+                }
+                if !line.contains(&b':') {
+                    return Err(format!("bad trailer line {:?}", String::from_utf8_lossy(line)));
+                }
+            }
+        }
+        if b.len() < at + size + 2 {
+            return Ok(None);
+        }
+        body.extend_from_slice(&b[at..at + size]);
+        if &b[at + size..at + size + 2] != b"\r\n" {
+            return Err("chunk data not followed by CRLF".into());
+        }
+        at += size + 2;
+    }
+}

@@ -1,0 +1,43 @@
+//! Tether's HTTP/1.1 wire format (RFC 9112): request and response heads with the framing
+//! of the body that follows them, and the chunked transfer coding. No I/O and no
+//! allocation: a parsed head is byte ranges ([`Span`]s) into the caller's buffer, so it can
+//! live in pooled per-request state beside that buffer, and the data path forwards a
+//! head by copying ranges with its own edits rather than building a map.
+//!
+//! The syntax of a head (method and field-name tokens, field-value bytes, the version) is
+//! checked by `httparse`, the field's standard parser; this module adds what a proxy
+//! must decide on top of it, more strictly than a server would, because two parsers that
+//! disagree about where a message ends are how requests are smuggled:
+//!
+//! - Line ends are CRLF only. A bare LF anywhere in a head or in chunked framing is an
+//!   error (RFC 9112 section 2.2 allows accepting it; a proxy that did would read framing
+//!   differently from a backend that does not). Obsolete line folding is an error.
+//! - A request's body is framed by Transfer-Encoding or Content-Length, never both: a
+//!   request with both is refused (section 6.3 allows this), as is an HTTP/1.0 request
+//!   with Transfer-Encoding, a Transfer-Encoding whose last coding is not `chunked`
+//!   (400), and any coding but `chunked` (501, section 6.1). Content-Length must be
+//!   digits only; several values must all be equal.
+//! - A response with Transfer-Encoding is framed by it alone and its Content-Length is
+//!   dropped; one whose Transfer-Encoding does not end in `chunked` runs until the
+//!   backend closes. Differing Content-Length values in a response are an error.
+//! - Limits: a head longer than the limit is 431 (or 414 when it is the request target
+//!   that is too long), more than [`MAX_FIELDS`] fields 431.
+
+pub mod chunked;
+mod fields;
+pub mod request;
+pub mod response;
+
+pub use fields::{Field, Fields, Known, Span, MAX_FIELDS};
+
+/// Finds a bare LF (one not preceded by CR) in `head`.
+fn has_bare_lf(head: &[u8]) -> bool {
+    let mut prev = 0u8;
+    for &b in head {
+        if b == b'\n' && prev != b'\r' {
+            return true;
+        }
+        prev = b;
+    }
+    false
+}
