@@ -17,13 +17,15 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion};
 use http::{HeaderMap, HeaderValue, Uri};
 use tether::affinity::hash::key_hash128;
+use tether::affinity::keys::http_set_cookies;
 use tether::affinity::stick_table::StickTable;
 use tether::affinity::token::{KeyRing, Token, Version};
 use tether::affinity::verdict::Verdict;
+use tether::affinity::H1Keys;
 use tether::balance::Balancer;
 use tether::config::{Algorithm, KeySource, Mapping, TokenVersion};
 
-use fixture::{affinity, client, header, Fixture, KEY};
+use fixture::{affinity, client, h1_request, header, parse_h1, Fixture, KEY};
 
 /// A short group: 0.5 s warm-up, 2 s measurement, 30 samples.
 fn group<'a>(c: &'a mut Criterion, name: &str) -> BenchmarkGroup<'a, criterion::measurement::WallTime> {
@@ -62,6 +64,12 @@ fn decide(c: &mut Criterion) {
     h.insert(http::header::COOKIE, f.cookie_header(&first));
     assert_hit_allocates_nothing(&f, &h, &uri, now);
     g.bench_function("cookie_hit", |bench| bench.iter(|| black_box(f.decide(black_box(&h), &uri, ip, now))));
+    // The same request as a head of Tether's HTTP/1 codec (parsed once, before the loop).
+    let bytes = h1_request(&uri.to_string(), &[("Cookie", h[http::header::COOKIE].to_str().unwrap())]);
+    let head = parse_h1(&bytes);
+    let keys = H1Keys::new(&bytes, &head);
+    assert_eq!(alloc::allocations_during(|| f.decide_keys(&keys, ip, now)).0, 0);
+    g.bench_function("cookie_hit_h1", |bench| bench.iter(|| black_box(f.decide_keys(black_box(&keys), ip, now))));
     // The same with a pool issuing version 2 tokens (AES-256-GCM-SIV).
     let mut v2 = fixture::cookie();
     v2.cookie.token_version = TokenVersion::V2;
@@ -99,7 +107,7 @@ fn decide(c: &mut Criterion) {
     let f = Fixture::new(affinity(vec![KeySource::AppCookie("JSESSIONID".into())], Mapping::Table));
     let mut response = HeaderMap::new();
     response.insert(http::header::SET_COOKIE, HeaderValue::from_static("JSESSIONID=abc123; Path=/"));
-    f.affinity.learn(&response, 1);
+    f.affinity.learn(http_set_cookies(&response), 1);
     let h = header("cookie", "theme=dark; JSESSIONID=abc123");
     assert_eq!(f.decide(&h, &uri, ip, now).backend(), Some(1));
     assert_hit_allocates_nothing(&f, &h, &uri, now);

@@ -12,7 +12,7 @@ use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use http::{Method, Uri, Version};
+use http::Version;
 
 use crate::config::{self, LogFormat};
 use crate::line_writer::LineWriter;
@@ -39,9 +39,11 @@ pub struct Record<'a> {
     pub start_millis: u64,
     pub client: SocketAddr,
     pub listener: &'a str,
-    pub method: &'a Method,
-    pub uri: &'a Uri,
-    pub version: Version,
+    pub method: &'a str,
+    /// The request target as the client sent it.
+    pub uri: &'a str,
+    /// `HTTP/1.1` and the like ([`version`] names hyper's versions).
+    pub version: &'a str,
     pub status: u16,
     pub pool: Option<&'a str>,
     pub backend: Option<&'a str>,
@@ -85,7 +87,7 @@ impl AccessLog {
     pub fn write(&self, r: &Record<'_>) {
         let Some(out) = &self.out else { return };
         // Room for the whole line up front: a doubled buffer would double what the queue holds.
-        let uri = r.uri.path_and_query().map_or(0, |p| p.as_str().len()).min(MAX_URI);
+        let uri = r.uri.len().min(MAX_URI);
         let mut line = String::with_capacity(384 + uri);
         match self.format {
             LogFormat::Json => format_json(&mut line, r),
@@ -97,7 +99,8 @@ impl AccessLog {
     }
 }
 
-fn version(v: Version) -> &'static str {
+/// The text of an HTTP version, as access log lines carry it.
+pub fn version(v: Version) -> &'static str {
     match v {
         Version::HTTP_09 => "HTTP/0.9",
         Version::HTTP_10 => "HTTP/1.0",
@@ -118,14 +121,8 @@ pub fn format_text(s: &mut String, r: &Record<'_>) {
     crate::time::write_rfc3339(s, r.start_millis);
     let _ = write!(s, " {} {} \"{} ", r.client, r.listener, r.method);
     push_uri(s, r.uri, false);
-    let _ = write!(
-        s,
-        " {}\" {} pool={} backend={}",
-        version(r.version),
-        r.status,
-        r.pool.unwrap_or("-"),
-        r.backend.unwrap_or("-")
-    );
+    let _ =
+        write!(s, " {}\" {} pool={} backend={}", r.version, r.status, r.pool.unwrap_or("-"), r.backend.unwrap_or("-"));
     match r.upstream {
         Some(u) => {
             let _ = write!(s, " upstream_ms={:.3}", millis(u));
@@ -151,11 +148,11 @@ pub fn format_json(s: &mut String, r: &Record<'_>) {
     let _ = write!(s, "\",\"client\":\"{}\",\"listener\":", r.client);
     push_json_str(s, r.listener);
     let _ = write!(s, ",\"method\":");
-    push_json_str(s, r.method.as_str());
+    push_json_str(s, r.method);
     s.push_str(",\"uri\":\"");
     push_uri(s, r.uri, true);
     s.push('"');
-    let _ = write!(s, ",\"protocol\":\"{}\",\"status\":{}", version(r.version), r.status);
+    let _ = write!(s, ",\"protocol\":\"{}\",\"status\":{}", r.version, r.status);
     s.push_str(",\"pool\":");
     push_json_opt(s, r.pool);
     s.push_str(",\"backend\":");
@@ -176,10 +173,9 @@ pub fn format_json(s: &mut String, r: &Record<'_>) {
 
 /// The URI, escaped, cut after [`MAX_URI`] bytes (at a character boundary) with `...`
 /// marking the cut.
-fn push_uri(s: &mut String, uri: &Uri, json: bool) {
-    let text = uri.to_string();
+fn push_uri(s: &mut String, text: &str, json: bool) {
     if text.len() <= MAX_URI {
-        push_escaped(s, &text, json);
+        push_escaped(s, text, json);
         return;
     }
     let mut end = MAX_URI;
@@ -227,14 +223,14 @@ mod tests {
     use super::*;
     use std::sync::mpsc;
 
-    fn record<'a>(method: &'a Method, uri: &'a Uri) -> Record<'a> {
+    fn record<'a>(method: &'a str, uri: &'a str) -> Record<'a> {
         Record {
             start_millis: 1_795_341_845_123,
             client: "127.0.0.1:5000".parse().unwrap(),
             listener: "web",
             method,
             uri,
-            version: Version::HTTP_11,
+            version: "HTTP/1.1",
             status: 200,
             pool: Some("shop"),
             backend: Some("app-1"),
@@ -249,9 +245,9 @@ mod tests {
 
     #[test]
     fn text_line_has_every_field() {
-        let (m, u) = (Method::GET, Uri::from_static("/cart?id=1"));
+        let (m, u) = ("GET", "/cart?id=1");
         let mut s = String::new();
-        format_text(&mut s, &record(&m, &u));
+        format_text(&mut s, &record(m, u));
         assert_eq!(
             s,
             "2026-11-22T10:04:05.123Z 127.0.0.1:5000 web \"GET /cart?id=1 HTTP/1.1\" 200 pool=shop backend=app-1 \
@@ -261,8 +257,8 @@ mod tests {
 
     #[test]
     fn json_line_parses_and_escapes() {
-        let (m, u) = (Method::POST, Uri::from_static("/a%22b"));
-        let mut r = record(&m, &u);
+        let (m, u) = ("POST", "/a%22b");
+        let mut r = record(m, u);
         r.error = Some("backend \"x\"\n");
         r.upstream = None;
         let mut s = String::new();
@@ -280,23 +276,23 @@ mod tests {
         // Reproduction: a 64 KiB request target (hyper accepts that much) used to be
         // logged whole, 64 KiB per queued line.
         let long = format!("/{}?q=1", "a".repeat(64 * 1024 - 8));
-        let (m, u) = (Method::GET, Uri::try_from(long.as_str()).unwrap());
+        let (m, u) = ("GET", long.as_str());
         let mut text = String::new();
-        format_text(&mut text, &record(&m, &u));
+        format_text(&mut text, &record(m, u));
         let logged = text.split(' ').nth(4).unwrap();
         assert_eq!(logged.len(), MAX_URI + 3, "{}", &text[..200]);
         assert!(logged.starts_with("/aaaa") && logged.ends_with("a..."), "{logged}");
         assert!(text.len() < MAX_URI + 300);
         let mut json = String::new();
-        format_json(&mut json, &record(&m, &u));
+        format_json(&mut json, &record(m, u));
         let v: serde_json::Value = serde_json::from_str(&json).unwrap();
         let uri = v["uri"].as_str().unwrap();
         assert_eq!(uri.len(), MAX_URI + 3);
         assert!(uri.ends_with("a..."));
         // A URI within the bound is logged as it is, without the mark.
-        let (m, u) = (Method::GET, Uri::try_from(&long[..MAX_URI]).unwrap());
+        let (m, u) = ("GET", &long[..MAX_URI]);
         let mut text = String::new();
-        format_text(&mut text, &record(&m, &u));
+        format_text(&mut text, &record(m, u));
         assert_eq!(text.split(' ').nth(4).unwrap(), &long[..MAX_URI]);
     }
 
@@ -338,13 +334,13 @@ mod tests {
         let out = Stalled { entered: entered_tx, release: release_rx, got: Vec::new(), done: done_tx };
         let queue = 4;
         let log = AccessLog::start(LogFormat::Text, Box::new(out), queue).unwrap();
-        let (m, u) = (Method::GET, Uri::from_static("/first"));
-        log.write(&record(&m, &u));
+        let (m, u) = ("GET", "/first");
+        log.write(&record(m, u));
         // The writer thread took the first line and is now stuck writing it.
         entered.recv_timeout(Duration::from_secs(10)).expect("the writer reached its output");
-        let (m, u) = (Method::GET, Uri::from_static("/queued"));
+        let (m, u) = ("GET", "/queued");
         for _ in 0..queue + 3 {
-            log.write(&record(&m, &u));
+            log.write(&record(m, u));
         }
         assert_eq!(log.dropped(), 3, "the queue holds {queue} lines; the rest must be dropped");
         // Unstuck, the writer writes what was queued and ends when the log is dropped.

@@ -51,6 +51,8 @@ pub struct Upstream {
     connect_timeout: Duration,
     idle_timeout: Duration,
     idle: Mutex<Vec<Idle>>,
+    /// Idle connections of the native HTTP/1 path: plain sockets, most recent last.
+    native_idle: Mutex<Vec<(TcpStream, Instant)>>,
 }
 
 #[derive(Debug)]
@@ -108,6 +110,7 @@ impl Upstream {
             connect_timeout: timeouts.connect,
             idle_timeout: timeouts.backend_idle,
             idle: Mutex::new(Vec::new()),
+            native_idle: Mutex::new(Vec::new()),
         }
     }
 
@@ -161,6 +164,53 @@ impl Upstream {
         sender.ready().await.map_err(ConnectError::Handshake)?;
         Ok(sender)
     }
+}
+
+// === the native path's connections ===
+
+impl Upstream {
+    /// An idle socket of the native path that is still open and has nothing unread, most
+    /// recently used first. One the backend closed, or that it sent something on while
+    /// idle, or that has been idle for `backend_idle`, is dropped.
+    pub fn take_native(&self) -> Option<TcpStream> {
+        let now = Instant::now();
+        loop {
+            let (stream, since) = self.native_idle.lock().unwrap_or_else(|e| e.into_inner()).pop()?;
+            if now.duration_since(since) < self.idle_timeout && quiet(&stream) {
+                return Some(stream);
+            }
+        }
+    }
+
+    /// Keeps a native-path socket whose last response was read to the end.
+    pub fn put_native(&self, stream: TcpStream) {
+        let mut idle = self.native_idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < MAX_IDLE {
+            idle.push((stream, Instant::now()));
+        }
+    }
+
+    /// Opens a new socket to the backend within the connect timeout.
+    pub async fn connect_native(&self) -> Result<TcpStream, ConnectError> {
+        let stream = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.address)).await {
+            Err(_) => return Err(ConnectError::Timeout(self.connect_timeout)),
+            Ok(Err(e)) => return Err(ConnectError::Io(e)),
+            Ok(Ok(s)) => s,
+        };
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+}
+
+/// An idle socket is usable when reading it would block: it is neither closed nor holding
+/// bytes nobody asked for.
+fn quiet(stream: &TcpStream) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut byte = [0u8; 1];
+    // SAFETY: `byte` is valid for writes of one byte, and the descriptor is open while
+    // `stream` is borrowed.
+    let n = unsafe { libc::recv(stream.as_raw_fd(), byte.as_mut_ptr().cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
+    n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock
 }
 
 /// A request body as it goes to a backend: the client's, streamed, or none for a request

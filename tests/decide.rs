@@ -9,12 +9,13 @@ mod fixture;
 use std::time::Duration;
 
 use http::{HeaderMap, Uri};
+use tether::affinity::keys::{h1_set_cookies, http_set_cookies};
 use tether::affinity::token::{KeyRing, Token, Version};
 use tether::affinity::verdict::{Reason, Verdict};
 use tether::affinity::{Decision, Target};
 use tether::config::{AdminState, CheckKind, Health, KeySource, Mapping, OnUnavailable, TokenVersion};
 
-use fixture::{affinity, client, header, Fixture};
+use fixture::{affinity, client, h1_request, header, Fixture};
 
 /// A key kind and the mapping it uses.
 #[derive(Debug, Clone, Copy)]
@@ -133,31 +134,85 @@ fn pool_for(key: Key, strict: bool) -> Fixture {
     Fixture::new(a)
 }
 
+/// Which parser reads a row's requests and responses: hyper's (`HeaderMap` and `Uri`), or
+/// Tether's HTTP/1 codec over raw bytes. `shape` varies how the bytes are written.
+#[derive(Debug, Clone, Copy)]
+enum Via {
+    Http,
+    H1 { shape: usize },
+}
+
+/// Decides a request given as a header map and URI, read through `via`. As HTTP/1 bytes,
+/// field names are not in the map's lower case; with an odd `shape` the target is in
+/// absolute form, names are upper case and each cookie pair has a `Cookie` field of its own.
+fn decide_via(f: &Fixture, via: Via, headers: &HeaderMap, uri: &Uri, now: u64) -> Decision {
+    let Via::H1 { shape } = via else { return f.decide(headers, uri, client(), now) };
+    let odd = shape % 2 == 1;
+    let target = if odd { format!("http://shop.example{uri}") } else { uri.to_string() };
+    let mut fields = Vec::new();
+    for (name, value) in headers {
+        let value = value.to_str().unwrap();
+        let name = if odd {
+            name.as_str().to_ascii_uppercase()
+        } else {
+            name.as_str().split('-').map(|w| w[..1].to_ascii_uppercase() + &w[1..]).collect::<Vec<_>>().join("-")
+        };
+        if odd && name == "COOKIE" {
+            fields.extend(value.split("; ").map(|pair| (name.clone(), pair.to_string())));
+        } else {
+            fields.push((name, value.to_string()));
+        }
+    }
+    let fields: Vec<(&str, &str)> = fields.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+    f.decide_h1(&h1_request(&target, &fields), client(), now)
+}
+
+/// The backend at index `backend` answered with `Set-Cookie: set_cookie`; Tether learns
+/// from it, through `via`.
+fn learn_via(f: &Fixture, via: Via, set_cookie: &str, backend: usize) {
+    match via {
+        Via::Http => {
+            let mut response = HeaderMap::new();
+            response.insert(http::header::SET_COOKIE, set_cookie.parse().unwrap());
+            f.affinity.learn(http_set_cookies(&response), backend);
+        }
+        Via::H1 { .. } => {
+            let text = format!(
+                "HTTP/1.1 200 OK\r\nset-cookie: theme=dark\r\nContent-Length: 0\r\nSET-COOKIE: {set_cookie}\r\n\r\n"
+            );
+            let head = tether::h1::response::parse(text.as_bytes(), 64 * 1024, false).unwrap().unwrap();
+            f.affinity.learn(h1_set_cookies(text.as_bytes(), &head), backend);
+        }
+    }
+}
+
 /// Starts a session as a client would, and returns the request that carries it and the
 /// name of the backend it is pinned to.
 fn start_session(f: &Fixture, key: Key, now: u64) -> (HeaderMap, Uri, String) {
+    start_session_via(f, key, now, Via::Http)
+}
+
+fn start_session_via(f: &Fixture, key: Key, now: u64, via: Via) -> (HeaderMap, Uri, String) {
     let uri = Uri::from_static("/shop?sid=s-7731");
     let (headers, first) = match key {
         Cookie => {
-            let first = f.decide(&HeaderMap::new(), &uri, client(), now);
+            let first = decide_via(f, via, &HeaderMap::new(), &uri, now);
             assert_eq!(first.verdict, Verdict::New);
             (header("cookie", f.cookie_header(&first).to_str().unwrap()), first)
         }
         AppCookie => {
             // The application on app-2 set its session cookie; Tether learned it.
-            let mut response = HeaderMap::new();
-            response.insert(http::header::SET_COOKIE, "JSESSIONID=abc123; Path=/".parse().unwrap());
-            f.affinity.learn(&response, 1);
+            learn_via(f, via, "JSESSIONID=abc123; Path=/", 1);
             let h = header("cookie", "JSESSIONID=abc123");
-            let first = f.decide(&h, &uri, client(), now);
+            let first = decide_via(f, via, &h, &uri, now);
             (h, first)
         }
         HeaderTable | HeaderHash => {
             let h = header("x-user", "user-48213");
-            let first = f.decide(&h, &uri, client(), now);
+            let first = decide_via(f, via, &h, &uri, now);
             (h, first)
         }
-        QueryTable | IpTable | IpHash => (HeaderMap::new(), f.decide(&HeaderMap::new(), &uri, client(), now)),
+        QueryTable | IpTable | IpHash => (HeaderMap::new(), decide_via(f, via, &HeaderMap::new(), &uri, now)),
     };
     let home = f.target_name(&first).expect("the first request has a backend").to_string();
     (headers, uri, home)
@@ -207,21 +262,53 @@ fn check(f: &Fixture, d: &Decision, home: &str, expect: Expect) -> Result<(), St
     ok.then_some(()).ok_or_else(|| format!("got {:?} to {to:?} (home {home})", d.verdict))
 }
 
+/// What two runs of a row can be compared by: everything of the decision but the random
+/// parts of a token (its session id and stamps).
+type Outcome = (Verdict, Option<String>, Target, bool, bool, Option<tether::affinity::Pin>, Option<u64>);
+
+/// One row, its requests read through `via`: the outcome, or why it is not the expected one.
+fn run_row(key: Key, state: State, strict: bool, expect: Expect, via: Via) -> Result<Outcome, String> {
+    let now = tether::time::unix_millis();
+    let f = pool_for(key, strict);
+    let (headers, uri, home) = start_session_via(&f, key, now, via);
+    let (f, at) = apply(f, state, &home, now);
+    let d = decide_via(&f, via, &headers, &uri, at);
+    check(&f, &d, &home, expect)?;
+    // A moved token session keeps its id and gets a token for its new backend.
+    if let (Cookie, Move(_)) = (key, expect) {
+        assert!(d.issue.is_some() && d.session.is_some(), "{key:?} / {state:?}: moved without a new token");
+    }
+    let to = f.target_name(&d).map(str::to_string);
+    Ok((d.verdict, to, d.target, d.issue.is_some(), d.session.is_some(), d.key, d.hash))
+}
+
 #[test]
 fn every_key_kind_in_every_backend_state() {
     let mut failures = Vec::new();
     for &(key, state, strict, expect) in ROWS {
-        let now = tether::time::unix_millis();
-        let f = pool_for(key, strict);
-        let (headers, uri, home) = start_session(&f, key, now);
-        let (f, at) = apply(f, state, &home, now);
-        let d = f.decide(&headers, &uri, client(), at);
-        if let Err(e) = check(&f, &d, &home, expect) {
+        if let Err(e) = run_row(key, state, strict, expect, Via::Http) {
             failures.push(format!("{key:?} / {state:?} / strict={strict}: expected {expect:?}, {e}"));
         }
-        // A moved token session keeps its id and gets a token for its new backend.
-        if let (Cookie, Move(_)) = (key, expect) {
-            assert!(d.issue.is_some() && d.session.is_some(), "{key:?} / {state:?}: moved without a new token");
+    }
+    assert!(failures.is_empty(), "{} of {} rows failed:\n{}", failures.len(), ROWS.len(), failures.join("\n"));
+}
+
+/// The same table with every request written as raw HTTP/1.1 bytes and read by Tether's
+/// own codec (`h1::request::parse`, `H1Keys`), and the app's `Set-Cookie` read from
+/// a response head of the codec: each row must get its expected outcome, and the very same
+/// decision as through hyper's types.
+#[test]
+fn every_row_decides_the_same_from_http1_bytes() {
+    let mut failures = Vec::new();
+    for (shape, &(key, state, strict, expect)) in ROWS.iter().enumerate() {
+        let row = format!("{key:?} / {state:?} / strict={strict} / shape {shape}");
+        let h1 = run_row(key, state, strict, expect, Via::H1 { shape });
+        let http = run_row(key, state, strict, expect, Via::Http);
+        match (h1, http) {
+            (Ok(a), Ok(b)) if a == b => {}
+            (Ok(a), Ok(b)) => failures.push(format!("{row}: h1 decided {a:?}, hyper's types {b:?}")),
+            (Err(e), _) => failures.push(format!("{row}: expected {expect:?} over h1, {e}")),
+            (_, Err(e)) => failures.push(format!("{row}: expected {expect:?} over hyper's types, {e}")),
         }
     }
     assert!(failures.is_empty(), "{} of {} rows failed:\n{}", failures.len(), ROWS.len(), failures.join("\n"));
@@ -387,7 +474,7 @@ fn a_flood_of_one_kind_of_key_leaves_the_other_kinds_alone() {
     for n in 0..20 {
         let mut response = HeaderMap::new();
         response.insert(http::header::SET_COOKIE, format!("JSESSIONID=s{n}; Path=/").parse().unwrap());
-        f.affinity.learn(&response, n % 3);
+        f.affinity.learn(http_set_cookies(&response), n % 3);
     }
     let users: Vec<_> = (0..20)
         .map(|n| {

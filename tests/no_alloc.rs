@@ -11,12 +11,14 @@ mod alloc;
 mod fixture;
 
 use http::{HeaderMap, HeaderValue, Uri};
+use tether::affinity::keys::http_set_cookies;
 use tether::affinity::token::{Key, KeyRing, OpenError, Token, Version};
 use tether::affinity::verdict::Verdict;
+use tether::affinity::{H1Keys, HttpKeys, RequestKeys};
 use tether::config::{KeySource, Mapping, TokenVersion};
 
 use alloc::{allocations, allocations_during};
-use fixture::{affinity, client, header, Fixture};
+use fixture::{affinity, client, h1_request, header, parse_h1, Fixture};
 
 const CALLS: usize = 1000;
 
@@ -27,13 +29,18 @@ fn now_ms() -> u64 {
 /// Warms the path up with one decision, then asserts that `CALLS` more allocate nothing
 /// and all hit the same backend.
 fn assert_hits_without_allocating(f: &Fixture, headers: &HeaderMap, uri: &Uri, now: u64) {
-    let warm = f.decide(headers, uri, client(), now);
+    assert_keys_hit_without_allocating(f, &HttpKeys::new(headers, uri), now);
+}
+
+/// The same for a request read through any [`RequestKeys`].
+fn assert_keys_hit_without_allocating(f: &Fixture, request: &impl RequestKeys, now: u64) {
+    let warm = f.decide_keys(request, client(), now);
     assert_eq!(warm.verdict, Verdict::Hit, "warm-up was not a hit: {warm:?}");
     assert!(warm.issue.is_none(), "warm-up wants a Set-Cookie: {warm:?}");
     let (n, same) = allocations_during(|| {
         let mut same = true;
         for _ in 0..CALLS {
-            let d = f.decide(headers, uri, client(), now);
+            let d = f.decide_keys(request, client(), now);
             same &= d.verdict == Verdict::Hit && d.target == warm.target && d.issue.is_none();
             std::hint::black_box(&d);
         }
@@ -62,6 +69,28 @@ fn cookie_hit_without_refresh() {
     h.insert(http::header::COOKIE, f.cookie_header(&first));
     // Same `now` as the issue: the token is fresh, so no refresh is due.
     assert_hits_without_allocating(&f, &h, &uri, now);
+}
+
+/// The same request as raw HTTP/1.1 bytes read by Tether's codec: Tether's cookie in the
+/// second `Cookie` field, the target in absolute form. The head is parsed once; deciding
+/// over it allocates nothing.
+#[test]
+fn cookie_hit_over_an_h1_head() {
+    for version in [TokenVersion::V1, TokenVersion::V2] {
+        let mut a = fixture::cookie();
+        a.cookie.token_version = version;
+        let f = Fixture::new(a);
+        let now = now_ms();
+        let first = f.decide(&HeaderMap::new(), &Uri::from_static("/account"), client(), now);
+        let cookie = f.cookie_header(&first);
+        let tether = cookie.to_str().unwrap().split("; ").nth(1).unwrap();
+        let bytes = h1_request(
+            "http://shop.example/account?x=1",
+            &[("cookie", "lang=en"), ("Accept", "*/*"), ("COOKIE", &format!("a=1; {tether}"))],
+        );
+        let head = parse_h1(&bytes);
+        assert_keys_hit_without_allocating(&f, &H1Keys::new(&bytes, &head), now);
+    }
 }
 
 /// The same with a pool issuing version 2 tokens.
@@ -144,7 +173,7 @@ fn app_cookie_hit() {
     // Backend 2 answered with its session cookie; the balancer learns it.
     let mut response = HeaderMap::new();
     response.insert(http::header::SET_COOKIE, HeaderValue::from_static("JSESSIONID=abc123; Path=/"));
-    f.affinity.learn(&response, 2);
+    f.affinity.learn(http_set_cookies(&response), 2);
     let h = header("cookie", "theme=dark; JSESSIONID=abc123");
     let uri = Uri::from_static("/shop/checkout");
     assert_eq!(f.decide(&h, &uri, client(), now_ms()).backend(), Some(2));

@@ -16,6 +16,7 @@
 pub(crate) mod cookies;
 pub(crate) mod explain;
 pub mod hash;
+pub mod keys;
 pub(crate) mod maglev;
 pub mod stick_table;
 pub mod token;
@@ -26,11 +27,12 @@ use std::net::IpAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use http::{HeaderMap, Uri};
+use http::HeaderMap;
 
 use crate::backend::{Backend, Group};
 use crate::config::{self, AdminState, KeySource, Mapping, OnUnavailable};
 use cookies::CookieAttrs;
+pub use keys::{H1Keys, HttpKeys, RequestKeys};
 use maglev::Maglev;
 use stick_table::StickTable;
 use token::{KeyRing, Token, TokenString, Version};
@@ -316,11 +318,13 @@ impl PoolAffinity {
 
     /// Decides where a request goes: the first key of the chain that the request carries
     /// and that leads somewhere decides. `now_ms` is wall-clock Unix milliseconds.
-    pub fn decide(
+    ///
+    /// `request` is what the chain reads of the request: [`HttpKeys`] for a request
+    /// hyper parsed, [`H1Keys`] for a head of Tether's own codec.
+    pub fn decide<R: RequestKeys + ?Sized>(
         &self,
         group: &Group<'_>,
-        headers: &HeaderMap,
-        uri: &Uri,
+        request: &R,
         client_ip: IpAddr,
         now_ms: u64,
     ) -> Decision {
@@ -330,9 +334,9 @@ impl PoolAffinity {
             // `None`: the request does not carry this key, or carries a token that does
             // not open or has expired; the next key decides.
             let decided = match key {
-                KeySource::Cookie => self.by_token(group, headers, now_ms, &mut why_new),
-                KeySource::AppCookie(name) => self.by_app_cookie(group, headers, uri, name, now_ms),
-                _ => self.by_key(group, key, headers, uri, client_ip, why_new, now_ms),
+                KeySource::Cookie => self.by_token(group, request, now_ms, &mut why_new),
+                KeySource::AppCookie(name) => self.by_app_cookie(group, request, name, now_ms),
+                _ => self.by_key(group, key, request, client_ip, why_new, now_ms),
             };
             if let Some(d) = decided {
                 return d;
@@ -368,8 +372,14 @@ impl PoolAffinity {
     /// setup (IP masks, timeout divisions) is hoisted above the key loop and paid on every
     /// request, whichever key it carries (callgrind: +2% to +20% instructions per decide).
     #[inline(never)]
-    fn by_token(&self, group: &Group<'_>, headers: &HeaderMap, now_ms: u64, why_new: &mut Verdict) -> Option<Decision> {
-        let (value, ring) = (cookie_value(headers, &self.attrs.name)?, self.keyring.as_ref()?);
+    fn by_token<R: RequestKeys + ?Sized>(
+        &self,
+        group: &Group<'_>,
+        request: &R,
+        now_ms: u64,
+        why_new: &mut Verdict,
+    ) -> Option<Decision> {
+        let (value, ring) = (request.cookie(&self.attrs.name)?, self.keyring.as_ref()?);
         let token = match ring.open(value) {
             Ok(t) if t.pool.is_none_or(|p| p == self.pool_id) => t,
             _ => {
@@ -399,15 +409,14 @@ impl PoolAffinity {
     /// The application's session id, learned from its `Set-Cookie`. An id this table has
     /// not learned (yet) says nothing: later keys may know the client.
     #[inline(never)]
-    fn by_app_cookie(
+    fn by_app_cookie<R: RequestKeys + ?Sized>(
         &self,
         group: &Group<'_>,
-        headers: &HeaderMap,
-        uri: &Uri,
+        request: &R,
         name: &str,
         now_ms: u64,
     ) -> Option<Decision> {
-        let value = app_session(headers, uri, name)?;
+        let value = app_session(request, name)?;
         let k = Pin { key: hash::key_hash128(&self.pool, "app_cookie", value.as_bytes()), kind: PinKind::AppCookie };
         match self.lookup_table(group.backends, k, now_ms)? {
             Ok(i) => Some(Decision { key: Some(k), ..Decision::to(Target::Use(i), Verdict::Hit) }),
@@ -419,24 +428,22 @@ impl PoolAffinity {
     /// stick table (where a key seen for the first time is learned at placement, with the
     /// verdict `why_new`).
     #[inline(never)]
-    #[allow(clippy::too_many_arguments)]
-    fn by_key(
+    fn by_key<R: RequestKeys + ?Sized>(
         &self,
         group: &Group<'_>,
         key: &KeySource,
-        headers: &HeaderMap,
-        uri: &Uri,
+        request: &R,
         client_ip: IpAddr,
         why_new: Verdict,
         now_ms: u64,
     ) -> Option<Decision> {
         let mut ip_buf = [0u8; 16];
         let value: &[u8] = match key {
-            KeySource::Header(name) => match headers.get(name.as_str()) {
-                Some(v) if !v.is_empty() => v.as_bytes(),
+            KeySource::Header(name) => match request.header(name) {
+                Some(v) if !v.is_empty() => v,
                 _ => return None,
             },
-            KeySource::Query(name) => match uri.query().and_then(|q| cookies::find_query_param(q, name)) {
+            KeySource::Query(name) => match request.query().and_then(|q| cookies::find_query_param(q, name)) {
                 Some(v) if !v.is_empty() => v.as_bytes(),
                 _ => return None,
             },
@@ -582,18 +589,21 @@ impl PoolAffinity {
         self.attrs.render(sealed.as_str())
     }
 
-    /// Learns the application's session cookie from a backend's response.
-    pub fn learn(&self, response: &HeaderMap, backend: usize) {
-        for key in &self.cfg.keys {
-            let KeySource::AppCookie(name) = key else { continue };
-            for v in response.get_all(http::header::SET_COOKIE) {
-                let Ok(v) = v.to_str() else { continue };
-                match cookies::set_cookie_name_value(v) {
-                    Some((n, value)) if n == name && !value.is_empty() => {
-                        let k = hash::key_hash128(&self.pool, "app_cookie", value.as_bytes());
-                        self.store.insert(Pin { key: k, kind: PinKind::AppCookie }, self.ids[backend]);
-                    }
-                    _ => {}
+    /// Learns the application's session cookie from a backend's response, given the
+    /// values of its `Set-Cookie` fields ([`keys::http_set_cookies`] for a response hyper
+    /// parsed, [`keys::h1_set_cookies`] for one of Tether's codec). A value that is not
+    /// text (see [`keys::header_text`]) is skipped.
+    pub fn learn<'v>(&self, set_cookies: impl IntoIterator<Item = &'v [u8]>, backend: usize) {
+        for v in set_cookies {
+            let Some((n, value)) = keys::header_text(v).and_then(cookies::set_cookie_name_value) else { continue };
+            if value.is_empty() {
+                continue;
+            }
+            // Every app_cookie key of that name (the pin does not depend on the name).
+            for key in &self.cfg.keys {
+                if matches!(key, KeySource::AppCookie(name) if name == n) {
+                    let k = hash::key_hash128(&self.pool, "app_cookie", value.as_bytes());
+                    self.store.insert(Pin { key: k, kind: PinKind::AppCookie }, self.ids[backend]);
                 }
             }
         }
@@ -616,19 +626,16 @@ impl PoolAffinity {
 
 /// The value of cookie `name` in any of the request's `Cookie` headers.
 pub fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers
-        .get_all(http::header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .find_map(|v| cookies::find_cookie(v, name))
+    keys::cookie_in(headers.get_all(http::header::COOKIE).iter().map(|v| v.as_bytes()), name)
 }
 
 /// An application session id: its cookie, a `;name=` path parameter (as servlet
 /// containers write `;jsessionid=`), or a query parameter of the same name.
-fn app_session<'a>(headers: &'a HeaderMap, uri: &'a Uri, name: &str) -> Option<&'a str> {
-    cookie_value(headers, name)
-        .or_else(|| cookies::find_path_param(uri.path(), name))
-        .or_else(|| uri.query().and_then(|q| cookies::find_query_param(q, name)))
+fn app_session<'a, R: RequestKeys + ?Sized>(request: &'a R, name: &str) -> Option<&'a str> {
+    request
+        .cookie(name)
+        .or_else(|| cookies::find_path_param(request.path(), name))
+        .or_else(|| request.query().and_then(|q| cookies::find_query_param(q, name)))
         .filter(|v| !v.is_empty())
 }
 

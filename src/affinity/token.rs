@@ -39,15 +39,24 @@
 //! years. See ARCHITECTURE.md ("The token") for why this cipher and what it costs.
 //!
 //! In both versions the version byte and key id are authenticated as associated data.
-//! Sealing and opening never allocate.
+//! Sealing and opening never allocate, but for the one allocation per thread of the cache
+//! of opened tokens.
+//!
+//! Opening is cached: a browser sends the same cookie text back until Tether refreshes
+//! it, so [`KeyRing::open`] keeps, per thread, the tokens it recently opened, keyed by
+//! their exact text and the ring that opened them (`OpenCache`, whose documentation says
+//! why it cannot make a forged token open).
 
+use core::cell::RefCell;
 use core::fmt;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 use aes_gcm_siv::{Aes256GcmSiv, Nonce as SivNonce, Tag as SivTag};
 use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, URL_SAFE_NO_PAD};
 use base64::engine::DecodePaddingMode;
 use base64::{alphabet, Engine};
 use chacha20poly1305::{AeadInOut, KeyInit, Tag, XChaCha20Poly1305, XNonce};
+use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 /// A token format version.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
@@ -240,9 +249,18 @@ impl RingKey {
 }
 
 /// One or more keys: the first seals, all of them open.
+///
+/// A ring's keys never change once it is built (a reload or a rotation builds a new
+/// ring), which is what lets [`KeyRing::open`] remember what a ring opened.
 pub struct KeyRing {
     keys: Vec<RingKey>,
+    /// This ring's identity in the `OpenCache`: unique in the process, never 0.
+    id: u64,
 }
+
+/// The next [`KeyRing`] identity. 0 marks an empty cache entry, so counting starts at 1;
+/// 64 bits do not wrap.
+static NEXT_RING_ID: AtomicU64 = AtomicU64::new(1);
 
 impl fmt::Debug for KeyRing {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -282,7 +300,10 @@ impl KeyRing {
         if keys.is_empty() {
             return Err(KeyRingError::Empty);
         }
-        Ok(KeyRing { keys })
+        // The thread that builds a ring usually opens with it next: let it pay its one
+        // allocation of the cache now rather than inside its first `open`.
+        OpenCache::prepare();
+        Ok(KeyRing { keys, id: NEXT_RING_ID.fetch_add(1, Ordering::Relaxed) })
     }
 
     /// Builds a ring from base64 keys (see [`Key::from_base64`]), the first
@@ -374,12 +395,32 @@ impl KeyRing {
         Ok(TokenString { text: out, len: n as u8 })
     }
 
-    /// Opens a token string of either version. Never allocates.
+    /// Opens a token string of either version. Never allocates, except for the calling
+    /// thread's first use of the open cache if this thread built no ring.
     ///
     /// Tries the key whose fingerprint matches the token's key id first, then
     /// every other key. Expiry is not checked: see [`Token::check`]; nor is the pool a
     /// version 2 token records, which its caller compares with its own.
+    ///
+    /// A text this ring already opened on this thread is answered from a per-thread cache
+    /// without decrypting, with exactly the token decrypting gives: only texts that opened
+    /// are cached, and only a byte-equal text under the same ring hits, so the cache
+    /// cannot make a forged token open (`OpenCache` has the argument and the costs).
     pub fn open(&self, text: &str) -> Result<Token, OpenError> {
+        if text.len() != V1_STR_LEN && text.len() != V2_STR_LEN {
+            return Err(OpenError::Malformed);
+        }
+        let hash = OpenCache::hash(text);
+        if let Some(token) = OpenCache::get(self.id, text, hash) {
+            return Ok(token);
+        }
+        let token = self.decrypt(text)?;
+        OpenCache::insert(self.id, text, hash, &token);
+        Ok(token)
+    }
+
+    /// Opens a token by decoding and decrypting it: [`KeyRing::open`] without the cache.
+    fn decrypt(&self, text: &str) -> Result<Token, OpenError> {
         let version = match text.len() {
             V1_STR_LEN => Version::V1,
             V2_STR_LEN => Version::V2,
@@ -423,6 +464,160 @@ impl KeyRing {
             }
         }
         Err(OpenError::Forged)
+    }
+}
+
+/// Sets in a thread's [`OpenCache`] (a power of two).
+const CACHE_SETS: usize = 1024;
+/// Entries per set.
+const CACHE_WAYS: usize = 2;
+/// The seed of the hash that picks a set. Fixed: see [`OpenCache`] on flooding.
+const CACHE_SEED: u64 = 0x7465_7468_6572_2d63;
+
+/// The tokens this thread recently opened, so that a cookie the browser sends back
+/// unchanged is opened once, not on every request: a hit costs a hash and a compare of
+/// the text instead of a base64 decode and an AEAD open.
+///
+/// **It cannot make a forged token open.** An entry is written only after its text
+/// opened successfully under a ring, and holds that exact text, the ring's identity and
+/// the token it opened as. A lookup hits only when both the ring's identity and every byte
+/// of the text are equal, so a hit is a text that this same ring already authenticated.
+/// A ring's keys never change after it is built and opening is deterministic (the token
+/// depends on nothing but the text and the keys), so a hit returns precisely what
+/// decrypting the text again would. A text that fails to open is never stored, and a text
+/// differing from a stored one in any byte misses and is decrypted (and refused) as
+/// without a cache. Ring identities come from a process-wide counter
+/// ([`KeyRing::new`]), never from an address, so a ring built by a reload or rotation
+/// cannot see the entries of the ring it replaces, even at the same address.
+///
+/// Expiry needs nothing here: the cache returns the token with its stamps, and callers
+/// still run [`Token::check`] on it.
+///
+/// **Shape and memory.** Per thread ([`thread_local!`]), 2-way set associative, 1024 sets:
+/// 2048 entries, enough for a few thousand sessions a thread without much eviction. An
+/// entry is 176 bytes (the text, up to 110 bytes, its length, the ring's identity and the
+/// 56-byte [`Token`]); a set is two entries and a one-byte note of the way used last, 360
+/// bytes; the table is 360 KiB per thread, allocated once, the first time the thread
+/// builds a ring or opens a token (a thread that does neither pays nothing). After that
+/// a lookup, a hit, a miss and an insert never allocate.
+///
+/// **Hashing and flooding.** The set is picked by XXH3 of the text under a fixed seed. A
+/// collision only costs a miss, that is one decrypt, which is what every open cost before
+/// the cache. An attacker can fill a thread's cache only with texts that open, that is
+/// with tokens Tether issued (forged ones are never stored), and by sending many of them,
+/// or ones chosen to fall in one set, it can only evict entries: the evicted sessions pay
+/// a decrypt, as they did without a cache. It cannot make the cache return anything but
+/// what decrypting returns.
+struct OpenCache {
+    sets: Box<[CacheSet]>,
+}
+
+#[derive(Clone, Copy)]
+struct CacheSet {
+    ways: [CacheEntry; CACHE_WAYS],
+    /// The way hit or filled last: a fill replaces the other one.
+    recent: u8,
+}
+
+#[derive(Clone, Copy)]
+struct CacheEntry {
+    /// The identity of the ring that opened `text`; 0 (no ring's) while empty.
+    ring: u64,
+    /// What `text` opened as.
+    token: Token,
+    len: u8,
+    text: [u8; MAX_STR_LEN],
+}
+
+const _: () = assert!(CACHE_SETS.is_power_of_two() && CACHE_WAYS == 2);
+// The sizes the documentation gives (exact on 64-bit targets).
+const _: () = assert!(size_of::<CacheEntry>() <= 176 && size_of::<CacheSet>() <= 360);
+
+impl CacheEntry {
+    const EMPTY: CacheEntry = CacheEntry {
+        ring: 0,
+        token: Token { backend: 0, pool: None, session: [0; 16], issued: 0, last_seen: 0 },
+        len: 0,
+        text: [0; MAX_STR_LEN],
+    };
+
+    fn holds(&self, ring: u64, text: &[u8]) -> bool {
+        self.ring == ring && &self.text[..usize::from(self.len)] == text
+    }
+}
+
+thread_local! {
+    // A const initialiser: touching it before the table exists allocates nothing.
+    static OPEN_CACHE: RefCell<Option<OpenCache>> = const { RefCell::new(None) };
+}
+
+#[cfg(test)]
+thread_local! {
+    static CACHE_HITS: core::cell::Cell<u64> = const { core::cell::Cell::new(0) };
+}
+
+impl OpenCache {
+    fn new() -> OpenCache {
+        let empty = CacheSet { ways: [CacheEntry::EMPTY; CACHE_WAYS], recent: 0 };
+        OpenCache { sets: vec![empty; CACHE_SETS].into_boxed_slice() }
+    }
+
+    /// Allocates this thread's table if it has none yet.
+    fn prepare() {
+        // `try_with`: during thread teardown there is simply no cache.
+        let _ = OPEN_CACHE.try_with(|cache| {
+            cache.borrow_mut().get_or_insert_with(OpenCache::new);
+        });
+    }
+
+    fn hash(text: &str) -> u64 {
+        xxh3_64_with_seed(text.as_bytes(), CACHE_SEED)
+    }
+
+    fn set(&mut self, hash: u64) -> &mut CacheSet {
+        // Truncating the hash is the point: its low bits pick the set.
+        &mut self.sets[hash as usize & (CACHE_SETS - 1)]
+    }
+
+    /// The token `ring` opened `text` as, if this thread remembers it.
+    fn get(ring: u64, text: &str, hash: u64) -> Option<Token> {
+        let token = OPEN_CACHE
+            .try_with(|cache| {
+                let mut cache = cache.borrow_mut();
+                let set = cache.as_mut()?.set(hash);
+                let way = set.ways.iter().position(|e| e.holds(ring, text.as_bytes()))?;
+                set.recent = way as u8;
+                Some(set.ways[way].token)
+            })
+            .ok()
+            .flatten();
+        #[cfg(test)]
+        if token.is_some() {
+            CACHE_HITS.with(|hits| hits.set(hits.get() + 1));
+        }
+        token
+    }
+
+    /// Remembers that `ring` opened `text` as `token`. Only for texts that did open.
+    fn insert(ring: u64, text: &str, hash: u64, token: &Token) {
+        debug_assert!(text.len() <= MAX_STR_LEN);
+        let _ = OPEN_CACHE.try_with(|cache| {
+            let mut cache = cache.borrow_mut();
+            let set = cache.get_or_insert_with(OpenCache::new).set(hash);
+            let way = usize::from(set.recent ^ 1);
+            let entry = &mut set.ways[way];
+            entry.ring = ring;
+            entry.token = *token;
+            entry.len = text.len() as u8;
+            entry.text[..text.len()].copy_from_slice(text.as_bytes());
+            set.recent = way as u8;
+        });
+    }
+
+    /// How many opens this thread answered from its cache.
+    #[cfg(test)]
+    fn hits() -> u64 {
+        CACHE_HITS.with(core::cell::Cell::get)
     }
 }
 
@@ -929,6 +1124,132 @@ mod tests {
         for v in [Version::V1, Version::V2] {
             assert_eq!(Version::from_number(v.number()), Some(v));
         }
+    }
+
+    /// Opens `text` with `ring`, reporting whether this thread's cache answered.
+    fn open_counting(ring: &KeyRing, text: &str) -> (Result<Token, OpenError>, bool) {
+        let before = OpenCache::hits();
+        let got = ring.open(text);
+        (got, OpenCache::hits() > before)
+    }
+
+    #[test]
+    fn second_open_of_the_same_text_is_a_cache_hit() {
+        let ring = KeyRing::new([key(1), key(2)]).unwrap();
+        for (version, t) in [(Version::V1, sample()), (Version::V2, in_pool(5))] {
+            let s = ring.seal_as(version, &t);
+            assert_eq!(open_counting(&ring, s.as_str()), (Ok(t), false), "{version:?} first open decrypts");
+            for _ in 0..3 {
+                assert_eq!(open_counting(&ring, s.as_str()), (Ok(t), true), "{version:?} reopen");
+            }
+        }
+        // Also through the rotated-out key: the cache holds what the ring opened.
+        let old = KeyRing::new([key(2)]).unwrap();
+        let s = old.seal_as(Version::V2, &in_pool(6));
+        assert_eq!(open_counting(&ring, s.as_str()), (Ok(in_pool(6)), false));
+        assert_eq!(open_counting(&ring, s.as_str()), (Ok(in_pool(6)), true));
+    }
+
+    #[test]
+    fn another_ring_never_hits_a_rings_entry() {
+        let a = KeyRing::new([key(1)]).unwrap();
+        let s = a.seal_as(Version::V2, &in_pool(5));
+        assert_eq!(open_counting(&a, s.as_str()), (Ok(in_pool(5)), false));
+        assert_eq!(open_counting(&a, s.as_str()), (Ok(in_pool(5)), true));
+        // A ring with other keys refuses it, though ring `a` cached this very text.
+        let b = KeyRing::new([key(2)]).unwrap();
+        assert_eq!(open_counting(&b, s.as_str()), (Err(OpenError::Forged), false));
+        // A ring with the same keys (a reload) opens it by decrypting, then caches it too.
+        let reloaded = KeyRing::new([key(1)]).unwrap();
+        assert_ne!(reloaded.id, a.id);
+        assert_eq!(open_counting(&reloaded, s.as_str()), (Ok(in_pool(5)), false));
+        assert_eq!(open_counting(&reloaded, s.as_str()), (Ok(in_pool(5)), true));
+        // A dropped ring's entry stays useless to the rings built after it.
+        let v1 = a.seal(&sample());
+        assert_eq!(a.open(v1.as_str()), Ok(sample()));
+        drop(a);
+        let c = KeyRing::new([key(3)]).unwrap();
+        assert_eq!(open_counting(&c, v1.as_str()), (Err(OpenError::Forged), false));
+    }
+
+    #[test]
+    fn a_text_one_character_off_a_cached_one_misses_and_is_refused() {
+        let ring = KeyRing::new([key(1)]).unwrap();
+        let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        for (version, t) in [(Version::V1, sample()), (Version::V2, in_pool(5))] {
+            let s = ring.seal_as(version, &t);
+            assert_eq!(ring.open(s.as_str()), Ok(t));
+            assert_eq!(open_counting(&ring, s.as_str()), (Ok(t), true), "{version:?} cached");
+            let text = s.as_str().as_bytes();
+            let cached_hash = OpenCache::hash(s.as_str());
+            for i in 0..text.len() {
+                for &c in alphabet.iter().filter(|&&c| c != text[i]) {
+                    let mut bad = text.to_vec();
+                    bad[i] = c;
+                    let bad = String::from_utf8(bad).unwrap();
+                    // As if it collided with the cached text: the compare alone must refuse it.
+                    assert_eq!(
+                        OpenCache::get(ring.id, &bad, cached_hash),
+                        None,
+                        "{version:?} {i} -> {}",
+                        char::from(c)
+                    );
+                    let (got, hit) = open_counting(&ring, &bad);
+                    assert!(got.is_err() && !hit, "{version:?} position {i} -> {}: {got:?}, hit {hit}", char::from(c));
+                }
+            }
+            // Tampering never evicted or spoiled the valid entry.
+            assert_eq!(open_counting(&ring, s.as_str()), (Ok(t), true), "{version:?} still cached");
+        }
+    }
+
+    #[test]
+    fn tampered_texts_are_refused_after_a_valid_one_was_cached() {
+        let ring = KeyRing::new([key(1), key(2)]).unwrap();
+        for (version, t) in [(Version::V1, sample()), (Version::V2, in_pool(5))] {
+            let s = ring.seal_as(version, &t);
+            assert_eq!(ring.open(s.as_str()), Ok(t));
+            assert_eq!(open_counting(&ring, s.as_str()), (Ok(t), true));
+            let raw = raw_of(&s);
+            for byte in 0..raw.len() {
+                for bit in 0..8 {
+                    let mut bad = raw.clone();
+                    bad[byte] ^= 1 << bit;
+                    let want = if byte == 0 { OpenError::Malformed } else { OpenError::Forged };
+                    // Twice: a refusal is not remembered as anything.
+                    for _ in 0..2 {
+                        assert_eq!(
+                            open_counting(&ring, &encode_raw(&bad)),
+                            (Err(want), false),
+                            "byte {byte} bit {bit}"
+                        );
+                    }
+                }
+            }
+            // Cut or extended copies of the cached text are malformed, not hits.
+            assert_eq!(open_counting(&ring, &s.as_str()[..s.as_str().len() - 1]), (Err(OpenError::Malformed), false));
+            assert_eq!(open_counting(&ring, &format!("{}A", s.as_str())), (Err(OpenError::Malformed), false));
+        }
+    }
+
+    #[test]
+    fn a_full_set_keeps_the_entry_used_last() {
+        // Three valid texts that fall in one set: the third evicts the one not used last.
+        let ring = KeyRing::new([key(1)]).unwrap();
+        let first = ring.seal_as(Version::V2, &in_pool(1));
+        let target = OpenCache::hash(first.as_str()) as usize & (CACHE_SETS - 1);
+        let mut same_set = (2..).map(|p| (p, ring.seal_as(Version::V2, &in_pool(p))));
+        let mut next =
+            || same_set.find(|(_, s)| OpenCache::hash(s.as_str()) as usize & (CACHE_SETS - 1) == target).unwrap();
+        let ((p2, second), (p3, third)) = (next(), next());
+        assert_eq!(open_counting(&ring, first.as_str()), (Ok(in_pool(1)), false));
+        assert_eq!(open_counting(&ring, second.as_str()), (Ok(in_pool(p2)), false));
+        assert_eq!(open_counting(&ring, first.as_str()), (Ok(in_pool(1)), true));
+        assert_eq!(open_counting(&ring, third.as_str()), (Ok(in_pool(p3)), false));
+        assert_eq!(open_counting(&ring, first.as_str()), (Ok(in_pool(1)), true));
+        assert_eq!(open_counting(&ring, third.as_str()), (Ok(in_pool(p3)), true));
+        // `second` was evicted: it opens again by decrypting, still correctly.
+        assert_eq!(open_counting(&ring, second.as_str()), (Ok(in_pool(p2)), false));
     }
 
     #[test]

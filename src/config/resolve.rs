@@ -15,9 +15,9 @@ use toml::Spanned;
 
 use super::file;
 use super::types::{
-    AccessLog, Admin, AdminState, Affinity, Algorithm, Backend, CheckKind, Config, CookieConfig, Health, KeySource,
-    Limits, Listener, LogFormat, Mapping, OnUnavailable, Pool, Route, SameSite, Secret, TableConfig, Timeouts,
-    MAX_WEIGHT,
+    AccessLog, Admin, AdminState, Affinity, Algorithm, Backend, CheckKind, Config, CookieConfig, Health, Http1,
+    KeySource, Limits, Listener, LogFormat, Mapping, OnUnavailable, Pool, Route, SameSite, Secret, TableConfig,
+    Timeouts, MAX_WEIGHT,
 };
 use super::{locate, parse_duration, Located};
 use crate::net::{strip_port, Cidr};
@@ -360,7 +360,10 @@ impl Resolver<'_> {
             }
         }
         let routes = self.routes(&name, l, pools);
-        Listener { name, bind, trusted_proxies, routes }
+        let label = format!("listener \"{name}\": http1");
+        let http1 =
+            self.choice(&l.http1, &label, &[("hyper", Http1::Hyper), ("native", Http1::Native)], default_http1());
+        Listener { name, bind, trusted_proxies, routes, http1 }
     }
 
     /// The routes of listener `name`: its `[[listeners.routes]]`, then its `pool` shorthand.
@@ -857,5 +860,15 @@ fn resolve_address(raw: &str) -> Result<SocketAddr, String> {
     match raw.to_socket_addrs() {
         Ok(mut addrs) => addrs.next().ok_or_else(|| "resolves to no address".to_string()),
         Err(e) => Err(format!("cannot be resolved: {e}")),
+    }
+}
+
+/// The HTTP/1 implementation of a listener that does not name one: hyper, unless the
+/// environment variable `TETHER_HTTP1` says `native` (how the test suite and the bench run
+/// everything on the native path while it is being built; see ARCHITECTURE.md).
+fn default_http1() -> Http1 {
+    match std::env::var("TETHER_HTTP1").as_deref() {
+        Ok("native") => Http1::Native,
+        _ => Http1::Hyper,
     }
 }

@@ -128,6 +128,18 @@ pub struct Listener {
     pub bind: SocketAddr,
     pub trusted_proxies: Vec<Cidr>,
     pub routes: Vec<Route>,
+    /// What serves HTTP/1 on this listener (HTTP/2 is always hyper's).
+    pub http1: Http1,
+}
+
+/// The HTTP/1 implementation of a listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Http1 {
+    /// hyper's server and client (today's default).
+    #[default]
+    Hyper,
+    /// Tether's own codec on both sides (issue 10, being built).
+    Native,
 }
 
 #[derive(Debug, Clone, PartialEq)]

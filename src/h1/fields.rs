@@ -241,7 +241,13 @@ pub(super) struct Codings {
 pub(super) fn codings<'b>(values: impl Iterator<Item = &'b [u8]>) -> Codings {
     let mut c = Codings { empty: true, ..Codings::default() };
     for value in values {
-        for coding in list(value) {
+        for coding in value.split(|b| *b == b',').map(trim_ows) {
+            if coding.is_empty() {
+                // An empty element is no coding, but after `chunked` it means `chunked` is
+                // not the last thing said: "chunked," is refused, as hyper refuses it.
+                c.chunked_last = false;
+                continue;
+            }
             if c.chunked_last {
                 // Something follows a `chunked`.
                 c.chunked_misplaced = true;
@@ -335,6 +341,9 @@ mod tests {
         let c = one(b"chunked;q=1");
         assert!(c.chunked_misplaced);
         assert!(one(b" , ").empty);
+        assert!(one(b", chunked").chunked_last);
+        assert!(!one(b"chunked,").chunked_last);
+        assert!(!codings([&b"chunked"[..], b""].into_iter()).chunked_last);
         let c = codings([&b"gzip"[..], b"chunked"].into_iter());
         assert!(c.chunked_last && c.other);
     }

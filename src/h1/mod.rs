@@ -12,10 +12,11 @@
 //! - Line ends are CRLF only. A bare LF anywhere in a head or in chunked framing is an
 //!   error (RFC 9112 section 2.2 allows accepting it; a proxy that did would read framing
 //!   differently from a backend that does not). Obsolete line folding is an error.
-//! - A request's body is framed by Transfer-Encoding or Content-Length, never both: a
-//!   request with both is refused (section 6.3 allows this), as is an HTTP/1.0 request
-//!   with Transfer-Encoding, a Transfer-Encoding whose last coding is not `chunked`
-//!   (400), and any coding but `chunked` (501, section 6.1). Content-Length must be
+//! - A request's body is framed by Transfer-Encoding when it has one, and a request that
+//!   also has Content-Length closes its connection after the response (section 6.3, point
+//!   3), so nothing after its body is ever read as a request. An HTTP/1.0 request with
+//!   Transfer-Encoding, a Transfer-Encoding whose last coding is not `chunked` (400), and
+//!   any coding but `chunked` (501, section 6.1) are refused. Content-Length must be
 //!   digits only; several values must all be equal.
 //! - A response with Transfer-Encoding is framed by it alone and its Content-Length is
 //!   dropped; one whose Transfer-Encoding does not end in `chunked` runs until the

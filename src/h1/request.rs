@@ -103,6 +103,26 @@ pub struct RequestHead {
     pub len: usize,
 }
 
+impl Default for RequestHead {
+    /// An empty `GET` head, a placeholder for pooled storage.
+    fn default() -> Self {
+        RequestHead {
+            method: Method::Get,
+            method_name: Span::default(),
+            target: Span::default(),
+            form: Target::Origin,
+            minor: 1,
+            fields: Fields::default(),
+            host: None,
+            body: Body::None,
+            keep_alive: true,
+            upgrade: false,
+            expect_continue: false,
+            len: 0,
+        }
+    }
+}
+
 /// Why a request head was refused. Each maps to the status the client is answered with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Error {
@@ -121,8 +141,6 @@ pub enum Error {
     /// HTTP/1.1 without Host, several Host fields, or a Host that is no authority.
     BadHost,
     BadContentLength,
-    /// Both Content-Length and Transfer-Encoding.
-    LengthAndEncoding,
     /// Transfer-Encoding on HTTP/1.0, empty, or not ending in a single `chunked`.
     BadTransferEncoding,
     /// A transfer coding other than `chunked`.
@@ -152,7 +170,6 @@ impl Error {
             Error::BadTarget => "invalid request target",
             Error::BadHost => "missing, repeated or invalid Host",
             Error::BadContentLength => "invalid Content-Length",
-            Error::LengthAndEncoding => "both Content-Length and Transfer-Encoding",
             Error::BadTransferEncoding => "invalid Transfer-Encoding",
             Error::UnsupportedCoding => "transfer coding other than chunked",
         }
@@ -174,7 +191,7 @@ pub fn parse(buf: &[u8], limits: &Limits) -> Result<Option<RequestHead>, Error> 
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return partial(buf, limits).map(|()| None),
         Err(httparse::Error::TooManyHeaders) => return Err(Error::HeadTooLarge),
-        Err(httparse::Error::Version) => return Err(Error::Version),
+        Err(httparse::Error::Version) => return Err(if names_a_version(buf) { Error::Version } else { Error::Syntax }),
         Err(_) => return Err(if has_bare_lf(buf) { Error::BareLf } else { Error::Syntax }),
     };
     if len > limits.max_head {
@@ -221,7 +238,11 @@ pub fn parse(buf: &[u8], limits: &Limits) -> Result<Option<RequestHead>, Error> 
 
     let body = framing(buf, &fields, minor)?;
     let options = fields::options(fields.values(buf, Known::Connection));
-    let keep_alive = !options.close && (minor == 1 || options.keep_alive);
+    // Transfer-Encoding with Content-Length: framed by the former alone, and the
+    // connection closes after the response (RFC 9112 section 6.3, point 3), so whatever a
+    // different reading would have made of the bytes after the body is never read.
+    let both = body == Body::Chunked && fields.values(buf, Known::ContentLength).next().is_some();
+    let keep_alive = !options.close && !both && (minor == 1 || options.keep_alive);
     let upgrade = minor == 1 && options.upgrade && fields.values(buf, Known::Upgrade).next().is_some();
     let expect_continue =
         minor == 1 && fields.values(buf, Known::Expect).any(|v| v.eq_ignore_ascii_case(b"100-continue"));
@@ -239,6 +260,19 @@ pub fn parse(buf: &[u8], limits: &Limits) -> Result<Option<RequestHead>, Error> 
         expect_continue,
         len,
     }))
+}
+
+/// The request line ends in a well-formed version (`HTTP/` digit `.` digit) that is just
+/// not one Tether speaks: 505. Anything else where the version should be (a space in the
+/// target, say) is a malformed request: 400.
+fn names_a_version(buf: &[u8]) -> bool {
+    let line = buf.split(|b| *b == b'\n').next().unwrap_or_default();
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let mut parts = line.split(|b| *b == b' ');
+    let (Some(_), Some(_), Some(v), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+        return false;
+    };
+    matches!(v, [b'H', b'T', b'T', b'P', b'/', major, b'.', minor] if major.is_ascii_digit() && minor.is_ascii_digit())
 }
 
 /// An incomplete head: fine while within the limits. A request line that has not ended
@@ -342,9 +376,6 @@ fn framing(buf: &[u8], fields: &Fields, minor: u8) -> Result<Body, Error> {
     let has_te = fields.values(buf, Known::TransferEncoding).next().is_some();
     let length = fields::content_length(fields.values(buf, Known::ContentLength)).map_err(|()| Error::BadContentLength);
     if has_te {
-        if fields.values(buf, Known::ContentLength).next().is_some() {
-            return Err(Error::LengthAndEncoding);
-        }
         if minor == 0 {
             return Err(Error::BadTransferEncoding);
         }
@@ -419,9 +450,11 @@ mod tests {
         );
         assert_eq!(err("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +5\r\n\r\n"), Error::BadContentLength);
         assert_eq!(err("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5 5\r\n\r\n"), Error::BadContentLength);
+        let both = ok("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n");
+        assert_eq!((both.body, both.keep_alive), (Body::Chunked, false));
         assert_eq!(
-            err("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"),
-            Error::LengthAndEncoding
+            err("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: gzip\r\n\r\n"),
+            Error::BadTransferEncoding
         );
         assert_eq!(err("POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n"), Error::BadTransferEncoding);
         assert_eq!(err("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n"), Error::BadTransferEncoding);
@@ -459,6 +492,8 @@ mod tests {
         assert_eq!(err("GET / HTTP/1.1\r\nX\x01: a\r\n\r\n"), Error::Syntax);
         assert_eq!(err("G(T / HTTP/1.1\r\nHost: a\r\n\r\n"), Error::Syntax);
         assert_eq!(err("GET / HTTP/2.0\r\nHost: a\r\n\r\n"), Error::Version);
+        assert_eq!(err("GET /a b HTTP/1.1\r\nHost: a\r\n\r\n"), Error::Syntax);
+        assert_eq!(err("GET / HTTP/1.x\r\nHost: a\r\n\r\n"), Error::Syntax);
         assert_eq!(err("GET / HTTP/1.1\rHost: a\r\n\r\n"), Error::Syntax);
     }
 

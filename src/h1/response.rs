@@ -6,9 +6,10 @@ use super::fields::{self, Known};
 use super::{has_bare_lf, Fields, Span, MAX_FIELDS};
 
 /// How a response body is framed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Body {
     /// No body: a response to HEAD, 1xx, 204 or 304.
+    #[default]
     None,
     Length(u64),
     Chunked,
@@ -16,7 +17,7 @@ pub enum Body {
     UntilClose,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct ResponseHead {
     pub status: u16,
     /// `1` for HTTP/1.1, `0` for HTTP/1.0.
@@ -44,14 +45,20 @@ pub enum Error {
     BadTransferEncoding,
 }
 
-impl std::fmt::Display for Error {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
+impl Error {
+    pub fn describe(self) -> &'static str {
+        match self {
             Error::Syntax => "malformed response head",
             Error::TooLarge => "response head too large",
             Error::BadContentLength => "invalid Content-Length in response",
             Error::BadTransferEncoding => "Transfer-Encoding in an HTTP/1.0 response",
-        })
+        }
+    }
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.describe())
     }
 }
 

@@ -173,6 +173,20 @@ pub async fn serve(
         }
         _ = shutdown.changed() => return,
     };
+    if !h2 && native(&shared, &listener_name) {
+        let peer_ip = crate::net::canonical(peer.ip()).to_string().into_boxed_str();
+        let client = super::native::conn::Client {
+            stream,
+            peer,
+            shared,
+            listener: listener_name,
+            stats,
+            peer_ip,
+            shutdown,
+            _permit: permit,
+        };
+        return super::native::conn::serve(client).await;
+    }
     let state = Arc::new(ConnState::new(&timeouts));
     if h2 {
         state.set_h2();
@@ -201,7 +215,9 @@ pub async fn serve(
             &own
         };
         let conn = h2.serve_connection(io, service);
-        drive(conn, |c| c.graceful_shutdown(), &state, shutdown, peer, &timeouts).await;
+        // Boxed: hyper's connection is a large future, and a task is as big as its largest
+        // state, so inline it would make every native-path connection pay for it too.
+        Box::pin(drive(conn, |c| c.graceful_shutdown(), &state, shutdown, peer, &timeouts)).await;
     } else {
         let own;
         let h1 = if limits.max_request_head == protocols.h1_head {
@@ -213,8 +229,16 @@ pub async fn serve(
             &own
         };
         let conn = h1.serve_connection(io, service).with_upgrades();
-        drive(conn, |c| c.graceful_shutdown(), &state, shutdown, peer, &timeouts).await;
+        // Boxed: hyper's connection is a large future, and a task is as big as its largest
+        // state, so inline it would make every native-path connection pay for it too.
+        Box::pin(drive(conn, |c| c.graceful_shutdown(), &state, shutdown, peer, &timeouts)).await;
     }
+}
+
+/// The listener's HTTP/1 is served by the native path.
+fn native(shared: &Shared, listener: &str) -> bool {
+    let snapshot = shared.snapshot.load();
+    snapshot.config.listeners.iter().any(|l| l.name == listener && l.http1 == crate::config::Http1::Native)
 }
 
 /// Runs a hyper connection to its end while enforcing the connection's deadlines and

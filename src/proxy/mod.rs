@@ -14,6 +14,7 @@
 pub mod body;
 pub mod client;
 pub mod conn;
+pub mod native;
 pub mod refusal;
 pub mod request;
 pub mod rewrite;

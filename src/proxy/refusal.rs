@@ -26,6 +26,12 @@ pub enum Refusal {
     BodyTooLarge {
         limit: u64,
     },
+    /// A request head longer than `limits.max_request_head`, or with too many fields.
+    HeadTooLarge {
+        limit: u32,
+    },
+    /// An HTTP version other than 1.0 and 1.1 on an HTTP/1 connection.
+    VersionUnsupported,
     /// A request transfer coding other than `chunked` (RFC 9112 section 6.1: a server
     /// SHOULD answer 501 to a coding it does not understand).
     UnsupportedTransferCoding,
@@ -80,6 +86,8 @@ impl Refusal {
             Refusal::TargetTooLong { .. } => StatusCode::URI_TOO_LONG,
             Refusal::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Refusal::UnsupportedTransferCoding => StatusCode::NOT_IMPLEMENTED,
+            Refusal::HeadTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Refusal::VersionUnsupported => StatusCode::HTTP_VERSION_NOT_SUPPORTED,
             Refusal::RequestBodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Refusal::NoRoute { .. } => StatusCode::NOT_FOUND,
             Refusal::NoListener
@@ -102,6 +110,8 @@ impl Refusal {
             Refusal::TargetTooLong { .. } => "target-too-long",
             Refusal::BodyTooLarge { .. } => "body-too-large",
             Refusal::UnsupportedTransferCoding => "transfer-coding-unsupported",
+            Refusal::HeadTooLarge { .. } => "head-too-large",
+            Refusal::VersionUnsupported => "version-unsupported",
             Refusal::BadRequestBody => "bad-request-body",
             Refusal::RequestBodyTimeout { .. } => "request-body-timeout",
             Refusal::NoListener => "no-listener",
@@ -129,6 +139,10 @@ impl Refusal {
                 format!("pool \"{pool}\": the request body is larger than {limit} bytes")
             }
             Refusal::UnsupportedTransferCoding => "only the chunked transfer coding is supported".into(),
+            Refusal::HeadTooLarge { limit } => {
+                format!("the request head is longer than {limit} bytes or has too many fields")
+            }
+            Refusal::VersionUnsupported => "only HTTP/1.0, HTTP/1.1 and HTTP/2 are supported".into(),
             Refusal::NoListener => "this listener was removed".into(),
             Refusal::NoRoute { host, path } => format!("no route for host \"{host}\" and path \"{path}\""),
             Refusal::SessionUnavailable(reason) => format!(
@@ -159,6 +173,20 @@ impl Refusal {
             Refusal::RequestBodyTimeout { after } => {
                 format!("pool \"{pool}\": the request body did not arrive within {after:?}")
             }
+        }
+    }
+}
+
+impl Refusal {
+    /// The refusal for a request head Tether's codec would not accept.
+    pub fn of_head(e: crate::h1::request::Error, limits: &crate::config::Limits) -> Refusal {
+        use crate::h1::request::Error;
+        match e {
+            Error::HeadTooLarge => Refusal::HeadTooLarge { limit: limits.max_request_head },
+            Error::TargetTooLong => Refusal::TargetTooLong { limit: limits.max_request_target },
+            Error::Version => Refusal::VersionUnsupported,
+            Error::UnsupportedCoding => Refusal::UnsupportedTransferCoding,
+            other => Refusal::BadRequest(other.describe()),
         }
     }
 }
@@ -198,6 +226,8 @@ mod tests {
             (Refusal::TargetTooLong { limit: 8192 }, 414, "target-too-long"),
             (Refusal::BodyTooLarge { limit: 10 }, 413, "body-too-large"),
             (Refusal::UnsupportedTransferCoding, 501, "transfer-coding-unsupported"),
+            (Refusal::HeadTooLarge { limit: 65536 }, 431, "head-too-large"),
+            (Refusal::VersionUnsupported, 505, "version-unsupported"),
             (Refusal::NoRoute { host: "x".into(), path: "/".into() }, 404, "no-route"),
             (Refusal::NoListener, 503, "no-listener"),
             (Refusal::SessionUnavailable(Reason::Down), 503, "session-unavailable"),

@@ -27,7 +27,7 @@ use super::body::{Outcome, ProxyBody};
 use super::client::ConnCx;
 use super::refusal::{LateFailure, Refusal};
 use super::rewrite;
-use crate::affinity::{Decision, Target};
+use crate::affinity::{Decision, HttpKeys, Target};
 use crate::backend::health::passive_failure;
 use crate::backend::Backend;
 use crate::config::Timeouts;
@@ -194,7 +194,7 @@ fn decide(pool: &Pool, routes: &Routes, cx: &ConnCx, req: &Request<Incoming>, tr
     match &pool.affinity {
         Some(a) => {
             let client = rewrite::client_ip(cx.peer.ip(), req.headers(), &routes.trusted_proxies, trusted);
-            a.decide(&pool.group(), req.headers(), req.uri(), client, now_ms)
+            a.decide(&pool.group(), &HttpKeys::new(req.headers(), req.uri()), client, now_ms)
         }
         None => Decision::plain(pool.group().pick(None)),
     }

@@ -275,21 +275,61 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
 /// The address a client-IP key uses: the peer, or, when the peer is a trusted proxy, the
 /// first address in `X-Forwarded-For` (read from the right) that is not a trusted proxy.
 pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted_proxies: &[Cidr], trusted: bool) -> IpAddr {
+    let xff = headers.get_all(&X_FORWARDED_FOR).iter().map(HeaderValue::as_bytes);
+    client_ip_from(peer, xff, trusted_proxies, trusted)
+}
+
+/// [`client_ip`] over the values of the request's `X-Forwarded-For` fields, in the order
+/// received (for a head of Tether's own codec: `fields.values(buf, Known::XForwardedFor)`).
+/// A value that is not text (see [`affinity::keys::header_text`]) is skipped.
+///
+/// The answer is that of reading the entries from the right, in one pass from the left
+/// (no allocation, any iterator): the rightmost entry that is not a trusted proxy's
+/// address decides. An address is the client; an entry that is not an address means
+/// the entry to its right (a trusted proxy), or the peer when it is the last. With no
+/// such entry, all are trusted proxies and the leftmost is the client (the peer when
+/// there are none).
+pub fn client_ip_from<'v>(
+    peer: IpAddr,
+    forwarded_for: impl IntoIterator<Item = &'v [u8]>,
+    trusted_proxies: &[Cidr],
+    trusted: bool,
+) -> IpAddr {
     let peer = canonical(peer);
     if !trusted {
         return peer;
     }
-    let mut last = peer;
-    let values = headers.get_all(&X_FORWARDED_FOR).iter().rev().filter_map(|v| v.to_str().ok());
-    for entry in values.flat_map(|v| v.rsplit(',')) {
-        let Ok(ip) = entry.trim().parse::<IpAddr>() else { return last };
-        let ip = canonical(ip);
-        if !trusted_proxies.iter().any(|c| c.contains(ip)) {
-            return ip;
+    // The leftmost entry, while every entry so far is a trusted proxy's address.
+    let mut leftmost: Option<IpAddr> = None;
+    // The rightmost entry so far that stops a right-to-left reading, and what it answers.
+    let mut stop: Option<Stop> = None;
+    let values = forwarded_for.into_iter().filter_map(affinity::keys::header_text);
+    for entry in values.flat_map(|v| v.split(',')) {
+        match entry.trim().parse::<IpAddr>().map(canonical) {
+            Err(_) => stop = Some(Stop::NotAnAddress { right: None }),
+            Ok(ip) if !trusted_proxies.iter().any(|c| c.contains(ip)) => stop = Some(Stop::Client(ip)),
+            Ok(ip) => match &mut stop {
+                Some(Stop::NotAnAddress { right: right @ None }) => *right = Some(ip),
+                Some(_) => {}
+                None => {
+                    leftmost.get_or_insert(ip);
+                }
+            },
         }
-        last = ip;
     }
-    last
+    match stop {
+        Some(Stop::Client(ip)) => ip,
+        Some(Stop::NotAnAddress { right }) => right.unwrap_or(peer),
+        None => leftmost.unwrap_or(peer),
+    }
+}
+
+/// An `X-Forwarded-For` entry where reading from the right stops.
+enum Stop {
+    /// The address of a client that is not a trusted proxy.
+    Client(IpAddr),
+    /// Not an address: the answer is the (trusted) entry to its right, if any.
+    NotAnAddress { right: Option<IpAddr> },
 }
 
 /// Request changes for a pool with affinity: Tether's cookie never reaches the backend,
@@ -328,7 +368,7 @@ pub fn for_affinity(headers: &mut HeaderMap, a: &PoolAffinity, verdict: Verdict)
 /// unless the pool's `cookie.secure` says otherwise.
 pub fn persist(headers: &mut HeaderMap, a: &PoolAffinity, d: &Decision, backend: usize, https: bool) {
     if a.learns() {
-        a.learn(headers, backend);
+        a.learn(affinity::keys::http_set_cookies(headers), backend);
     }
     if let Some(t) = &d.issue {
         let mut cookie = a.set_cookie(t);
@@ -389,6 +429,74 @@ fn cache_directives(v: &str) -> impl Iterator<Item = &str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `client_ip` as it read `X-Forwarded-For` before it took any iterator: values
+    /// reversed, entries from the right, stopping at the first that is not a trusted proxy.
+    fn client_ip_from_the_right(peer: IpAddr, values: &[&[u8]], trusted_proxies: &[Cidr]) -> IpAddr {
+        let mut last = canonical(peer);
+        let values = values.iter().rev().filter_map(|v| std::str::from_utf8(v).ok().filter(|s| s.is_ascii()));
+        for entry in values.flat_map(|v| v.rsplit(',')) {
+            let Ok(ip) = entry.trim().parse::<IpAddr>() else { return last };
+            let ip = canonical(ip);
+            if !trusted_proxies.iter().any(|c| c.contains(ip)) {
+                return ip;
+            }
+            last = ip;
+        }
+        last
+    }
+
+    #[test]
+    fn forwarded_for_read_in_one_pass_answers_as_read_from_the_right() {
+        let proxies = [Cidr::parse("10.0.0.0/8").unwrap(), Cidr::parse("192.0.2.0/24").unwrap()];
+        let peer: IpAddr = "10.9.9.9".parse().unwrap();
+        // Trusted proxies, clients, an IPv4-mapped trusted address, and entries that are
+        // not addresses (garbage, empty, a port, not text).
+        let entries: [&[u8]; 9] = [
+            b"10.1.1.1",
+            b" 10.2.2.2 ",
+            b"203.0.113.7",
+            b"2001:db8::5",
+            b"::ffff:192.0.2.9",
+            b"junk",
+            b"",
+            b"1.2.3.4:80",
+            b"\xff",
+        ];
+        let mut checked = 0;
+        // Every list of up to three entries, as one value and split into two values.
+        let mut lists: Vec<Vec<&[u8]>> = vec![vec![]];
+        for _ in 0..3 {
+            let longer: Vec<Vec<&[u8]>> = lists
+                .iter()
+                .filter(|l| l.len() == lists.iter().map(Vec::len).max().unwrap())
+                .flat_map(|l| entries.iter().map(move |e| [l.clone(), vec![*e]].concat()))
+                .collect();
+            lists.extend(longer);
+        }
+        for list in &lists {
+            let joined = list.join(&b","[..]);
+            let mut splits = vec![vec![joined.as_slice()]];
+            for at in 1..list.len() {
+                let (a, b) = list.split_at(at);
+                splits.push(vec![a.join(&b","[..]).leak(), b.join(&b","[..]).leak()]);
+            }
+            for values in &splits {
+                let want = client_ip_from_the_right(peer, values, &proxies);
+                let got = client_ip_from(peer, values.iter().copied(), &proxies, true);
+                assert_eq!(got, want, "{:?}", values.iter().map(|v| String::from_utf8_lossy(v)).collect::<Vec<_>>());
+                assert_eq!(client_ip_from(peer, values.iter().copied(), &proxies, false), peer);
+                checked += 1;
+            }
+        }
+        assert!(checked > 1000, "{checked}");
+        // Through a header map, as hyper's path reads it.
+        let mut h = HeaderMap::new();
+        h.append(&X_FORWARDED_FOR, HeaderValue::from_static("198.51.100.1, 203.0.113.7"));
+        h.append(&X_FORWARDED_FOR, HeaderValue::from_static("10.1.1.1"));
+        assert_eq!(client_ip(peer, &h, &proxies, true), "203.0.113.7".parse::<IpAddr>().unwrap());
+        assert_eq!(client_ip(peer, &h, &proxies, false), peer);
+    }
 
     #[test]
     fn strips_connection_named_and_fixed_hop_by_hop_headers() {

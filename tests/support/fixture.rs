@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use http::{HeaderMap, HeaderValue, Uri};
-use tether::affinity::{Decision, PoolAffinity};
+use tether::affinity::{Decision, H1Keys, HttpKeys, PoolAffinity, RequestKeys};
 use tether::backend::{Backend, Group};
 use tether::balance::Balancer;
 use tether::config::{self, AdminState, Affinity, Algorithm, KeySource, Mapping};
@@ -59,8 +59,19 @@ impl Fixture {
         Group { backends: &self.backends, balancer: &self.balancer, slow_start: None, panic_mode: false }
     }
 
+    /// A request as hyper parses it.
     pub fn decide(&self, headers: &HeaderMap, uri: &Uri, ip: IpAddr, now_ms: u64) -> Decision {
-        self.affinity.decide(&self.group(), headers, uri, ip, now_ms)
+        self.decide_keys(&HttpKeys::new(headers, uri), ip, now_ms)
+    }
+
+    pub fn decide_keys(&self, request: &impl RequestKeys, ip: IpAddr, now_ms: u64) -> Decision {
+        self.affinity.decide(&self.group(), request, ip, now_ms)
+    }
+
+    /// A request as raw HTTP/1.1 bytes (see [`h1_request`]), parsed by Tether's codec.
+    pub fn decide_h1(&self, request: &[u8], ip: IpAddr, now_ms: u64) -> Decision {
+        let head = parse_h1(request);
+        self.decide_keys(&H1Keys::new(request, &head), ip, now_ms)
     }
 
     pub fn failover(&self, d: &mut Decision, failed: usize, now_ms: u64) -> Option<usize> {
@@ -97,6 +108,24 @@ pub fn header(name: &'static str, value: &str) -> HeaderMap {
     let mut h = HeaderMap::new();
     h.insert(name, HeaderValue::from_str(value).unwrap());
     h
+}
+
+/// A GET request for `target` as HTTP/1.1 bytes: the request line, `Host`, then `fields`
+/// in order, as written (no case changes).
+pub fn h1_request(target: &str, fields: &[(&str, &str)]) -> Vec<u8> {
+    let mut text = format!("GET {target} HTTP/1.1\r\nHost: shop.example\r\n");
+    for (name, value) in fields {
+        text.push_str(&format!("{name}: {value}\r\n"));
+    }
+    text.push_str("\r\n");
+    text.into_bytes()
+}
+
+/// A request head that Tether's codec must accept whole.
+pub fn parse_h1(request: &[u8]) -> tether::h1::request::RequestHead {
+    tether::h1::request::parse(request, &tether::h1::request::Limits::default())
+        .expect("a valid request head")
+        .expect("a complete request head")
 }
 
 impl Fixture {

@@ -1,0 +1,192 @@
+//! Buffers held only while working: a connection waiting for its next request holds none.
+//! When bytes arrive it takes one from its thread's free list, and gives it back when the
+//! request is done. Buffers are allocated once (zeroed) and reused, so a request on a warm
+//! thread allocates nothing.
+
+use std::cell::RefCell;
+use std::ops::{Deref, DerefMut};
+
+use crate::h1::request::RequestHead;
+use crate::h1::response::ResponseHead;
+
+/// The size of a pooled buffer: a request head of ordinary size, or a piece of a body.
+pub const SIZE: usize = 16 * 1024;
+/// Free buffers kept per thread; more are freed. 256 buffers are 4 MiB.
+const MAX_FREE: usize = 256;
+
+thread_local! {
+    static FREE: RefCell<Vec<Box<[u8]>>> = RefCell::new(Vec::with_capacity(MAX_FREE));
+    static FREE_WORK: RefCell<Vec<Box<Parts>>> = RefCell::new(Vec::with_capacity(MAX_FREE));
+}
+
+/// What a request in flight needs besides its bytes: the parsed heads (a few KiB each, so
+/// they must not live in the connection's task, whose size every idle connection pays) and
+/// the buffer heads are written into.
+#[derive(Debug, Default)]
+pub struct Parts {
+    pub request: RequestHead,
+    pub response: ResponseHead,
+    pub out: Vec<u8>,
+}
+
+/// [`Parts`] from this thread's free list, given back on drop.
+#[derive(Debug)]
+pub struct Work(Option<Box<Parts>>);
+
+impl Work {
+    pub fn take() -> Work {
+        let parts = FREE_WORK.with(|f| f.borrow_mut().pop()).unwrap_or_else(|| {
+            let mut p = Box::<Parts>::default();
+            p.out.reserve(4096);
+            p
+        });
+        Work(Some(parts))
+    }
+}
+
+impl Deref for Work {
+    type Target = Parts;
+    fn deref(&self) -> &Parts {
+        self.0.as_deref().expect("present until drop")
+    }
+}
+
+impl DerefMut for Work {
+    fn deref_mut(&mut self) -> &mut Parts {
+        self.0.as_deref_mut().expect("present until drop")
+    }
+}
+
+impl Drop for Work {
+    fn drop(&mut self) {
+        let Some(mut parts) = self.0.take() else { return };
+        if parts.out.capacity() > 64 * 1024 {
+            return;
+        }
+        parts.out.clear();
+        let _ = FREE_WORK.try_with(|f| {
+            let mut f = f.borrow_mut();
+            if f.len() < MAX_FREE {
+                f.push(parts);
+            }
+        });
+    }
+}
+
+/// A byte buffer with a filled window `start..end`: bytes are read in at `end` and taken
+/// from `start`.
+pub struct Buf {
+    data: Box<[u8]>,
+    pub start: usize,
+    pub end: usize,
+}
+
+impl std::fmt::Debug for Buf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Buf({}..{} of {})", self.start, self.end, self.data.len())
+    }
+}
+
+impl Buf {
+    /// A buffer of [`SIZE`] from this thread's free list, or a new one.
+    pub fn take() -> Buf {
+        let data = FREE.with(|f| f.borrow_mut().pop()).unwrap_or_else(|| vec![0u8; SIZE].into_boxed_slice());
+        Buf { data, start: 0, end: 0 }
+    }
+
+    /// Everything up to the end of the filled bytes, including what was taken: a head
+    /// parsed at the start keeps its ranges valid.
+    pub fn bytes(&self) -> &[u8] {
+        &self.data[..self.end]
+    }
+
+    /// The filled bytes.
+    pub fn filled(&self) -> &[u8] {
+        &self.data[self.start..self.end]
+    }
+
+    /// Room to read into after the filled bytes.
+    pub fn spare(&mut self) -> &mut [u8] {
+        &mut self.data[self.end..]
+    }
+
+    #[cfg(test)]
+    fn capacity(&self) -> usize {
+        self.data.len()
+    }
+
+    /// Moves the filled bytes to the front, making all the room there is.
+    pub fn compact(&mut self) {
+        if self.start > 0 {
+            self.data.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+    }
+
+    /// Empties the buffer.
+    pub fn clear(&mut self) {
+        self.start = 0;
+        self.end = 0;
+    }
+
+    /// Grows the buffer to `size` bytes (a head larger than [`SIZE`]); the filled bytes
+    /// move to the front. A grown buffer is freed, not pooled, when dropped.
+    pub fn grow(&mut self, size: usize) {
+        if size <= self.data.len() {
+            return;
+        }
+        let mut data = vec![0u8; size].into_boxed_slice();
+        let n = self.end - self.start;
+        data[..n].copy_from_slice(self.filled());
+        self.data = data;
+        self.start = 0;
+        self.end = n;
+    }
+}
+
+impl Drop for Buf {
+    fn drop(&mut self) {
+        if self.data.len() != SIZE {
+            return;
+        }
+        let data = std::mem::take(&mut self.data);
+        // At thread exit the free list may already be gone: the buffer is then freed.
+        let _ = FREE.try_with(|f| {
+            let mut f = f.borrow_mut();
+            if f.len() < MAX_FREE {
+                f.push(data);
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_are_reused_on_the_same_thread() {
+        let a = Buf::take();
+        let ptr = a.data.as_ptr();
+        drop(a);
+        let b = Buf::take();
+        assert_eq!(b.data.as_ptr(), ptr);
+        assert_eq!((b.start, b.end, b.capacity()), (0, 0, SIZE));
+    }
+
+    #[test]
+    fn compact_and_grow_keep_the_filled_bytes() {
+        let mut b = Buf::take();
+        b.spare()[..5].copy_from_slice(b"hello");
+        b.end = 5;
+        b.start = 2;
+        b.compact();
+        assert_eq!(b.filled(), b"llo");
+        b.grow(SIZE * 2);
+        assert_eq!((b.filled(), b.capacity()), (&b"llo"[..], SIZE * 2));
+        let grown = b.data.as_ptr();
+        drop(b);
+        assert_ne!(Buf::take().data.as_ptr(), grown);
+    }
+}

@@ -1,0 +1,1049 @@
+//! One client HTTP/1 connection on the native path, from its first request to its close.
+//!
+//! A connection waiting for its next request holds its socket and nothing else: no buffer,
+//! no parsed head. When bytes arrive it takes a [`Buf`] and a [`Work`] from its thread's
+//! free lists, reads the head, and runs the request's steps (route, decide, send with
+//! moves to another backend, respond), then gives both back. The task's own state is
+//! small because everything large lives in those pooled objects.
+//!
+//! Every wait has a deadline: the head (`request_header` from its first byte), the next
+//! request (`client_idle`), each piece of a request body (`client_body`), the response head
+//! (`backend_response` from when the request was sent whole), each piece of a response
+//! body (`backend_body`), each write to the client (`client_send`) and a tunnel
+//! (`tunnel_idle`).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::buffers::{Buf, Parts, Work};
+use super::head::{self, RequestEdits, ResponseEdits};
+use crate::access_log::Record;
+use crate::affinity::keys::H1Keys;
+use crate::affinity::verdict::Verdict;
+use crate::affinity::{cookies, Decision, PoolAffinity, Target};
+use crate::backend::health::passive_failure;
+use crate::backend::Backend;
+use crate::config::{Limits, Timeouts};
+use crate::h1::chunked::Decoder;
+use crate::h1::request::{self, Body, Method, RequestHead};
+use crate::h1::response::{self, ResponseHead};
+use crate::h1::Known;
+use crate::pool::{Pool, Routes, Snapshot};
+use crate::proxy::refusal::Refusal;
+use crate::proxy::rewrite;
+use crate::state::{ConnPermit, ListenerStats, Shared};
+use crate::upstream::ConnectError;
+
+/// What a connection carries from request to request.
+pub struct Client {
+    pub stream: TcpStream,
+    pub peer: SocketAddr,
+    pub shared: Arc<Shared>,
+    pub listener: Arc<str>,
+    pub stats: Arc<ListenerStats>,
+    /// The client's address as `X-Forwarded-For` gets it.
+    pub peer_ip: Box<str>,
+    pub shutdown: watch::Receiver<bool>,
+    pub _permit: ConnPermit,
+}
+
+/// Attempts on stale pooled connections before a fresh one is opened.
+const STALE_RETRIES: u32 = 2;
+
+/// How a request left the connection.
+enum After {
+    KeepAlive,
+    Close,
+}
+
+/// Serves the connection until the client closes it, a deadline passes, or shutdown.
+/// `first`: bytes the caller already knows are waiting (the protocol sniff saw them).
+pub async fn serve(mut client: Client) {
+    let mut carry: Option<Buf> = None;
+    let mut first = true;
+    loop {
+        let timeouts = client.shared.snapshot.load().config.timeouts;
+        if carry.is_none() {
+            // Wait for the next request without holding anything.
+            let wait = if first { timeouts.request_header } else { timeouts.client_idle };
+            tokio::select! {
+                r = client.stream.readable() => if r.is_err() { return },
+                _ = tokio::time::sleep(wait) => return,
+                _ = client.shutdown.changed() => return,
+            }
+        }
+        first = false;
+        let mut buf = carry.take().unwrap_or_else(Buf::take);
+        let mut work = Work::take();
+        match request(&mut client, &mut buf, &mut work).await {
+            After::KeepAlive if *client.shutdown.borrow() => return,
+            After::KeepAlive => {
+                if !buf.filled().is_empty() {
+                    // A pipelined request: its bytes are already here.
+                    carry = Some(buf);
+                }
+            }
+            After::Close => {
+                let _ = client.stream.shutdown().await;
+                return;
+            }
+        }
+    }
+}
+
+/// Reads one request head, then serves the request.
+async fn request(client: &mut Client, buf: &mut Buf, work: &mut Work) -> After {
+    let snap = client.shared.snapshot.load_full();
+    let (timeouts, limits) = (snap.config.timeouts, snap.config.limits);
+    let codec =
+        request::Limits { max_head: limits.max_request_head as usize, max_target: limits.max_request_target as usize };
+    let deadline = Instant::now() + timeouts.request_header;
+    buf.compact();
+    loop {
+        match request::parse(buf.filled(), &codec) {
+            Ok(Some(head)) => {
+                work.request = head;
+                break;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                let refusal = Refusal::of_head(e, &limits);
+                client.stats.requests.fetch_add(1, Ordering::Relaxed);
+                log_refused_head(client, buf.filled(), e, &refusal);
+                refuse(client, work, None, &refusal, true, &timeouts).await;
+                return After::Close;
+            }
+        }
+        if buf.spare().is_empty() {
+            buf.grow(codec.max_head + 1);
+        }
+        match tokio::time::timeout_at(deadline, client.stream.read(buf.spare())).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return After::Close,
+            Ok(Ok(n)) => buf.end += n,
+            Err(_) => {
+                tracing::debug!(peer = %client.peer, "closing connection: request head not received within {:?}", timeouts.request_header);
+                return After::Close;
+            }
+        }
+    }
+    client.stats.requests.fetch_add(1, Ordering::Relaxed);
+    let mut ex = Exchange::new(client, &snap);
+    let after = ex.run(buf, work).await;
+    ex.finish();
+    after
+}
+
+/// Logs a request whose head was refused, when its request line could be read and the
+/// head is not malformed as a whole (as on hyper's path, a syntax error is answered before
+/// there is a request to log).
+fn log_refused_head(client: &Client, bytes: &[u8], e: request::Error, refusal: &Refusal) {
+    use request::Error;
+    let log = &client.shared.access_log;
+    if !log.enabled() || matches!(e, Error::Syntax | Error::BareLf | Error::HeadTooLarge | Error::Version) {
+        return;
+    }
+    let line = bytes.split(|b| *b == b'\n').next().unwrap_or_default().strip_suffix(b"\r").unwrap_or_default();
+    let mut parts = line.split(|b| *b == b' ');
+    let (Some(method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next()) else { return };
+    let text = |b| std::str::from_utf8(b).unwrap_or("-");
+    log.write(&Record {
+        start_millis: crate::time::unix_millis(),
+        client: client.peer,
+        listener: &client.listener,
+        method: text(method),
+        uri: text(target),
+        version: text(version),
+        status: refusal.status().as_u16(),
+        pool: None,
+        backend: None,
+        upstream: None,
+        total: Duration::ZERO,
+        bytes_in: 0,
+        bytes_out: 0,
+        error: Some(refusal.label()),
+        affinity: "-",
+    });
+}
+
+/// Writes a refusal to the client.
+async fn refuse(
+    client: &mut Client,
+    work: &mut Work,
+    pool: Option<&str>,
+    refusal: &Refusal,
+    close: bool,
+    timeouts: &Timeouts,
+) {
+    let status = refusal.status();
+    let close = close || status.is_client_error() || status == http::StatusCode::NOT_IMPLEMENTED;
+    work.out.clear();
+    head::write_refusal(
+        &mut work.out,
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        refusal.label(),
+        &refusal.message(pool.unwrap_or("")),
+        close,
+    );
+    let _ = tokio::time::timeout(timeouts.client_send, client.stream.write_all(&work.out)).await;
+}
+
+/// One request in flight: what it owes when it ends (the backend's in-flight count, its
+/// counters and latency, the access log line) is settled by [`Exchange::finish`].
+struct Exchange<'c> {
+    client: &'c mut Client,
+    snap: &'c Snapshot,
+    started: Instant,
+    status: u16,
+    pool: Option<Arc<str>>,
+    backend: Option<Arc<Backend>>,
+    verdict: Verdict,
+    slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    error: Option<&'static str>,
+    /// For the access log, when it is on: when the request started, and its request line
+    /// (copied, since the buffer it came in is reused for the body).
+    log: Option<(u64, String)>,
+    version: &'static str,
+    upstream: Option<Duration>,
+    bytes_in: u64,
+    bytes_out: u64,
+}
+
+/// What the steps of a request can end in besides a response: a refusal.
+type Step<T> = Result<T, Refusal>;
+
+impl<'c> Exchange<'c> {
+    fn new(client: &'c mut Client, snap: &'c Snapshot) -> Exchange<'c> {
+        Exchange {
+            client,
+            snap,
+            started: Instant::now(),
+            status: 0,
+            pool: None,
+            backend: None,
+            verdict: Verdict::Off,
+            slot: None,
+            error: None,
+            log: None,
+            version: "HTTP/1.1",
+            upstream: None,
+            bytes_in: 0,
+            bytes_out: 0,
+        }
+    }
+
+    /// Notes the request line for the access log, when it is on.
+    fn note(&mut self, data: &[u8], head: &RequestHead) {
+        if !self.client.shared.access_log.enabled() {
+            return;
+        }
+        let mut line = String::with_capacity(16 + head.target.len());
+        line.push_str(std::str::from_utf8(head.method_name.of(data)).unwrap_or("-"));
+        line.push(' ');
+        line.push_str(std::str::from_utf8(head.target.of(data)).unwrap_or("-"));
+        self.log = Some((crate::time::unix_millis(), line));
+        self.version = if head.minor == 0 { "HTTP/1.0" } else { "HTTP/1.1" };
+        self.bytes_in = match head.body {
+            Body::Length(n) => n,
+            _ => 0,
+        };
+    }
+
+    /// Charges the request to `backend`: its in-flight count is up until the end.
+    fn charge(&mut self, backend: &Arc<Backend>) {
+        if self.backend.as_ref().is_some_and(|b| Arc::ptr_eq(b, backend)) {
+            return;
+        }
+        if let Some(old) = self.backend.replace(backend.clone()) {
+            old.release();
+        }
+        backend.acquire();
+    }
+
+    fn finish(self) {
+        if let Some(b) = &self.backend {
+            b.release();
+            b.count(self.verdict);
+            b.metrics.record(self.status, self.started.elapsed());
+        }
+        if let Some((start_millis, line)) = &self.log {
+            let (method, uri) = line.split_once(' ').unwrap_or((line, ""));
+            self.client.shared.access_log.write(&Record {
+                start_millis: *start_millis,
+                client: self.client.peer,
+                listener: &self.client.listener,
+                method,
+                uri,
+                version: self.version,
+                status: self.status,
+                pool: self.pool.as_deref(),
+                backend: self.backend.as_ref().map(|b| b.name.as_str()),
+                upstream: self.upstream,
+                total: self.started.elapsed(),
+                bytes_in: self.bytes_in,
+                bytes_out: self.bytes_out,
+                error: self.error,
+                affinity: self.verdict.as_str(),
+            });
+        }
+    }
+
+    async fn run(&mut self, buf: &mut Buf, work: &mut Work) -> After {
+        let timeouts = self.snap.config.timeouts;
+        match self.forward(buf, &mut *work).await {
+            Ok(after) => after,
+            Err(refusal) => {
+                let status = refusal.status();
+                self.status = status.as_u16();
+                self.error = Some(refusal.label());
+                let pool = self.pool.clone();
+                // A request without a body that Tether refuses for its own reasons leaves
+                // the connection in step; after anything else (a body not read, a request
+                // Tether could not make sense of) the framing of what follows is unknown.
+                let head = &work.request;
+                let in_step = head.body == Body::None
+                    && head.keep_alive
+                    && !status.is_client_error()
+                    && status != http::StatusCode::NOT_IMPLEMENTED;
+                refuse(self.client, work, pool.as_deref(), &refusal, !in_step, &timeouts).await;
+                if in_step {
+                    buf.start = work.request.len;
+                    return After::KeepAlive;
+                }
+                After::Close
+            }
+        }
+    }
+
+    /// Route, decide, send (with moves to another backend), respond.
+    async fn forward(&mut self, buf: &mut Buf, work: &mut Parts) -> Step<After> {
+        let snap = self.snap;
+        let limits = snap.config.limits;
+        let timeouts = snap.config.timeouts;
+        let head = &work.request;
+        let data = buf.bytes();
+        self.note(data, head);
+        let (routes, pool) = route(snap, &self.client.listener, data, head)?;
+        self.pool = Some(pool.name.clone());
+        if let (Some(max), Body::Length(n)) = (limits.max_request_body, head.body) {
+            if n > max {
+                return Err(Refusal::BodyTooLarge { limit: max });
+            }
+        }
+        let trusted = routes.trusted_proxies.iter().any(|c| c.contains(crate::net::canonical(self.client.peer.ip())));
+        let now_ms = if pool.affinity.is_some() { crate::time::unix_millis() } else { 0 };
+        let mut decision = match &pool.affinity {
+            Some(a) => {
+                let xff = head.fields.values(data, Known::XForwardedFor);
+                let ip = rewrite::client_ip_from(self.client.peer.ip(), xff, &routes.trusted_proxies, trusted);
+                a.decide(&pool.group(), &H1Keys::new(data, head), ip, now_ms)
+            }
+            None => Decision::plain(pool.group().pick(None)),
+        };
+        self.verdict = decision.verdict;
+        let index = match decision.target {
+            Target::Use(i) => i,
+            Target::Strict(reason) => return Err(Refusal::SessionUnavailable(reason)),
+            Target::NoBackend => return Err(Refusal::NoBackend),
+        };
+        let https = trusted && forwarded_https(data, head);
+        let upgrade = head.upgrade && head::wants_upgrade(data, head, &pool.config.upgrades);
+        pool.retry_budget.deposit(pool.config.retry_budget);
+        if head.expect_continue && head.body != Body::None {
+            // Tether answers the expectation itself, as NGINX does.
+            let _ =
+                timeout_write(&mut self.client.stream, b"HTTP/1.1 100 Continue\r\n\r\n", timeouts.client_send).await;
+        }
+
+        let mut attempt = Attempt { index, moves_left: pool.config.retries.max(1), stale: 0 };
+        loop {
+            let backend = &pool.backends[attempt.index];
+            self.charge(backend);
+            if self.slot.is_none() {
+                self.slot = acquire_slot(pool, backend).await?;
+            }
+            // The request as the backend gets it: its head, and the body bytes already here.
+            let data = buf.bytes();
+            let head = &work.request;
+            work.out.clear();
+            let edits = RequestEdits {
+                client_ip: &self.client.peer_ip,
+                trusted,
+                default_host: &backend.address_text,
+                own_cookie: pool.affinity.as_ref().and_then(|a| a.cookie_name()),
+                repin_header: pool.affinity.as_ref().map(|a| a.cfg.repin_header.as_str()),
+                repin: decision.verdict.reason(),
+                upgrade: upgrade.then_some(&pool.config.upgrades[..]),
+            };
+            head::write_request(&mut work.out, data, head, &edits);
+            let mut decoder = Decoder::new();
+            let (taken, complete) = first_body_bytes(&data[head.len..], head.body, &mut decoder, &limits)?;
+            work.out.extend_from_slice(&data[head.len..head.len + taken]);
+            let body_end = head.len + taken;
+
+            let (mut conn, reused) = match connection(pool, attempt.index, attempt.stale >= STALE_RETRIES).await {
+                Ok(c) => c,
+                Err(error) => {
+                    tracing::warn!(pool = %pool.name, backend = %backend.name, address = %backend.address_text, "{error}");
+                    if error.is_backend_fault() {
+                        passive_failure(&pool.backends, attempt.index, pool.config.health.as_ref(), &error.to_string());
+                    }
+                    if attempt.move_on(pool, &mut decision) {
+                        self.slot = None;
+                        self.verdict = decision.verdict;
+                        continue;
+                    }
+                    return Err(Refusal::Connect { backend: backend.name.clone(), error });
+                }
+            };
+            if let Err(e) = conn.write_all(&work.out).await {
+                if reused {
+                    attempt.stale += 1;
+                    continue;
+                }
+                tracing::warn!(pool = %pool.name, backend = %backend.name, "backend failed: {e}");
+                passive_failure(&pool.backends, attempt.index, pool.config.health.as_ref(), &e.to_string());
+                return Err(Refusal::BackendFailed { backend: backend.name.clone() });
+            }
+            let (method, keep_alive, minor, body) = (head.method, head.keep_alive, head.minor, head.body);
+            let left = match body {
+                Body::Length(n) => n - (body_end - head.len) as u64,
+                _ => 0,
+            };
+            if complete {
+                buf.start = body_end;
+            }
+
+            // The response head, while the rest of the body (if any) streams from the
+            // client beside it: a backend may answer before it has read the whole body, or
+            // stream its answer while it reads. Until the head arrives, all of it is bounded
+            // by `backend_response`.
+            let mut rbuf = Buf::take();
+            let max_head = limits.max_request_head as usize;
+            let sent = Instant::now();
+            let waiting = AtomicBool::new(false);
+            let (sent, status, res_keep_alive, close) = {
+                let (mut client_read, mut client_write) = self.client.stream.split();
+                let (mut backend_read, mut backend_write) = conn.split();
+                let upload = async {
+                    match body {
+                        _ if complete => Ok(()),
+                        Body::Length(_) => {
+                            copy_length(&mut client_read, &mut backend_write, left, buf, timeouts.client_body, &waiting)
+                                .await
+                        }
+                        _ => {
+                            let max = limits.max_request_body;
+                            copy_chunked(
+                                &mut client_read,
+                                &mut backend_write,
+                                &mut decoder,
+                                buf,
+                                timeouts.client_body,
+                                max,
+                                &waiting,
+                            )
+                            .await
+                        }
+                    }
+                };
+                let mut upload = std::pin::pin!(upload);
+                let mut uploaded = complete;
+                let got = {
+                    let head_read = read_response(
+                        &mut backend_read,
+                        &mut rbuf,
+                        &mut work.response,
+                        max_head,
+                        method == Method::Head,
+                    );
+                    let mut head_read = std::pin::pin!(head_read);
+                    let timer = tokio::time::sleep_until(sent + timeouts.backend_response);
+                    let mut timer = std::pin::pin!(timer);
+                    loop {
+                        tokio::select! {
+                            r = &mut upload, if !uploaded => {
+                                uploaded = true;
+                                if let Err(r) = r {
+                                    return Err(match r {
+                                        Refusal::BackendFailed { .. } => Refusal::BackendFailed { backend: backend.name.clone() },
+                                        r => r,
+                                    });
+                                }
+                            }
+                            g = &mut head_read => break g,
+                            _ = &mut timer => break Err(ReadFail::Timeout),
+                        }
+                    }
+                };
+                self.upstream = Some(sent.elapsed());
+                let replayable = complete && body == Body::None;
+                match got {
+                    Ok(()) => {}
+                    Err(ReadFail::Closed) if reused && replayable && rbuf.filled().is_empty() => {
+                        attempt.stale += 1;
+                        continue;
+                    }
+                    Err(ReadFail::Timeout) => {
+                        let after = timeouts.backend_response;
+                        if !uploaded && waiting.load(Ordering::Relaxed) {
+                            tracing::info!(pool = %pool.name, backend = %backend.name, "request body still arriving after {after:?}");
+                            return Err(Refusal::RequestBodyTimeout { after });
+                        }
+                        if uploaded {
+                            // The backend had the whole request: a strike against it.
+                            tracing::warn!(pool = %pool.name, backend = %backend.name, "no response within {after:?}");
+                            passive_failure(
+                                &pool.backends,
+                                attempt.index,
+                                pool.config.health.as_ref(),
+                                "response timeout",
+                            );
+                        } else {
+                            tracing::warn!(pool = %pool.name, backend = %backend.name, "no response within {after:?}, request body not fully sent");
+                        }
+                        return Err(Refusal::BackendTimeout { backend: backend.name.clone(), after });
+                    }
+                    Err(why) => {
+                        tracing::warn!(pool = %pool.name, backend = %backend.name, "backend failed: {}", why.describe());
+                        passive_failure(&pool.backends, attempt.index, pool.config.health.as_ref(), why.describe());
+                        if replayable
+                            && method.is_idempotent()
+                            && pool.config.retries > 0
+                            && attempt.move_on(pool, &mut decision)
+                        {
+                            self.slot = None;
+                            self.verdict = decision.verdict;
+                            continue;
+                        }
+                        return Err(Refusal::BackendFailed { backend: backend.name.clone() });
+                    }
+                }
+                let res = &work.response;
+                if res.status >= 500 {
+                    let why = format!("status {}", res.status);
+                    passive_failure(&pool.backends, attempt.index, pool.config.health.as_ref(), &why);
+                } else {
+                    backend.passive_success();
+                }
+                self.status = res.status;
+                if res.status == 101 && !upgrade {
+                    return Err(Refusal::UnaskedSwitch);
+                }
+                // Persistence: the app's cookie learned, Tether's cookie issued.
+                let rdata = rbuf.bytes();
+                let mut set_cookie = None;
+                if let Some(a) = &pool.affinity {
+                    if a.learns() {
+                        a.learn(res.fields.values(rdata, Known::SetCookie), attempt.index);
+                    }
+                    set_cookie = issued_cookie(a, &decision, https);
+                }
+                let dechunk = res.body == response::Body::Chunked && minor == 0;
+                let close =
+                    !keep_alive || *self.client.shutdown.borrow() || res.body == response::Body::UntilClose || dechunk;
+                work.out.clear();
+                let edits = ResponseEdits {
+                    set_cookie: set_cookie.as_deref(),
+                    close,
+                    dechunk,
+                    client_minor: minor,
+                    date: None,
+                };
+                head::write_response(&mut work.out, rdata, res, &edits);
+                rbuf.start = res.len;
+                let (status, res_keep_alive, res_body) = (res.status, res.keep_alive, res.body);
+                let head_len = work.out.len() as u64;
+                let mut written = 0;
+                let download = send_response(
+                    &mut client_write,
+                    &mut backend_read,
+                    &mut rbuf,
+                    &mut work.out,
+                    res_body,
+                    &timeouts,
+                    dechunk,
+                    &mut written,
+                );
+                let mut upload_failed = false;
+                let sent = if uploaded {
+                    download.await
+                } else {
+                    let mut download = std::pin::pin!(download);
+                    loop {
+                        tokio::select! {
+                            r = &mut upload, if !uploaded => {
+                                uploaded = true;
+                                if r.is_err() {
+                                    // The client's body failed while the response was
+                                    // under way: the response is cut short.
+                                    upload_failed = true;
+                                    break Err("bad-request-body");
+                                }
+                            }
+                            d = &mut download => break d,
+                        }
+                    }
+                };
+                self.bytes_out = written.saturating_sub(head_len);
+                if !uploaded || upload_failed {
+                    // The response ended before the request body did, or the body failed after
+                    // the response had begun: neither connection is in step any more.
+                    self.error = Some(if upload_failed { "bad-request-body" } else { "response-before-body" });
+                    return Ok(After::Close);
+                }
+                (sent, status, res_keep_alive, close)
+            };
+            return match sent {
+                Ok(_) if status == 101 => {
+                    tunnel(&mut self.client.stream, conn, buf.filled(), timeouts.tunnel_idle).await;
+                    Ok(After::Close)
+                }
+                Ok(whole) => {
+                    if whole && res_keep_alive {
+                        pool.upstreams[attempt.index].put_native(conn);
+                    }
+                    Ok(if close { After::Close } else { After::KeepAlive })
+                }
+                Err(label) => {
+                    self.error = Some(label);
+                    Ok(After::Close)
+                }
+            };
+        }
+    }
+}
+
+/// The body bytes that came with the head: how many of `available` belong to this
+/// request, and whether that is all of its body. A chunked body's framing is checked.
+fn first_body_bytes(available: &[u8], body: Body, decoder: &mut Decoder, limits: &Limits) -> Step<(usize, bool)> {
+    match body {
+        Body::None => Ok((0, true)),
+        Body::Length(n) => {
+            let take = available.len().min(usize::try_from(n).unwrap_or(usize::MAX));
+            Ok((take, take as u64 == n))
+        }
+        Body::Chunked => {
+            let mut at = 0;
+            while at < available.len() && !decoder.is_done() {
+                let s = decoder.step(&available[at..]).map_err(|_| Refusal::BadRequestBody)?;
+                at += s.consumed;
+            }
+            if let Some(max) = limits.max_request_body {
+                if decoder.data_len() > max {
+                    return Err(Refusal::BodyTooLarge { limit: max });
+                }
+            }
+            Ok((at, decoder.is_done()))
+        }
+    }
+}
+
+/// The `Set-Cookie` value of a token the decision issues, `Secure` when the client came
+/// over HTTPS through a trusted proxy (unless the pool says otherwise).
+fn issued_cookie(a: &PoolAffinity, d: &Decision, https: bool) -> Option<String> {
+    let t = d.issue.as_ref()?;
+    let mut cookie = a.set_cookie(t);
+    if https && a.cfg.cookie.secure.is_none() && !cookies::has_attribute(&cookie, "Secure") {
+        cookie.push_str("; Secure");
+    }
+    Some(cookie)
+}
+
+/// Where a request is in its attempts to reach a backend.
+struct Attempt {
+    index: usize,
+    moves_left: u32,
+    stale: u32,
+}
+
+impl Attempt {
+    fn move_on(&mut self, pool: &Pool, decision: &mut Decision) -> bool {
+        if self.moves_left == 0 || !pool.retry_budget.withdraw() {
+            return false;
+        }
+        let now_ms = crate::time::unix_millis();
+        let next = match &pool.affinity {
+            Some(a) => a.failover(&pool.group(), decision, self.index, now_ms),
+            None => pool.group().pick(Some(self.index)),
+        };
+        let Some(next) = next else { return false };
+        self.moves_left -= 1;
+        pool.retry_budget.retries.fetch_add(1, Ordering::Relaxed);
+        self.index = next;
+        self.stale = 0;
+        true
+    }
+}
+
+/// A pooled connection to backend `i` (`true`: reused), or a new one.
+async fn connection(pool: &Pool, i: usize, fresh: bool) -> Result<(TcpStream, bool), ConnectError> {
+    let upstream = &pool.upstreams[i];
+    if !fresh {
+        if let Some(s) = upstream.take_native() {
+            return Ok((s, true));
+        }
+    }
+    upstream.connect_native().await.map(|s| (s, false))
+}
+
+/// Waits for a `max_connections` slot of the backend, if it has a limit.
+async fn acquire_slot(pool: &Pool, backend: &Backend) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, Refusal> {
+    let Some(slots) = &backend.slots else { return Ok(None) };
+    if slots.available_permits() == 0 && backend.waiting.load(Ordering::Relaxed) >= pool.config.max_queue {
+        return Err(Refusal::QueueFull { backend: backend.name.clone(), max_queue: pool.config.max_queue });
+    }
+    backend.waiting.fetch_add(1, Ordering::Relaxed);
+    let waited = tokio::time::timeout(pool.config.queue_timeout, slots.clone().acquire_owned()).await;
+    backend.waiting.fetch_sub(1, Ordering::Relaxed);
+    match waited {
+        Ok(Ok(permit)) => Ok(Some(permit)),
+        _ => Err(Refusal::QueueTimeout { backend: backend.name.clone(), waited: pool.config.queue_timeout }),
+    }
+}
+
+/// Step 1: the listener's routes and the pool, by host then path.
+fn route<'s>(
+    snap: &'s Snapshot,
+    listener: &str,
+    data: &[u8],
+    head: &RequestHead,
+) -> Result<(&'s Routes, &'s Pool), Refusal> {
+    if head.method == Method::Connect {
+        return Err(Refusal::ConnectUnsupported);
+    }
+    let routes = snap.listener(listener).ok_or(Refusal::NoListener)?;
+    let host = head.host.map_or(&b""[..], |h| h.of(data));
+    let host = std::str::from_utf8(host).map_or("", crate::net::strip_port);
+    let path = path_of(data, head);
+    match routes.route(host, path) {
+        Some(p) => Ok((routes, &snap.pools[p])),
+        None => Err(Refusal::NoRoute { host: host.to_string(), path: path.to_string() }),
+    }
+}
+
+/// The path of the request target, without the query (`/` for `*` and an empty path).
+fn path_of<'b>(data: &'b [u8], head: &RequestHead) -> &'b str {
+    let target = match head.form {
+        request::Target::Absolute { path, .. } => path.of(data),
+        request::Target::Asterisk => b"/",
+        _ => head.target.of(data),
+    };
+    let end = target.iter().position(|b| *b == b'?').unwrap_or(target.len());
+    match std::str::from_utf8(&target[..end]) {
+        Ok("") | Err(_) => "/",
+        Ok(p) => p,
+    }
+}
+
+/// The client reached the trusted proxy in front of Tether over HTTPS.
+fn forwarded_https(data: &[u8], head: &RequestHead) -> bool {
+    head.fields.values(data, Known::XForwardedProto).next().is_some_and(|v| {
+        let first = v.split(|b| *b == b',').next().unwrap_or_default();
+        first.trim_ascii().eq_ignore_ascii_case(b"https")
+    })
+}
+
+/// Why a response head could not be read.
+enum ReadFail {
+    Closed,
+    Timeout,
+    Io,
+    Malformed(response::Error),
+}
+
+impl ReadFail {
+    fn describe(&self) -> &'static str {
+        match self {
+            ReadFail::Closed => "connection closed before a response",
+            ReadFail::Timeout => "response timeout",
+            ReadFail::Io => "connection broke before a response",
+            ReadFail::Malformed(e) => e.describe(),
+        }
+    }
+}
+
+/// Reads a final response head (1xx heads before it other than 101 are skipped).
+async fn read_response<R: AsyncRead + Unpin>(
+    conn: &mut R,
+    rbuf: &mut Buf,
+    into: &mut ResponseHead,
+    max_head: usize,
+    is_head: bool,
+) -> Result<(), ReadFail> {
+    loop {
+        match response::parse(rbuf.filled(), max_head, is_head) {
+            Ok(Some(h)) if (100..200).contains(&h.status) && h.status != 101 => {
+                // Interim responses are not forwarded: Tether answered Expect itself.
+                rbuf.start += h.len;
+                rbuf.compact();
+                continue;
+            }
+            Ok(Some(h)) => {
+                *into = h;
+                return Ok(());
+            }
+            Ok(None) => {}
+            Err(e) => return Err(ReadFail::Malformed(e)),
+        }
+        if rbuf.spare().is_empty() {
+            rbuf.grow(max_head + 1);
+        }
+        match conn.read(rbuf.spare()).await {
+            Ok(0) => return Err(ReadFail::Closed),
+            Ok(n) => rbuf.end += n,
+            Err(_) => return Err(ReadFail::Io),
+        }
+    }
+}
+
+/// Reads the next piece of the request body within `client_body`, noting in `waiting`
+/// while it waits (a response timeout during that wait is the client's fault).
+async fn read_body<R: AsyncRead + Unpin>(
+    from: &mut R,
+    into: &mut [u8],
+    idle: Duration,
+    waiting: &AtomicBool,
+) -> Step<usize> {
+    waiting.store(true, Ordering::Relaxed);
+    let r = tokio::time::timeout(idle, from.read(into)).await;
+    waiting.store(false, Ordering::Relaxed);
+    match r {
+        Ok(Ok(0)) | Ok(Err(_)) => Err(Refusal::BadRequestBody),
+        Ok(Ok(n)) => Ok(n),
+        Err(_) => Err(Refusal::RequestBodyTimeout { after: idle }),
+    }
+}
+
+/// Copies the rest of a body of known length from the client to the backend.
+async fn copy_length<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    from: &mut R,
+    to: &mut W,
+    mut left: u64,
+    buf: &mut Buf,
+    idle: Duration,
+    waiting: &AtomicBool,
+) -> Step<()> {
+    buf.clear();
+    while left > 0 {
+        let room = buf.spare();
+        let want = room.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        let n = read_body(from, &mut room[..want], idle, waiting).await?;
+        if to.write_all(&buf.spare()[..n]).await.is_err() {
+            return Err(Refusal::BackendFailed { backend: String::new() });
+        }
+        left -= n as u64;
+    }
+    Ok(())
+}
+
+/// Copies the rest of a chunked body from the client to the backend, as received, checking
+/// its framing and the body limit. Bytes after the body stay in `buf` (a pipelined
+/// request).
+async fn copy_chunked<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    from: &mut R,
+    to: &mut W,
+    decoder: &mut Decoder,
+    buf: &mut Buf,
+    idle: Duration,
+    max: Option<u64>,
+    waiting: &AtomicBool,
+) -> Step<()> {
+    buf.clear();
+    while !decoder.is_done() {
+        let n = read_body(from, buf.spare(), idle, waiting).await?;
+        buf.end += n;
+        let mut at = buf.start;
+        let end = buf.end;
+        while at < end && !decoder.is_done() {
+            let step = decoder.step(&buf.bytes()[at..end]).map_err(|_| Refusal::BadRequestBody)?;
+            at += step.consumed;
+        }
+        if let Some(max) = max {
+            if decoder.data_len() > max {
+                return Err(Refusal::BodyTooLarge { limit: max });
+            }
+        }
+        if to.write_all(&buf.bytes()[buf.start..at]).await.is_err() {
+            return Err(Refusal::BackendFailed { backend: String::new() });
+        }
+        buf.start = at;
+        if buf.start == buf.end {
+            buf.clear();
+        }
+    }
+    Ok(())
+}
+
+/// Sends the response head in `out` and the body after it: `Ok(true)` when the backend's
+/// response was read to its end (its connection may be reused), `Err` with the failure's
+/// label when it broke off.
+// Both directions' streams, both buffers, the framing and the counter: each is a
+// separate borrow of the caller's state, so a struct would only rename them.
+#[allow(clippy::too_many_arguments)]
+async fn send_response<W: AsyncWrite + Unpin, R: AsyncRead + Unpin>(
+    client: &mut W,
+    conn: &mut R,
+    rbuf: &mut Buf,
+    out: &mut Vec<u8>,
+    body: response::Body,
+    timeouts: &Timeouts,
+    dechunk: bool,
+    written: &mut u64,
+) -> Result<bool, &'static str> {
+    let head_len = out.len() as u64;
+    let send = timeouts.client_send;
+    let idle = timeouts.backend_body;
+    match body {
+        response::Body::None => {
+            write_counted(client, out, send, written).await?;
+            Ok(rbuf.filled().is_empty())
+        }
+        response::Body::Length(n) => {
+            let mut left = n;
+            let extra = rbuf.filled().len() as u64 > n;
+            let here = (rbuf.filled().len() as u64).min(left) as usize;
+            out.extend_from_slice(&rbuf.filled()[..here]);
+            left -= here as u64;
+            write_counted(client, out, send, written).await?;
+            rbuf.clear();
+            while left > 0 {
+                let room = rbuf.spare();
+                let want = room.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                let n = read(conn, &mut room[..want], idle).await?;
+                left -= n as u64;
+                write_counted(client, &rbuf.spare()[..n], send, written).await?;
+            }
+            Ok(!extra)
+        }
+        response::Body::Chunked => {
+            let mut decoder = Decoder::new();
+            // The first pieces go out with the head.
+            let mut at = rbuf.start;
+            let end = rbuf.end;
+            let data = rbuf.bytes();
+            while at < end && !decoder.is_done() {
+                let step = decoder.step(&data[at..end]).map_err(|_| "backend-body-error")?;
+                if dechunk {
+                    out.extend_from_slice(&data[at..end][step.data.clone()]);
+                } else {
+                    out.extend_from_slice(&data[at..at + step.consumed]);
+                }
+                at += step.consumed;
+            }
+            let extra = at < end;
+            write_counted(client, out, send, written).await?;
+            rbuf.clear();
+            while !decoder.is_done() {
+                rbuf.clear();
+                let n = read(conn, rbuf.spare(), idle).await?;
+                rbuf.end = n;
+                let mut at = 0;
+                out.clear();
+                while at < n && !decoder.is_done() {
+                    let data = rbuf.bytes();
+                    let step = decoder.step(&data[at..n]).map_err(|_| "backend-body-error")?;
+                    if dechunk {
+                        out.extend_from_slice(&data[at..n][step.data.clone()]);
+                    } else {
+                        out.extend_from_slice(&data[at..at + step.consumed]);
+                    }
+                    at += step.consumed;
+                }
+                write_counted(client, out, send, written).await?;
+                if at < n {
+                    return Ok(false);
+                }
+            }
+            // The access log counts body bytes, not chunk framing.
+            *written = head_len + decoder.data_len();
+            Ok(!extra)
+        }
+        response::Body::UntilClose => {
+            out.extend_from_slice(rbuf.filled());
+            write_counted(client, out, send, written).await?;
+            rbuf.clear();
+            loop {
+                match tokio::time::timeout(idle, conn.read(rbuf.spare())).await {
+                    Ok(Ok(0)) => return Ok(false),
+                    Ok(Ok(n)) => {
+                        let piece = &rbuf.spare()[..n];
+                        write_counted(client, piece, send, written).await?;
+                    }
+                    Ok(Err(_)) | Err(_) => return Err("backend-body-error"),
+                }
+            }
+        }
+    }
+}
+
+async fn read<R: AsyncRead + Unpin>(conn: &mut R, into: &mut [u8], idle: Duration) -> Result<usize, &'static str> {
+    match tokio::time::timeout(idle, conn.read(into)).await {
+        Ok(Ok(0)) | Ok(Err(_)) | Err(_) => Err("backend-body-error"),
+        Ok(Ok(n)) => Ok(n),
+    }
+}
+
+async fn timeout_write<W: AsyncWrite + Unpin>(
+    stream: &mut W,
+    bytes: &[u8],
+    limit: Duration,
+) -> Result<(), &'static str> {
+    write(stream, bytes, limit).await
+}
+
+async fn write_counted<W: AsyncWrite + Unpin>(
+    stream: &mut W,
+    bytes: &[u8],
+    limit: Duration,
+    count: &mut u64,
+) -> Result<(), &'static str> {
+    write(stream, bytes, limit).await?;
+    *count += bytes.len() as u64;
+    Ok(())
+}
+
+async fn write<W: AsyncWrite + Unpin>(stream: &mut W, bytes: &[u8], limit: Duration) -> Result<(), &'static str> {
+    match tokio::time::timeout(limit, stream.write_all(bytes)).await {
+        Ok(Ok(())) => Ok(()),
+        _ => Err("client-gone"),
+    }
+}
+
+/// Copies bytes both ways between the client and the backend after a 101, until either
+/// side ends or nothing moves either way for `idle`. Bytes the client sent after its
+/// request head (`early`) go to the backend first.
+async fn tunnel(client: &mut TcpStream, mut backend: TcpStream, early: &[u8], idle: Duration) {
+    if !early.is_empty() && backend.write_all(early).await.is_err() {
+        return;
+    }
+    let (mut a, mut b) = (Buf::take(), Buf::take());
+    let (mut client_read, mut client_write) = client.split();
+    let (mut backend_read, mut backend_write) = backend.split();
+    loop {
+        let moved = tokio::select! {
+            r = client_read.read(a.spare()) => match r {
+                Ok(n) if n > 0 => backend_write.write_all(&a.spare()[..n]).await.is_ok(),
+                _ => false,
+            },
+            r = backend_read.read(b.spare()) => match r {
+                Ok(n) if n > 0 => client_write.write_all(&b.spare()[..n]).await.is_ok(),
+                _ => false,
+            },
+            _ = tokio::time::sleep(idle) => {
+                tracing::debug!("closing tunnel: nothing moved either way for {idle:?}");
+                false
+            }
+        };
+        if !moved {
+            return;
+        }
+    }
+}
