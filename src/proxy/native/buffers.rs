@@ -176,6 +176,27 @@ mod tests {
     }
 
     #[test]
+    fn a_future_in_a_slot_runs_is_dropped_in_place_and_its_slot_reused() {
+        use std::rc::Rc;
+        let dropped = Rc::new(());
+        let held = dropped.clone();
+        let f = InSlot::new(async move {
+            let _held = held;
+            7
+        });
+        let first = f.slot.as_ref().unwrap().0.as_ptr();
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        assert_eq!(rt.block_on(f), 7);
+        assert_eq!(Rc::strong_count(&dropped), 1, "the future was dropped");
+        // Dropped unpolled, the future's captures go too.
+        let held = dropped.clone();
+        drop(InSlot::new(async move { drop(held) }));
+        assert_eq!(Rc::strong_count(&dropped), 1);
+        let again = InSlot::new(async {});
+        assert_eq!(again.slot.as_ref().unwrap().0.as_ptr(), first, "the slot came from the free list");
+    }
+
+    #[test]
     fn compact_and_grow_keep_the_filled_bytes() {
         let mut b = Buf::take();
         b.spare()[..5].copy_from_slice(b"hello");
@@ -188,5 +209,73 @@ mod tests {
         let grown = b.data.as_ptr();
         drop(b);
         assert_ne!(Buf::take().data.as_ptr(), grown);
+    }
+}
+
+/// Bytes of a slot that holds one request's future. The future of `conn::request` must
+/// fit (checked at compile time where it is placed).
+pub const SLOT: usize = 4096;
+
+/// Storage for one future, aligned for anything a future holds.
+#[repr(C, align(16))]
+struct Slot([std::mem::MaybeUninit<u8>; SLOT]);
+
+thread_local! {
+    static FREE_SLOTS: RefCell<Vec<Box<Slot>>> = RefCell::new(Vec::with_capacity(MAX_FREE));
+}
+
+/// A future kept in a slot from its thread's free list instead of inline in its caller.
+///
+/// A task is as big as its largest state, and a connection's task spends nearly all its
+/// life waiting for the next request: holding the request's future (a few KiB) inline
+/// would make every idle connection pay for it. In a pooled slot it costs a pointer while
+/// idle, and a request on a warm thread still allocates nothing.
+pub struct InSlot<F: std::future::Future> {
+    slot: Option<Box<Slot>>,
+    _holds: std::marker::PhantomData<F>,
+}
+
+impl<F: std::future::Future> InSlot<F> {
+    const FITS: () =
+        assert!(std::mem::size_of::<F>() <= SLOT && std::mem::align_of::<F>() <= 16, "the future does not fit a slot");
+
+    pub fn new(future: F) -> InSlot<F> {
+        #[allow(clippy::let_unit_value)]
+        let () = Self::FITS;
+        let mut slot = FREE_SLOTS
+            .with(|f| f.borrow_mut().pop())
+            .unwrap_or_else(|| Box::new(Slot([std::mem::MaybeUninit::uninit(); SLOT])));
+        // SAFETY: the slot is at least as large and as aligned as `F` (checked above), and
+        // nothing else uses it until `drop` gives it back.
+        unsafe { slot.0.as_mut_ptr().cast::<F>().write(future) };
+        InSlot { slot: Some(slot), _holds: std::marker::PhantomData }
+    }
+}
+
+impl<F: std::future::Future> std::future::Future for InSlot<F> {
+    type Output = F::Output;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<F::Output> {
+        // SAFETY: the future lives in the boxed slot, which does not move when `InSlot`
+        // does, and is dropped in place by `drop`: it is never moved once polled.
+        unsafe {
+            let this = self.get_unchecked_mut();
+            let slot = this.slot.as_mut().expect("present until drop");
+            std::pin::Pin::new_unchecked(&mut *slot.0.as_mut_ptr().cast::<F>()).poll(cx)
+        }
+    }
+}
+
+impl<F: std::future::Future> Drop for InSlot<F> {
+    fn drop(&mut self) {
+        let Some(mut slot) = self.slot.take() else { return };
+        // SAFETY: `new` wrote an `F` here and nothing has dropped it.
+        unsafe { std::ptr::drop_in_place(slot.0.as_mut_ptr().cast::<F>()) };
+        let _ = FREE_SLOTS.try_with(|f| {
+            let mut f = f.borrow_mut();
+            if f.len() < MAX_FREE {
+                f.push(slot);
+            }
+        });
     }
 }

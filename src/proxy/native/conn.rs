@@ -22,7 +22,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::buffers::{Buf, Parts, Work};
+use super::buffers::{Buf, InSlot, Parts, Work};
 use super::head::{self, RequestEdits, ResponseEdits};
 use crate::access_log::Record;
 use crate::affinity::keys::H1Keys;
@@ -82,7 +82,7 @@ pub async fn serve(mut client: Client) {
         first = false;
         let mut buf = carry.take().unwrap_or_else(Buf::take);
         let mut work = Work::take();
-        match request(&mut client, &mut buf, &mut work).await {
+        match InSlot::new(request(&mut client, &mut buf, &mut work)).await {
             After::KeepAlive if *client.shutdown.borrow() => return,
             After::KeepAlive => {
                 if !buf.filled().is_empty() {
