@@ -31,6 +31,42 @@ pub mod response;
 
 pub use fields::{Field, Fields, Known, Span, MAX_FIELDS};
 
+/// Whether a head that `httparse` accepted whole has a line ending in a bare LF. It ends
+/// each line at an LF, with or without a CR before it, and refuses a CR without LF, so
+/// only the ends of lines need looking at: the start line's (scanned: it is short, and
+/// empty lines may come before it), each field line's (just after its value and any
+/// whitespace after it), and the empty line that ends the head. Debug builds (the tests
+/// and the fuzz targets) check the answer against a scan of every byte.
+fn head_has_bare_lf(head: &[u8], fields: &[httparse::Header<'_>]) -> bool {
+    let fast = line_ends_bare(head, fields);
+    debug_assert_eq!(fast, has_bare_lf(head), "{:?}", String::from_utf8_lossy(head));
+    fast
+}
+
+fn line_ends_bare(head: &[u8], fields: &[httparse::Header<'_>]) -> bool {
+    let Some(first) = head.iter().position(|b| *b != b'\r' && *b != b'\n') else { return has_bare_lf(head) };
+    let Some(eol) = head[first..].iter().position(|b| *b == b'\n') else { return has_bare_lf(head) };
+    if has_bare_lf(&head[..=first + eol]) {
+        return true;
+    }
+    let base = head.as_ptr() as usize;
+    for h in fields {
+        let at = (h.value.as_ptr() as usize).wrapping_sub(base);
+        if at > head.len() {
+            // An empty value that does not point into the head: look at every byte.
+            return has_bare_lf(head);
+        }
+        let mut i = at + h.value.len();
+        while i < head.len() && (head[i] == b' ' || head[i] == b'\t') {
+            i += 1;
+        }
+        if head.get(i) != Some(&b'\r') {
+            return true;
+        }
+    }
+    !head.ends_with(b"\r\n")
+}
+
 /// Finds a bare LF (one not preceded by CR) in `head`.
 fn has_bare_lf(head: &[u8]) -> bool {
     let mut prev = 0u8;

@@ -2,7 +2,7 @@
 //! 6 and 7; RFC 9110 section 7.2 for Host).
 
 use super::fields::{self, Known};
-use super::{has_bare_lf, Fields, Span, MAX_FIELDS};
+use super::{has_bare_lf, head_has_bare_lf, Fields, Span, MAX_FIELDS};
 
 /// How large a request head, and its target, may be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -185,11 +185,19 @@ impl std::fmt::Display for Error {
 /// Parses the request head at the start of `buf`: `Ok(None)` while it is incomplete and
 /// still within the limits.
 pub fn parse(buf: &[u8], limits: &Limits) -> Result<Option<RequestHead>, Error> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_FIELDS];
-    let mut req = httparse::Request::new(&mut headers);
-    let len = match req.parse(buf) {
+    let mut head = RequestHead::default();
+    Ok(parse_into(buf, limits, &mut head)?.then_some(head))
+}
+
+/// [`parse`] into a head the caller keeps (pooled storage: nothing of the size of a head
+/// is built or copied on the way). `Ok(false)` while the head is incomplete; `into` is
+/// meaningful only after `Ok(true)`.
+pub fn parse_into(buf: &[u8], limits: &Limits, into: &mut RequestHead) -> Result<bool, Error> {
+    let mut headers = [std::mem::MaybeUninit::<httparse::Header<'_>>::uninit(); MAX_FIELDS];
+    let mut req = httparse::Request::new(&mut []);
+    let len = match req.parse_with_uninit_headers(buf, &mut headers) {
         Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => return partial(buf, limits).map(|()| None),
+        Ok(httparse::Status::Partial) => return partial(buf, limits).map(|()| false),
         Err(httparse::Error::TooManyHeaders) => return Err(Error::HeadTooLarge),
         Err(httparse::Error::Version) => return Err(if names_a_version(buf) { Error::Version } else { Error::Syntax }),
         Err(_) => return Err(if has_bare_lf(buf) { Error::BareLf } else { Error::Syntax }),
@@ -197,8 +205,7 @@ pub fn parse(buf: &[u8], limits: &Limits) -> Result<Option<RequestHead>, Error> 
     if len > limits.max_head {
         return Err(Error::HeadTooLarge);
     }
-    let head = &buf[..len];
-    if has_bare_lf(head) {
+    if head_has_bare_lf(&buf[..len], req.headers) {
         return Err(Error::BareLf);
     }
     let (Some(method_name), Some(path), Some(minor)) = (req.method, req.path, req.version) else {
@@ -210,7 +217,7 @@ pub fn parse(buf: &[u8], limits: &Limits) -> Result<Option<RequestHead>, Error> 
     let method = Method::of(method_name.as_bytes());
     let target = Span::within(buf, path.as_bytes());
     let form = target_form(buf, path.as_bytes(), method)?;
-    let mut fields = Fields::default();
+    let fields = &mut into.fields;
     fields.fill(buf, req.headers);
 
     let host = match form {
@@ -236,7 +243,7 @@ pub fn parse(buf: &[u8], limits: &Limits) -> Result<Option<RequestHead>, Error> 
         }
     }
 
-    let body = framing(buf, &fields, minor)?;
+    let body = framing(buf, fields, minor)?;
     let options = fields::options(fields.values(buf, Known::Connection));
     // Transfer-Encoding with Content-Length: framed by the former alone, and the
     // connection closes after the response (RFC 9112 section 6.3, point 3), so whatever a
@@ -246,20 +253,18 @@ pub fn parse(buf: &[u8], limits: &Limits) -> Result<Option<RequestHead>, Error> 
     let upgrade = minor == 1 && options.upgrade && fields.values(buf, Known::Upgrade).next().is_some();
     let expect_continue =
         minor == 1 && fields.values(buf, Known::Expect).any(|v| v.eq_ignore_ascii_case(b"100-continue"));
-    Ok(Some(RequestHead {
-        method,
-        method_name: Span::within(buf, method_name.as_bytes()),
-        target,
-        form,
-        minor,
-        fields,
-        host,
-        body,
-        keep_alive,
-        upgrade,
-        expect_continue,
-        len,
-    }))
+    into.method = method;
+    into.method_name = Span::within(buf, method_name.as_bytes());
+    into.target = target;
+    into.form = form;
+    into.minor = minor;
+    into.host = host;
+    into.body = body;
+    into.keep_alive = keep_alive;
+    into.upgrade = upgrade;
+    into.expect_continue = expect_continue;
+    into.len = len;
+    Ok(true)
 }
 
 /// The request line ends in a well-formed version (`HTTP/` digit `.` digit) that is just

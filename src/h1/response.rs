@@ -3,7 +3,7 @@
 //! error (the client gets 502), never guessed at.
 
 use super::fields::{self, Known};
-use super::{has_bare_lf, Fields, Span, MAX_FIELDS};
+use super::{head_has_bare_lf, Fields, Span, MAX_FIELDS};
 
 /// How a response body is framed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -65,19 +65,27 @@ impl std::fmt::Display for Error {
 /// Parses the response head at the start of `buf`, to a request that was `head` (a HEAD
 /// request) or not: `Ok(None)` while incomplete and within `max_head`.
 pub fn parse(buf: &[u8], max_head: usize, head: bool) -> Result<Option<ResponseHead>, Error> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_FIELDS];
-    let mut res = httparse::Response::new(&mut headers);
-    let len = match res.parse(buf) {
+    let mut parsed = ResponseHead::default();
+    Ok(parse_into(buf, max_head, head, &mut parsed)?.then_some(parsed))
+}
+
+/// [`parse`] into a head the caller keeps. `Ok(false)` while the head is incomplete;
+/// `into` is meaningful only after `Ok(true)`.
+pub fn parse_into(buf: &[u8], max_head: usize, head: bool, into: &mut ResponseHead) -> Result<bool, Error> {
+    let mut headers = [std::mem::MaybeUninit::<httparse::Header<'_>>::uninit(); MAX_FIELDS];
+    let mut res = httparse::Response::new(&mut []);
+    let config = httparse::ParserConfig::default();
+    let len = match config.parse_response_with_uninit_headers(&mut res, buf, &mut headers) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) if buf.len() >= max_head => return Err(Error::TooLarge),
-        Ok(httparse::Status::Partial) => return Ok(None),
+        Ok(httparse::Status::Partial) => return Ok(false),
         Err(httparse::Error::TooManyHeaders) => return Err(Error::TooLarge),
         Err(_) => return Err(Error::Syntax),
     };
     if len > max_head {
         return Err(Error::TooLarge);
     }
-    if has_bare_lf(&buf[..len]) {
+    if head_has_bare_lf(&buf[..len], res.headers) {
         return Err(Error::Syntax);
     }
     let (Some(status), Some(minor)) = (res.code, res.version) else { return Err(Error::Syntax) };
@@ -85,7 +93,7 @@ pub fn parse(buf: &[u8], max_head: usize, head: bool) -> Result<Option<ResponseH
         return Err(Error::Syntax);
     }
     let reason = res.reason.map_or(Span { start: len as u32, end: len as u32 }, |r| Span::within(buf, r.as_bytes()));
-    let mut fields = Fields::default();
+    let fields = &mut into.fields;
     fields.fill(buf, res.headers);
 
     let options = fields::options(fields.values(buf, Known::Connection));
@@ -117,7 +125,14 @@ pub fn parse(buf: &[u8], max_head: usize, head: bool) -> Result<Option<ResponseH
             Err(()) => return Err(Error::BadContentLength),
         }
     };
-    Ok(Some(ResponseHead { status, minor, reason, fields, body, keep_alive, drop_length, len }))
+    into.status = status;
+    into.minor = minor;
+    into.reason = reason;
+    into.body = body;
+    into.keep_alive = keep_alive;
+    into.drop_length = drop_length;
+    into.len = len;
+    Ok(true)
 }
 
 #[cfg(test)]

@@ -107,12 +107,9 @@ async fn request(client: &mut Client, buf: &mut Buf, work: &mut Work) -> After {
     let deadline = Instant::now() + timeouts.request_header;
     buf.compact();
     loop {
-        match request::parse(buf.filled(), &codec) {
-            Ok(Some(head)) => {
-                work.request = head;
-                break;
-            }
-            Ok(None) => {}
+        match request::parse_into(buf.filled(), &codec, &mut work.request) {
+            Ok(true) => break,
+            Ok(false) => {}
             Err(e) => {
                 let refusal = Refusal::of_head(e, &limits);
                 client.stats.requests.fetch_add(1, Ordering::Relaxed);
@@ -779,18 +776,15 @@ async fn read_response<R: AsyncRead + Unpin>(
     is_head: bool,
 ) -> Result<(), ReadFail> {
     loop {
-        match response::parse(rbuf.filled(), max_head, is_head) {
-            Ok(Some(h)) if (100..200).contains(&h.status) && h.status != 101 => {
+        match response::parse_into(rbuf.filled(), max_head, is_head, into) {
+            Ok(true) if (100..200).contains(&into.status) && into.status != 101 => {
                 // Interim responses are not forwarded: Tether answered Expect itself.
-                rbuf.start += h.len;
+                rbuf.start += into.len;
                 rbuf.compact();
                 continue;
             }
-            Ok(Some(h)) => {
-                *into = h;
-                return Ok(());
-            }
-            Ok(None) => {}
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
             Err(e) => return Err(ReadFail::Malformed(e)),
         }
         if rbuf.spare().is_empty() {
