@@ -379,7 +379,11 @@ fn is_reg_name(h: &[u8]) -> bool {
 /// The request body's framing (RFC 9112 section 6.3, points 3 to 6).
 fn framing(buf: &[u8], fields: &Fields, minor: u8) -> Result<Body, Error> {
     let has_te = fields.values(buf, Known::TransferEncoding).next().is_some();
-    let length = fields::content_length(fields.values(buf, Known::ContentLength)).map_err(|()| Error::BadContentLength);
+    // An invalid Content-Length is an error even beside Transfer-Encoding, which frames the
+    // body then: a peer that reads it differently must not get the chance (and hyper
+    // refuses it too; the differential fuzz target found the difference).
+    let length =
+        fields::content_length(fields.values(buf, Known::ContentLength)).map_err(|()| Error::BadContentLength)?;
     if has_te {
         if minor == 0 {
             return Err(Error::BadTransferEncoding);
@@ -393,7 +397,7 @@ fn framing(buf: &[u8], fields: &Fields, minor: u8) -> Result<Body, Error> {
         }
         return Ok(Body::Chunked);
     }
-    Ok(match length? {
+    Ok(match length {
         None | Some(0) => Body::None,
         Some(n) => Body::Length(n),
     })
@@ -457,6 +461,10 @@ mod tests {
         assert_eq!(err("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5 5\r\n\r\n"), Error::BadContentLength);
         let both = ok("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n");
         assert_eq!((both.body, both.keep_alive), (Body::Chunked, false));
+        assert_eq!(
+            err("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0x3\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            Error::BadContentLength
+        );
         assert_eq!(
             err("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: gzip\r\n\r\n"),
             Error::BadTransferEncoding
