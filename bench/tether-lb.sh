@@ -10,8 +10,8 @@
 #   LB_THREADS  worker threads (run.sh passes 1 and pins the process to one CPU)
 #   LB_STICKY   1 when the run measures cookie persistence (the client replays cookies):
 #               the pool then keeps sessions with Tether's own cookie (a fixed bench key)
-# and, optionally, TETHER_HTTP1=native|hyper: which HTTP/1 implementation the listener uses
-# (default: Tether's default).
+# and, optionally, TETHER_HTTP1=native: Tether reads it itself as the HTTP/1 implementation of
+# listeners that do not name one (see ARCHITECTURE.md, "The native HTTP/1 path").
 # This script writes a config for those values under $TMPDIR and execs the release build of
 # Tether with it (building it first if it is missing). The access log is off, as it is for
 # the HAProxy and NGINX the harness runs.
@@ -25,9 +25,7 @@ bin="$here/target/release/tether"
 conf="${TMPDIR:-/tmp}/tether-bench-$LB_PORT.toml"
 {
   printf '[runtime]\nthreads = %s\n\n[access_log]\nformat = "off"\n\n' "$threads"
-  printf '[[listeners]]\nname = "bench"\nbind = "127.0.0.1:%s"\npool = "bench"\n' "$LB_PORT"
-  [ -n "${TETHER_HTTP1:-}" ] && printf 'http1 = "%s"\n' "$TETHER_HTTP1"
-  printf '\n'
+  printf '[[listeners]]\nname = "bench"\nbind = "127.0.0.1:%s"\npool = "bench"\n\n' "$LB_PORT"
   printf '[pools.bench]\nalgorithm = "round_robin"\nbackends = [\n'
   i=0
   IFS=',' read -ra addrs <<<"$BACKENDS"

@@ -9,16 +9,30 @@
 //! retry budget. A backend keeps them across a reload as long as its identity (pool and
 //! name), address and `max_connections` stay the same.
 //!
-//! This module decides nothing about where a request goes; it only holds the facts.
+//! This module decides nothing about where a request goes; it holds the facts, and its
+//! two steps shared by both data paths (`move_from`, `slot`) ask the pool's affinity or
+//! balancer and its backends' limits.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use crate::affinity::PoolAffinity;
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::affinity::{Decision, PoolAffinity};
 use crate::backend::{Backend, Group};
 use crate::balance::Balancer;
 use crate::config::{self, Config};
 use crate::retry::RetryBudget;
 use crate::upstream::Upstream;
+
+/// Why a request got no `max_connections` slot of its backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoSlot {
+    /// The backend is at its limit and `max_queue` requests already wait.
+    QueueFull,
+    /// No slot freed within `queue_timeout`.
+    QueueTimeout,
+}
 
 /// A pool as one snapshot sees it.
 #[derive(Debug)]
@@ -42,6 +56,38 @@ impl Pool {
             balancer: &self.balancer,
             slow_start: self.config.slow_start,
             panic_mode: self.config.panic_mode,
+        }
+    }
+
+    /// Where a request goes after backend `from` failed it: another backend, the session
+    /// re-pinned there by the pool's affinity, within the pool's retry budget (a move is
+    /// counted as a retry). `None`: the budget is spent or there is nowhere to go.
+    pub fn move_from(&self, from: usize, decision: &mut Decision, now_ms: u64) -> Option<usize> {
+        if !self.retry_budget.withdraw() {
+            return None;
+        }
+        let next = match &self.affinity {
+            Some(a) => a.failover(&self.group(), decision, from, now_ms),
+            None => self.group().pick(Some(from)),
+        }?;
+        self.retry_budget.retries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Some(next)
+    }
+
+    /// A `max_connections` slot of backend `i`, when it has a limit (`None` when it has
+    /// none), waited for within the pool's `max_queue` and `queue_timeout`.
+    pub async fn slot(&self, i: usize) -> Result<Option<OwnedSemaphorePermit>, NoSlot> {
+        let backend = &self.backends[i];
+        let Some(slots) = &backend.slots else { return Ok(None) };
+        if slots.available_permits() == 0 && backend.waiting.load(Ordering::Relaxed) >= self.config.max_queue {
+            return Err(NoSlot::QueueFull);
+        }
+        backend.waiting.fetch_add(1, Ordering::Relaxed);
+        let waited = tokio::time::timeout(self.config.queue_timeout, slots.clone().acquire_owned()).await;
+        backend.waiting.fetch_sub(1, Ordering::Relaxed);
+        match waited {
+            Ok(Ok(permit)) => Ok(Some(permit)),
+            _ => Err(NoSlot::QueueTimeout),
         }
     }
 

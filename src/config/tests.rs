@@ -394,3 +394,20 @@ fn the_admin_token_comes_from_a_file_or_the_environment() {
     assert!(e.contains("admin.token: must be at least 16 characters") && !e.contains("short\n"), "{e}");
     let _ = std::fs::remove_file(&file);
 }
+
+#[test]
+fn a_listener_names_its_http1_implementation() {
+    let with = |line: &str| {
+        format!("[[listeners]]\n{line}bind = \"127.0.0.1:0\"\npool = \"p\"\n[pools.p]\nbackends = [{{ name = \"a\", address = \"127.0.0.1:1\" }}]\n")
+    };
+    let http1 = |line: &str| parse(&with(line), "t.toml").unwrap().listeners[0].http1;
+    assert_eq!(http1("http1 = \"native\"\n"), Http1::Native);
+    assert_eq!(http1("http1 = \"hyper\"\n"), Http1::Hyper);
+    // Unsaid, it is what TETHER_HTTP1 says (CI runs the suite both ways), else hyper.
+    let native = std::env::var("TETHER_HTTP1").as_deref() == Ok("native");
+    assert_eq!(http1(""), if native { Http1::Native } else { Http1::Hyper });
+    assert_eq!(
+        errors(&with("http1 = \"fast\"\n")),
+        ["t.toml:2:9: listener \"listener-1\": http1 \"fast\" is not known: expected \"hyper\" or \"native\""]
+    );
+}

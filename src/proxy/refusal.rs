@@ -178,6 +178,15 @@ impl Refusal {
 }
 
 impl Refusal {
+    /// The refusal for a request that got no slot of backend `i` of `pool`.
+    pub fn of_slot(e: crate::pool::NoSlot, pool: &crate::pool::Pool, i: usize) -> Refusal {
+        let backend = pool.backends[i].name.clone();
+        match e {
+            crate::pool::NoSlot::QueueFull => Refusal::QueueFull { backend, max_queue: pool.config.max_queue },
+            crate::pool::NoSlot::QueueTimeout => Refusal::QueueTimeout { backend, waited: pool.config.queue_timeout },
+        }
+    }
+
     /// The refusal for a request head Tether's codec would not accept.
     pub fn of_head(e: crate::h1::request::Error, limits: &crate::config::Limits) -> Refusal {
         use crate::h1::request::Error;

@@ -249,17 +249,11 @@ impl<'p> Attempt<'p> {
     /// Moves to another backend, within the pool's retries and retry budget, re-pinning
     /// the session there; `false` when there is none to move to.
     fn move_on(&mut self, decision: &mut Decision, out: &mut Outcome) -> bool {
-        let pool = self.pool;
-        if self.moves_left == 0 || !pool.retry_budget.withdraw() {
+        if self.moves_left == 0 {
             return false;
         }
-        let next = match &pool.affinity {
-            Some(a) => a.failover(&pool.group(), decision, self.index, self.now_ms),
-            None => pool.group().pick(Some(self.index)),
-        };
-        let Some(next) = next else { return false };
+        let Some(next) = self.pool.move_from(self.index, decision, self.now_ms) else { return false };
         self.moves_left -= 1;
-        pool.retry_budget.retries.fetch_add(1, Ordering::Relaxed);
         self.index = next;
         self.stale = 0;
         // The old backend's `max_connections` slot goes back before the new one is waited for.
@@ -306,7 +300,7 @@ async fn send(
         // After a stale connection the slot already held is this backend's; a move to
         // another backend gave the old one back.
         if out.slot.is_none() {
-            acquire_slot(pool, backend, out).await?;
+            out.slot = pool.slot(attempt.index).await.map_err(|e| Refusal::of_slot(e, pool, attempt.index))?;
         }
         let mut sender = match connection(pool, attempt.index, attempt.stale >= STALE_RETRIES).await {
             Ok(s) => s,
@@ -406,25 +400,6 @@ fn broke(
             Ok(req)
         }
         _ => Err(Refusal::BackendFailed { backend: backend.name.clone() }),
-    }
-}
-
-/// Waits for a `max_connections` slot of the backend, if it has a limit, within the
-/// pool's queue length and queue timeout.
-async fn acquire_slot(pool: &Pool, backend: &Backend, out: &mut Outcome) -> Result<(), Refusal> {
-    let Some(slots) = &backend.slots else { return Ok(()) };
-    if slots.available_permits() == 0 && backend.waiting.load(Ordering::Relaxed) >= pool.config.max_queue {
-        return Err(Refusal::QueueFull { backend: backend.name.clone(), max_queue: pool.config.max_queue });
-    }
-    backend.waiting.fetch_add(1, Ordering::Relaxed);
-    let waited = tokio::time::timeout(pool.config.queue_timeout, slots.clone().acquire_owned()).await;
-    backend.waiting.fetch_sub(1, Ordering::Relaxed);
-    match waited {
-        Ok(Ok(permit)) => {
-            out.slot = Some(permit);
-            Ok(())
-        }
-        _ => Err(Refusal::QueueTimeout { backend: backend.name.clone(), waited: pool.config.queue_timeout }),
     }
 }
 

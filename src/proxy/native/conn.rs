@@ -355,8 +355,7 @@ impl<'c> Exchange<'c> {
         pool.retry_budget.deposit(pool.config.retry_budget);
         if head.expect_continue && head.body != Body::None {
             // Tether answers the expectation itself, as NGINX does.
-            let _ =
-                timeout_write(&mut self.client.stream, b"HTTP/1.1 100 Continue\r\n\r\n", timeouts.client_send).await;
+            let _ = write(&mut self.client.stream, b"HTTP/1.1 100 Continue\r\n\r\n", timeouts.client_send).await;
         }
 
         let mut attempt = Attempt { index, moves_left: pool.config.retries.max(1), stale: 0 };
@@ -364,7 +363,7 @@ impl<'c> Exchange<'c> {
             let backend = &pool.backends[attempt.index];
             self.charge(backend);
             if self.slot.is_none() {
-                self.slot = acquire_slot(pool, backend).await?;
+                self.slot = pool.slot(attempt.index).await.map_err(|e| Refusal::of_slot(e, pool, attempt.index))?;
             }
             // The request as the backend gets it: its head, and the body bytes already here.
             let data = buf.bytes();
@@ -663,17 +662,11 @@ struct Attempt {
 
 impl Attempt {
     fn move_on(&mut self, pool: &Pool, decision: &mut Decision) -> bool {
-        if self.moves_left == 0 || !pool.retry_budget.withdraw() {
+        if self.moves_left == 0 {
             return false;
         }
-        let now_ms = crate::time::unix_millis();
-        let next = match &pool.affinity {
-            Some(a) => a.failover(&pool.group(), decision, self.index, now_ms),
-            None => pool.group().pick(Some(self.index)),
-        };
-        let Some(next) = next else { return false };
+        let Some(next) = pool.move_from(self.index, decision, crate::time::unix_millis()) else { return false };
         self.moves_left -= 1;
-        pool.retry_budget.retries.fetch_add(1, Ordering::Relaxed);
         self.index = next;
         self.stale = 0;
         true
@@ -689,21 +682,6 @@ async fn connection(pool: &Pool, i: usize, fresh: bool) -> Result<(TcpStream, bo
         }
     }
     upstream.connect_native().await.map(|s| (s, false))
-}
-
-/// Waits for a `max_connections` slot of the backend, if it has a limit.
-async fn acquire_slot(pool: &Pool, backend: &Backend) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, Refusal> {
-    let Some(slots) = &backend.slots else { return Ok(None) };
-    if slots.available_permits() == 0 && backend.waiting.load(Ordering::Relaxed) >= pool.config.max_queue {
-        return Err(Refusal::QueueFull { backend: backend.name.clone(), max_queue: pool.config.max_queue });
-    }
-    backend.waiting.fetch_add(1, Ordering::Relaxed);
-    let waited = tokio::time::timeout(pool.config.queue_timeout, slots.clone().acquire_owned()).await;
-    backend.waiting.fetch_sub(1, Ordering::Relaxed);
-    match waited {
-        Ok(Ok(permit)) => Ok(Some(permit)),
-        _ => Err(Refusal::QueueTimeout { backend: backend.name.clone(), waited: pool.config.queue_timeout }),
-    }
 }
 
 /// Step 1: the listener's routes and the pool, by host then path.
@@ -983,14 +961,6 @@ async fn read<R: AsyncRead + Unpin>(conn: &mut R, into: &mut [u8], idle: Duratio
         Ok(Ok(0)) | Ok(Err(_)) | Err(_) => Err("backend-body-error"),
         Ok(Ok(n)) => Ok(n),
     }
-}
-
-async fn timeout_write<W: AsyncWrite + Unpin>(
-    stream: &mut W,
-    bytes: &[u8],
-    limit: Duration,
-) -> Result<(), &'static str> {
-    write(stream, bytes, limit).await
 }
 
 async fn write_counted<W: AsyncWrite + Unpin>(
