@@ -37,4 +37,4 @@ pub(crate) mod control;
 // Entry points.
 pub mod cli;
 pub mod demo;
-pub(crate) mod server;
+pub mod server;
