@@ -31,7 +31,8 @@ enum Command {
         /// The config file.
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
-        /// Worker threads, overriding `runtime.threads` (1 is the fastest per core).
+        /// Worker threads, overriding `runtime.threads` (1 is the fastest per core; N runs
+        /// N single-threaded workers with a SO_REUSEPORT socket each per listener).
         #[arg(long)]
         threads: Option<usize>,
     },
