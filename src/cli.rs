@@ -31,7 +31,8 @@ enum Command {
         /// The config file.
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
-        /// Worker threads, overriding `runtime.threads` (1 is the fastest per core).
+        /// Worker threads, overriding `runtime.threads` (1 is the fastest per core; N runs
+        /// N single-threaded workers with a SO_REUSEPORT socket each per listener).
         #[arg(long)]
         threads: Option<usize>,
     },
@@ -96,7 +97,7 @@ fn run_command(cli: Cli) -> ExitCode {
         },
         Command::Run { config, threads } => run(config, threads),
         Command::Demo { port, backend_port, admin_port, threads } => run_demo(port, backend_port, admin_port, threads),
-        Command::Backend { name, bind } => server::runtime(1).map_err(anyhow::Error::from).and_then(|rt| {
+        Command::Backend { name, bind } => server::Runtimes::new(1).map_err(anyhow::Error::from).and_then(|rt| {
             rt.block_on(async move {
                 let b = DemoBackend::start(&name, bind).await?;
                 tracing::info!(backend = %name, "listening on {}", b.address);
@@ -226,8 +227,9 @@ fn run(path: PathBuf, threads: Option<usize>) -> anyhow::Result<()> {
         config.threads = t;
     }
     tracing::info!(version = env!("CARGO_PKG_VERSION"), threads = config.threads, "starting tether");
-    server::runtime(config.threads)?
-        .block_on(async move { Server::start(config, Some(path)).await?.run_until_signal().await })
+    let runtimes = server::Runtimes::new(config.threads)?;
+    let workers = runtimes.worker_handles();
+    runtimes.block_on(async move { Server::start(config, Some(path), workers).await?.run_until_signal().await })
 }
 
 /// Lets the demo's user stop and restart backends by typing their number.
@@ -272,7 +274,9 @@ fn run_demo(port: u16, backend_port: u16, admin_port: u16, threads: usize) -> an
     anyhow::ensure!(backend_port <= u16::MAX - 2, "--backend-port must leave room for three ports");
     // Port 0 lets the system choose free ports for the backends (the tests use it).
     let wanted = if backend_port == 0 { [0; 3] } else { [backend_port, backend_port + 1, backend_port + 2] };
-    server::runtime(threads.clamp(1, 1024))?.block_on(async move {
+    let runtimes = server::Runtimes::new(threads.clamp(1, 1024))?;
+    let workers = runtimes.worker_handles();
+    runtimes.block_on(async move {
         let mut backends = Vec::new();
         for (i, p) in wanted.iter().enumerate() {
             let name = format!("app-{}", i + 1);
@@ -286,7 +290,7 @@ fn run_demo(port: u16, backend_port: u16, admin_port: u16, threads: usize) -> an
         let ports = [backends[0].address.port(), backends[1].address.port(), backends[2].address.port()];
         let mut config = config::parse(&demo::config_text(port, ports, admin_port), "<demo config>")?;
         config.threads = threads.clamp(1, 1024);
-        let server = Server::start(config, None).await?;
+        let server = Server::start(config, None, workers).await?;
         let lb = server.addresses[0].1;
         let admin = server.admin_address.map_or_else(String::new, |a| format!("http://{a}/"));
         let list: Vec<String> = backends.iter().map(|b| format!("{} on {}", b.name, b.address)).collect();

@@ -2,6 +2,11 @@
 //! API's backend actions (kept as overrides over the file's config), opening and closing
 //! listeners by name, and graceful shutdown. Every change ends in a new snapshot swapped
 //! in whole.
+//!
+//! A traffic listener is one socket per worker runtime, each accepted on its own worker
+//! (see `listener::bind_for_workers`); its name and address decide whether a reload keeps
+//! all of them (and so their accept queues) or binds a new set. Control itself runs on the
+//! control plane's runtime, as does the admin listener, a single socket.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -12,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::Context as _;
 use arc_swap::ArcSwapOption;
 use tokio::net::TcpListener;
+use tokio::runtime::Handle;
 use tokio::sync::watch;
 
 use crate::backend::Backend;
@@ -44,9 +50,10 @@ impl fmt::Display for ReloadError {
 
 impl std::error::Error for ReloadError {}
 
-/// Sockets a reload has bound but not yet serves.
+/// Sockets a reload has bound but not yet serves: each new or moved listener's, one per
+/// worker.
 struct Bound<'c> {
-    listeners: Vec<(&'c config::Listener, TcpListener)>,
+    listeners: Vec<(&'c config::Listener, Vec<TcpListener>)>,
     admin: Option<(SocketAddr, TcpListener)>,
 }
 
@@ -75,7 +82,11 @@ pub struct Control {
     source: Option<PathBuf>,
     shutdown: watch::Sender<bool>,
     protocols: Arc<Protocols>,
-    /// Open listeners by name: their configured address and the switch that stops them.
+    /// The worker runtimes traffic is served on, by worker index: a listener has a socket
+    /// on each.
+    workers: Vec<Handle>,
+    /// Open listeners by name: their configured address and the switch that stops them
+    /// (the accept loops of all its sockets).
     listeners: Mutex<HashMap<String, (SocketAddr, watch::Sender<bool>)>>,
     /// The config as the file says it; the snapshot's config is this plus `overrides`.
     file_config: Mutex<Arc<Config>>,
@@ -119,8 +130,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Control {
     /// A control for a Tether that starts with `config`, read from `source` (reloads
-    /// re-read it). Opens no listener yet.
-    pub fn new(shared: Arc<Shared>, config: Arc<Config>, source: Option<PathBuf>) -> Control {
+    /// re-read it), serving traffic on `workers` (at least one). Opens no listener yet.
+    pub fn new(shared: Arc<Shared>, config: Arc<Config>, source: Option<PathBuf>, workers: Vec<Handle>) -> Control {
+        assert!(!workers.is_empty(), "a Tether needs at least one worker runtime");
         let (shutdown, _) = watch::channel(false);
         let admin = ArcSwapOption::new(config.admin.clone().map(Arc::new));
         Control {
@@ -128,6 +140,7 @@ impl Control {
             source,
             shutdown,
             protocols: Arc::new(Protocols::with_limits(&config.limits)),
+            workers,
             listeners: Default::default(),
             file_config: Mutex::new(config),
             overrides: Default::default(),
@@ -174,25 +187,32 @@ impl Control {
 
     /// Binds listener `l` and starts accepting on it; returns the address it got.
     pub(crate) fn open_listener(&self, l: &config::Listener) -> anyhow::Result<SocketAddr> {
-        let listener = bind_listener(l)?;
-        self.serve_listener(l, listener)
+        let sockets = self.bind_listener(l)?;
+        self.serve_listener(l, sockets)
     }
 
-    /// Starts accepting on `listener`, bound for `l`, under `l`'s name; a listener of the
-    /// same name that was open is stopped.
-    fn serve_listener(&self, l: &config::Listener, listener: TcpListener) -> anyhow::Result<SocketAddr> {
-        let address = listener.local_addr()?;
-        tracing::info!(listener = %l.name, "listening on {address}");
+    /// Starts accepting on `sockets`, bound for `l` (one per worker, in worker order), under
+    /// `l`'s name, each on its own worker; a listener of the same name that was open is
+    /// stopped.
+    fn serve_listener(&self, l: &config::Listener, sockets: Vec<TcpListener>) -> anyhow::Result<SocketAddr> {
+        let address = sockets.first().context("no socket bound")?.local_addr()?;
+        if sockets.len() > 1 {
+            tracing::info!(listener = %l.name, "listening on {address} (a socket on each of {} workers)", sockets.len());
+        } else {
+            tracing::info!(listener = %l.name, "listening on {address}");
+        }
         let (stop, stopped) = watch::channel(false);
         let name: Arc<str> = Arc::from(l.name.as_str());
-        tokio::spawn(listener::accept_loop(
-            listener,
-            name,
-            self.shared.clone(),
-            self.protocols.clone(),
-            self.shutdown.subscribe(),
-            stopped,
-        ));
+        for (socket, worker) in sockets.into_iter().zip(&self.workers) {
+            worker.spawn(listener::accept_loop(
+                socket,
+                name.clone(),
+                self.shared.clone(),
+                self.protocols.clone(),
+                self.shutdown.subscribe(),
+                stopped.clone(),
+            ));
+        }
         if let Some((_, old)) = lock(&self.listeners).insert(l.name.clone(), (l.bind, stop)) {
             let _ = old.send(true);
         }
@@ -255,7 +275,7 @@ impl Control {
             if open.get(&l.name).is_some_and(|(bind, _)| *bind == l.bind) {
                 continue;
             }
-            listeners.push((l, bind_listener(l).map_err(reject)?));
+            listeners.push((l, self.bind_listener(l).map_err(reject)?));
         }
         let admin_open = lock(&self.admin_listener).as_ref().map(|(bind, _)| *bind);
         let has_admin_server = lock(&self.admin_server).is_some();
@@ -271,8 +291,8 @@ impl Control {
     /// Serves the new sockets (each stops the listener it replaces) and stops the
     /// listeners `config` no longer has.
     fn switch_listeners(&self, config: &Config, bound: Bound<'_>) {
-        for (l, socket) in bound.listeners {
-            if let Err(e) = self.serve_listener(l, socket) {
+        for (l, sockets) in bound.listeners {
+            if let Err(e) = self.serve_listener(l, sockets) {
                 tracing::warn!(listener = %l.name, "{e:#}");
             }
         }
@@ -357,6 +377,12 @@ impl Control {
         Ok(changed)
     }
 
+    /// Binds the sockets of traffic listener `l`, one per worker.
+    fn bind_listener(&self, l: &config::Listener) -> anyhow::Result<Vec<TcpListener>> {
+        listener::bind_for_workers(l.bind, &self.workers)
+            .with_context(|| format!("listener \"{}\": cannot bind {}", l.name, l.bind))
+    }
+
     /// Stops accepting, lets requests in flight finish within the grace period, returns.
     pub async fn shutdown(&self) {
         let grace = self.shared.snapshot.load().config.shutdown_grace;
@@ -376,11 +402,6 @@ impl Control {
 fn reject(e: anyhow::Error) -> ReloadError {
     tracing::error!("reload rejected, the running config stays in force: {e:#}");
     ReloadError::Listener(format!("{e:#}"))
-}
-
-/// Binds the socket for traffic listener `l`.
-fn bind_listener(l: &config::Listener) -> anyhow::Result<TcpListener> {
-    listener::bind(l.bind).with_context(|| format!("listener \"{}\": cannot bind {}", l.name, l.bind))
 }
 
 /// Binds the admin listener's socket.

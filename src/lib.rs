@@ -11,6 +11,7 @@ pub(crate) mod line_writer;
 pub(crate) mod net;
 pub(crate) mod random;
 pub mod time;
+pub(crate) mod worker;
 
 // Building blocks.
 pub(crate) mod access_log;

@@ -1,5 +1,6 @@
-//! Traffic listeners: binding a socket and the loop that accepts its connections and
-//! hands each to the data path. Opening and closing listeners by name is `control`'s.
+//! Traffic listeners: binding a listener's sockets (one per worker) and the loop that
+//! accepts a socket's connections and hands each to the data path, on the worker the
+//! socket belongs to. Opening and closing listeners by name is `control`'s.
 //!
 //! The accept loop applies `[limits]`: at `max_client_connections` open connections (over
 //! all listeners) it stops accepting until one closes, so the kernel's backlog holds the
@@ -12,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpSocket};
+use tokio::runtime::Handle;
 use tokio::sync::watch;
 
 use crate::proxy::conn::{Accepted, Protocols};
@@ -21,15 +23,56 @@ use crate::state::{ConnPermit, OverLimit, Shared};
 /// (a reload may have raised it); a closing connection wakes it sooner.
 const RECHECK: Duration = Duration::from_secs(1);
 
-/// Binds a listening socket (`SO_REUSEADDR`, a backlog of 4096).
+/// Connections the kernel queues for each listening socket before they are accepted.
+const BACKLOG: u32 = 4096;
+
+/// Binds a listening socket (`SO_REUSEADDR`, a backlog of 4096) on the current runtime.
 pub fn bind(address: SocketAddr) -> io::Result<TcpListener> {
     let socket = if address.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
     socket.set_reuseaddr(true)?;
     socket.bind(address)?;
-    socket.listen(4096)
+    socket.listen(BACKLOG)
+}
+
+/// Binds one listening socket on `address` for each worker runtime, each registered with
+/// its worker's reactor, all on the same port (the system's choice for port 0). One worker
+/// gets one plain socket, as [`bind`] makes it.
+///
+/// Several workers get `SO_REUSEPORT` sockets, among which the kernel spreads incoming
+/// connections. `SO_REUSEPORT` would also let a process of the same user that set it
+/// join a port silently, both ways round, so the address is first bound by a probe socket
+/// without it: that bind fails with `EADDRINUSE` when any other socket holds the port.
+/// The probe is closed before the workers' sockets are bound (it would conflict with
+/// them), which leaves a window of a few system calls in which another `SO_REUSEPORT`
+/// socket of the same user could bind the port unnoticed; one without `SO_REUSEPORT`
+/// taking it then makes these binds fail, which is the error wanted. Either every socket
+/// is bound or none is.
+pub fn bind_for_workers(address: SocketAddr, workers: &[Handle]) -> io::Result<Vec<TcpListener>> {
+    if workers.len() <= 1 {
+        let _runtime = workers.first().map(Handle::enter);
+        return Ok(vec![bind(address)?]);
+    }
+    let new_socket = || if address.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() };
+    let probe = new_socket()?;
+    probe.set_reuseaddr(true)?;
+    probe.bind(address)?;
+    let address = probe.local_addr()?;
+    drop(probe);
+    let mut sockets = Vec::with_capacity(workers.len());
+    for worker in workers {
+        let socket = new_socket()?;
+        socket.set_reuseaddr(true)?;
+        socket.set_reuseport(true)?;
+        socket.bind(address)?;
+        let _runtime = worker.enter();
+        sockets.push(socket.listen(BACKLOG)?);
+    }
+    Ok(sockets)
 }
 
 /// Accepts connections until shutdown or until `stopped` says this listener is closed.
+/// It runs on the worker `listener` belongs to, and so does every connection it accepts:
+/// `tokio::spawn` puts a task on the runtime it is called from.
 pub async fn accept_loop(
     listener: TcpListener,
     name: Arc<str>,
@@ -39,6 +82,7 @@ pub async fn accept_loop(
     mut stopped: watch::Receiver<bool>,
 ) {
     let stats = shared.listener_stats(&name);
+    let worker = crate::worker::index();
     loop {
         // At the global cap, leave new connections in the backlog until one closes.
         let max = shared.snapshot.load().config.limits.max_client_connections;
@@ -56,6 +100,7 @@ pub async fn accept_loop(
         match accepted {
             Ok((stream, peer)) => {
                 stats.accepted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                shared.worker_accepted(worker);
                 let place = admit(&shared, &name, peer);
                 let Some(place) = unless_stopped(&name, &mut shutdown, &mut stopped, place).await else { return };
                 let Some(permit) = place else {

@@ -1,18 +1,25 @@
-//! A running Tether: the runtime, and starting everything (listeners through `control`,
-//! the admin listener, the health supervisor, the once-a-second housekeeping), then
-//! serving until a signal: SIGHUP reloads, SIGTERM and SIGINT shut down gracefully.
+//! A running Tether: its runtimes (see [`Runtimes`]), and starting everything (listeners
+//! through `control`, the admin listener, the health supervisor, the once-a-second
+//! housekeeping), then serving until a signal: SIGHUP reloads, SIGTERM and SIGINT shut
+//! down gracefully.
 //!
 //! Shutdown uses one `watch` channel. Every accept loop, client connection and upgraded
-//! tunnel holds a receiver; shutdown sends `true` (accept loops stop, connections finish
-//! their requests and close) and then waits, up to the grace period, for the channel's
-//! last receiver to go.
+//! tunnel holds a receiver, on whichever worker it runs; shutdown sends `true` (accept
+//! loops stop, connections finish their requests and close) and then waits, up to the
+//! grace period, for the channel's last receiver to go. Only then are the workers' runtimes
+//! stopped, which drops whatever the grace period left open.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
 
 use anyhow::Context as _;
+use tokio::runtime::{Handle, Runtime};
+use tokio::sync::oneshot;
 
 use crate::access_log::AccessLog;
 use crate::config::Config;
@@ -20,13 +27,100 @@ use crate::control::Control;
 use crate::pool::Snapshot;
 use crate::state::Shared;
 
-/// Builds the runtime the config asks for: one thread runs everything on the calling
-/// thread with no work stealing, which is the fastest setting per core.
-pub fn runtime(threads: usize) -> io::Result<tokio::runtime::Runtime> {
-    if threads <= 1 {
-        tokio::runtime::Builder::new_current_thread().enable_all().build()
-    } else {
-        tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build()
+/// How long a stopping worker waits for its runtime's blocking tasks (it has none of its
+/// own; this bounds what a library might have started).
+const WORKER_STOP: Duration = Duration::from_secs(1);
+
+/// The runtimes of a Tether process, as `runtime.threads` asks: never a work-stealing
+/// pool, always single-threaded runtimes that share nothing but `Shared`'s lock-free state.
+///
+/// With `threads = 1`, one current-thread runtime on the calling thread runs everything:
+/// the listeners, their connections and the control plane. It is the fastest setting per
+/// core.
+///
+/// With `threads = N` (N >= 2), N worker threads, `tether-w0` to `tether-w{N-1}`, each run
+/// a current-thread runtime of their own. Every traffic listener has a socket on each
+/// worker (`SO_REUSEPORT`, see `listener::bind_for_workers`), so the kernel spreads new
+/// connections over the workers, and a connection is accepted, served and closed on one
+/// worker, with its backend connections (`tokio::spawn` puts a task on the runtime it is
+/// called from, and a backend's idle native connections are kept per worker). The control
+/// plane (signals, reloads, the admin listener and API, health checks, housekeeping) runs
+/// on a current-thread runtime of its own on the calling thread, not on a worker:
+/// `SO_REUSEPORT` spreads connections by a hash of their addresses, not by load, so a
+/// worker that also did the control plane's work (a scrape, a reload building a snapshot,
+/// a round of health checks) would serve its share of the connections more slowly, while
+/// a thread of its own that sleeps nearly all the time costs next to nothing. It also
+/// keeps signals and the admin API answering when a worker is saturated.
+pub struct Runtimes {
+    control: Runtime,
+    workers: Vec<WorkerThread>,
+}
+
+/// A worker thread running its runtime until told to stop.
+struct WorkerThread {
+    handle: Handle,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Runtimes {
+    /// Starts the runtimes for `threads` workers (the worker threads idle until the
+    /// control plane gives them listeners).
+    pub fn new(threads: usize) -> io::Result<Runtimes> {
+        let single = || tokio::runtime::Builder::new_current_thread().enable_all().build();
+        let control = single()?;
+        let threads = threads.max(1);
+        crate::worker::set_count(threads);
+        let mut workers = Vec::new();
+        if threads > 1 {
+            for index in 0..threads {
+                let runtime = single()?;
+                let handle = runtime.handle().clone();
+                let (stop, stopped) = oneshot::channel::<()>();
+                let thread = std::thread::Builder::new().name(format!("tether-w{index}")).spawn(move || {
+                    crate::worker::set_index(index);
+                    // Runs the tasks the control plane spawns here until told to stop.
+                    runtime.block_on(async move {
+                        let _ = stopped.await;
+                    });
+                    runtime.shutdown_timeout(WORKER_STOP);
+                })?;
+                workers.push(WorkerThread { handle, stop: Some(stop), thread: Some(thread) });
+            }
+        }
+        Ok(Runtimes { control, workers })
+    }
+
+    /// The runtimes traffic is served on, by worker index: the workers', or with one
+    /// thread the control plane's own.
+    pub fn worker_handles(&self) -> Vec<Handle> {
+        if self.workers.is_empty() {
+            vec![self.control.handle().clone()]
+        } else {
+            self.workers.iter().map(|w| w.handle.clone()).collect()
+        }
+    }
+
+    /// Runs `future` on the control plane's runtime, on the calling thread.
+    pub fn block_on<F: Future>(&self, future: F) -> F::Output {
+        self.control.block_on(future)
+    }
+}
+
+impl Drop for Runtimes {
+    /// Stops every worker's runtime (dropping the tasks still on it) and waits for its
+    /// thread to end.
+    fn drop(&mut self) {
+        for w in &mut self.workers {
+            if let Some(stop) = w.stop.take() {
+                let _ = stop.send(());
+            }
+        }
+        for w in &mut self.workers {
+            if let Some(thread) = w.thread.take() {
+                let _ = thread.join();
+            }
+        }
     }
 }
 
@@ -43,16 +137,18 @@ pub struct Server {
 }
 
 impl Server {
-    /// Binds every listener and starts accepting. `source` is the file to re-read on
-    /// SIGHUP.
-    pub async fn start(config: Config, source: Option<PathBuf>) -> anyhow::Result<Server> {
+    /// Binds every listener, a socket on each of `workers` (see [`Runtimes::worker_handles`]),
+    /// and starts accepting. `source` is the file to re-read on SIGHUP. Everything else
+    /// (the admin listener, health checks, housekeeping) runs on the runtime this is called
+    /// on.
+    pub async fn start(config: Config, source: Option<PathBuf>, workers: Vec<Handle>) -> anyhow::Result<Server> {
         use tokio::signal::unix::{signal, SignalKind};
         let signals =
             [signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?, signal(SignalKind::hangup())?];
         let access_log = AccessLog::open(&config.access_log).context("cannot open the access log")?;
         let config = Arc::new(config);
         let shared = Arc::new(Shared::new(Snapshot::build(config.clone(), None), access_log));
-        let control = Arc::new(Control::new(shared.clone(), config.clone(), source));
+        let control = Arc::new(Control::new(shared.clone(), config.clone(), source, workers));
         let mut addresses = Vec::new();
         for l in &config.listeners {
             addresses.push((l.name.clone(), control.open_listener(l)?));

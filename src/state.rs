@@ -25,6 +25,8 @@ pub struct Shared {
     listener_stats: Mutex<HashMap<String, Arc<ListenerStats>>>,
     /// Client connections open, over all listeners and per client IP; kept across reloads.
     pub connections: Arc<ConnCounts>,
+    /// Client connections accepted by each worker (`worker::index`), over all listeners.
+    worker_accepted: Box<[AtomicU64]>,
 }
 
 /// Counters of one listener.
@@ -43,7 +45,20 @@ impl Shared {
             started: std::time::Instant::now(),
             listener_stats: Default::default(),
             connections: Arc::new(ConnCounts::new()),
+            worker_accepted: (0..crate::worker::count()).map(|_| AtomicU64::new(0)).collect(),
         }
+    }
+
+    /// Counts a connection accepted by worker `worker`.
+    pub fn worker_accepted(&self, worker: usize) {
+        if let Some(n) = self.worker_accepted.get(worker) {
+            n.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Client connections each worker accepted so far, by worker index, for metrics.
+    pub fn accepted_by_worker(&self) -> Vec<u64> {
+        self.worker_accepted.iter().map(|n| n.load(Ordering::Relaxed)).collect()
     }
 
     /// The counters of listener `name`, made on first use.

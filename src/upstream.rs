@@ -30,9 +30,10 @@ use tokio::time::{Instant, Sleep};
 
 use crate::config::Timeouts;
 
-/// Idle connections kept per backend. Beyond this a finished connection is closed. It is
-/// sized for a few hundred concurrent clients per backend, the load where reusing
-/// connections matters most; idle connections cost a socket and about 10 KiB each.
+/// Idle connections kept per backend (on the native path, per backend and worker). Beyond
+/// this a finished connection is closed. It is sized for a few hundred concurrent clients
+/// per backend, the load where reusing connections matters most; idle connections cost a
+/// socket and about 10 KiB each.
 pub const MAX_IDLE: usize = 512;
 
 /// How long a pooled connection may take to become ready after its last response.
@@ -51,9 +52,18 @@ pub struct Upstream {
     connect_timeout: Duration,
     idle_timeout: Duration,
     idle: Mutex<Vec<Idle>>,
-    /// Idle connections of the native HTTP/1 path: plain sockets, most recent last.
-    native_idle: Mutex<Vec<(TcpStream, Instant)>>,
+    /// Idle connections of the native HTTP/1 path: plain sockets, most recent last, one
+    /// stack per worker (`worker::index`). A socket is registered with the reactor of the
+    /// runtime that opened it, so it goes back to, and is taken again from, its own
+    /// worker's stack only; each stack's lock is taken by one thread and never contended.
+    native_idle: Box<[NativeIdle]>,
 }
+
+/// One worker's idle native-path sockets, on a cache line of its own so that workers
+/// taking and putting back connections to the same backend do not share one.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+struct NativeIdle(Mutex<Vec<(TcpStream, Instant)>>);
 
 #[derive(Debug)]
 struct Idle {
@@ -110,7 +120,7 @@ impl Upstream {
             connect_timeout: timeouts.connect,
             idle_timeout: timeouts.backend_idle,
             idle: Mutex::new(Vec::new()),
-            native_idle: Mutex::new(Vec::new()),
+            native_idle: (0..crate::worker::count()).map(|_| NativeIdle::default()).collect(),
         }
     }
 
@@ -175,7 +185,7 @@ impl Upstream {
     pub fn take_native(&self) -> Option<TcpStream> {
         let now = Instant::now();
         loop {
-            let (stream, since) = self.native_idle.lock().unwrap_or_else(|e| e.into_inner()).pop()?;
+            let (stream, since) = self.native_stack().lock().unwrap_or_else(|e| e.into_inner()).pop()?;
             if now.duration_since(since) < self.idle_timeout && quiet(&stream) {
                 return Some(stream);
             }
@@ -184,10 +194,16 @@ impl Upstream {
 
     /// Keeps a native-path socket whose last response was read to the end.
     pub fn put_native(&self, stream: TcpStream) {
-        let mut idle = self.native_idle.lock().unwrap_or_else(|e| e.into_inner());
+        let mut idle = self.native_stack().lock().unwrap_or_else(|e| e.into_inner());
         if idle.len() < MAX_IDLE {
             idle.push((stream, Instant::now()));
         }
+    }
+
+    /// The idle stack of the worker this runs on (the first one off the workers).
+    fn native_stack(&self) -> &Mutex<Vec<(TcpStream, Instant)>> {
+        let stacks = &self.native_idle;
+        &stacks.get(crate::worker::index()).unwrap_or(&stacks[0]).0
     }
 
     /// Opens a new socket to the backend within the connect timeout.
@@ -436,5 +452,24 @@ mod tests {
         for n in [24, 23, 99, 105, 12] {
             assert!(!os(n).is_backend_fault(), "os error {n}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_native_connection_is_reused_only_on_the_worker_that_made_it() {
+        // More workers than one only ever add stacks, so other tests may see this too.
+        crate::worker::set_count(2);
+        let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream = Upstream::new(backend.local_addr().unwrap(), &Timeouts::default());
+        let stream = upstream.connect_native().await.unwrap();
+        let _accepted = backend.accept().await.unwrap();
+        // This test's thread plays worker 1, then worker 0 (the index is the thread's own).
+        crate::worker::set_index(1);
+        upstream.put_native(stream);
+        crate::worker::set_index(0);
+        assert!(upstream.take_native().is_none(), "worker 0 took worker 1's connection");
+        crate::worker::set_index(1);
+        assert!(upstream.take_native().is_some(), "worker 1 lost its own connection");
+        assert!(upstream.take_native().is_none());
+        crate::worker::set_index(0);
     }
 }

@@ -16,6 +16,7 @@ const LAYERS: &[(&str, u8, &str)] = &[
     ("net", 0, "primitives, depend on nothing"),
     ("random", 0, "primitives, depend on nothing"),
     ("h1", 0, "primitives, depend on nothing"),
+    ("worker", 0, "primitives, depend on nothing"),
     ("affinity::hash", 0, "primitives, depend on nothing"),
     ("affinity::token", 0, "primitives, depend on nothing"),
     ("affinity::stick_table", 0, "primitives, depend on nothing"),

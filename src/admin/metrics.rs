@@ -89,6 +89,10 @@ fn listeners(e: &mut DescriptorEncoder<'_>, shared: &Shared) -> std::fmt::Result
         .map(|(n, s)| (vec![("listener", n.as_str())], s.connections.load(Ordering::Relaxed)))
         .collect();
     gauge(e, "tether_listener_connections_open", "Client connections open, by listener.", &rows)?;
+    let workers: Vec<(String, u64)> =
+        shared.accepted_by_worker().into_iter().enumerate().map(|(i, n)| (i.to_string(), n)).collect();
+    let rows: Vec<_> = workers.iter().map(|(i, n)| (vec![("worker", i.as_str())], *n)).collect();
+    counter(e, "tether_worker_connections_accepted", "Client connections accepted, by worker thread.", &rows)?;
 
     Ok(())
 }

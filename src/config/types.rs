@@ -12,7 +12,9 @@ use crate::net::Cidr;
 /// The validated configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
-    /// Worker threads; 1 runs a single-threaded runtime, which is the fastest per core.
+    /// Worker threads; 1 runs a single-threaded runtime, which is the fastest per core, and
+    /// N >= 2 runs N single-threaded runtimes with a socket each per listener (see
+    /// `server::Runtimes`).
     pub threads: usize,
     /// How long in-flight requests may take to finish after SIGTERM or SIGINT.
     pub shutdown_grace: Duration,
