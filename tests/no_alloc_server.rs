@@ -42,7 +42,7 @@ impl InProcess {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             let handle = rt.handle().clone();
             rt.block_on(async move {
-                let server = Server::start(config, None).await.expect("start");
+                let server = Server::start(config, None, vec![tokio::runtime::Handle::current()]).await.expect("start");
                 let addrs = server.addresses.iter().map(|(_, a)| *a).collect();
                 tx.send((addrs, handle)).unwrap();
                 let _ = stopped.await;
