@@ -28,10 +28,18 @@ const BACKLOG: u32 = 4096;
 
 /// Binds a listening socket (`SO_REUSEADDR`, a backlog of 4096) on the current runtime.
 pub fn bind(address: SocketAddr) -> io::Result<TcpListener> {
+    socket_on(address, false)?.listen(BACKLOG)
+}
+
+/// A socket bound to `address` with `SO_REUSEADDR`, and `SO_REUSEPORT` when `reuseport`.
+fn socket_on(address: SocketAddr, reuseport: bool) -> io::Result<TcpSocket> {
     let socket = if address.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
     socket.set_reuseaddr(true)?;
+    if reuseport {
+        socket.set_reuseport(true)?;
+    }
     socket.bind(address)?;
-    socket.listen(BACKLOG)
+    Ok(socket)
 }
 
 /// Binds one listening socket on `address` for each worker runtime, each registered with
@@ -52,18 +60,12 @@ pub fn bind_for_workers(address: SocketAddr, workers: &[Handle]) -> io::Result<V
         let _runtime = workers.first().map(Handle::enter);
         return Ok(vec![bind(address)?]);
     }
-    let new_socket = || if address.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() };
-    let probe = new_socket()?;
-    probe.set_reuseaddr(true)?;
-    probe.bind(address)?;
+    let probe = socket_on(address, false)?;
     let address = probe.local_addr()?;
     drop(probe);
     let mut sockets = Vec::with_capacity(workers.len());
     for worker in workers {
-        let socket = new_socket()?;
-        socket.set_reuseaddr(true)?;
-        socket.set_reuseport(true)?;
-        socket.bind(address)?;
+        let socket = socket_on(address, true)?;
         let _runtime = worker.enter();
         sockets.push(socket.listen(BACKLOG)?);
     }

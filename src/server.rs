@@ -70,7 +70,6 @@ impl Runtimes {
         let single = || tokio::runtime::Builder::new_current_thread().enable_all().build();
         let control = single()?;
         let threads = threads.max(1);
-        crate::worker::set_count(threads);
         let mut workers = Vec::new();
         if threads > 1 {
             for index in 0..threads {
@@ -146,6 +145,9 @@ impl Server {
         let signals =
             [signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?, signal(SignalKind::hangup())?];
         let access_log = AccessLog::open(&config.access_log).context("cannot open the access log")?;
+        // State kept per worker (connection counts, backends' idle sockets) is sized by
+        // this, so it is set before anything is built.
+        crate::worker::set_count(workers.len());
         let config = Arc::new(config);
         let shared = Arc::new(Shared::new(Snapshot::build(config.clone(), None), access_log));
         let control = Arc::new(Control::new(shared.clone(), config.clone(), source, workers));

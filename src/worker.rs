@@ -15,7 +15,8 @@ thread_local! {
     static INDEX: Cell<usize> = const { Cell::new(0) };
 }
 
-/// Workers this process runs; set once by `server` before anything sized by it is built.
+/// Workers this process runs; set by `Server::start`, from the worker runtimes it is given,
+/// before anything sized by it is built.
 static COUNT: AtomicUsize = AtomicUsize::new(1);
 
 /// The index of the worker this thread is, 0 on a thread that is no worker.
