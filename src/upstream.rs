@@ -220,13 +220,30 @@ impl Upstream {
 
 /// An idle socket is usable when reading it would block: it is neither closed nor holding
 /// bytes nobody asked for.
+///
+/// Most of the time this costs no system call. The native path reads a response with
+/// tokio's `AsyncRead`, which forgets a socket's read readiness when a read comes back
+/// short (or would block); after that, only an edge from epoll (bytes or a FIN arrived)
+/// sets it again. `try_io` runs its `MSG_PEEK` only on a socket marked readable (and
+/// clears a stale mark when the peek would block); one whose mark is clear has had
+/// nothing arrive since its last response, as far as the reactor has seen. Something that
+/// arrived after the reactor last looked is caught as before: a closed socket fails the
+/// request while it is whole in the write buffer and it is sent again on a fresh one.
 fn quiet(stream: &TcpStream) -> bool {
     use std::os::fd::AsRawFd;
-    let mut byte = [0u8; 1];
-    // SAFETY: `byte` is valid for writes of one byte, and the descriptor is open while
-    // `stream` is borrowed.
-    let n = unsafe { libc::recv(stream.as_raw_fd(), byte.as_mut_ptr().cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
-    n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock
+    let peek = || {
+        let mut byte = [0u8; 1];
+        // SAFETY: `byte` is valid for writes of one byte, and the descriptor is open
+        // while `stream` is borrowed.
+        let n =
+            unsafe { libc::recv(stream.as_raw_fd(), byte.as_mut_ptr().cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n)
+        }
+    };
+    matches!(stream.try_io(tokio::io::Interest::READABLE, peek), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
 }
 
 /// A request body as it goes to a backend: the client's, streamed, or none for a request

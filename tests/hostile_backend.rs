@@ -303,6 +303,70 @@ async fn stale_connection_with_max_connections_1_is_retried_under_its_slot() {
     assert_eq!(backend.accepted.load(Ordering::SeqCst), 2, "sent again on a new connection");
 }
 
+/// A pooled backend connection on which bytes arrived that nobody asked for (a second
+/// response, sent while it was idle) is never used again: the next request goes on a new
+/// connection and gets its own answer, not those bytes. (The native path checks an idle
+/// socket's readiness as tokio's reactor last saw it, and peeks only when it is marked.)
+#[tokio::test]
+async fn unasked_bytes_on_an_idle_pooled_connection_are_never_taken_as_a_response() {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = l.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    // `poison` tells the first connection to send its unasked bytes; `poisoned` says they
+    // have been written (on loopback: they are in Tether's receive queue).
+    let (poison, poison_rx) = watch::channel(false);
+    let (poisoned_tx, mut poisoned) = mpsc::unbounded_channel();
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let n = count.fetch_add(1, Ordering::SeqCst);
+            let (mut poison_rx, poisoned_tx) = (poison_rx.clone(), poisoned_tx.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    tokio::select! {
+                        _ = poison_rx.changed(), if n == 0 => {
+                            s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nevil").await.unwrap();
+                            let _ = poisoned_tx.send(());
+                        }
+                        r = s.read(&mut chunk) => {
+                            let Ok(r @ 1..) = r else { return };
+                            buf.extend_from_slice(&chunk[..r]);
+                            while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                                buf.drain(..end + 4);
+                                s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await.unwrap();
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let t = Tether::start(&pool_of(&[("app-1", address)], "", ADMIN));
+    let admin = t.admin();
+    let mut s = TcpStream::connect(t.addr()).await.unwrap();
+    let req = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+    s.write_all(req).await.unwrap();
+    let out = read_response(&mut s).await;
+    assert!(out.ends_with("\r\n\r\nok"), "{out}");
+    wait_until_async(
+        "the first request has ended",
+        Duration::from_secs(5),
+        || async move { in_flight_1(admin).await == 0 },
+    )
+    .await;
+
+    poison.send_replace(true);
+    poisoned.recv().await.unwrap();
+    for _ in 0..3 {
+        s.write_all(req).await.unwrap();
+        let out = read_response(&mut s).await;
+        assert!(out.ends_with("\r\n\r\nok"), "got the unasked bytes: {out}\n{}", t.log());
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 2, "the poisoned connection was dropped, one new one opened");
+}
+
 // === 4. only the pool's upgrades are tunnelled ===
 
 /// Reproduction (0e0209b): `Connection: Upgrade` with `Upgrade: foo/1, h2c` went to the
