@@ -33,10 +33,61 @@ fn pair(segment: &str) -> Option<(&str, &str)> {
 /// (`a=1; b="2"`), unquoted. The first occurrence wins; `None` if absent or
 /// if `name` is empty.
 pub fn find_cookie<'a>(cookie_header: &'a str, name: &str) -> Option<&'a str> {
-    if name.is_empty() {
+    let v = find_cookie_bytes(cookie_header.as_bytes(), name.as_bytes())?;
+    // `v` lies between ASCII delimiters (or the ends), so these are char boundaries.
+    let start = v.as_ptr() as usize - cookie_header.as_ptr() as usize;
+    cookie_header.get(start..start + v.len())
+}
+
+/// [`find_cookie`] on bytes, in one pass: each `;`-separated segment is compared with
+/// `name` where it starts, and only the one that matches is trimmed and unquoted. It
+/// finds what splitting every segment at its first `=` and trimming the name would: a
+/// name that contains `=` or starts or ends with whitespace matches nothing.
+pub fn find_cookie_bytes<'a>(header: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
+    let ows = |b: &u8| *b == b' ' || *b == b'\t';
+    if name.is_empty() || name.contains(&b'=') || name.first().is_some_and(ows) || name.last().is_some_and(ows) {
         return None;
     }
-    cookie_header.split(';').filter_map(pair).find(|(n, _)| *n == name).map(|(_, v)| v)
+    for segment in segments(header) {
+        let lead = segment.iter().position(|b| !ows(b)).unwrap_or(segment.len());
+        let Some(rest) = segment[lead..].strip_prefix(name) else { continue };
+        let at = rest.iter().position(|b| !ows(b)).unwrap_or(rest.len());
+        let Some(value) = rest[at..].strip_prefix(b"=") else { continue };
+        return Some(unquote_bytes(trim_ows_bytes(value)));
+    }
+    None
+}
+
+/// The `;`-separated segments of a `Cookie` value, untrimmed, as `split` would give them
+/// (found with `memchr`, many bytes at a time: a token cookie is long).
+pub fn segments(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = Some(value);
+    std::iter::from_fn(move || {
+        let r = rest?;
+        match memchr::memchr(b';', r) {
+            Some(i) => {
+                rest = Some(&r[i + 1..]);
+                Some(&r[..i])
+            }
+            None => {
+                rest = None;
+                Some(r)
+            }
+        }
+    })
+}
+
+fn trim_ows_bytes(s: &[u8]) -> &[u8] {
+    let start = s.iter().position(|b| *b != b' ' && *b != b'\t').unwrap_or(s.len());
+    let end = s.iter().rposition(|b| *b != b' ' && *b != b'\t').map_or(start, |e| e + 1);
+    &s[start..end]
+}
+
+fn unquote_bytes(v: &[u8]) -> &[u8] {
+    match v {
+        [b'"', inner @ .., b'"'] => inner,
+        _ => v,
+    }
 }
 
 /// Removes every occurrence of cookie `name` from a `Cookie` header value.
@@ -170,6 +221,49 @@ pub fn find_query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The definition [`find_cookie`] must agree with: split at `;`, split each segment at
+    /// its first `=`, trim the name, compare, trim and unquote the value.
+    fn find_cookie_by_splitting<'a>(header: &'a str, name: &str) -> Option<&'a str> {
+        if name.is_empty() {
+            return None;
+        }
+        header.split(';').filter_map(pair).find(|(n, _)| *n == name).map(|(_, v)| v)
+    }
+
+    #[test]
+    fn segments_are_what_split_gives() {
+        for v in ["", ";", "a", "a;", ";a", "a;b", "a; b;;c ;", ";;"] {
+            let ours: Vec<&[u8]> = segments(v.as_bytes()).collect();
+            let split: Vec<&[u8]> = v.as_bytes().split(|b| *b == b';').collect();
+            assert_eq!(ours, split, "{v:?}");
+        }
+    }
+
+    #[test]
+    fn find_cookie_agrees_with_splitting_on_every_small_input() {
+        // Every string of up to 5 of these bytes, against names that are plain, empty,
+        // have `=` or whitespace in them, or are prefixes of one another.
+        let alphabet = [b'a', b'b', b'=', b';', b' ', b'\t', b'"'];
+        let names = ["a", "ab", "b", "", "a=", "=", " a", "a ", "\"a\""];
+        let mut inputs = vec![Vec::new()];
+        let mut checked = 0;
+        for _ in 0..5 {
+            let longer: Vec<Vec<u8>> =
+                inputs.iter().flat_map(|s| alphabet.iter().map(move |&c| [&s[..], &[c]].concat())).collect();
+            inputs.extend(longer);
+            inputs.sort();
+            inputs.dedup();
+        }
+        for input in &inputs {
+            let h = std::str::from_utf8(input).unwrap();
+            for name in names {
+                assert_eq!(find_cookie(h, name), find_cookie_by_splitting(h, name), "{h:?} {name:?}");
+                checked += 1;
+            }
+        }
+        assert!(checked > 100_000, "{checked}");
+    }
 
     #[test]
     fn find_cookie_basics() {

@@ -32,18 +32,23 @@ pub trait RequestKeys {
 /// is visible ASCII (0x20 to 0x7E) or a horizontal tab.
 #[inline]
 pub fn header_text(value: &[u8]) -> Option<&str> {
-    if value.iter().all(|&b| (0x20..0x7f).contains(&b) || b == b'\t') {
-        // Visible ASCII is UTF-8.
+    // Visible ASCII is UTF-8.
+    if h1::is_text(value) {
         std::str::from_utf8(value).ok()
     } else {
         None
     }
 }
 
-/// The value of cookie `name` in the first of `fields` (`Cookie` field values) that has it.
+/// The value of cookie `name` in the first of `fields` (`Cookie` field values) that has it;
+/// a field that is not text is skipped whole. The search runs on bytes; only the value
+/// found is made a `str` (text is ASCII, so that cannot fail).
 #[inline]
 pub fn cookie_in<'a>(fields: impl Iterator<Item = &'a [u8]>, name: &str) -> Option<&'a str> {
-    fields.filter_map(header_text).find_map(|v| cookies::find_cookie(v, name))
+    fields
+        .filter(|v| h1::is_text(v))
+        .find_map(|v| cookies::find_cookie_bytes(v, name.as_bytes()))
+        .and_then(|v| std::str::from_utf8(v).ok())
 }
 
 /// A request as hyper parsed it: its header map and URI.

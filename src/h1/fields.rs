@@ -169,6 +169,15 @@ impl Fields {
     }
 }
 
+/// A field value that is text as `http::HeaderValue::to_str` reads it: every byte
+/// visible ASCII (0x20 to 0x7E) or a horizontal tab. Branch-free, so the compiler checks
+/// many bytes at a time (a value is usually all text, and then every byte is looked at
+/// anyway).
+#[inline]
+pub fn is_text(v: &[u8]) -> bool {
+    v.iter().fold(true, |ok, &b| ok & (((0x20..0x7f).contains(&b)) | (b == b'\t')))
+}
+
 fn is_ows(b: u8) -> bool {
     b == b' ' || b == b'\t'
 }

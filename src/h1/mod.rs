@@ -29,7 +29,7 @@ mod fields;
 pub mod request;
 pub mod response;
 
-pub use fields::{Field, Fields, Known, Span, MAX_FIELDS};
+pub use fields::{is_text, Field, Fields, Known, Span, MAX_FIELDS};
 
 /// Whether a head that `httparse` accepted whole has a line ending in a bare LF. It ends
 /// each line at an LF, with or without a CR before it, and refuses a CR without LF, so
@@ -46,7 +46,9 @@ fn head_has_bare_lf(head: &[u8], fields: &[httparse::Header<'_>]) -> bool {
 fn line_ends_bare(head: &[u8], fields: &[httparse::Header<'_>]) -> bool {
     let Some(first) = head.iter().position(|b| *b != b'\r' && *b != b'\n') else { return has_bare_lf(head) };
     let Some(eol) = head[first..].iter().position(|b| *b == b'\n') else { return has_bare_lf(head) };
-    if has_bare_lf(&head[..=first + eol]) {
+    // Only CRs and LFs come before `first`, and the start line's one LF is at
+    // `first + eol` (`eol >= 1`: `head[first]` is neither).
+    if has_bare_lf(&head[..first]) || head[first + eol - 1] != b'\r' {
         return true;
     }
     let base = head.as_ptr() as usize;

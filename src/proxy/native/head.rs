@@ -17,9 +17,10 @@
 //!
 //! Writers only append to `out`, a buffer the caller reuses: nothing else is allocated.
 
+use crate::affinity::cookies::{find_cookie_bytes, segments};
 use crate::h1::request::{Body, RequestHead, Target};
 use crate::h1::response::{self, ResponseHead};
-use crate::h1::{Field, Known};
+use crate::h1::{is_text, Field, Known};
 
 // same list as rewrite::FORWARDING
 /// Forwarding fields a backend may believe: from a client that is not a trusted proxy,
@@ -105,7 +106,7 @@ pub fn write_request(out: &mut Vec<u8>, buf: &[u8], head: &RequestHead, edits: &
     line(out, b"Host", host.unwrap_or(edits.default_host.as_bytes()));
 
     let fields = head.fields.iter().as_slice();
-    let named = fields.iter().any(|f| f.known == Known::Connection);
+    let named = connection_names_fields(buf, fields);
     let kept = |f: &Field| request_keeps(buf, fields, f, edits, named);
     let own_cookie = edits.own_cookie.filter(|c| !c.is_empty());
     let trailer = head.body == Body::Chunked;
@@ -179,8 +180,8 @@ pub fn write_request(out: &mut Vec<u8>, buf: &[u8], head: &RequestHead, edits: &
 }
 
 /// Whether a client's field survives to the backend (before Tether's changes to `Cookie`
-/// and the joining of a trusted `X-Forwarded-For`). `named`: the head has a `Connection`
-/// field, which may name more fields to remove.
+/// and the joining of a trusted `X-Forwarded-For`). `named`: the head's `Connection` fields
+/// may name fields to remove ([`connection_names_fields`]).
 fn request_keeps(buf: &[u8], fields: &[Field], f: &Field, edits: &RequestEdits<'_>, named: bool) -> bool {
     // Host is written first. Trailer, hop-by-hop to `h1`, is kept here and written only
     // with a chunked body, whose trailers go as they came (today's path keeps it too).
@@ -197,6 +198,18 @@ fn request_keeps(buf: &[u8], fields: &[Field], f: &Field, edits: &RequestEdits<'
     // A client may name hop-by-hop fields in Connection, but never X-Forwarded-For (nor
     // Host, written above), which Tether sets or relies on.
     !(named && f.known != Known::XForwardedFor && named_in_connection(buf, fields, name))
+}
+
+/// Whether the head's Connection fields may name a field to remove: they have an option
+/// other than `close` and `upgrade` (Tether's to act on) and `keep-alive` (which names
+/// only `Keep-Alive`, a field removed as hop-by-hop anyway). The usual `Connection:
+/// keep-alive` names none, so the fields are not each looked up in it.
+fn connection_names_fields(buf: &[u8], fields: &[Field]) -> bool {
+    fields.iter().filter(|f| f.known == Known::Connection).flat_map(|f| list(f.value.of(buf))).any(|t| {
+        !t.eq_ignore_ascii_case(b"close")
+            && !t.eq_ignore_ascii_case(b"upgrade")
+            && !t.eq_ignore_ascii_case(b"keep-alive")
+    })
 }
 
 /// Whether `name` is one of the options of the head's Connection fields (`close` and
@@ -237,24 +250,30 @@ fn allows(allowed: &[String], token: &[u8]) -> bool {
 /// today's path leaves it.
 fn cookie_without(out: &mut Vec<u8>, name: &[u8], value: &[u8], own: &str) {
     let own = own.as_bytes();
-    let is_own = |segment: &[u8]| cookie_name(segment).is_some_and(|n| n == own);
-    if !is_text(value) || !value.split(|b| *b == b';').any(is_own) {
+    if !is_text(value) || find_cookie_bytes(value, own).is_none() {
         line(out, name, value);
         return;
     }
-    let rest = || value.split(|b| *b == b';').map(trim_ows).filter(|s| !s.is_empty() && !is_own(s));
-    if rest().next().is_none() {
-        return;
-    }
+    // One pass: the other cookies are written as they are found; a field left empty is
+    // taken back whole.
+    let start = out.len();
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
-    for (i, segment) in rest().enumerate() {
-        if i > 0 {
+    let first = out.len();
+    for segment in segments(value).map(trim_ows) {
+        if segment.is_empty() || cookie_name(segment) == Some(own) {
+            continue;
+        }
+        if out.len() > first {
             out.extend_from_slice(b"; ");
         }
         out.extend_from_slice(segment);
     }
-    out.extend_from_slice(b"\r\n");
+    if out.len() == first {
+        out.truncate(start);
+    } else {
+        out.extend_from_slice(b"\r\n");
+    }
 }
 
 /// The trimmed name of a `name=value` cookie segment; `None` without `=`.
@@ -300,7 +319,7 @@ pub fn write_response(out: &mut Vec<u8>, buf: &[u8], head: &ResponseHead, edits:
         !(http10 && head.body == response::Body::Chunked && !edits.dechunk),
         "a chunked body to an HTTP/1.0 client must be de-chunked"
     );
-    let named = fields.iter().any(|f| f.known == Known::Connection);
+    let named = connection_names_fields(buf, fields);
     // Tether's cookie makes the response private to shared caches.
     let private = edits.set_cookie.is_some();
     let cache_control = |f: &&Field| f.known == Known::Other && f.name.of(buf).eq_ignore_ascii_case(b"cache-control");
@@ -493,11 +512,6 @@ fn decimal_len(mut n: u64) -> usize {
 fn same_name(name: &[u8], canonical: &str) -> bool {
     let fold = |b: u8| if b == b'_' { b'-' } else { b.to_ascii_lowercase() };
     name.len() == canonical.len() && name.iter().zip(canonical.bytes()).all(|(a, b)| fold(*a) == fold(b))
-}
-
-/// Visible ASCII, space and tab: what `HeaderValue::to_str` accepts.
-fn is_text(v: &[u8]) -> bool {
-    v.iter().all(|b| (0x20..0x7f).contains(b) || *b == b'\t')
 }
 
 fn trim_ows(s: &[u8]) -> &[u8] {
