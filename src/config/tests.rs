@@ -403,9 +403,9 @@ fn a_listener_names_its_http1_implementation() {
     let http1 = |line: &str| parse(&with(line), "t.toml").unwrap().listeners[0].http1;
     assert_eq!(http1("http1 = \"native\"\n"), Http1::Native);
     assert_eq!(http1("http1 = \"hyper\"\n"), Http1::Hyper);
-    // Unsaid, it is what TETHER_HTTP1 says (CI runs the suite both ways), else hyper.
-    let native = std::env::var("TETHER_HTTP1").as_deref() == Ok("native");
-    assert_eq!(http1(""), if native { Http1::Native } else { Http1::Hyper });
+    // Unsaid, it is native unless TETHER_HTTP1 says hyper (CI runs the suite both ways).
+    let hyper = std::env::var("TETHER_HTTP1").as_deref() == Ok("hyper");
+    assert_eq!(http1(""), if hyper { Http1::Hyper } else { Http1::Native });
     assert_eq!(
         errors(&with("http1 = \"fast\"\n")),
         ["t.toml:2:9: listener \"listener-1\": http1 \"fast\" is not known: expected \"hyper\" or \"native\""]

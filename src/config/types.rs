@@ -137,10 +137,10 @@ pub struct Listener {
 /// The HTTP/1 implementation of a listener.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Http1 {
-    /// hyper's server and client (today's default).
-    #[default]
+    /// hyper's server and client (kept while it is retired, issue 10).
     Hyper,
-    /// Tether's own codec on both sides (issue 10, being built).
+    /// Tether's own codec on both sides (the default).
+    #[default]
     Native,
 }
 
