@@ -79,6 +79,14 @@ fn decide(c: &mut Criterion) {
     assert_eq!(h2[http::header::COOKIE].len(), "lang=en; tether=".len() + Version::V2.str_len());
     assert_hit_allocates_nothing(&f2, &h2, &uri, now);
     g.bench_function("cookie_hit_v2", |bench| bench.iter(|| black_box(f2.decide(black_box(&h2), &uri, ip, now))));
+    // A forged token (one character of a real one changed, so it still decodes and the
+    // cipher has to refuse it): counted `invalid`, and the client gets a new session and
+    // token. What a flood of forged cookies costs per request.
+    let forged = forge(h2[http::header::COOKIE].to_str().unwrap());
+    let mut hf = HeaderMap::new();
+    hf.insert(http::header::COOKIE, HeaderValue::from_str(&forged).unwrap());
+    assert_eq!(f2.decide(&hf, &uri, ip, now).verdict, Verdict::Invalid);
+    g.bench_function("cookie_forged_v2", |bench| bench.iter(|| black_box(f2.decide(black_box(&hf), &uri, ip, now))));
     // No key present: a new session is placed and a token issued (random session id).
     g.bench_function("new_session_cookie", |bench| {
         bench.iter(|| black_box(f.decide(black_box(&no_headers), &uri, ip, now)))
@@ -122,6 +130,15 @@ fn decide(c: &mut Criterion) {
     g.finish();
 }
 
+/// `text` with one base64 character near its end changed (`A` to `B`, anything else to
+/// `A`): still well-formed, no longer what was sealed.
+fn forge(text: &str) -> String {
+    let mut b = text.as_bytes().to_vec();
+    let i = b.len() - 5;
+    b[i] = if b[i] == b'A' { b'B' } else { b'A' };
+    String::from_utf8(b).unwrap()
+}
+
 /// What is timed as a hit must be one, and allocate nothing (the allocation tests' claim,
 /// checked again on the benches' own inputs).
 fn assert_hit_allocates_nothing(f: &Fixture, h: &HeaderMap, uri: &Uri, now: u64) {
@@ -143,6 +160,24 @@ fn token(c: &mut Criterion) {
         });
         g.bench_function(format!("open_{name}"), |bench| {
             bench.iter(|| black_box(ring.open(black_box(sealed.as_str()))))
+        });
+        // A miss of the open cache: 16384 distinct sealed tokens, opened in turn (sixteen
+        // a set on average, which the 2-way cache visited in this order all but never hits).
+        let many: Vec<String> = (0..16_384u64)
+            .map(|i| ring.seal_as(version, &Token { backend: t.backend ^ i, ..t }).as_str().to_owned())
+            .collect();
+        let mut next = 0;
+        g.bench_function(format!("open_miss_{name}"), |bench| {
+            bench.iter(|| {
+                next = (next + 1) % many.len();
+                black_box(ring.open(black_box(&many[next])))
+            })
+        });
+        // A forged token: the open that fails (a miss of the open cache, every time).
+        let forged = forge(sealed.as_str());
+        assert!(ring.open(&forged).is_err());
+        g.bench_function(format!("open_forged_{name}"), |bench| {
+            bench.iter(|| black_box(ring.open(black_box(&forged))))
         });
     }
     g.finish();
