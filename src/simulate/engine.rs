@@ -470,11 +470,13 @@ impl<'a> Sim<'a> {
         for d in self.out.drains.iter_mut().filter(|d| d.empty_after_ms.is_none() || d.counted_empty_after_ms.is_none())
         {
             let id = self.names.iter().position(|n| *n == d.backend).expect("drained backends have ids");
+            // A backend removed before it emptied is never counted empty.
+            let Some(k) = self.sim_of.iter().position(|&x| usize::from(x) == id) else { continue };
             if d.empty_after_ms.is_none() && self.active_on[id] == 0 {
                 d.empty_after_ms = Some(t - d.at_ms);
             }
-            let counted = pool.backends.iter().find(|b| b.name == d.backend).map_or(0, |b| b.sessions());
-            if d.counted_empty_after_ms.is_none() && counted == 0 {
+            let backend = &pool.backends[k];
+            if d.counted_empty_after_ms.is_none() && backend.sessions() == 0 {
                 d.counted_empty_after_ms = Some(t - d.at_ms);
             }
         }

@@ -220,7 +220,9 @@ impl Report {
             let _ = writeln!(o, "\ndrains (time to empty: sessions in progress / Tether's session count):");
             for s in &self.strategies {
                 for d in &s.drains {
-                    let f = |x: Option<u64>| x.map_or_else(|| "not empty at the end".to_string(), fmt_ms);
+                    let f = |x: Option<u64>| {
+                        x.map_or_else(|| "not empty (by the end, or before its removal)".to_string(), fmt_ms)
+                    };
                     let _ = writeln!(
                         o,
                         "  {:w$}  {} at {}: {} / {}",
