@@ -177,6 +177,16 @@ impl<'a> Sim<'a> {
         if config.pools[0].slow_start.take().is_some() {
             notes.push("slow_start is not simulated (its ramp reads the wall clock): off in this run".to_string());
         }
+        if config.pools[0].health.as_ref().is_some_and(|h| h.eject_after > 0) {
+            notes.push(
+                "passive ejection is not simulated (its ejection time reads the wall clock): requests to a failed \
+                 backend move, but it is not ejected"
+                    .to_string(),
+            );
+        }
+        if config.pools[0].backends.iter().any(|b| b.max_connections.is_some()) {
+            notes.push("max_connections queues are not simulated".to_string());
+        }
         let secs = Arc::new(AtomicU32::new(0));
         let mut snapshot = Snapshot::build(Arc::new(config.clone()), None);
         if let Some(a) = snapshot.pools[0].affinity.as_mut() {
