@@ -235,10 +235,21 @@ impl Report {
                 }
             }
         }
+        // Each note once, with the strategies it concerns.
+        let mut notes: Vec<(&str, Vec<&str>)> = Vec::new();
         for s in &self.strategies {
             for n in &s.notes {
-                let _ = writeln!(o, "note: {}: {n}", s.name);
+                match notes.iter_mut().find(|(m, _)| m == n) {
+                    Some((_, names)) => names.push(&s.name),
+                    None => notes.push((n, vec![&s.name])),
+                }
             }
+        }
+        if !notes.is_empty() {
+            let _ = writeln!(o);
+        }
+        for (n, names) in notes {
+            let _ = writeln!(o, "note ({}): {n}", names.join(", "));
         }
         o
     }
