@@ -138,6 +138,48 @@ idle_timeout = "2s"
     assert_eq!(d.counted_empty_after_ms, Some(4500));
 }
 
+/// Worked by hand. The application's own session cookie, learned from its `Set-Cookie`:
+/// six clients, three requests each (t = 0, 1, 2 s). At t=0 no client has the cookie, so
+/// the key chain finds nothing and round robin places them a, b, c, a, b, c (`new`); each
+/// backend answers with a new JSESSIONID, which Tether learns and pins. At t=1 s all six
+/// carry their cookie: six `hit`s. b fails at 1.5 s (no health checks): at t=2 s clients
+/// 1 and 4 are sent to b, refused, and `failover` re-points their pins, to a (cursor 6)
+/// and c (cursor 7, b excluded), with `repin:down`; the new backends, not knowing the
+/// session, set new cookies (learned too). So: 18 requests, 6 new, 10 hit, 2 repin:down,
+/// two sessions broken (not silently) onto backends they had not used.
+#[test]
+fn golden_app_cookie_is_learned_and_repinned() {
+    let src = r#"
+[simulate]
+duration = "2s"
+sample = "1s"
+[workload]
+clients = 6
+ramp = "0s"
+requests_per_session = 3
+think_time = "1s"
+app_cookie = "JSESSIONID"
+[[events]]
+at = "1500ms"
+action = "fail"
+backend = "b"
+[pools.app]
+backends = [
+  { name = "a", address = "10.0.0.1:80" },
+  { name = "b", address = "10.0.0.2:80" },
+  { name = "c", address = "10.0.0.3:80" },
+]
+[pools.app.affinity]
+keys = ["app_cookie:JSESSIONID"]
+mapping = "table"
+"#;
+    let r = run(src, None);
+    let s = &r.strategies[0];
+    assert_eq!((s.requests, s.sessions), (18, 6));
+    assert_eq!((verdict(s, "new"), verdict(s, "hit"), verdict(s, "repin:down")), (6, 10, 2));
+    assert_eq!((s.moved(), s.broken, s.broken_silently, s.unfamiliar), (2, 2, 0, 2));
+}
+
 /// A scenario exercising the random draws: p2c (the balancer's `random_below`), service
 /// times, exponential think and session lengths (the workload's generator), hashing with
 /// bounded load, a failure, a weight change and a reload.

@@ -314,6 +314,23 @@ impl<'a> Sim<'a> {
         }
         progress(end);
         self.out.duration_ms = end;
+        // Token session ids come from the system's random source (see ARCHITECTURE.md,
+        // "The simulator"); they only decide which entries a full table drops.
+        if let Some(a) = &self.snapshot.pools[0].affinity {
+            let (pins, sessions) = (a.store.pin_stats(), a.store.sessions.stats());
+            let dropped = sessions.evictions + sessions.rejections;
+            if dropped > 0 {
+                self.out.notes.push(format!(
+                    "the table of token sessions was full ({dropped} dropped): Tether's session counts, and what bounded load and drain times read of them, may differ from run to run"
+                ));
+            }
+            if pins.evictions + pins.rejections > 0 {
+                self.out.notes.push(format!(
+                    "a pin table was full: {} pins evicted, {} new keys not learned (table.capacity)",
+                    pins.evictions, pins.rejections
+                ));
+            }
+        }
     }
 
     fn set_time(&self, t: u64) {
