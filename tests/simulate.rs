@@ -314,6 +314,11 @@ fn scenario_errors_say_file_line_and_key() {
         "duration = \"10 minutes\"",
         "s.toml:2:12: \"10 minutes\" is not a duration: expected a number and a unit, like \"500ms\", \"30s\", \"5m\", \"12h\" or \"1d\"",
     );
+    check_error(
+        "duration = \"10m\"",
+        "duration = \"400d\"",
+        "s.toml:2:12: `duration` must be more than 0 and at most 365d",
+    );
     check_error("clients = 100", "clients = 0", "s.toml:5:11: `clients` must be 1 to 4000000, not 0");
     check_error(
         "clients = 100",

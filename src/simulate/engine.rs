@@ -27,7 +27,7 @@ use crate::config::{AdminState, Config};
 use crate::pool::Snapshot;
 
 use super::report::{DrainReport, Sample, StrategyReport};
-use super::scenario::{Action, Dist, Scenario, Strategy};
+use super::scenario::{Action, Dist, Scenario, Strategy, MAX_BACKENDS};
 
 /// Simulated time starts at this Unix time (2027-01-15T08:00:00Z), so tokens carry
 /// plausible stamps.
@@ -35,10 +35,6 @@ pub const EPOCH_MS: u64 = 1_800_000_000_000;
 
 /// No backend (a client between sessions, or before its first request).
 const NONE: u16 = u16::MAX;
-
-/// Backends a run can know of (every name the timeline ever adds included): the set of
-/// backends a session has used is a 128-bit mask.
-pub const MAX_BACKENDS: usize = 128;
 
 /// SplitMix64: small, fast, and good enough for workload draws (not for secrets).
 #[derive(Debug, Clone)]
@@ -397,6 +393,12 @@ impl<'a> Sim<'a> {
                 self.out.refused += 1;
             }
             self.out.verdicts[d.verdict.index()] += 1;
+            // A session whose last request failed has ended all the same.
+            let client = &mut self.clients[c];
+            if left == 0 && client.last != NONE {
+                self.active_on[usize::from(client.last)] -= 1;
+                client.last = NONE;
+            }
             self.end_request(c, t, None, think);
             return;
         };

@@ -20,6 +20,13 @@ use toml::Spanned;
 
 use crate::config::{self, AdminState, Config, ConfigError, Located};
 
+/// Backends a run can know of (every name the timeline ever adds included): the engine
+/// keeps the set of backends a session has used as a 128-bit mask.
+pub const MAX_BACKENDS: usize = 128;
+
+/// The longest run: a year, well within what the engine's event times hold.
+const MAX_DURATION_MS: u64 = 365 * 86_400_000;
+
 /// The simulator's own top-level tables; every other table belongs to the Tether config.
 const SIM_TABLES: [&str; 3] = ["simulate", "workload", "events"];
 
@@ -257,12 +264,13 @@ pub fn parse(src: &str, file: &str, dir: Option<&Path>) -> Result<Scenario, Conf
         }
     };
 
-    let duration_ms = duration(src, &sim.duration, &mut errors).filter(|&d| d > 0).unwrap_or_else(|| {
-        if errors.is_empty() {
-            errors.push(at(src, sim.duration.span(), "`duration` must be more than 0".into()));
-        }
-        0
-    });
+    let duration_ms =
+        duration(src, &sim.duration, &mut errors).filter(|&d| d > 0 && d <= MAX_DURATION_MS).unwrap_or_else(|| {
+            if errors.is_empty() {
+                errors.push(at(src, sim.duration.span(), "`duration` must be more than 0 and at most 365d".into()));
+            }
+            0
+        });
     let sample_ms = match &sim.sample {
         Some(s) => duration(src, s, &mut errors).unwrap_or(0),
         None => (duration_ms / 300).max(1000),
@@ -515,6 +523,15 @@ fn events(
     // The backends of each strategy's pool as the timeline changes them, to check names.
     let mut members: Vec<Vec<String>> =
         strategies.iter().map(|s| s.config.pools[0].backends.iter().map(|b| b.name.clone()).collect()).collect();
+    // Every name a strategy ever has, for the engine's limit on backends.
+    let mut seen: Vec<Vec<String>> = members.clone();
+    for (s, names) in strategies.iter().zip(&seen) {
+        if names.len() > MAX_BACKENDS {
+            let msg =
+                format!("pool \"{}\" has {} backends: the simulator takes at most {MAX_BACKENDS}", s.name, names.len());
+            errors.push(Located { line: 0, column: 0, message: msg });
+        }
+    }
     let mut out = Vec::new();
     let mut last = 0;
     for e in events {
@@ -575,7 +592,7 @@ fn events(
             }
         };
         // Every strategy's pool must have (or, for `add`, not have) the backend.
-        for (s, names) in strategies.iter().zip(&mut members) {
+        for (k, (s, names)) in strategies.iter().zip(&mut members).enumerate() {
             let (name, must_exist) = match &action {
                 Action::Reload => continue,
                 Action::Add(b) => (&b.name, false),
@@ -595,6 +612,20 @@ fn events(
                 };
                 errors.push(at(src, span, msg));
                 break;
+            }
+            if let Action::Add(b) = &action {
+                let seen = &mut seen[k];
+                if !seen.contains(&b.name) {
+                    seen.push(b.name.clone());
+                }
+                if seen.len() > MAX_BACKENDS {
+                    errors.push(at(
+                        src,
+                        span,
+                        format!("pool \"{}\" would have had more than {MAX_BACKENDS} backends", s.name),
+                    ));
+                    break;
+                }
             }
             match &action {
                 Action::Add(b) => names.push(b.name.clone()),
