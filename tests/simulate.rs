@@ -353,6 +353,49 @@ fn scenario_errors_say_file_line_and_key() {
     );
 }
 
+/// `[simulate] config = "..."` takes the pools of an existing Tether config (listeners and
+/// all, as `tether check` reads it), relative to the scenario's directory.
+#[test]
+fn a_scenario_can_take_its_pools_from_a_config_file() {
+    let dir = temp_dir("config");
+    std::fs::write(
+        dir.join("tether.toml"),
+        "[[listeners]]\nbind = \"127.0.0.1:8080\"\npool = \"web\"\n\n[pools.web]\nalgorithm = \"least_conn\"\n\
+         backends = [{ name = \"a\", address = \"10.0.0.1:80\" }, { name = \"b\", address = \"10.0.0.2:80\" }]\n\
+         [pools.web.affinity]\nkeys = [\"client_ip\"]\n",
+    )
+    .unwrap();
+    let scenario = dir.join("s.toml");
+    std::fs::write(
+        &scenario,
+        "[simulate]\nduration = \"1m\"\nconfig = \"tether.toml\"\n[workload]\nclients = 50\nrequest_rate = 25\n",
+    )
+    .unwrap();
+    let sc = simulate::scenario::load(&scenario).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(sc.strategies.len(), 1);
+    assert_eq!(sc.strategies[0].name, "web");
+    assert_eq!(sc.strategies[0].config.pools[0].algorithm, tether::config::Algorithm::LeastConn);
+    // 50 clients at 25 requests a second in all: each thinks 2 s on average.
+    assert_eq!(sc.workload.think_ms, simulate::scenario::Dist::Exp(2000.0));
+    let r = simulate::run(&sc, None, &mut |_, _| {});
+    assert_eq!(r.strategies[0].keys, "client_ip (table)");
+    assert!(r.strategies[0].requests > 0);
+
+    // An error in the referenced config is reported in that file.
+    std::fs::write(dir.join("tether.toml"), "[pools.web]\nalgorithm = 3\n").unwrap();
+    let err = simulate::scenario::load(&scenario).unwrap_err().to_string();
+    assert!(err.starts_with(&format!("{}:2:13: ", dir.join("tether.toml").display())), "{err}");
+    // Both a config and pools of its own: which would it be?
+    std::fs::write(
+        &scenario,
+        "[simulate]\nduration = \"1m\"\nconfig = \"tether.toml\"\n[workload]\nclients = 5\n[pools.x]\n",
+    )
+    .unwrap();
+    let err = simulate::scenario::load(&scenario).unwrap_err().to_string();
+    assert_eq!(err, format!("{}:3:10: `config` and `[pools]` in one scenario: keep one of them", scenario.display()));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 // === the command ===
 
 fn tether() -> Command {
