@@ -16,8 +16,9 @@ fn seed() -> u64 {
 }
 
 /// Restarts this thread's generator from `seed`, so that what follows on this thread is
-/// reproducible draw for draw. Only the simulator calls it, on a thread of its own (the
-/// proxy's threads keep their clock-derived seeds); [`random_below`] is unchanged by it.
+/// reproducible draw for draw. Only the simulator calls it, on the thread that runs a
+/// simulation (the proxy's threads keep their clock-derived seeds); [`random_below`] is
+/// unchanged by it.
 pub fn reseed(seed: u64) {
     // xorshift's state must not be 0; SplitMix64's finaliser spreads nearby seeds apart.
     let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
