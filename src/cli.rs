@@ -1,4 +1,4 @@
-//! The command line: `tether run`, `tether check`, `tether demo`.
+//! The command line: `tether run`, `tether check`, `tether demo`, `tether simulate`.
 
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
@@ -56,6 +56,18 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         threads: usize,
     },
+    /// Simulate a scenario: Tether's own placement code over synthetic clients in
+    /// simulated time, per strategy; prints a table, and writes an HTML report with --html.
+    Simulate {
+        /// The scenario file (see examples/simulate/).
+        scenario: PathBuf,
+        /// Write a self-contained HTML report (SVG charts) here.
+        #[arg(long, value_name = "PATH")]
+        html: Option<PathBuf>,
+        /// The seed of the run, overriding the scenario's.
+        #[arg(long)]
+        seed: Option<u64>,
+    },
     /// Run one demo backend on its own (tests kill it with SIGKILL).
     #[command(hide = true)]
     Backend {
@@ -68,7 +80,11 @@ enum Command {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.verbose);
+    // A simulation logs every health transition of every strategy it runs; its output is
+    // the report, so its log is only on when asked for.
+    if !matches!(cli.command, Command::Simulate { .. }) || cli.verbose > 0 {
+        init_logging(cli.verbose);
+    }
     raise_open_files_limit();
     let code = run_command(cli);
     // Lines still queued for the log writer thread go out before the process exits.
@@ -95,6 +111,13 @@ fn run_command(cli: Cli) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         },
+        Command::Simulate { scenario, html, seed } => match crate::simulate::scenario::load(&scenario) {
+            Ok(sc) => simulate(&sc, html, seed),
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::FAILURE;
+            }
+        },
         Command::Run { config, threads } => run(config, threads),
         Command::Demo { port, backend_port, admin_port, threads } => run_demo(port, backend_port, admin_port, threads),
         Command::Backend { name, bind } => server::Runtimes::new(1).map_err(anyhow::Error::from).and_then(|rt| {
@@ -113,6 +136,36 @@ fn run_command(cli: Cli) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Runs a scenario, printing the table (and a progress line on stderr when it is a
+/// terminal) and writing the HTML report when asked.
+fn simulate(sc: &crate::simulate::Scenario, html: Option<PathBuf>, seed: Option<u64>) -> anyhow::Result<()> {
+    let tty = std::io::stderr().is_terminal();
+    let started = std::time::Instant::now();
+    let mut last_shown = started;
+    let report = crate::simulate::run(sc, seed, &mut |done, total| {
+        if tty && (last_shown.elapsed() >= Duration::from_millis(100) || done == total) {
+            last_shown = std::time::Instant::now();
+            let width = 30;
+            let filled = (done * width / total.max(1)) as usize;
+            let bar = format!("{}{}", "#".repeat(filled), ".".repeat(width as usize - filled));
+            eprint!("\rsimulating [{bar}] {:3}%", done * 100 / total.max(1));
+            let _ = std::io::stderr().flush();
+        }
+    });
+    if tty {
+        eprintln!("\r\x1b[2Ksimulated in {:.1}s", started.elapsed().as_secs_f64());
+    }
+    // A closed stdout (`| head`) is not an error worth a panic.
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(report.table().as_bytes());
+    if let Some(path) = html {
+        std::fs::write(&path, report.html())
+            .map_err(|e| anyhow::anyhow!("cannot write the HTML report to {}: {e}", path.display()))?;
+        let _ = writeln!(out, "\nHTML report: {}", path.display());
+    }
+    Ok(())
 }
 
 fn init_logging(verbose: u8) {

@@ -35,6 +35,9 @@ pub(crate) mod proxy;
 pub(crate) mod admin;
 pub(crate) mod control;
 
+// Simulation of the policy code (above it, beside the data path, which it never uses).
+pub mod simulate;
+
 // Entry points.
 pub mod cli;
 pub mod demo;

@@ -15,6 +15,18 @@ fn seed() -> u64 {
     (t ^ (&local as *const u8 as u64).rotate_left(32)) | 1
 }
 
+/// Restarts this thread's generator from `seed`, so that what follows on this thread is
+/// reproducible draw for draw. Only the simulator calls it, on the thread that runs a
+/// simulation (the proxy's threads keep their clock-derived seeds); [`random_below`] is
+/// unchanged by it.
+pub fn reseed(seed: u64) {
+    // xorshift's state must not be 0; SplitMix64's finaliser spreads nearby seeds apart.
+    let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    RNG.with(|s| s.set((z ^ (z >> 31)) | 1));
+}
+
 /// A uniform number below `n` from a per-thread xorshift64* generator.
 pub fn random_below(n: usize) -> usize {
     RNG.with(|s| {
@@ -39,5 +51,17 @@ mod tests {
                 assert!(random_below(n) < n);
             }
         }
+    }
+
+    #[test]
+    fn reseeding_repeats_the_draws() {
+        reseed(7);
+        let a: Vec<usize> = (0..32).map(|_| random_below(1000)).collect();
+        reseed(7);
+        let b: Vec<usize> = (0..32).map(|_| random_below(1000)).collect();
+        reseed(8);
+        let c: Vec<usize> = (0..32).map(|_| random_below(1000)).collect();
+        assert_eq!(a, b);
+        assert_ne!(a, c);
     }
 }

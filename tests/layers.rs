@@ -36,6 +36,7 @@ const LAYERS: &[(&str, u8, &str)] = &[
     ("housekeeping", 3, "policy: decide where a request goes, keep state right"),
     ("proxy", 4, "data path"),
     ("listener", 4, "data path"),
+    ("simulate", 4, "simulation: the policy code in simulated time, beside the data path"),
     ("control", 5, "control: change a running Tether"),
     ("admin", 6, "operator interface"),
     ("server", 7, "entry points"),
@@ -290,6 +291,26 @@ fn modules_respect_layers() {
         }
     }
     assert!(problems.is_empty(), "{} layering violation(s):\n{}", problems.len(), problems.join("\n"));
+}
+
+/// `simulate` sits beside the data path (above the policy code it runs) but runs that code
+/// alone: it may not refer to the data path, sockets or a running server.
+#[test]
+fn simulate_stays_off_the_data_path() {
+    const FORBIDDEN: [&str; 7] = ["proxy", "listener", "server", "upstream", "health", "control", "admin"];
+    let graph = scan();
+    let under = |m: &str, p: &str| m == p || m.strip_prefix(p).is_some_and(|rest| rest.starts_with("::"));
+    let sim: Vec<_> = graph.iter().filter(|(m, _)| under(m, "simulate")).collect();
+    assert!(sim.len() >= 3, "simulate's modules not found: {:?}", graph.keys());
+    let mut problems = Vec::new();
+    for (module, (file, refs)) in sim {
+        for (target, line) in refs {
+            if FORBIDDEN.iter().any(|f| under(target, f)) {
+                problems.push(format!("{file}:{line}: `{module}` refers to `{target}`"));
+            }
+        }
+    }
+    assert!(problems.is_empty(), "simulate reaches the data path:\n{}", problems.join("\n"));
 }
 
 /// Whether one module is the other's ancestor: a module and its own submodules are one

@@ -93,6 +93,18 @@ impl Store {
         }
     }
 
+    /// The store [`new`](Self::new) makes, on `clock` and with table seeds derived from
+    /// `seed`: the simulator's, whose time is simulated and whose runs repeat exactly.
+    pub fn simulated(cfg: &config::Affinity, clock: &stick_table::Clock, seed: u64) -> Store {
+        let table = |i: u64, capacity: usize, idle: Duration| {
+            StickTable::with_clock(capacity, idle, 16, clock.clone(), seed ^ i.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+        };
+        Store {
+            pins: [0, 1, 2, 3].map(|i| table(i + 1, cfg.table.capacity, cfg.table.idle_timeout)),
+            sessions: table(5, cfg.table.capacity.max(100_000), cfg.cookie.idle_timeout),
+        }
+    }
+
     /// The table a kind of key is pinned in.
     pub fn table(&self, kind: PinKind) -> &StickTable {
         &self.pins[kind as usize]

@@ -20,8 +20,8 @@
 //! epoch, passed in by the caller so tests can advance it freely.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use hashbrown::HashTable;
@@ -43,10 +43,13 @@ impl Tick {
     }
 }
 
-/// Converts `Instant`s into [`Tick`]s relative to a fixed epoch.
-#[derive(Clone, Copy, Debug)]
+/// Converts `Instant`s into [`Tick`]s relative to a fixed epoch, or reads simulated time.
+#[derive(Clone, Debug)]
 pub struct Clock {
     epoch: Instant,
+    /// Simulated time in whole seconds since the epoch, set by its owner (the simulator);
+    /// `None` for the real clock. One predictable branch on the real path.
+    manual: Option<Arc<AtomicU32>>,
 }
 
 impl Default for Clock {
@@ -58,12 +61,29 @@ impl Default for Clock {
 impl Clock {
     /// A clock whose epoch is now.
     pub fn new() -> Self {
-        Clock { epoch: Instant::now() }
+        Clock { epoch: Instant::now(), manual: None }
+    }
+
+    /// A clock that reads `seconds` (since its epoch) instead of the system's clock, so
+    /// that whoever holds `seconds` drives time: the simulator.
+    pub fn manual(seconds: Arc<AtomicU32>) -> Self {
+        Clock { epoch: Instant::now(), manual: Some(seconds) }
     }
 
     /// The current tick.
     pub fn now(&self) -> Tick {
-        self.at(Instant::now())
+        match &self.manual {
+            Some(secs) => Self::simulated(secs),
+            None => self.at(Instant::now()),
+        }
+    }
+
+    /// Out of line and cold, so the real clock's path compiles as it did before the seam
+    /// (plus one test of `manual`).
+    #[cold]
+    #[inline(never)]
+    fn simulated(secs: &AtomicU32) -> Tick {
+        Tick(secs.load(Relaxed))
     }
 
     /// The tick of `instant` (0 if before the epoch; saturates after ~136
@@ -330,13 +350,19 @@ impl StickTable {
     /// `idle_timeout` (whole seconds; sub-second parts are dropped) are
     /// treated as absent.
     pub fn new(capacity: usize, idle_timeout: Duration, shards: usize) -> Self {
-        let shards = shards.clamp(1, MAX_SHARDS).next_power_of_two();
-        let shard_cap = capacity.div_ceil(shards).clamp(1, (NIL - 1) as usize) as u32;
-        let shard_bits = shards.trailing_zeros();
         // Without the system's random source the clock still makes seeds differ by process.
         let seed = getrandom::u64().unwrap_or_else(|_| {
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
         });
+        Self::with_clock(capacity, idle_timeout, shards, Clock::new(), seed)
+    }
+
+    /// [`new`](Self::new) with the clock and the seed given: the simulator's table, whose
+    /// time is simulated and whose shard and index hashes are the same on every run.
+    pub fn with_clock(capacity: usize, idle_timeout: Duration, shards: usize, clock: Clock, seed: u64) -> Self {
+        let shards = shards.clamp(1, MAX_SHARDS).next_power_of_two();
+        let shard_cap = capacity.div_ceil(shards).clamp(1, (NIL - 1) as usize) as u32;
+        let shard_bits = shards.trailing_zeros();
         let shards = (0..shards)
             .map(|_| Shard {
                 inner: Mutex::new(ShardInner::new(seed)),
@@ -353,7 +379,7 @@ impl StickTable {
             shard_bits,
             shard_cap,
             idle_secs: u32::try_from(idle_timeout.as_secs()).unwrap_or(u32::MAX),
-            clock: Clock::new(),
+            clock,
             seed,
         }
     }
@@ -836,6 +862,20 @@ mod tests {
         assert_eq!(clock.now(), t(0));
         let later = Instant::now() + Duration::from_secs(5);
         assert_eq!(clock.at(later), t(5));
+    }
+
+    #[test]
+    fn a_manual_clock_reads_what_its_owner_sets() {
+        let secs = Arc::new(AtomicU32::new(0));
+        let table = StickTable::with_clock(100, Duration::from_secs(10), 1, Clock::manual(secs.clone()), 7);
+        table.insert(k(1), 5, table.now());
+        assert_eq!(table.now(), t(0));
+        secs.store(10, Relaxed);
+        // Idle for exactly the timeout: still there, and refreshed.
+        assert_eq!(table.get(k(1), table.now()), Some(5));
+        secs.store(21, Relaxed);
+        assert_eq!(table.now(), t(21));
+        assert_eq!(table.get(k(1), table.now()), None);
     }
 
     #[test]

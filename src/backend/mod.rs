@@ -83,9 +83,23 @@ impl Backend {
     }
 
     pub fn set_admin_state(&self, state: AdminState) {
+        self.set_admin_state_at(state, crate::time::unix_millis());
+    }
+
+    /// [`set_admin_state`](Self::set_admin_state) at `now_ms` (Unix milliseconds): a drain
+    /// that starts now is stamped with it. The simulator passes its simulated time.
+    pub fn set_admin_state_at(&self, state: AdminState, now_ms: u64) {
         let old = self.admin.swap(state as u8, Ordering::Relaxed);
         if state == AdminState::Draining && old != AdminState::Draining as u8 {
-            self.draining_since.store(crate::time::unix_millis(), Ordering::Relaxed);
+            self.draining_since.store(now_ms, Ordering::Relaxed);
+        }
+    }
+
+    /// Restamps a drain already under way as begun at `now_ms`: for a backend built
+    /// draining from a config (stamped with the wall clock) in simulated time.
+    pub fn restamp_drain(&self, now_ms: u64) {
+        if self.admin_state() == AdminState::Draining {
+            self.draining_since.store(now_ms, Ordering::Relaxed);
         }
     }
 

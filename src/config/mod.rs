@@ -67,7 +67,14 @@ pub(crate) fn load(path: &Path) -> Result<Config, ConfigError> {
 
 /// Parses and resolves config text; `file` is only used in error messages.
 pub fn parse(src: &str, file: &str) -> Result<Config, ConfigError> {
-    let parsed: file::File = toml::from_str(src).map_err(|e| {
+    let parsed: file::File = from_toml(src, file)?;
+    resolve::resolve(src, &parsed).map_err(|errors| ConfigError { file: file.to_string(), errors })
+}
+
+/// Deserializes TOML text with the located errors of [`parse`]: for the files Tether reads
+/// besides its config (the simulator's scenarios), so they report errors the same way.
+pub(crate) fn from_toml<T: serde::de::DeserializeOwned>(src: &str, file: &str) -> Result<T, ConfigError> {
+    toml::from_str(src).map_err(|e| {
         let span = e.span().unwrap_or(0..0);
         let mut message = e.message().trim().to_string();
         if let Some(key) = key_at(src, span.start) {
@@ -76,8 +83,7 @@ pub fn parse(src: &str, file: &str) -> Result<Config, ConfigError> {
             }
         }
         ConfigError { file: file.to_string(), errors: vec![locate(src, span, message)] }
-    })?;
-    resolve::resolve(src, &parsed).map_err(|errors| ConfigError { file: file.to_string(), errors })
+    })
 }
 
 /// The key written on the line of `offset`, if that line reads `key = ...`, so that serde's
@@ -91,7 +97,8 @@ fn key_at(src: &str, offset: usize) -> Option<String> {
     ok.then(|| key.to_string())
 }
 
-fn locate(src: &str, span: Range<usize>, message: String) -> Located {
+/// The line and column of `span`'s start in `src`, with `message`.
+pub(crate) fn locate(src: &str, span: Range<usize>, message: String) -> Located {
     let offset = span.start.min(src.len());
     let before = &src[..offset];
     let line = before.matches('\n').count() + 1;

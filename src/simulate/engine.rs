@@ -1,0 +1,681 @@
+//! One strategy's run: synthetic clients send requests in simulated time through Tether's
+//! own `decide`, `failover` and `learn` over a real [`Snapshot`] built from the strategy's
+//! config, while the timeline fails, drains, adds and removes backends.
+//!
+//! Time is simulated: every call into Tether gets `now_ms` (a fixed epoch plus simulated
+//! milliseconds), the affinity tables read a `Clock::manual` the loop advances, drains
+//! are stamped with simulated time, and the once-a-second housekeeping (`recount_sessions`,
+//! the retry budget's refill) and the active health checks (`record_check`) are run by the
+//! loop on simulated seconds. Randomness is seeded: the workload draws from [`Rng`], and the
+//! balancer's draws (`random`, `p2c`) from `random::random_below`, reseeded for the run.
+//!
+//! What it does not model: slow start (its ramp reads the wall clock; it is turned off and
+//! the report says so), passive ejection (its ejection time reads the wall clock), queues
+//! for `max_connections`, and the network: a request takes `service_time` at its backend.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use crate::affinity::stick_table::Clock;
+use crate::affinity::verdict::{Verdict, VERDICTS};
+use crate::affinity::{Decision, RequestKeys, Store, Target};
+use crate::backend::{Backend, Group};
+use crate::config::{AdminState, Config};
+use crate::pool::Snapshot;
+
+use super::report::{DrainReport, Sample, StrategyReport};
+use super::scenario::{Action, Dist, Scenario, Strategy, MAX_BACKENDS};
+
+/// Simulated time starts at this Unix time (2027-01-15T08:00:00Z), so tokens carry
+/// plausible stamps.
+pub const EPOCH_MS: u64 = 1_800_000_000_000;
+
+/// No backend (a client between sessions, or before its first request).
+const NONE: u16 = u16::MAX;
+
+/// SplitMix64: small, fast, and good enough for workload draws (not for secrets).
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1), 53 bits.
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    }
+
+    fn draw(&mut self, d: Dist) -> f64 {
+        match d {
+            Dist::Fixed(x) => x,
+            _ => d.at(self.unit()),
+        }
+    }
+}
+
+/// One simulated client.
+#[derive(Debug)]
+struct Client {
+    /// Tether's token, as the client's `Cookie` sends it.
+    token: Option<Box<str>>,
+    /// The application's session cookie value and the backend (sim id) that set it.
+    app: Option<(Box<str>, u16)>,
+    /// Requests left in the current session; 0 between sessions.
+    left: u32,
+    /// The backend (sim id) of the session's last request.
+    last: u16,
+    /// Backends (sim ids) the session has used.
+    used: u128,
+    /// The session has already been counted as broken.
+    broken: bool,
+    /// The backend holding the client's request, while it is in flight.
+    in_flight: Option<Arc<Backend>>,
+}
+
+/// What a simulated request shows `decide`: Tether's cookie and the app's, the id header.
+struct SimRequest<'a> {
+    token_name: &'a str,
+    token: Option<&'a str>,
+    app_name: &'a str,
+    app: Option<&'a str>,
+    header_name: &'a str,
+    header: &'a [u8],
+}
+
+impl RequestKeys for SimRequest<'_> {
+    fn cookie(&self, name: &str) -> Option<&str> {
+        if name == self.token_name {
+            self.token
+        } else if name == self.app_name {
+            self.app
+        } else {
+            None
+        }
+    }
+
+    fn header(&self, name: &str) -> Option<&[u8]> {
+        (!self.header.is_empty() && name.eq_ignore_ascii_case(self.header_name)).then_some(self.header)
+    }
+
+    fn path(&self) -> &str {
+        "/"
+    }
+
+    fn query(&self) -> Option<&str> {
+        None
+    }
+}
+
+/// Heap entries: time in ms, client index and whether the entry ends a request in flight,
+/// packed in one `u64` so the heap compares integers (ties go to the lower client).
+const CLIENT_BITS: u32 = 23;
+
+fn pack(t: u64, client: usize, done: bool) -> u64 {
+    (t << (CLIENT_BITS + 1)) | ((client as u64) << 1) | u64::from(done)
+}
+
+fn unpack(x: u64) -> (u64, usize, bool) {
+    (x >> (CLIENT_BITS + 1), ((x >> 1) & ((1 << CLIENT_BITS) - 1)) as usize, x & 1 == 1)
+}
+
+/// The state of one strategy's run.
+struct Sim<'a> {
+    sc: &'a Scenario,
+    config: Config,
+    snapshot: Snapshot,
+    /// Simulated whole seconds, what the affinity tables' clock reads.
+    secs: Arc<AtomicU32>,
+    rng: Rng,
+    clients: Vec<Client>,
+    header_values: Vec<Box<str>>,
+    heap: BinaryHeap<Reverse<u64>>,
+    /// Every backend name the run has seen; its index is the backend's sim id.
+    names: Vec<String>,
+    /// Sim id by index in the current pool.
+    sim_of: Vec<u16>,
+    /// By sim id: the backend refuses connections (a `fail` event).
+    dead: Vec<bool>,
+    /// By sim id: sessions in progress whose last request went there.
+    active_on: Vec<u32>,
+    /// By sim id: requests in the current sample interval.
+    interval_requests: Vec<u64>,
+    next_app_id: u64,
+    out: StrategyReport,
+    next_sample: u64,
+}
+
+/// Runs one strategy over the scenario's workload and timeline with `seed`, calling
+/// `progress` with the simulated time now and then.
+pub fn run(sc: &Scenario, strategy: &Strategy, seed: u64, progress: &mut dyn FnMut(u64)) -> StrategyReport {
+    let mut sim = Sim::new(sc, strategy, seed);
+    sim.run(progress);
+    sim.out
+}
+
+impl<'a> Sim<'a> {
+    fn new(sc: &'a Scenario, strategy: &Strategy, seed: u64) -> Sim<'a> {
+        crate::random::reseed(seed);
+        let mut config = (*strategy.config).clone();
+        let mut notes = Vec::new();
+        if config.pools[0].slow_start.take().is_some() {
+            notes.push("slow_start is not simulated (its ramp reads the wall clock): off in this run".to_string());
+        }
+        if config.pools[0].health.as_ref().is_some_and(|h| h.eject_after > 0) {
+            notes.push(
+                "passive ejection is not simulated (its ejection time reads the wall clock): requests to a failed \
+                 backend move, but it is not ejected"
+                    .to_string(),
+            );
+        }
+        if config.pools[0].backends.iter().any(|b| b.max_connections.is_some()) {
+            notes.push("max_connections queues are not simulated".to_string());
+        }
+        let secs = Arc::new(AtomicU32::new(0));
+        let mut snapshot = Snapshot::build(Arc::new(config.clone()), None);
+        if let Some(a) = snapshot.pools[0].affinity.as_mut() {
+            a.store = Arc::new(Store::simulated(&a.cfg, &Clock::manual(secs.clone()), seed));
+        }
+        for b in &snapshot.pools[0].backends {
+            b.restamp_drain(EPOCH_MS);
+        }
+        let w = &sc.workload;
+        let mut rng = Rng::new(seed);
+        let mut heap = BinaryHeap::with_capacity(w.clients as usize * 2);
+        let clients = (0..w.clients as usize)
+            .map(|c| {
+                let start = (rng.unit() * w.ramp_ms as f64) as u64;
+                heap.push(Reverse(pack(start, c, false)));
+                Client { token: None, app: None, left: 0, last: NONE, used: 0, broken: false, in_flight: None }
+            })
+            .collect();
+        let header_values = match &w.header {
+            Some(_) => (0..w.clients).map(|c| format!("user-{c}").into_boxed_str()).collect(),
+            None => Vec::new(),
+        };
+        let pool = &snapshot.pools[0];
+        let keys = match &pool.affinity {
+            Some(a) => describe_keys(&a.cfg),
+            None => "none".into(),
+        };
+        let out = StrategyReport {
+            name: strategy.name.clone(),
+            keys,
+            algorithm: format!("{:?}", pool.config.algorithm).to_lowercase(),
+            notes,
+            ..StrategyReport::default()
+        };
+        let mut sim = Sim {
+            sc,
+            config,
+            snapshot,
+            secs,
+            rng,
+            clients,
+            header_values,
+            heap,
+            names: Vec::new(),
+            sim_of: Vec::new(),
+            dead: Vec::new(),
+            active_on: Vec::new(),
+            interval_requests: Vec::new(),
+            next_app_id: 1,
+            out,
+            next_sample: sc.sample_ms,
+        };
+        sim.map_backends();
+        sim
+    }
+
+    /// Gives every backend of the current pool its sim id (new names get new ids).
+    fn map_backends(&mut self) {
+        let mut sim_of = Vec::new();
+        for b in &self.snapshot.pools[0].backends {
+            let id = match self.names.iter().position(|n| *n == b.name) {
+                Some(i) => i,
+                None => {
+                    assert!(
+                        self.names.len() < MAX_BACKENDS,
+                        "checked by the scenario: at most {MAX_BACKENDS} backends"
+                    );
+                    self.names.push(b.name.clone());
+                    self.dead.push(false);
+                    self.active_on.push(0);
+                    self.interval_requests.push(0);
+                    self.names.len() - 1
+                }
+            };
+            sim_of.push(id as u16);
+        }
+        self.sim_of = sim_of;
+    }
+
+    fn run(&mut self, progress: &mut dyn FnMut(u64)) {
+        let end = self.sc.duration_ms;
+        let health = self.snapshot.pools[0].config.health.clone();
+        let check_every = health.as_ref().map_or(u64::MAX, |h| (h.interval.as_millis() as u64).max(1));
+        let (mut next_second, mut next_check, mut next_event) = (1000u64, check_every, 0usize);
+        let mut handled = 0u64;
+        loop {
+            let next_client = self.heap.peek().map_or(u64::MAX, |r| unpack(r.0).0);
+            let event_at = self.sc.events.get(next_event).map_or(u64::MAX, |e| e.at_ms);
+            let tick = next_second.min(next_check).min(event_at).min(self.next_sample);
+            if tick <= next_client {
+                if tick > end {
+                    break;
+                }
+                self.set_time(tick);
+                if event_at == tick {
+                    self.apply(next_event, tick);
+                    next_event += 1;
+                } else if next_check == tick {
+                    self.health_checks(health.as_ref().expect("checks are scheduled only with a [health]"));
+                    next_check += check_every;
+                } else if next_second == tick {
+                    self.housekeeping(tick);
+                    next_second += 1000;
+                } else {
+                    self.sample(tick);
+                    self.next_sample += self.sc.sample_ms;
+                }
+                continue;
+            }
+            if next_client > end {
+                break;
+            }
+            let Reverse(x) = self.heap.pop().expect("peeked");
+            let (t, c, done) = unpack(x);
+            self.set_time(t);
+            if done {
+                self.done(c, t);
+            } else {
+                self.request(c, t);
+                handled += 1;
+                if handled & 0xffff == 0 {
+                    progress(t);
+                }
+            }
+        }
+        progress(end);
+        self.out.duration_ms = end;
+        // Token session ids come from the system's random source (see ARCHITECTURE.md,
+        // "The simulator"); they only decide which entries a full table drops.
+        if let Some(a) = &self.snapshot.pools[0].affinity {
+            let (pins, sessions) = (a.store.pin_stats(), a.store.sessions.stats());
+            let dropped = sessions.evictions + sessions.rejections;
+            if dropped > 0 {
+                self.out.notes.push(format!(
+                    "the table of token sessions was full ({dropped} dropped): Tether's session counts, and what bounded load and drain times read of them, may differ from run to run"
+                ));
+            }
+            if pins.evictions + pins.rejections > 0 {
+                self.out.notes.push(format!(
+                    "a pin table was full: {} pins evicted, {} new keys not learned (table.capacity)",
+                    pins.evictions, pins.rejections
+                ));
+            }
+        }
+    }
+
+    fn set_time(&self, t: u64) {
+        self.secs.store((t / 1000) as u32, Ordering::Relaxed);
+    }
+
+    /// One request of client `c` at simulated time `t`.
+    fn request(&mut self, c: usize, t: u64) {
+        let now_ms = EPOCH_MS + t;
+        let sc = self.sc;
+        let w = &sc.workload;
+        if self.clients[c].left == 0 {
+            let n = self.rng.draw(w.requests_per_session).round().max(1.0);
+            let client = &mut self.clients[c];
+            // A new browser session: no cookies.
+            *client = Client { left: n.min(f64::from(u32::MAX)) as u32, ..Client::empty() };
+            self.out.sessions += 1;
+        }
+        let pool = &self.snapshot.pools[0];
+        let group = Group {
+            backends: &pool.backends,
+            balancer: &pool.balancer,
+            slow_start: None,
+            panic_mode: pool.config.panic_mode,
+        };
+        pool.retry_budget.deposit(pool.config.retry_budget);
+        let ip = IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + c as u32 / w.clients_per_ip));
+        let client = &self.clients[c];
+        let mut d = match &pool.affinity {
+            Some(a) => {
+                let req = SimRequest {
+                    token_name: a.cookie_name().unwrap_or(""),
+                    token: client.token.as_deref(),
+                    app_name: w.app_cookie.as_deref().unwrap_or(""),
+                    app: client.app.as_ref().map(|(v, _)| &**v),
+                    header_name: w.header.as_deref().unwrap_or(""),
+                    header: self.header_values.get(c).map_or(&[], |h| h.as_bytes()),
+                };
+                a.decide(&group, &req, ip, now_ms)
+            }
+            None => Decision::plain(group.pick(None)),
+        };
+        // A backend that fails refuses connections: the proxy moves the request (and
+        // re-pins its session) as it would, within `retries` and the retry budget.
+        let mut target = d.backend();
+        let mut moves = 0;
+        while let Some(i) = target {
+            if !self.dead[usize::from(self.sim_of[i])] {
+                break;
+            }
+            target = if moves < pool.config.retries { pool.move_from(i, &mut d, now_ms) } else { None };
+            moves += 1;
+        }
+        let left = {
+            let client = &mut self.clients[c];
+            client.left -= 1;
+            client.left
+        };
+        let think = if left == 0 { w.away_ms } else { w.think_ms };
+        let Some(i) = target else {
+            if matches!(d.target, Target::Use(_)) {
+                self.out.failed += 1;
+            } else {
+                self.out.refused += 1;
+            }
+            self.out.verdicts[d.verdict.index()] += 1;
+            // A session whose last request failed has ended all the same.
+            let client = &mut self.clients[c];
+            if left == 0 && client.last != NONE {
+                self.active_on[usize::from(client.last)] -= 1;
+                client.last = NONE;
+            }
+            self.end_request(c, t, None, think);
+            return;
+        };
+        let b = self.sim_of[i];
+        self.out.requests += 1;
+        self.out.verdicts[d.verdict.index()] += 1;
+        self.interval_requests[usize::from(b)] += 1;
+        let backend = pool.backends[i].clone();
+        backend.acquire();
+        backend.count(d.verdict);
+        if let (Some(token), Some(a)) = (&d.issue, &pool.affinity) {
+            let set_cookie = a.set_cookie(token);
+            let value = set_cookie.split(';').next().and_then(|nv| nv.split_once('=')).map_or("", |(_, v)| v);
+            self.clients[c].token = Some(value.into());
+        }
+        // The application sets its session cookie when the session is new to it.
+        if let Some(name) = &w.app_cookie {
+            if self.clients[c].app.as_ref().is_none_or(|(_, by)| *by != b) {
+                let id = format!("s{}", self.next_app_id);
+                self.next_app_id += 1;
+                if let Some(a) = &pool.affinity {
+                    let set_cookie = format!("{name}={id}; Path=/");
+                    a.learn([set_cookie.as_bytes()], i);
+                }
+                self.clients[c].app = Some((id.into(), b));
+            }
+        }
+        self.account(c, b, d.verdict, left == 0);
+        self.end_request(c, t, Some(backend), think);
+    }
+
+    /// The session bookkeeping of a request of client `c` served by `b` (sim id).
+    fn account(&mut self, c: usize, b: u16, verdict: Verdict, last_of_session: bool) {
+        let client = &mut self.clients[c];
+        let bit = 1u128 << b;
+        if client.last != NONE && client.last != b {
+            self.out.moves[verdict.index()] += 1;
+            if !client.broken {
+                client.broken = true;
+                self.out.broken += 1;
+                if !matches!(verdict, Verdict::Repin(_) | Verdict::Overload) {
+                    self.out.broken_silently += 1;
+                }
+            }
+            if client.used & bit == 0 {
+                self.out.unfamiliar += 1;
+            }
+            self.active_on[usize::from(client.last)] -= 1;
+            self.active_on[usize::from(b)] += 1;
+        } else if client.last == NONE {
+            self.active_on[usize::from(b)] += 1;
+        }
+        client.last = b;
+        client.used |= bit;
+        if last_of_session {
+            self.active_on[usize::from(b)] -= 1;
+            client.last = NONE;
+        }
+    }
+
+    /// Schedules what follows a request: its end at its backend (when requests take
+    /// time), then the client's next request after `think` (or `away_time`).
+    fn end_request(&mut self, c: usize, t: u64, backend: Option<Arc<Backend>>, think: Dist) {
+        let service = self.rng.draw(self.sc.workload.service_ms) as u64;
+        match backend {
+            Some(b) if service > 0 => {
+                self.clients[c].in_flight = Some(b);
+                self.heap.push(Reverse(pack(t + service, c, true)));
+            }
+            other => {
+                if let Some(b) = other {
+                    b.release();
+                }
+                let next = t + service + self.rng.draw(think) as u64;
+                self.heap.push(Reverse(pack(next, c, false)));
+            }
+        }
+    }
+
+    /// Client `c`'s request ended at its backend at `t`.
+    fn done(&mut self, c: usize, t: u64) {
+        if let Some(b) = self.clients[c].in_flight.take() {
+            b.release();
+        }
+        let think = if self.clients[c].left == 0 { self.sc.workload.away_ms } else { self.sc.workload.think_ms };
+        let next = t + self.rng.draw(think) as u64;
+        self.heap.push(Reverse(pack(next, c, false)));
+    }
+
+    /// What housekeeping does once a second, on simulated seconds; and whether drained
+    /// backends have emptied.
+    fn housekeeping(&mut self, t: u64) {
+        let pool = &self.snapshot.pools[0];
+        if let Some(a) = &pool.affinity {
+            a.recount_sessions(&pool.backends);
+        }
+        pool.retry_budget.refill();
+        for d in self.out.drains.iter_mut().filter(|d| d.empty_after_ms.is_none() || d.counted_empty_after_ms.is_none())
+        {
+            let id = self.names.iter().position(|n| *n == d.backend).expect("drained backends have ids");
+            // A backend removed before it emptied is never counted empty.
+            let Some(k) = self.sim_of.iter().position(|&x| usize::from(x) == id) else { continue };
+            if d.empty_after_ms.is_none() && self.active_on[id] == 0 {
+                d.empty_after_ms = Some(t - d.at_ms);
+            }
+            let backend = &pool.backends[k];
+            if d.counted_empty_after_ms.is_none() && backend.sessions() == 0 {
+                d.counted_empty_after_ms = Some(t - d.at_ms);
+            }
+        }
+    }
+
+    fn health_checks(&self, health: &crate::config::Health) {
+        for (b, &id) in self.snapshot.pools[0].backends.iter().zip(&self.sim_of) {
+            let result = if self.dead[usize::from(id)] { Err("connection refused (simulated)") } else { Ok(()) };
+            b.record_check(health, result);
+        }
+    }
+
+    /// Applies timeline event `k` at `t`.
+    fn apply(&mut self, k: usize, t: u64) {
+        let now_ms = EPOCH_MS + t;
+        let sc = self.sc;
+        let action = &sc.events[k].action;
+        self.out.events.push((t, action.label()));
+        let id = |names: &[String], n: &str| names.iter().position(|x| x == n);
+        match action {
+            Action::Fail(n) | Action::Recover(n) => {
+                let i = id(&self.names, n).expect("checked by the scenario");
+                self.dead[i] = matches!(action, Action::Fail(_));
+            }
+            Action::State(n, state) => {
+                // Kept in the config too, as `control` keeps admin actions over reloads.
+                let pool = &mut self.config.pools[0];
+                if let Some(b) = pool.backends.iter_mut().find(|b| b.name == *n) {
+                    b.state = *state;
+                }
+                if let Some(b) = self.snapshot.pools[0].backends.iter().find(|b| b.name == *n) {
+                    b.set_admin_state_at(*state, now_ms);
+                }
+                if *state == AdminState::Draining {
+                    self.out.drains.push(DrainReport { backend: n.clone(), at_ms: t, ..DrainReport::default() });
+                }
+            }
+            Action::Remove(n) => {
+                self.config.pools[0].backends.retain(|b| b.name != *n);
+                self.reload();
+            }
+            Action::Add(b) => {
+                self.config.pools[0].backends.push(b.clone());
+                self.reload();
+                if let Some(i) = id(&self.names, &b.name) {
+                    self.dead[i] = false;
+                }
+            }
+            Action::Weight(n, w) => {
+                if let Some(b) = self.config.pools[0].backends.iter_mut().find(|b| b.name == *n) {
+                    b.weight = *w;
+                }
+                self.reload();
+            }
+            Action::Reload => self.reload(),
+        }
+    }
+
+    /// A reload: a new snapshot from the (changed) config, built on the current one as
+    /// `control` builds it, so backends, their state and the affinity store carry over.
+    fn reload(&mut self) {
+        let next = Snapshot::build(Arc::new(self.config.clone()), Some(&self.snapshot));
+        self.snapshot = next;
+        self.map_backends();
+    }
+
+    /// Closes the sample interval ending at `t`.
+    fn sample(&mut self, t: u64) {
+        let pool = &self.snapshot.pools[0];
+        let serving: Vec<usize> = pool
+            .backends
+            .iter()
+            .zip(&self.sim_of)
+            .filter(|(b, &id)| !self.dead[usize::from(id)] && b.is_healthy() && b.admin_state() == AdminState::Enabled)
+            .map(|(_, &id)| usize::from(id))
+            .collect();
+        let ratio = |values: &mut dyn Iterator<Item = f64>| {
+            let (mut max, mut sum, mut n) = (0f64, 0f64, 0f64);
+            for v in values {
+                max = max.max(v);
+                sum += v;
+                n += 1.0;
+            }
+            if sum > 0.0 {
+                max / (sum / n)
+            } else {
+                0.0
+            }
+        };
+        let requests = ratio(&mut serving.iter().map(|&i| self.interval_requests[i] as f64));
+        let sessions = ratio(&mut serving.iter().map(|&i| f64::from(self.active_on[i])));
+        let per_backend: Vec<(String, u32)> = pool
+            .backends
+            .iter()
+            .zip(&self.sim_of)
+            .map(|(b, &id)| (b.name.clone(), self.active_on[usize::from(id)]))
+            .collect();
+        self.out.samples.push(Sample {
+            t_ms: t,
+            requests_imbalance: requests,
+            sessions_imbalance: sessions,
+            broken: self.out.broken,
+            sessions_per_backend: per_backend,
+        });
+        self.interval_requests.iter_mut().for_each(|x| *x = 0);
+    }
+}
+
+impl Client {
+    fn empty() -> Client {
+        Client { token: None, app: None, left: 0, last: NONE, used: 0, broken: false, in_flight: None }
+    }
+}
+
+/// A pool's key chain as its config writes it, with the mapping where it matters.
+fn describe_keys(cfg: &crate::config::Affinity) -> String {
+    use crate::config::{KeySource, Mapping};
+    let keys: Vec<String> = cfg
+        .keys
+        .iter()
+        .map(|k| match k {
+            KeySource::Cookie => "cookie".to_string(),
+            KeySource::AppCookie(n) => format!("app_cookie:{n}"),
+            KeySource::Header(n) => format!("header:{n}"),
+            KeySource::Query(n) => format!("query:{n}"),
+            KeySource::ClientIp => "client_ip".to_string(),
+        })
+        .collect();
+    let mapped = cfg.keys.iter().any(|k| matches!(k, KeySource::Header(_) | KeySource::Query(_) | KeySource::ClientIp));
+    let mut s = keys.join(", ");
+    if mapped {
+        s.push_str(if cfg.mapping == Mapping::Hash { " (hash)" } else { " (table)" });
+    }
+    if let Some(f) = cfg.max_sessions_factor {
+        s.push_str(&format!(", bounded {f}"));
+    }
+    s
+}
+
+/// The labels of [`Verdict::ALL`], for reports.
+pub fn verdict_labels() -> [&'static str; VERDICTS] {
+    Verdict::ALL.map(|(_, l)| l)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packing_round_trips_and_orders_by_time() {
+        for (t, c, d) in [(0, 0, false), (5, 3, true), (1 << 38, (1 << CLIENT_BITS) - 1, false)] {
+            assert_eq!(unpack(pack(t, c, d)), (t, c, d));
+        }
+        assert!(pack(1, (1 << CLIENT_BITS) - 1, true) < pack(2, 0, false));
+    }
+
+    #[test]
+    fn rng_is_seeded() {
+        let a: Vec<u64> = {
+            let mut r = Rng::new(3);
+            (0..4).map(|_| r.next_u64()).collect()
+        };
+        let b: Vec<u64> = {
+            let mut r = Rng::new(3);
+            (0..4).map(|_| r.next_u64()).collect()
+        };
+        assert_eq!(a, b);
+        // SplitMix64's published first output for seed 0.
+        assert_eq!(Rng::new(0).next_u64(), 0xe220_a839_7b1d_cdaf);
+        let mut r = Rng::new(9);
+        assert!((0..1000).map(|_| r.unit()).all(|u| (0.0..1.0).contains(&u)));
+    }
+}

@@ -1,0 +1,519 @@
+//! `tether simulate`: golden runs worked out by hand, reproducibility, located errors in
+//! scenario files, the command end to end, and its HTML report in a real browser.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use tether::simulate::{self, report::StrategyReport, Report};
+
+fn run(src: &str, seed: Option<u64>) -> Report {
+    let sc = simulate::scenario::parse(src, "test.toml", None).unwrap_or_else(|e| panic!("{e}"));
+    simulate::run(&sc, seed, &mut |_, _| {})
+}
+
+fn verdict(s: &StrategyReport, label: &str) -> u64 {
+    let (v, _) = tether::affinity::verdict::Verdict::ALL.iter().find(|(_, l)| *l == label).unwrap();
+    s.verdicts[v.index()]
+}
+
+fn moves(s: &StrategyReport, label: &str) -> u64 {
+    let (v, _) = tether::affinity::verdict::Verdict::ALL.iter().find(|(_, l)| *l == label).unwrap();
+    s.moves[v.index()]
+}
+
+/// Three backends a, b, c with round robin and Tether's cookie; six clients.
+const THREE: &str = r#"
+[simulate]
+duration = "5s"
+sample = "1s"
+
+[workload]
+clients = 6
+ramp = "0s"
+requests_per_session = 1000
+think_time = "1s"
+
+[[events]]
+at = "2500ms"
+action = "fail"
+backend = "b"
+
+[pools.rr]
+retries = 1
+backends = [
+  { name = "a", address = "10.0.0.1:80" },
+  { name = "b", address = "10.0.0.2:80" },
+  { name = "c", address = "10.0.0.3:80" },
+]
+[pools.rr.affinity]
+keys = ["cookie"]
+"#;
+
+/// Worked by hand. Every client starts at t=0 (no ramp) and sends a request each second,
+/// t = 0, 1, 2, 3, 4, 5 s (the end is included): 36 requests. Clients at the same moment
+/// go in client order, and round robin over [a, b, c] starts at a, so at t=0 the six new
+/// sessions go a, b, c, a, b, c: clients 0 and 3 on a, 1 and 4 on b, 2 and 5 on c (six
+/// picks, so the cursor is at 6).
+///
+/// b fails at 2.5 s. At t=3 s client 1's cookie names b. Without health checks Tether
+/// still thinks b is up: the request is sent, the connect is refused, and `failover`
+/// picks another backend with the cursor at 6 (6 mod 3 = a); client 4 follows with the
+/// cursor at 7 (b, excluded, so c). With a check every second and fall = 1, the check at
+/// t=3 s (checks run before the requests of the same moment) marks b down, and `decide`
+/// re-places both sessions with the same picks. Either way: exactly clients 1 and 4 move,
+/// 1 to a and 4 to c, both with `repin:down`, to backends they had not used; the others
+/// never move. Requests: a serves clients 0 and 3 six times and client 1 three times (15),
+/// b six (clients 1 and 4 at 0, 1, 2 s), c fifteen. Verdicts: 6 new, 2 repin:down, 28 hit.
+#[test]
+fn golden_three_backends_round_robin_one_fails() {
+    let with_checks = THREE.replace(
+        "[pools.rr.affinity]",
+        "[pools.rr.health]\ncheck = \"tcp\"\ninterval = \"1s\"\nfall = 1\nrise = 1\n[pools.rr.affinity]",
+    );
+    for (what, src) in [("failover, no checks", THREE), ("health checks", &with_checks)] {
+        let r = run(src, None);
+        let s = &r.strategies[0];
+        assert_eq!(s.requests, 36, "{what}");
+        assert_eq!(s.sessions, 6, "{what}");
+        assert_eq!((verdict(s, "new"), verdict(s, "hit"), verdict(s, "repin:down")), (6, 28, 2), "{what}");
+        assert_eq!(moves(s, "repin:down"), 2, "{what}");
+        assert_eq!(s.moved(), 2, "{what}");
+        assert_eq!((s.broken, s.broken_silently, s.unfamiliar), (2, 0, 2), "{what}");
+        assert_eq!((s.failed, s.refused), (0, 0), "{what}");
+        // The last sample (5 s) holds the sessions after the moves of t=3 s.
+        let last = s.samples.last().unwrap();
+        assert_eq!(last.t_ms, 5000);
+        let on: Vec<(&str, u32)> = last.sessions_per_backend.iter().map(|(n, c)| (n.as_str(), *c)).collect();
+        assert_eq!(on, [("a", 3), ("b", 0), ("c", 3)], "{what}");
+        // The sample at 3 s is taken before that moment's requests: still two each.
+        let at3 = s.samples.iter().find(|p| p.t_ms == 3000).unwrap();
+        assert!(at3.sessions_per_backend.iter().all(|(_, c)| *c == 2), "{what}: {at3:?}");
+        assert_eq!(s.events, [(2500, "b fails".to_string())]);
+    }
+}
+
+/// Worked by hand. Six clients, three requests each (t = 0, 1, 2 s), then away for an
+/// hour. b (clients 1 and 4) is drained at 0.5 s: draining keeps existing sessions, so
+/// nothing moves and b serves both to their end. Their last requests are at t=2 s, so the
+/// housekeeping tick of t=3 s (ticks run before the requests of the same moment) is the
+/// first to see b without a session in progress: empty after 3 - 0.5 = 2.5 s. Tether's
+/// own count keeps a token session for the cookie idle timeout after its last request
+/// (2 s here; the stamp is whole seconds, and an entry expires once more than 2 s old):
+/// last seen at second 2, still counted at 4, gone at 5: 4.5 s after the drain.
+#[test]
+fn golden_drain_empties_when_sessions_end() {
+    let src = r#"
+[simulate]
+duration = "5s"
+sample = "1s"
+[workload]
+clients = 6
+ramp = "0s"
+requests_per_session = 3
+think_time = "1s"
+away_time = "1h"
+[[events]]
+at = "500ms"
+action = "drain"
+backend = "b"
+[pools.rr]
+backends = [
+  { name = "a", address = "10.0.0.1:80" },
+  { name = "b", address = "10.0.0.2:80" },
+  { name = "c", address = "10.0.0.3:80" },
+]
+[pools.rr.affinity]
+keys = ["cookie"]
+[pools.rr.affinity.cookie]
+idle_timeout = "2s"
+"#;
+    let r = run(src, None);
+    let s = &r.strategies[0];
+    assert_eq!((s.requests, s.sessions, s.moved(), s.broken), (18, 6, 0, 0));
+    assert_eq!((verdict(s, "new"), verdict(s, "hit")), (6, 12));
+    assert_eq!(s.drains.len(), 1);
+    let d = &s.drains[0];
+    assert_eq!((d.backend.as_str(), d.at_ms), ("b", 500));
+    assert_eq!(d.empty_after_ms, Some(2500));
+    assert_eq!(d.counted_empty_after_ms, Some(4500));
+}
+
+/// Worked by hand. The application's own session cookie, learned from its `Set-Cookie`:
+/// six clients, three requests each (t = 0, 1, 2 s). At t=0 no client has the cookie, so
+/// the key chain finds nothing and round robin places them a, b, c, a, b, c (`new`); each
+/// backend answers with a new JSESSIONID, which Tether learns and pins. At t=1 s all six
+/// carry their cookie: six `hit`s. b fails at 1.5 s (no health checks): at t=2 s clients
+/// 1 and 4 are sent to b, refused, and `failover` re-points their pins, to a (cursor 6)
+/// and c (cursor 7, b excluded), with `repin:down`; the new backends, not knowing the
+/// session, set new cookies (learned too). So: 18 requests, 6 new, 10 hit, 2 repin:down,
+/// two sessions broken (not silently) onto backends they had not used.
+#[test]
+fn golden_app_cookie_is_learned_and_repinned() {
+    let src = r#"
+[simulate]
+duration = "2s"
+sample = "1s"
+[workload]
+clients = 6
+ramp = "0s"
+requests_per_session = 3
+think_time = "1s"
+app_cookie = "JSESSIONID"
+[[events]]
+at = "1500ms"
+action = "fail"
+backend = "b"
+[pools.app]
+backends = [
+  { name = "a", address = "10.0.0.1:80" },
+  { name = "b", address = "10.0.0.2:80" },
+  { name = "c", address = "10.0.0.3:80" },
+]
+[pools.app.affinity]
+keys = ["app_cookie:JSESSIONID"]
+mapping = "table"
+"#;
+    let r = run(src, None);
+    let s = &r.strategies[0];
+    assert_eq!((s.requests, s.sessions), (18, 6));
+    assert_eq!((verdict(s, "new"), verdict(s, "hit"), verdict(s, "repin:down")), (6, 10, 2));
+    assert_eq!((s.moved(), s.broken, s.broken_silently, s.unfamiliar), (2, 2, 0, 2));
+}
+
+/// A scenario exercising the random draws: p2c (the balancer's `random_below`), service
+/// times, exponential think and session lengths (the workload's generator), hashing with
+/// bounded load, a failure, a weight change and a reload.
+const RANDOM: &str = r#"
+[simulate]
+duration = "3m"
+seed = 11
+strategies = ["p2c", "header_bounded"]
+[workload]
+clients = 300
+ramp = "20s"
+requests_per_session = "exp(15)"
+think_time = "exp(2s)"
+away_time = "exp(20s)"
+service_time = "exp(40ms)"
+header = "X-User"
+[[events]]
+at = "1m"
+action = "fail"
+backend = "b"
+[[events]]
+at = "2m"
+action = "recover"
+backend = "b"
+[[events]]
+at = "150s"
+action = "weight"
+backend = "c"
+weight = 3
+[[events]]
+at = "160s"
+action = "reload"
+[pools.p2c]
+algorithm = "p2c"
+backends = [
+  { name = "a", address = "10.0.0.1:80" },
+  { name = "b", address = "10.0.0.2:80" },
+  { name = "c", address = "10.0.0.3:80" },
+  { name = "d", address = "10.0.0.4:80" },
+]
+[pools.p2c.health]
+check = "tcp"
+interval = "2s"
+[pools.p2c.affinity]
+keys = ["cookie"]
+[pools.header_bounded]
+backends = [
+  { name = "a", address = "10.0.0.1:80" },
+  { name = "b", address = "10.0.0.2:80" },
+  { name = "c", address = "10.0.0.3:80" },
+  { name = "d", address = "10.0.0.4:80" },
+]
+[pools.header_bounded.health]
+check = "tcp"
+interval = "2s"
+[pools.header_bounded.affinity]
+keys = ["header:X-User"]
+mapping = "hash"
+max_sessions_factor = 1.25
+"#;
+
+#[test]
+fn same_seed_same_report_other_seed_another() {
+    let a = run(RANDOM, None);
+    let b = run(RANDOM, None);
+    assert_eq!(a, b, "two runs with one seed differ");
+    assert_eq!(a.table(), b.table());
+    assert_eq!(a.html(), b.html());
+    assert_eq!(a.seed, 11);
+    assert!(a.strategies.iter().all(|s| s.requests > 10_000), "too small to mean anything");
+    let c = run(RANDOM, Some(12));
+    assert_eq!(c.seed, 12);
+    assert_ne!(a.strategies[0].requests, c.strategies[0].requests, "another seed, the same workload");
+    assert_ne!(a.strategies[0].samples, c.strategies[0].samples);
+}
+
+/// The strategies see the same clients: the same requests in the same order, whatever
+/// each does with them (none fails or is refused here).
+#[test]
+fn every_strategy_gets_the_same_workload() {
+    let r = run(RANDOM, None);
+    let [p2c, hashed] = &r.strategies[..] else { panic!("two strategies") };
+    assert_eq!((p2c.failed, p2c.refused, hashed.failed, hashed.refused), (0, 0, 0, 0));
+    assert_eq!(p2c.requests, hashed.requests);
+    assert_eq!(p2c.sessions, hashed.sessions);
+    // The cookie strategy only moves sessions with a re-pin; the hashed one moves some back
+    // silently when b returns.
+    assert_eq!(p2c.broken_silently, 0);
+    assert!(p2c.broken > 0 && hashed.broken > 0);
+}
+
+// === located errors ===
+
+/// A scenario that is fine; the error tests break one line of it.
+const GOOD: &str = r#"[simulate]
+duration = "10m"
+
+[workload]
+clients = 100
+
+[[events]]
+at = "5m"
+action = "fail"
+backend = "a"
+
+[pools.web]
+backends = [{ name = "a", address = "10.0.0.1:80" }, { name = "b", address = "10.0.0.2:80" }]
+[pools.web.affinity]
+keys = ["cookie"]
+"#;
+
+fn check_error(from: &str, to: &str, expected: &str) {
+    assert!(GOOD.contains(from), "{from}");
+    let src = GOOD.replacen(from, to, 1);
+    let err = simulate::scenario::parse(&src, "s.toml", None).expect_err("the scenario must be refused").to_string();
+    assert_eq!(err, expected, "for {to:?}");
+}
+
+#[test]
+fn a_good_scenario_parses() {
+    let sc = simulate::scenario::parse(GOOD, "s.toml", None).unwrap();
+    assert_eq!((sc.duration_ms, sc.sample_ms, sc.seed, sc.workload.clients), (600_000, 2000, 1, 100));
+    assert_eq!(sc.strategies.len(), 1);
+    assert_eq!(sc.strategies[0].config.pools[0].backends.len(), 2);
+}
+
+#[test]
+fn scenario_errors_say_file_line_and_key() {
+    // The simulator's own values, checked by the simulator.
+    check_error(
+        "duration = \"10m\"",
+        "duration = \"10 minutes\"",
+        "s.toml:2:12: \"10 minutes\" is not a duration: expected a number and a unit, like \"500ms\", \"30s\", \"5m\", \"12h\" or \"1d\"",
+    );
+    check_error(
+        "duration = \"10m\"",
+        "duration = \"400d\"",
+        "s.toml:2:12: `duration` must be more than 0 and at most 365d",
+    );
+    check_error("clients = 100", "clients = 0", "s.toml:5:11: `clients` must be 1 to 4000000, not 0");
+    check_error(
+        "clients = 100",
+        "clients = 100\nthink_time = \"normal(3s)\"",
+        "s.toml:6:14: \"normal(3s)\" is not a distribution: expected \"5s\", \"exp(5s)\" or \"uniform(1s, 10s)\"",
+    );
+    check_error("backend = \"a\"", "backend = \"z\"", "s.toml:10:11: pool \"web\" has no backend \"z\" at this point");
+    check_error(
+        "action = \"fail\"",
+        "action = \"explode\"",
+        "s.toml:9:10: unknown action \"explode\": expected \"fail\", \"recover\", \"drain\", \"enable\", \"disable\", \"remove\", \"add\", \"weight\" or \"reload\"",
+    );
+    check_error("at = \"5m\"", "at = \"11m\"", "s.toml:8:6: this event is after the end of the run (`duration`)");
+    // serde's errors, located and naming the key, as `tether check` reports them.
+    check_error("clients = 100", "clients = 100\nclient = 3", "s.toml:6:1: unknown field `client`, expected one of `clients`, `clients_per_ip`, `ramp`, `requests_per_session`, `think_time`, `request_rate`, `away_time`, `service_time`, `header`, `app_cookie`");
+    check_error(
+        "clients = 100",
+        "clients = \"many\"",
+        "s.toml:5:11: key `clients`: invalid type: string \"many\", expected i64",
+    );
+    // The pool is a Tether config: `config` checks it, and its errors point at the
+    // scenario's own lines.
+    check_error(
+        "[pools.web.affinity]",
+        "algorithm = \"fastest\"\n[pools.web.affinity]",
+        "s.toml:14:13: pool \"web\": algorithm \"fastest\" is not known: expected \"round_robin\", \"least_conn\", \"p2c\" or \"random\"",
+    );
+    check_error(
+        "keys = [\"cookie\"]",
+        "keys = [\"cookies\"]",
+        "s.toml:15:9: pool \"web\": affinity: key \"cookies\" is not known: expected \"cookie\", \"app_cookie:NAME\", \"header:NAME\", \"query:NAME\" or \"client_ip\"",
+    );
+}
+
+/// `[simulate] config = "..."` takes the pools of an existing Tether config (listeners and
+/// all, as `tether check` reads it), relative to the scenario's directory.
+#[test]
+fn a_scenario_can_take_its_pools_from_a_config_file() {
+    let dir = temp_dir("config");
+    std::fs::write(
+        dir.join("tether.toml"),
+        "[[listeners]]\nbind = \"127.0.0.1:8080\"\npool = \"web\"\n\n[pools.web]\nalgorithm = \"least_conn\"\n\
+         backends = [{ name = \"a\", address = \"10.0.0.1:80\" }, { name = \"b\", address = \"10.0.0.2:80\" }]\n\
+         [pools.web.affinity]\nkeys = [\"client_ip\"]\n",
+    )
+    .unwrap();
+    let scenario = dir.join("s.toml");
+    std::fs::write(
+        &scenario,
+        "[simulate]\nduration = \"1m\"\nconfig = \"tether.toml\"\n[workload]\nclients = 50\nrequest_rate = 25\n",
+    )
+    .unwrap();
+    let sc = simulate::scenario::load(&scenario).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(sc.strategies.len(), 1);
+    assert_eq!(sc.strategies[0].name, "web");
+    assert_eq!(sc.strategies[0].config.pools[0].algorithm, tether::config::Algorithm::LeastConn);
+    // 50 clients at 25 requests a second in all: each thinks 2 s on average.
+    assert_eq!(sc.workload.think_ms, simulate::scenario::Dist::Exp(2000.0));
+    let r = simulate::run(&sc, None, &mut |_, _| {});
+    assert_eq!(r.strategies[0].keys, "client_ip (table)");
+    assert!(r.strategies[0].requests > 0);
+
+    // An error in the referenced config is reported in that file.
+    std::fs::write(dir.join("tether.toml"), "[pools.web]\nalgorithm = 3\n").unwrap();
+    let err = simulate::scenario::load(&scenario).unwrap_err().to_string();
+    assert!(err.starts_with(&format!("{}:2:13: ", dir.join("tether.toml").display())), "{err}");
+    // Both a config and pools of its own: which would it be?
+    std::fs::write(
+        &scenario,
+        "[simulate]\nduration = \"1m\"\nconfig = \"tether.toml\"\n[workload]\nclients = 5\n[pools.x]\n",
+    )
+    .unwrap();
+    let err = simulate::scenario::load(&scenario).unwrap_err().to_string();
+    assert_eq!(err, format!("{}:3:10: `config` and `[pools]` in one scenario: keep one of them", scenario.display()));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+// === the command ===
+
+fn tether() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tether"))
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("tether-simulate-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn the_command_prints_a_table_and_writes_a_self_contained_report() {
+    let dir = temp_dir("cli");
+    let html = dir.join("drain.html");
+    let out = tether()
+        .args(["simulate", "examples/simulate/drain.toml", "--html"])
+        .arg(&html)
+        .current_dir(root())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    for want in ["seed 7, 1000 clients, 20m simulated", "strategy", "cookie", "ip_table", "drains (time to empty"] {
+        assert!(stdout.contains(want), "{want:?} missing from:\n{stdout}");
+    }
+    assert!(stdout.contains(&format!("HTML report: {}", html.display())), "{stdout}");
+    // Not a terminal: no progress line.
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("simulating"));
+    let page = std::fs::read_to_string(&html).unwrap();
+    assert!(page.contains("<svg") && page.contains("class=\"line\""));
+    for external in ["src=", "href=", "<script", "@import", "url("] {
+        assert!(!page.contains(external), "the report refers to something outside it: {external}");
+    }
+    // Same seed, same table; --seed changes it.
+    let again = tether().args(["simulate", "examples/simulate/drain.toml"]).current_dir(root()).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&again.stdout), stdout.split("\nHTML report:").next().unwrap());
+    let other = tether()
+        .args(["simulate", "examples/simulate/drain.toml", "--seed", "8"])
+        .current_dir(root())
+        .output()
+        .unwrap();
+    let other = String::from_utf8_lossy(&other.stdout);
+    assert!(other.contains("seed 8,") && other.lines().nth(5) != stdout.lines().nth(5), "{other}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn the_command_reports_located_errors_and_fails() {
+    let dir = temp_dir("bad");
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, GOOD.replace("clients = 100", "clients = -5")).unwrap();
+    let out = tether().arg("simulate").arg(&bad).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.trim(), format!("{}:5:11: `clients` must be 1 to 4000000, not -5", bad.display()));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn every_example_scenario_is_valid() {
+    let mut n = 0;
+    for e in std::fs::read_dir(root().join("examples/simulate")).unwrap() {
+        let path = e.unwrap().path();
+        if path.extension().is_some_and(|x| x == "toml") {
+            simulate::scenario::load(&path).unwrap_or_else(|e| panic!("{e}"));
+            n += 1;
+        }
+    }
+    assert!(n >= 2);
+}
+
+// === the report in a browser ===
+
+/// The HTML report in headless Chromium: every chart is laid out and every line of it has
+/// drawn geometry (`tests/simulate/check.mjs`); a screenshot goes to
+/// `target/simulate-report.png`. Needs what `.ci/setup` installs.
+#[test]
+fn the_html_report_renders_its_charts_in_a_browser() {
+    let node_path = root().join("target/pw/node_modules");
+    assert!(
+        node_path.join("playwright-core").exists() && Path::new("/usr/bin/chromium").exists(),
+        "the report test needs Chromium and playwright-core: run .ci/setup first"
+    );
+    let report = run(RANDOM, None);
+    let dir = temp_dir("browser");
+    let html = dir.join("report.html");
+    std::fs::write(&html, report.html()).unwrap();
+    let screenshot = root().join("target/simulate-report.png");
+    let _ = std::fs::remove_file(&screenshot);
+    let out = Command::new("node")
+        .arg(root().join("tests/simulate/check.mjs"))
+        .arg(&html)
+        .arg(&screenshot)
+        .env("NODE_PATH", &node_path)
+        .output()
+        .expect("node runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "browser check failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    // Three charts over all strategies, and one per strategy of its backends.
+    let charts: Vec<&str> = stdout.lines().filter_map(|l| l.strip_prefix("CHART ")).collect();
+    let ids: Vec<&str> = charts.iter().map(|c| c.split(' ').next().unwrap()).collect();
+    assert_eq!(ids, ["requests-imbalance", "sessions-imbalance", "broken", "backends-0", "backends-1"], "{stdout}");
+    let paths: Vec<Vec<&str>> =
+        stdout.lines().filter_map(|l| l.strip_prefix("PATH ")).map(|l| l.split(' ').collect()).collect();
+    // Two strategies on each of the first three charts, four backends on each of the last two.
+    assert_eq!(paths.len(), 2 * 3 + 4 * 2, "{stdout}");
+    for p in &paths {
+        let (points, width): (usize, f64) = (p[2].parse().unwrap(), p[3].parse().unwrap());
+        assert!(points >= 2 && width > 100.0, "a line that did not draw: {p:?}");
+    }
+    // The imbalance lines move (a failure and a reload happen): some height somewhere.
+    assert!(paths.iter().filter(|p| p[0] == "requests-imbalance").any(|p| p[4].parse::<f64>().unwrap() > 1.0));
+    assert!(screenshot.exists(), "no screenshot");
+    let _ = std::fs::remove_dir_all(dir);
+}
