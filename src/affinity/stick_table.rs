@@ -47,6 +47,8 @@ impl Tick {
 #[derive(Clone, Debug)]
 pub struct Clock {
     epoch: Instant,
+    /// The epoch on the coarse monotonic clock ([`coarse_nanos`]), which `now` reads.
+    coarse_epoch: u64,
     /// Simulated time in whole seconds since the epoch, set by its owner (the simulator);
     /// `None` for the real clock. One predictable branch on the real path.
     manual: Option<Arc<AtomicU32>>,
@@ -61,20 +63,24 @@ impl Default for Clock {
 impl Clock {
     /// A clock whose epoch is now.
     pub fn new() -> Self {
-        Clock { epoch: Instant::now(), manual: None }
+        Clock { epoch: Instant::now(), coarse_epoch: coarse_nanos(), manual: None }
     }
 
     /// A clock that reads `seconds` (since its epoch) instead of the system's clock, so
     /// that whoever holds `seconds` drives time: the simulator.
     pub fn manual(seconds: Arc<AtomicU32>) -> Self {
-        Clock { epoch: Instant::now(), manual: Some(seconds) }
+        Clock { epoch: Instant::now(), coarse_epoch: coarse_nanos(), manual: Some(seconds) }
     }
 
-    /// The current tick.
+    /// The current tick, from the coarse monotonic clock (the same clock `Instant` reads,
+    /// as of the kernel's last timer interrupt: at most a few milliseconds behind, which a
+    /// tick of a second does not see).
     pub fn now(&self) -> Tick {
         match &self.manual {
             Some(secs) => Self::simulated(secs),
-            None => self.at(Instant::now()),
+            None => Tick(
+                u32::try_from(coarse_nanos().saturating_sub(self.coarse_epoch) / 1_000_000_000).unwrap_or(u32::MAX),
+            ),
         }
     }
 
@@ -92,6 +98,28 @@ impl Clock {
         let secs = instant.saturating_duration_since(self.epoch).as_secs();
         Tick(u32::try_from(secs).unwrap_or(u32::MAX))
     }
+}
+
+/// Nanoseconds on the kernel's coarse monotonic clock (`CLOCK_MONOTONIC_COARSE`): a read of
+/// the time of the last timer interrupt from the vDSO, a few nanoseconds against about 20
+/// for `Instant::now`, which reads the TSC and scales it. Every table hit reads the clock.
+#[cfg(target_os = "linux")]
+fn coarse_nanos() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid `timespec` for the call to write.
+    let mut rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    if rc != 0 {
+        // SAFETY: as above. (A kernel without the coarse clock: the fine one, same base.)
+        rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    }
+    debug_assert_eq!(rc, 0, "clock_gettime(CLOCK_MONOTONIC) cannot fail");
+    (ts.tv_sec as u64).saturating_mul(1_000_000_000).saturating_add(ts.tv_nsec as u64)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn coarse_nanos() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_nanos() as u64
 }
 
 /// A snapshot of the table's counters.
@@ -171,6 +199,10 @@ struct ShardInner {
     per_backend: HashTable<(u64, u32)>,
     /// The table's seed for [`index_hash`].
     seed: u64,
+    /// Lookups that found a live entry, and those that did not: counted under the lock
+    /// the lookup holds anyway, so a hit makes no atomic read-modify-write of its own.
+    hits: u64,
+    misses: u64,
 }
 
 impl ShardInner {
@@ -184,6 +216,8 @@ impl ShardInner {
             tail: NIL,
             len: 0,
             per_backend: HashTable::new(),
+            hits: 0,
+            misses: 0,
         }
     }
 
@@ -305,8 +339,6 @@ impl ShardInner {
 struct Shard {
     inner: Mutex<ShardInner>,
     len: AtomicUsize,
-    hits: AtomicU64,
-    misses: AtomicU64,
     evictions: AtomicU64,
     expirations: AtomicU64,
     rejections: AtomicU64,
@@ -367,8 +399,6 @@ impl StickTable {
             .map(|_| Shard {
                 inner: Mutex::new(ShardInner::new(seed)),
                 len: AtomicUsize::new(0),
-                hits: AtomicU64::new(0),
-                misses: AtomicU64::new(0),
                 evictions: AtomicU64::new(0),
                 expirations: AtomicU64::new(0),
                 rejections: AtomicU64::new(0),
@@ -413,15 +443,15 @@ impl StickTable {
         let shard = self.shard(key);
         let mut g = shard.lock();
         let Some(slot) = g.find(key) else {
-            shard.misses.fetch_add(1, Relaxed);
+            g.misses += 1;
             return None;
         };
         let last_seen = g.slab[slot as usize].last_seen;
         if self.expired(last_seen, now) {
             g.remove_slot(slot);
+            g.misses += 1;
             shard.len.store(g.len as usize, Relaxed);
             shard.expirations.fetch_add(1, Relaxed);
-            shard.misses.fetch_add(1, Relaxed);
             return None;
         }
         let e = &mut g.slab[slot as usize];
@@ -429,7 +459,7 @@ impl StickTable {
         e.seen_again = true;
         let backend = e.backend;
         g.touch(slot);
-        shard.hits.fetch_add(1, Relaxed);
+        g.hits += 1;
         Some(backend)
     }
 
@@ -541,13 +571,16 @@ impl StickTable {
         self.len() == 0
     }
 
-    /// A snapshot of the counters (not atomic across shards).
+    /// A snapshot of the counters (not atomic across shards; each shard's lookups are
+    /// read under its lock).
     pub fn stats(&self) -> StickStats {
         let mut st = StickStats::default();
         for s in self.shards.iter() {
             st.entries += s.len.load(Relaxed);
-            st.hits += s.hits.load(Relaxed);
-            st.misses += s.misses.load(Relaxed);
+            let g = s.lock();
+            st.hits += g.hits;
+            st.misses += g.misses;
+            drop(g);
             st.evictions += s.evictions.load(Relaxed);
             st.expirations += s.expirations.load(Relaxed);
             st.rejections += s.rejections.load(Relaxed);
@@ -854,6 +887,19 @@ mod tests {
         }
         assert_eq!(small.sessions_per_backend().values().sum::<usize>(), 16);
         check_invariants(&small);
+    }
+
+    #[test]
+    fn the_real_clock_counts_seconds_since_its_epoch() {
+        // An epoch 5.5 s ago on the coarse clock: 5 whole seconds have passed.
+        let mut clock = Clock::new();
+        clock.coarse_epoch -= 5_500_000_000;
+        assert_eq!(clock.now(), t(5));
+        // The coarse clock moves with the monotonic one.
+        let (a, i) = (coarse_nanos(), Instant::now());
+        let b = coarse_nanos();
+        assert!(b >= a);
+        assert!(i.elapsed() < Duration::from_secs(1));
     }
 
     #[test]
