@@ -14,6 +14,18 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use crate::config::Algorithm;
 use crate::random::random_below;
 
+/// Spread positions tried for the turn of an ineligible backend before walking on
+/// ([`Balancer::walk`]): with a tenth of the weight ineligible, 1 turn in 10^5 is walked.
+const SPREAD_TRIES: u32 = 4;
+
+/// SplitMix64's finaliser: consecutive inputs land far apart.
+fn spread(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 /// How a pool chooses among its eligible backends.
 #[derive(Debug)]
 pub struct Balancer {
@@ -46,13 +58,15 @@ impl Balancer {
                 let start = self.next.fetch_add(1, Ordering::Relaxed);
                 self.walk(start, &eligible)
             }
-            Algorithm::Random => self.walk(random_below(self.sequence.len()), &eligible),
+            // A draw over all of `usize`, not just the period's positions: `walk` hashes it
+            // for a spread position when the one it lands on is ineligible.
+            Algorithm::Random => self.walk(random_below(usize::MAX), &eligible),
             Algorithm::LeastConn => self.least_loaded(&eligible, &load),
             Algorithm::P2c => {
-                let a = self.walk(random_below(self.sequence.len()), &eligible)?;
+                let a = self.walk(random_below(usize::MAX), &eligible)?;
                 // The second draw excludes the first so that the two choices are distinct
                 // whenever two eligible backends exist.
-                let b = self.walk(random_below(self.sequence.len()), &|i| i != a && eligible(i));
+                let b = self.walk(random_below(usize::MAX), &|i| i != a && eligible(i));
                 match b {
                     Some(b) if self.lighter(b, a, &load) => Some(b),
                     _ => Some(a),
@@ -61,10 +75,31 @@ impl Balancer {
         }
     }
 
-    /// The first eligible backend in the sequence from position `start` on.
+    /// The backend at position `start` of the sequence when it is eligible. When it is
+    /// not, its turn goes to the backend at a position spread over the period by a hash of
+    /// `start` (up to [`SPREAD_TRIES`] of them), and only then to the first eligible one
+    /// after the last: walking on from `start` itself would hand every turn of an
+    /// ineligible backend to the one after it in the sequence, so that with equal weights
+    /// one neighbour of a failed backend took all of its share (twice the load of the
+    /// others; `tether simulate` showed it). Spread positions share the turns out in
+    /// proportion to the eligible backends' weights. Deterministic in `start`.
     fn walk(&self, start: usize, eligible: &impl Fn(usize) -> bool) -> Option<usize> {
         let n = self.sequence.len();
-        (0..n).map(|k| usize::from(self.sequence[(start + k) % n])).find(|&i| eligible(i))
+        let at = |p: usize| usize::from(self.sequence[p % n]);
+        let first = at(start);
+        if eligible(first) {
+            return Some(first);
+        }
+        let mut p = start as u64;
+        for _ in 0..SPREAD_TRIES {
+            p = spread(p);
+            let i = at(p as usize);
+            if eligible(i) {
+                return Some(i);
+            }
+        }
+        let from = p as usize % n;
+        (1..=n).map(|k| at(from + k)).find(|&i| eligible(i))
     }
 
     /// Weighted least load: the smallest `load / weight`, ties broken by a rotating start
@@ -167,6 +202,25 @@ mod tests {
         assert_eq!(c[1], 0);
         assert_eq!(c[0] + c[2], 300);
         assert!(b.pick(|_| false, |_| 0).is_none());
+    }
+
+    /// Reproduction (found by `tether simulate`): with one of ten equal backends down,
+    /// round robin gave all of its turns to the backend after it in the sequence, which
+    /// then took 2/10 of new work while the others took 1/10. Now the others share it.
+    #[test]
+    fn an_ineligible_backends_share_is_spread_over_the_others() {
+        for alg in [Algorithm::RoundRobin, Algorithm::Random] {
+            let b = Balancer::new(alg, &[1; 10]);
+            let c = counts(&b, 10, 90_000, |i| i != 3);
+            assert_eq!(c[3], 0, "{alg:?}");
+            for (i, &n) in c.iter().enumerate().filter(|(i, _)| *i != 3) {
+                assert!((9_400..=10_600).contains(&n), "{alg:?}: backend {i} took {n} of 90000: {c:?}");
+            }
+        }
+        // By weight: with backend 0 (weight 2) down, 1 and 2 keep their 1 : 3.
+        let b = Balancer::new(Algorithm::RoundRobin, &[2, 1, 3]);
+        let c = counts(&b, 3, 60_000, |i| i != 0);
+        assert!((14_000..=16_000).contains(&c[1]) && c[1] + c[2] == 60_000, "{c:?}");
     }
 
     #[test]
