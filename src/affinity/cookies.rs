@@ -45,14 +45,16 @@ pub fn find_cookie<'a>(cookie_header: &'a str, name: &str) -> Option<&'a str> {
 /// name that contains `=` or starts or ends with whitespace matches nothing.
 pub fn find_cookie_bytes<'a>(header: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
     let ows = |b: &u8| *b == b' ' || *b == b'\t';
-    if name.is_empty() || name.contains(&b'=') || name.first().is_some_and(ows) || name.last().is_some_and(ows) {
-        return None;
-    }
     for segment in segments(header) {
         let lead = segment.iter().position(|b| !ows(b)).unwrap_or(segment.len());
         let Some(rest) = segment[lead..].strip_prefix(name) else { continue };
         let at = rest.iter().position(|b| !ows(b)).unwrap_or(rest.len());
         let Some(value) = rest[at..].strip_prefix(b"=") else { continue };
+        // Only a name that splitting could produce matches (checked here, once, rather
+        // than on every call: a name is usually fine and a search usually finds it).
+        if name.is_empty() || name.contains(&b'=') || name.first().is_some_and(ows) || name.last().is_some_and(ows) {
+            return None;
+        }
         return Some(unquote_bytes(trim_ows_bytes(value)));
     }
     None
