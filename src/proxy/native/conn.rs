@@ -68,14 +68,21 @@ enum After {
 pub async fn serve(mut client: Client) {
     let mut carry: Option<Buf> = None;
     let mut first = true;
+    // One timer for the connection's waits between requests, moved on before each: a
+    // deadline that only moves later is extended in place (no lock, no trip through the
+    // timer wheel) until it fires, where a new `sleep` per request registered a timer and
+    // removed it again every time.
+    let idle = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(idle);
     loop {
         let timeouts = client.shared.snapshot.load().config.timeouts;
         if carry.is_none() {
             // Wait for the next request without holding anything.
             let wait = if first { timeouts.request_header } else { timeouts.client_idle };
+            idle.as_mut().reset(tokio::time::Instant::now() + wait);
             tokio::select! {
                 r = client.stream.readable() => if r.is_err() { return },
-                _ = tokio::time::sleep(wait) => return,
+                _ = &mut idle => return,
                 _ = client.shutdown.changed() => return,
             }
         }
