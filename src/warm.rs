@@ -245,6 +245,16 @@ pub fn restore(control: &Control, dir: &Path) -> Option<Restored> {
             return None;
         }
     };
+    let snapshot = control.shared.snapshot.load_full();
+    if !file.pools.is_empty() && !file.pools.iter().any(|p| snapshot.pool(&p.name).is_some()) {
+        let names: Vec<&str> = file.pools.iter().map(|p| p.name.as_str()).collect();
+        tracing::warn!(
+            path = %target.display(),
+            "warm restart: state file ignored: it is not this Tether's: it was written for pools {}, none of which this config has",
+            names.join(", ")
+        );
+        return None;
+    }
     let restored = apply(control, &file);
     let age = crate::time::unix_millis().saturating_sub(file.written_unix_ms) / 1000;
     tracing::info!(

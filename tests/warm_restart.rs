@@ -136,10 +136,22 @@ async fn a_damaged_state_file_is_reported_and_ignored() {
     let b = backends(2).await;
     let dir = Scratch::new();
     let cfg = warm_config(&b, &dir.0, "1h");
+    // A well-formed file of another Tether, whose only pool this config does not have.
+    let other_pools = format!(
+        "{{\"format\": \"tether-state\", \"version\": 1, \"written_unix_ms\": 0, \"pools\": [{{\"name\": \"shop\", \
+         \"id\": \"{:016x}\", \"backends\": [], \"tables\": {{}}}}], \"overrides\": []}}",
+        tether::affinity::pool_id("shop")
+    );
     for (junk, says) in [
         ("{\"format\": \"tether-state\", \"version\": 1, \"pools\": [", "damaged"),
         ("\u{0}\u{1}garbage\u{ff}", "damaged"),
         ("{\"format\": \"something-else\", \"version\": 1, \"written_unix_ms\": 0, \"pools\": [], \"overrides\": []}", "not this Tether's"),
+        (other_pools.as_str(), "written for pools shop"),
+        (
+            "{\"format\": \"tether-state\", \"version\": 1, \"written_unix_ms\": 0, \"pools\": [{\"name\": \"web\", \
+             \"id\": \"0000000000000001\", \"backends\": [], \"tables\": {}}], \"overrides\": []}",
+            "identity of another name",
+        ),
         ("{\"format\": \"tether-state\", \"version\": 99, \"written_unix_ms\": 0, \"pools\": [], \"overrides\": []}", "not this Tether's"),
     ] {
         dir.write("tether.state.json", junk);
