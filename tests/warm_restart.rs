@@ -29,9 +29,13 @@ fn warm_config(b: &[DemoBackend], state_dir: &Path, idle: &str) -> String {
 }
 
 async fn call(admin: SocketAddr, method: &str, path: &str) -> (u16, Value) {
+    call_with(admin, method, path, "").await
+}
+
+async fn call_with(admin: SocketAddr, method: &str, path: &str, body: &str) -> (u16, Value) {
     let mut c = Client::connect(admin).await;
     let r = Request::builder().method(method).uri(path).header("host", admin.to_string());
-    let resp = c.request(r.body(Full::new(Bytes::new())).unwrap()).await;
+    let resp = c.request(r.body(Full::new(Bytes::from(body.to_string()))).unwrap()).await;
     (resp.status.as_u16(), serde_json::from_slice(&resp.body).unwrap_or(Value::Null))
 }
 
@@ -71,9 +75,12 @@ async fn stop(mut t: Tether) {
     assert!(t.wait_exit(Duration::from_secs(20)).success(), "{}", t.log());
 }
 
-fn admin_state(pools: &Value, backend: &str) -> String {
-    let b = pools["backends"].as_array().unwrap().iter().find(|b| b["name"] == backend).unwrap();
-    b["admin_state"].as_str().unwrap().to_string()
+fn backend<'a>(pools: &'a Value, name: &str) -> &'a Value {
+    pools["backends"].as_array().unwrap().iter().find(|b| b["name"] == name).unwrap()
+}
+
+fn admin_state(pools: &Value, name: &str) -> String {
+    backend(pools, name)["admin_state"].as_str().unwrap().to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -198,4 +205,54 @@ async fn entries_idle_past_their_timeout_while_stopped_are_not_restored() {
     assert!(pinned(admin, "header", "fresh").await.is_some(), "{}", second.log());
     assert_eq!(pinned(admin, "header", "stale").await, None, "an expired entry came back:\n{}", second.log());
     assert!(second.log().contains("1 expired while stopped"), "{}", second.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_the_config_no_longer_has_is_dropped_not_misapplied() {
+    let b = backends(3).await;
+    let dir = Scratch::new();
+    let first = Tether::start(&warm_config(&b, &dir.0, "1h"));
+    let admin = first.admin();
+    let mut c = Client::connect(first.addr()).await;
+    let mut home = Vec::new();
+    for i in 0..30 {
+        let user = format!("user-{i}");
+        home.push((user.clone(), c.request(request(None, Some(&user))).await.backend()));
+    }
+    for name in ["app-1", "app-2", "app-3"] {
+        assert!(home.iter().any(|(_, h)| h == name), "no session on {name}: {home:?}");
+    }
+    assert_eq!(call(admin, "POST", "/api/pools/web/backends/app-1/drain").await.0, 200);
+    assert_eq!(call_with(admin, "PUT", "/api/pools/web/backends/app-2/weight", "{\"weight\": 5}").await.0, 200);
+    assert_eq!(call(admin, "POST", "/api/pools/web/backends/app-3/disable").await.0, 200);
+    drop(c);
+    stop(first).await;
+
+    // app-1 is gone from the file, app-2's weight was changed in the file since (so the
+    // file's value wins, as on a reload), app-3 is as it was.
+    let cfg = warm_config(&b, &dir.0, "1h")
+        .replace(
+            &format!("name = \"app-1\", address = \"{}\"", b[0].address),
+            &format!("name = \"app-9\", address = \"{}\"", b[0].address),
+        )
+        .replace("weight = 1 },\n  { name = \"app-3\"", "weight = 3 },\n  { name = \"app-3\"");
+    assert!(cfg.contains("app-9") && cfg.contains("weight = 3"), "{cfg}");
+    let second = Tether::start(&cfg);
+    second.wait_log("warm restart: restored").await;
+    let admin = second.admin();
+    let pools = admin_json(admin, "/api/pools/web").await;
+    assert_eq!(admin_state(&pools, "app-9"), "enabled", "an override moved to another backend");
+    assert_eq!(backend(&pools, "app-2")["weight"], 3, "{pools}");
+    assert_eq!(admin_state(&pools, "app-3"), "disabled", "{}", second.log());
+    for (user, was) in &home {
+        let (_, v) = call(admin, "GET", &format!("/api/pools/web/sessions?key={user}&kind=header")).await;
+        let why = v["why"].as_str().unwrap();
+        match was.as_str() {
+            "app-1" => assert!(why.contains("not in the stick table"), "a pin to a removed backend came back: {v}"),
+            // Disabled: still pinned there, not available now.
+            "app-3" => assert!(why.contains("\"app-3\""), "{v}"),
+            _ => assert_eq!(v["backend"].as_str(), Some(was.as_str()), "{v}"),
+        }
+    }
+    assert!(!second.log().contains(" 0 of pools or backends no longer configured"), "{}", second.log());
 }
