@@ -213,6 +213,9 @@ fn write_atomically(target: &Path, file: &StateFile) -> io::Result<()> {
     let tmp = target.with_extension("json.tmp");
     let bytes = serde_json::to_vec(file).map_err(io::Error::other)?;
     let write = || -> io::Result<()> {
+        // A directory that is not there yet is made (systemd's StateDirectory= makes it
+        // beforehand; a hand-run Tether may not have).
+        fs::create_dir_all(dir)?;
         let mut f = fs::OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
         f.write_all(&bytes)?;
         f.sync_all()?;

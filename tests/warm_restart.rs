@@ -86,7 +86,9 @@ fn admin_state(pools: &Value, name: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_keeps_learned_sessions_and_the_drain() {
     let b = backends(3).await;
-    let dir = Scratch::new();
+    let scratch = Scratch::new();
+    // Not there yet: the first shutdown makes it.
+    let dir = Scratch(scratch.0.join("state"));
     let cfg = warm_config(&b, &dir.0, "1h");
 
     let first = Tether::start(&cfg);
