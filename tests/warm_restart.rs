@@ -112,6 +112,8 @@ async fn a_restart_keeps_learned_sessions_and_the_drain() {
     }
     let (s, v) = call(admin, "POST", "/api/pools/web/backends/app-1/drain").await;
     assert_eq!((s, v["admin_state"].as_str()), (200, Some("draining")), "{v}");
+    let drain_began = backend(&admin_json(admin, "/api/pools/web").await, "app-1")["draining_since_ms"].clone();
+    assert!(drain_began.is_u64(), "{drain_began}");
     drop(c);
     stop(first).await;
     assert!(dir.0.join("tether.state.json").exists());
@@ -119,7 +121,10 @@ async fn a_restart_keeps_learned_sessions_and_the_drain() {
     let second = Tether::start(&cfg);
     second.wait_log("warm restart: restored").await;
     let admin = second.admin();
-    assert_eq!(admin_state(&admin_json(admin, "/api/pools/web").await, "app-1"), "draining", "{}", second.log());
+    let pools = admin_json(admin, "/api/pools/web").await;
+    assert_eq!(admin_state(&pools, "app-1"), "draining", "{}", second.log());
+    // The drain's timeout runs from when it began, not from the restart.
+    assert_eq!(backend(&pools, "app-1")["draining_since_ms"], drain_began);
     // Every session comes back to its backend, asked in another order than it was learned
     // in; the drain keeps app-1's sessions (it refuses only new ones).
     let mut c = Client::connect(second.addr()).await;
