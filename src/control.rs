@@ -117,6 +117,18 @@ struct Override {
     file_weight: u32,
 }
 
+/// An admin override as a warm restart saves it (`warm`): the backend by pool and name,
+/// what the admin API set, and the file's values it was set over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SavedOverride {
+    pub pool: String,
+    pub backend: String,
+    pub state: Option<AdminState>,
+    pub weight: Option<u32>,
+    pub file_state: AdminState,
+    pub file_weight: u32,
+}
+
 /// What the admin API can do to a backend.
 #[derive(Debug, Clone, Copy)]
 pub enum BackendAction {
@@ -375,6 +387,57 @@ impl Control {
         self.shared.snapshot.store(Arc::new(snapshot));
         tracing::info!(pool, backend, "admin: {action:?}");
         Ok(changed)
+    }
+
+    /// The admin overrides in force, for a warm restart to save.
+    pub fn saved_overrides(&self) -> Vec<SavedOverride> {
+        let mut out: Vec<SavedOverride> = lock(&self.overrides)
+            .iter()
+            .map(|((pool, backend), o)| SavedOverride {
+                pool: pool.clone(),
+                backend: backend.clone(),
+                state: o.state,
+                weight: o.weight,
+                file_state: o.file_state,
+                file_weight: o.file_weight,
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.pool, &a.backend).cmp(&(&b.pool, &b.backend)));
+        out
+    }
+
+    /// Re-applies overrides a warm restart saved, by the rule reloads keep them by: only to
+    /// a backend the file still has, with the state and weight the override was made over
+    /// (a file that changed them since wins). Returns those applied; the snapshot is
+    /// rebuilt once if any was.
+    pub fn restore_overrides(&self, saved: Vec<SavedOverride>) -> Vec<SavedOverride> {
+        let _one_at_a_time = lock(&self.changing);
+        let file = lock(&self.file_config).clone();
+        let mut applied = Vec::new();
+        {
+            let mut overrides = lock(&self.overrides);
+            for s in saved {
+                let still = file
+                    .pools
+                    .iter()
+                    .find(|p| p.name == s.pool)
+                    .and_then(|p| p.backends.iter().find(|b| b.name == s.backend))
+                    .is_some_and(|b| b.state == s.file_state && b.weight == s.file_weight);
+                if !still || (s.state.is_none() && s.weight.is_none()) {
+                    continue;
+                }
+                let o =
+                    Override { state: s.state, weight: s.weight, file_state: s.file_state, file_weight: s.file_weight };
+                overrides.insert((s.pool.clone(), s.backend.clone()), o);
+                applied.push(s);
+            }
+        }
+        if !applied.is_empty() {
+            let old = self.shared.snapshot.load_full();
+            let snapshot = Snapshot::build(Arc::new(self.effective(&file)), Some(&old));
+            self.shared.snapshot.store(Arc::new(snapshot));
+        }
+        applied
     }
 
     /// Binds the sockets of traffic listener `l`, one per worker.

@@ -10,6 +10,7 @@ pub mod h1;
 pub(crate) mod line_writer;
 pub(crate) mod net;
 pub(crate) mod random;
+pub mod sd_notify;
 pub mod time;
 pub(crate) mod worker;
 
@@ -34,6 +35,7 @@ pub(crate) mod proxy;
 // Changing and watching a running Tether.
 pub(crate) mod admin;
 pub(crate) mod control;
+pub(crate) mod warm;
 
 // Simulation of the policy code (above it, beside the data path, which it never uses).
 pub mod simulate;

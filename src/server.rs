@@ -8,6 +8,11 @@
 //! loops stop, connections finish their requests and close) and then waits, up to the
 //! grace period, for the channel's last receiver to go. Only then are the workers' runtimes
 //! stopped, which drops whatever the grace period left open.
+//!
+//! With `runtime.state_dir`, the learned tables and admin overrides a previous process
+//! saved are restored before the first listener opens, and saved again once shutdown is
+//! done (`warm`). Under systemd, readiness, reloads and stopping are reported through
+//! `sd_notify`.
 
 use std::future::Future;
 use std::io;
@@ -151,6 +156,10 @@ impl Server {
         let config = Arc::new(config);
         let shared = Arc::new(Shared::new(Snapshot::build(config.clone(), None), access_log));
         let control = Arc::new(Control::new(shared.clone(), config.clone(), source, workers));
+        // Before any listener opens, so that the first request already finds its session.
+        if let Some(dir) = &config.state_dir {
+            crate::warm::restore(&control, dir);
+        }
         let mut addresses = Vec::new();
         for l in &config.listeners {
             addresses.push((l.name.clone(), control.open_listener(l)?));
@@ -171,16 +180,38 @@ impl Server {
 
     /// Serves until SIGTERM or SIGINT, reloading on SIGHUP, then shuts down gracefully.
     pub async fn run_until_signal(self) -> anyhow::Result<()> {
-        let Server { control, signals, .. } = self;
+        let Server { control, signals, addresses, .. } = self;
         let [mut term, mut int, mut hup] = signals;
+        // Every listener is bound and its accept loops are running: ready.
+        let listening: Vec<String> = addresses.iter().map(|(name, a)| format!("{name} on {a}")).collect();
+        crate::sd_notify::ready(&format!("serving: {}", listening.join(", ")));
         loop {
             tokio::select! {
                 _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break }
                 _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break }
-                _ = hup.recv() => { let _ = control.reload(); }
+                _ = hup.recv() => {
+                    crate::sd_notify::reloading();
+                    // Ready again either way: a rejected reload leaves the running config
+                    // serving.
+                    let status = match control.reload() {
+                        Ok(changes) => format!("serving: reloaded, {} changes", changes.len()),
+                        Err(e) => format!("serving: reload rejected, the running config stays: {}", first_line(&e.to_string())),
+                    };
+                    crate::sd_notify::ready(&status);
+                }
             }
         }
+        crate::sd_notify::stopping();
         control.shutdown().await;
+        // After the connections finished: what they learned last is saved too.
+        if let Some(dir) = control.shared.snapshot.load().config.state_dir.clone() {
+            crate::warm::save(&control, &dir);
+        }
         Ok(())
     }
+}
+
+/// The first line of a message (a rejected config's errors are one per line).
+fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or("")
 }

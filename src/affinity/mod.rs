@@ -88,8 +88,10 @@ pub struct Pin {
 impl Store {
     fn new(cfg: &config::Affinity) -> Store {
         Store {
-            pins: PinKind::ALL.map(|_| StickTable::new(cfg.table.capacity, cfg.table.idle_timeout, 16)),
-            sessions: StickTable::new(cfg.table.capacity.max(100_000), cfg.cookie.idle_timeout, 16),
+            // With history: a warm restart imports entries last seen before the table was
+            // made, with the idle time they have left (`warm`).
+            pins: PinKind::ALL.map(|_| StickTable::with_history(cfg.table.capacity, cfg.table.idle_timeout, 16)),
+            sessions: StickTable::with_history(cfg.table.capacity.max(100_000), cfg.cookie.idle_timeout, 16),
         }
     }
 
@@ -138,6 +140,29 @@ impl Store {
             new.sessions.len()
         );
         new
+    }
+
+    /// The names of the store's tables, as [`export`](Self::export) and
+    /// [`table_named`](Self::table_named) know them: the pin tables by kind, then the token
+    /// sessions.
+    pub const TABLES: [&'static str; 5] = ["app_cookie", "header", "query", "client_ip", "sessions"];
+
+    /// A table by its name in [`TABLES`](Self::TABLES).
+    pub fn table_named(&self, name: &str) -> Option<&StickTable> {
+        let i = Self::TABLES.iter().position(|t| *t == name)?;
+        Some(self.pins.get(i).unwrap_or(&self.sessions))
+    }
+
+    /// Every table's live entries by table name (see [`StickTable::export`]): what a warm
+    /// restart saves. Empty tables are left out.
+    pub fn export(&self) -> Vec<(&'static str, Vec<stick_table::Exported>)> {
+        Self::TABLES
+            .iter()
+            .filter_map(|name| {
+                let entries = self.table_named(name)?.export();
+                (!entries.is_empty()).then_some((*name, entries))
+            })
+            .collect()
     }
 
     /// Drops expired entries and returns the live sessions per backend identity.

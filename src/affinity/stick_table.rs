@@ -84,6 +84,21 @@ impl Clock {
         }
     }
 
+    /// A clock whose epoch is up to `secs` seconds ago (less on a host up for less than
+    /// that: the monotonic clock starts at boot), so that a table on it can hold entries
+    /// last seen before it was made: a warm restart's, which keep their remaining idle
+    /// time ([`StickTable::import`]). Ticks still count whole seconds, as [`new`](Self::new)'s.
+    pub fn backdated(secs: u32) -> Self {
+        let instant = Instant::now();
+        let coarse = coarse_nanos();
+        let back = u64::from(secs).min(coarse / 1_000_000_000);
+        let (epoch, back) = match instant.checked_sub(Duration::from_secs(back)) {
+            Some(epoch) => (epoch, back),
+            None => (instant, 0),
+        };
+        Clock { epoch, coarse_epoch: coarse - back * 1_000_000_000, manual: None }
+    }
+
     /// Out of line and cold, so the real clock's path compiles as it did before the seam
     /// (plus one test of `manual`).
     #[cold]
@@ -120,6 +135,17 @@ fn coarse_nanos() -> u64 {
 fn coarse_nanos() -> u64 {
     static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
     START.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
+/// One entry as [`StickTable::export`] lists it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Exported {
+    pub key: u128,
+    pub backend: u64,
+    /// Seconds since it was last seen.
+    pub idle_secs: u32,
+    /// Found again after it was stored (the admission rule's established session).
+    pub established: bool,
 }
 
 /// A snapshot of the table's counters.
@@ -389,6 +415,17 @@ impl StickTable {
         Self::with_clock(capacity, idle_timeout, shards, Clock::new(), seed)
     }
 
+    /// [`new`](Self::new) on a clock backdated by the idle timeout
+    /// ([`Clock::backdated`]): a table that can [`import`](Self::import) entries seen up
+    /// to an idle timeout before it was made, with the idle time they have left.
+    pub fn with_history(capacity: usize, idle_timeout: Duration, shards: usize) -> Self {
+        let seed = getrandom::u64().unwrap_or_else(|_| {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+        });
+        let idle = u32::try_from(idle_timeout.as_secs()).unwrap_or(u32::MAX);
+        Self::with_clock(capacity, idle_timeout, shards, Clock::backdated(idle.saturating_add(1)), seed)
+    }
+
     /// [`new`](Self::new) with the clock and the seed given: the simulator's table, whose
     /// time is simulated and whose shard and index hashes are the same on every run.
     pub fn with_clock(capacity: usize, idle_timeout: Duration, shards: usize, clock: Clock, seed: u64) -> Self {
@@ -608,6 +645,48 @@ impl StickTable {
         for (_, key, backend, seen_again) in entries {
             to.insert_as(key, backend, now, seen_again);
         }
+    }
+
+    /// Every live entry (not idle longer than the timeout), least recently used first, with
+    /// how long it has been idle: what a warm restart saves. Walks the whole table one
+    /// shard at a time, off the request path.
+    pub fn export(&self) -> Vec<Exported> {
+        let now = self.now();
+        let mut entries = Vec::with_capacity(self.len());
+        for shard in self.shards.iter() {
+            let g = shard.lock();
+            let mut cur = g.tail;
+            while cur != NIL {
+                let e = &g.slab[cur as usize];
+                if !self.expired(e.last_seen, now) {
+                    entries.push(Exported {
+                        key: e.key(),
+                        backend: e.backend,
+                        idle_secs: now.0.saturating_sub(e.last_seen),
+                        established: e.seen_again,
+                    });
+                }
+                cur = e.prev;
+            }
+        }
+        // One order over all shards, the least recently used (most idle) first.
+        entries.sort_by_key(|e| std::cmp::Reverse(e.idle_secs));
+        entries
+    }
+
+    /// Stores an entry as if last seen `idle_secs` ago, so that it expires when it would
+    /// have; an entry already idle longer than the timeout is not stored. Returns whether
+    /// it was. Import least recently used first (as [`export`](Self::export) lists them):
+    /// each becomes the most recently used. How far back an entry can be dated is bounded
+    /// by the table's clock (see [`with_history`](Self::with_history)); older is dated
+    /// at the clock's epoch, and so lives a little longer.
+    pub fn import(&self, key: u128, backend: u64, idle_secs: u32, established: bool) -> bool {
+        if idle_secs > self.idle_secs {
+            return false;
+        }
+        let now = self.now();
+        self.insert_as(key, backend, Tick(now.0.saturating_sub(idle_secs)), established);
+        true
     }
 
     /// Entries per backend id (idle entries not yet swept included: sweep first for live
@@ -857,6 +936,47 @@ mod tests {
         for i in 0..100 {
             assert_eq!(to.get(k(i), to.now()), Some(i % 3), "recently used entry {i} was dropped");
         }
+    }
+
+    #[test]
+    fn export_then_import_keeps_remaining_idle_time() {
+        let idle = Duration::from_secs(60);
+        let secs_a = Arc::new(AtomicU32::new(100));
+        let from = StickTable::with_clock(100, idle, 4, Clock::manual(secs_a.clone()), 1);
+        from.insert(k(1), 7, t(50));
+        from.insert(k(2), 8, t(95));
+        assert_eq!(from.get(k(2), t(95)), Some(8));
+        from.insert(k(3), 9, t(10)); // idle 90 s at 100: not exported
+        let out = from.export();
+        assert_eq!(
+            out,
+            [
+                Exported { key: k(1), backend: 7, idle_secs: 50, established: false },
+                Exported { key: k(2), backend: 8, idle_secs: 5, established: true },
+            ]
+        );
+        let secs_b = Arc::new(AtomicU32::new(1_000));
+        let to = StickTable::with_clock(100, idle, 4, Clock::manual(secs_b.clone()), 2);
+        for e in &out {
+            assert!(to.import(e.key, e.backend, e.idle_secs, e.established));
+        }
+        assert!(!to.import(k(4), 1, 61, true), "an entry idle past the timeout is not stored");
+        check_invariants(&to);
+        assert_eq!(to.export(), out, "order, idle times and admission state are kept");
+        // k(1) had 10 s left, k(2) 55 s.
+        assert_eq!(to.get(k(1), t(1_010)), Some(7));
+        assert_eq!(to.get(k(2), t(1_011)), Some(8));
+        assert_eq!(to.get(k(1), t(1_071)), None);
+    }
+
+    #[test]
+    fn a_table_with_history_dates_imports_before_its_creation() {
+        let table = StickTable::with_history(10, HOUR, 1);
+        assert!(table.import(k(1), 3, 3_000, true));
+        let out = table.export();
+        assert_eq!(out.len(), 1);
+        // The host may have been up for less than an hour; otherwise the age is kept.
+        assert!(out[0].idle_secs >= 3_000 || out[0].idle_secs == table.now().0, "{out:?}");
     }
 
     #[test]

@@ -34,6 +34,7 @@ pub struct File {
 pub struct Runtime {
     pub threads: Option<Spanned<i64>>,
     pub shutdown_grace: Option<Spanned<String>>,
+    pub state_dir: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -151,6 +151,7 @@ impl Resolver<'_> {
         let threads = self.ranged(&f.runtime.threads, "runtime.threads:", 1..=1024, 1) as usize;
         let shutdown_grace =
             self.duration(&f.runtime.shutdown_grace, "runtime.shutdown_grace", Duration::from_secs(30));
+        let state_dir = self.state_dir(&f.runtime.state_dir);
         let timeouts = self.timeouts(&f.timeouts);
         let access_log = self.access_log(&f.access_log);
         let limits = self.limits(&f.limits);
@@ -164,7 +165,7 @@ impl Resolver<'_> {
         }
         let pool_names: Vec<&String> = f.pools.keys().collect();
         let listeners = self.listeners(&f.listeners, &pool_names);
-        Config { threads, shutdown_grace, timeouts, access_log, limits, admin, listeners, pools }
+        Config { threads, shutdown_grace, state_dir, timeouts, access_log, limits, admin, listeners, pools }
     }
 
     fn limits(&mut self, l: &file::Limits) -> Limits {
@@ -286,6 +287,17 @@ impl Resolver<'_> {
             return None;
         }
         Some(Secret::new(token))
+    }
+
+    /// `runtime.state_dir`: a directory path, not empty. Whether it exists is checked when
+    /// it is used (at start and at shutdown), not here: `tether check` may run elsewhere.
+    fn state_dir(&mut self, v: &Option<Spanned<String>>) -> Option<std::path::PathBuf> {
+        let v = v.as_ref()?;
+        if v.get_ref().is_empty() {
+            self.error(v, "runtime.state_dir: must not be empty (leave it out to save no state)".into());
+            return None;
+        }
+        Some(std::path::PathBuf::from(v.get_ref()))
     }
 
     fn access_log(&mut self, a: &file::AccessLog) -> AccessLog {

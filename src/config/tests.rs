@@ -88,6 +88,16 @@ fn unknown_keys_are_errors_with_location() {
 }
 
 #[test]
+fn state_dir_is_optional_and_never_empty() {
+    assert_eq!(parse(GOOD, "t.toml").unwrap().state_dir, None);
+    let with = GOOD.replace("threads = 2\n", "threads = 2\nstate_dir = \"/var/lib/tether\"\n");
+    assert_eq!(parse(&with, "t.toml").unwrap().state_dir, Some(std::path::PathBuf::from("/var/lib/tether")));
+    let empty = GOOD.replace("threads = 2\n", "threads = 2\nstate_dir = \"\"\n");
+    let e = errors(&empty);
+    assert!(e[0].starts_with("t.toml:4:13: runtime.state_dir: must not be empty"), "{e:?}");
+}
+
+#[test]
 fn type_errors_name_the_key() {
     let src = "[runtime]\nthreads = \"two\"\n";
     let e = errors(src);

@@ -18,6 +18,10 @@ pub struct Config {
     pub threads: usize,
     /// How long in-flight requests may take to finish after SIGTERM or SIGINT.
     pub shutdown_grace: Duration,
+    /// Where graceful shutdown saves the learned session tables and the admin overrides,
+    /// and start-up reads them back (`runtime.state_dir`; `None`: nothing is saved). See
+    /// `warm`.
+    pub state_dir: Option<std::path::PathBuf>,
     pub timeouts: Timeouts,
     pub access_log: AccessLog,
     pub limits: Limits,

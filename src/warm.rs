@@ -1,0 +1,392 @@
+//! Warm restarts without Redis: with `runtime.state_dir`, graceful shutdown saves what a
+//! Tether learned (every pool's stick tables: app-cookie, header, query and client-IP pins
+//! and the token sessions) and the admin API's overrides (drain, enable, disable, weight)
+//! to one file, and start-up reads them back, so restarting or upgrading one instance
+//! loses no learned session and no drain.
+//!
+//! The file is JSON (`tether.state.json`), written whole to a temporary file, flushed to
+//! disk and renamed over the old one, so a reader sees the old file or the new one, never
+//! half of one. It names what it belongs to: a format tag and version, and every pool and
+//! backend by name with its identity hash (`affinity::pool_id`, `hash::backend_id`); an
+//! entry refers to a backend by its place in its pool's list. Entries carry the wall-clock
+//! second they were last seen, since a stick table's ticks mean nothing to another
+//! process: at start an entry comes back with the idle time it has left, and one whose idle
+//! timeout ran out while Tether was down does not come back.
+//!
+//! What it deliberately does not do: it never fails a start. A missing file is a first
+//! start; an unreadable, damaged, truncated or foreign file is one line in the log and is
+//! ignored. Entries of pools or backends the config no longer has are dropped, as are
+//! overrides of a backend whose state or weight the file changed since (the rule reloads
+//! keep overrides by). It saves nothing when a process dies without a graceful shutdown:
+//! the file then still holds the last graceful shutdown's state, which is read, aged by the
+//! wall clock, at the next start.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::fs;
+use std::io::{self, Write as _};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::affinity::{self, hash};
+use crate::config::AdminState;
+use crate::control::{Control, SavedOverride};
+use crate::pool::Snapshot;
+
+/// The file's name in `state_dir`.
+pub const FILE_NAME: &str = "tether.state.json";
+/// What the `format` field says, so that any other JSON file is told apart at once.
+const FORMAT: &str = "tether-state";
+/// Bumped when the layout changes; a file of another version is ignored, not guessed at.
+const VERSION: u32 = 1;
+
+/// The file as written.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StateFile {
+    format: String,
+    version: u32,
+    /// When it was written, in Unix milliseconds (for the log line that reads it back).
+    written_unix_ms: u64,
+    pools: Vec<SavedPool>,
+    overrides: Vec<OverrideRecord>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SavedPool {
+    name: String,
+    /// `affinity::pool_id(name)` in hex: a file whose identities do not match their names
+    /// was not written by this format's rules.
+    id: String,
+    backends: Vec<SavedBackend>,
+    /// By table name (`affinity::Store::TABLES`).
+    tables: HashMap<String, Vec<SavedEntry>>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SavedBackend {
+    name: String,
+    /// `hash::backend_id(pool, name)` in hex.
+    id: String,
+}
+
+/// One table entry: the key (32 hex digits), the backend's index in its pool's
+/// `backends`, the Unix second it was last seen, and whether it was found again after it
+/// was stored (an established session, which the table's admission rule protects).
+#[derive(Debug, Serialize, Deserialize)]
+struct SavedEntry(String, usize, u64, bool);
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OverrideRecord {
+    pool: String,
+    backend: String,
+    state: Option<String>,
+    weight: Option<u32>,
+    file_state: String,
+    file_weight: u32,
+    /// When the drain began (Unix milliseconds), for an override that drains: the drain's
+    /// timeout keeps running from then, not from the restart.
+    draining_since_ms: Option<u64>,
+}
+
+/// Why a state file was not used.
+#[derive(Debug)]
+pub enum LoadError {
+    Read(io::Error),
+    /// Not JSON of this layout: damaged, truncated or some other file.
+    Damaged(serde_json::Error),
+    /// Another format or version.
+    Foreign(String),
+}
+
+impl fmt::Display for LoadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LoadError::Read(e) => write!(f, "cannot be read: {e}"),
+            LoadError::Damaged(e) => write!(f, "is damaged or not a Tether state file: {e}"),
+            LoadError::Foreign(why) => write!(f, "is not this Tether's: {why}"),
+        }
+    }
+}
+
+/// What a restore brought back, for the log and the tests.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Restored {
+    pub entries: usize,
+    /// Entries whose idle timeout ran out while Tether was down.
+    pub expired: usize,
+    /// Entries of pools or backends the config no longer has, or of a pool without
+    /// affinity now.
+    pub dropped: usize,
+    pub overrides: usize,
+}
+
+/// The state file's path in `dir`.
+pub fn path(dir: &Path) -> PathBuf {
+    dir.join(FILE_NAME)
+}
+
+// === saving ===
+
+/// Writes the running Tether's learned tables and admin overrides to `dir`, atomically.
+/// Logs the outcome; a failure is logged, never fatal (the process is stopping anyway).
+pub fn save(control: &Control, dir: &Path) {
+    let snapshot = control.shared.snapshot.load_full();
+    let file = collect(&snapshot, control.saved_overrides());
+    let entries: usize = file.pools.iter().flat_map(|p| p.tables.values()).map(Vec::len).sum();
+    let overrides = file.overrides.len();
+    let target = path(dir);
+    match write_atomically(&target, &file) {
+        Ok(()) => tracing::info!(
+            path = %target.display(),
+            "warm restart: saved {entries} table entries and {overrides} admin overrides"
+        ),
+        Err(e) => tracing::error!(path = %target.display(), "warm restart: cannot save the state file: {e}"),
+    }
+}
+
+/// The state of `snapshot` as the file holds it.
+fn collect(snapshot: &Snapshot, overrides: Vec<SavedOverride>) -> StateFile {
+    let now_ms = crate::time::unix_millis();
+    let now_secs = now_ms / 1000;
+    let mut pools = Vec::new();
+    for p in &snapshot.pools {
+        let backends: Vec<SavedBackend> = p
+            .backends
+            .iter()
+            .map(|b| SavedBackend { name: b.name.clone(), id: hex64(hash::backend_id(&p.name, &b.name)) })
+            .collect();
+        let index: HashMap<u64, usize> =
+            p.backends.iter().enumerate().map(|(i, b)| (hash::backend_id(&p.name, &b.name), i)).collect();
+        let mut tables = HashMap::new();
+        if let Some(a) = &p.affinity {
+            for (name, entries) in a.store.export() {
+                let saved: Vec<SavedEntry> = entries
+                    .iter()
+                    .filter_map(|e| {
+                        // A pin to a backend removed by a reload: nothing to restore it to.
+                        let i = *index.get(&e.backend)?;
+                        Some(SavedEntry(
+                            format!("{:032x}", e.key),
+                            i,
+                            now_secs.saturating_sub(u64::from(e.idle_secs)),
+                            e.established,
+                        ))
+                    })
+                    .collect();
+                if !saved.is_empty() {
+                    tables.insert(name.to_string(), saved);
+                }
+            }
+        }
+        pools.push(SavedPool { name: p.name.to_string(), id: hex64(affinity::pool_id(&p.name)), backends, tables });
+    }
+    let overrides = overrides
+        .into_iter()
+        .map(|o| {
+            let draining_since_ms = (o.state == Some(AdminState::Draining))
+                .then(|| snapshot.backend(&o.pool, &o.backend).map(|b| b.draining_since()))
+                .flatten();
+            OverrideRecord {
+                pool: o.pool,
+                backend: o.backend,
+                state: o.state.map(|s| s.as_str().to_string()),
+                weight: o.weight,
+                file_state: o.file_state.as_str().to_string(),
+                file_weight: o.file_weight,
+                draining_since_ms,
+            }
+        })
+        .collect();
+    StateFile { format: FORMAT.into(), version: VERSION, written_unix_ms: now_ms, pools, overrides }
+}
+
+/// Writes `file` to a temporary file beside `target`, flushes it to disk, renames it over
+/// `target` and flushes the directory, so that a crash at any point leaves the old file or
+/// the new one whole.
+fn write_atomically(target: &Path, file: &StateFile) -> io::Result<()> {
+    let dir = target.parent().unwrap_or(Path::new("."));
+    let tmp = target.with_extension("json.tmp");
+    let bytes = serde_json::to_vec(file).map_err(io::Error::other)?;
+    let write = || -> io::Result<()> {
+        // A directory that is not there yet is made (systemd's StateDirectory= makes it
+        // beforehand; a hand-run Tether may not have).
+        fs::create_dir_all(dir)?;
+        let mut f = fs::OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
+        f.write_all(&bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, target)?;
+        // The rename itself is durable only once the directory is.
+        fs::File::open(dir)?.sync_all()
+    };
+    let result = write();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+// === restoring ===
+
+/// Reads the state file in `dir` and restores what still applies into `control`'s
+/// snapshot. Never fails: a missing file is a first start (logged as such), anything
+/// wrong with it is one line in the log and the file is ignored.
+pub fn restore(control: &Control, dir: &Path) -> Option<Restored> {
+    let target = path(dir);
+    let file = match load(&target) {
+        Ok(Some(file)) => file,
+        Ok(None) => {
+            tracing::info!(path = %target.display(), "warm restart: no state file (a first start)");
+            return None;
+        }
+        Err(e) => {
+            tracing::warn!(path = %target.display(), "warm restart: state file ignored: it {e}");
+            return None;
+        }
+    };
+    let snapshot = control.shared.snapshot.load_full();
+    if !file.pools.is_empty() && !file.pools.iter().any(|p| snapshot.pool(&p.name).is_some()) {
+        let names: Vec<&str> = file.pools.iter().map(|p| p.name.as_str()).collect();
+        tracing::warn!(
+            path = %target.display(),
+            "warm restart: state file ignored: it is not this Tether's: it was written for pools {}, none of which this config has",
+            names.join(", ")
+        );
+        return None;
+    }
+    let restored = apply(control, &file);
+    let age = crate::time::unix_millis().saturating_sub(file.written_unix_ms) / 1000;
+    tracing::info!(
+        path = %target.display(),
+        "warm restart: restored {} table entries and {} admin overrides from a state file written {age}s ago \
+         ({} expired while stopped, {} of pools or backends no longer configured)",
+        restored.entries,
+        restored.overrides,
+        restored.expired,
+        restored.dropped,
+    );
+    Some(restored)
+}
+
+/// The file at `path`: `None` when there is none, an error when it cannot be used.
+fn load(path: &Path) -> Result<Option<StateFile>, LoadError> {
+    let bytes = match fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(LoadError::Read(e)),
+    };
+    let file: StateFile = serde_json::from_slice(&bytes).map_err(LoadError::Damaged)?;
+    check(&file)?;
+    Ok(Some(file))
+}
+
+/// Refuses a file of another format or version, or whose identities do not match the
+/// names they are written beside.
+fn check(file: &StateFile) -> Result<(), LoadError> {
+    if file.format != FORMAT {
+        return Err(LoadError::Foreign(format!("its format is \"{}\", not \"{FORMAT}\"", file.format)));
+    }
+    if file.version != VERSION {
+        return Err(LoadError::Foreign(format!("it is version {}, this Tether reads version {VERSION}", file.version)));
+    }
+    for p in &file.pools {
+        if p.id != hex64(affinity::pool_id(&p.name)) {
+            return Err(LoadError::Foreign(format!("pool \"{}\" has an identity of another name", p.name)));
+        }
+        for b in &p.backends {
+            if b.id != hex64(hash::backend_id(&p.name, &b.name)) {
+                return Err(LoadError::Foreign(format!(
+                    "pool \"{}\": backend \"{}\" has an identity of another name",
+                    p.name, b.name
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Puts what `file` holds into the running snapshot's tables and the control's overrides.
+fn apply(control: &Control, file: &StateFile) -> Restored {
+    let mut restored = Restored::default();
+    let now_secs = crate::time::unix_millis() / 1000;
+    let snapshot = control.shared.snapshot.load_full();
+    for saved in &file.pools {
+        let count: usize = saved.tables.values().map(Vec::len).sum();
+        let Some(pool) = snapshot.pool(&saved.name) else {
+            restored.dropped += count;
+            continue;
+        };
+        let Some(a) = &pool.affinity else {
+            restored.dropped += count;
+            continue;
+        };
+        // Each saved backend's identity, if the pool still has a backend of that name.
+        let ids: Vec<Option<u64>> = saved
+            .backends
+            .iter()
+            .map(|b| pool.backends.iter().any(|now| now.name == b.name).then(|| hash::backend_id(&pool.name, &b.name)))
+            .collect();
+        for (table_name, entries) in &saved.tables {
+            let Some(table) = a.store.table_named(table_name) else {
+                restored.dropped += entries.len();
+                continue;
+            };
+            for SavedEntry(key, backend, last_seen, established) in entries {
+                let (Ok(key), Some(Some(backend))) = (u128::from_str_radix(key, 16), ids.get(*backend)) else {
+                    restored.dropped += 1;
+                    continue;
+                };
+                let idle = u32::try_from(now_secs.saturating_sub(*last_seen)).unwrap_or(u32::MAX);
+                if table.import(key, *backend, idle, *established) {
+                    restored.entries += 1;
+                } else {
+                    restored.expired += 1;
+                }
+            }
+        }
+    }
+    let wanted: Vec<(SavedOverride, Option<u64>)> = file
+        .overrides
+        .iter()
+        .filter_map(|o| {
+            let saved = SavedOverride {
+                pool: o.pool.clone(),
+                backend: o.backend.clone(),
+                state: match &o.state {
+                    Some(s) => Some(admin_state(s)?),
+                    None => None,
+                },
+                weight: o.weight,
+                file_state: admin_state(&o.file_state)?,
+                file_weight: o.file_weight,
+            };
+            Some((saved, o.draining_since_ms))
+        })
+        .collect();
+    let since: HashMap<(String, String), u64> =
+        wanted.iter().filter_map(|(o, since)| Some(((o.pool.clone(), o.backend.clone()), (*since)?))).collect();
+    let applied = control.restore_overrides(wanted.into_iter().map(|(o, _)| o).collect());
+    restored.overrides = applied.len();
+    // A drain keeps the start it had: its `drain_timeout` runs from then.
+    let snapshot = control.shared.snapshot.load_full();
+    for o in &applied {
+        if let (Some(ms), Some(b)) =
+            (since.get(&(o.pool.clone(), o.backend.clone())), snapshot.backend(&o.pool, &o.backend))
+        {
+            b.restamp_drain(*ms);
+        }
+    }
+    restored
+}
+
+fn admin_state(s: &str) -> Option<AdminState> {
+    [AdminState::Enabled, AdminState::Draining, AdminState::Disabled].into_iter().find(|a| a.as_str() == s)
+}
+
+fn hex64(x: u64) -> String {
+    format!("{x:016x}")
+}
