@@ -157,9 +157,7 @@ impl Server {
         let shared = Arc::new(Shared::new(Snapshot::build(config.clone(), None), access_log));
         let control = Arc::new(Control::new(shared.clone(), config.clone(), source, workers));
         // Before any listener opens, so that the first request already finds its session.
-        if let Some(dir) = &config.state_dir {
-            crate::warm::restore(&control, dir);
-        }
+        let restored = config.state_dir.as_deref().and_then(|dir| crate::warm::restore(&control, dir));
         let mut addresses = Vec::new();
         for l in &config.listeners {
             addresses.push((l.name.clone(), control.open_listener(l)?));
@@ -175,6 +173,11 @@ impl Server {
         }))?;
         tokio::spawn(crate::housekeeping::run(shared.clone(), control.shutdown_signal()));
         tokio::spawn(crate::health::supervise(shared.clone(), control.shutdown_signal()));
+        // Started: the state file has been used, and is set aside so that a crash (which
+        // saves nothing) is not followed by a start that brings back what it said then.
+        if let (Some(_), Some(dir)) = (restored, &config.state_dir) {
+            crate::warm::set_aside(dir);
+        }
         Ok(Server { control, addresses, admin_address, signals })
     }
 

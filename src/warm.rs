@@ -130,6 +130,28 @@ pub fn path(dir: &Path) -> PathBuf {
     dir.join(FILE_NAME)
 }
 
+/// Where a state file goes once it has been restored and Tether has started: kept for a
+/// look, but never read again.
+pub fn used_path(dir: &Path) -> PathBuf {
+    dir.join(format!("{FILE_NAME}.restored"))
+}
+
+/// Sets the restored state file aside ([`used_path`]). A state file is used once: after a
+/// crash, which saves nothing, the next start must not bring back what the last graceful
+/// shutdown saved (an override changed through the API since, for one), so it starts
+/// without learned state, as after a first start. Called only once Tether has started, so
+/// that a start that fails (a listener that cannot bind) leaves the file for the next one.
+pub fn set_aside(dir: &Path) {
+    let (from, to) = (path(dir), used_path(dir));
+    match fs::rename(&from, &to) {
+        Ok(()) => tracing::debug!(path = %to.display(), "warm restart: the state file is set aside"),
+        Err(e) => tracing::warn!(
+            path = %from.display(),
+            "warm restart: the state file could not be set aside ({e}): a start after a crash would restore it again"
+        ),
+    }
+}
+
 // === saving ===
 
 /// Writes the running Tether's learned tables and admin overrides to `dir`, atomically.

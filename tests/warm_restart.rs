@@ -145,6 +145,39 @@ async fn a_restart_keeps_learned_sessions_and_the_drain() {
     stop(second).await;
 }
 
+/// A state file is used once. A start that restored it sets it aside; after a crash
+/// (SIGKILL: nothing saved) the next start restores nothing, and in particular not the
+/// drain the file held, which was lifted through the API in between.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_file_is_used_once_so_a_crash_does_not_bring_back_old_state() {
+    let b = backends(3).await;
+    let scratch = Scratch::new();
+    let dir = Scratch(scratch.0.join("state"));
+    let cfg = warm_config(&b, &dir.0, "1h");
+    let first = Tether::start(&cfg);
+    first.wait_log("warm restart: no state file (a first start)").await;
+    let (s, v) = call(first.admin(), "POST", "/api/pools/web/backends/app-1/drain").await;
+    assert_eq!((s, v["admin_state"].as_str()), (200, Some("draining")), "{v}");
+    stop(first).await;
+
+    let mut second = Tether::start(&cfg);
+    second.wait_log("warm restart: restored").await;
+    let admin = second.admin();
+    assert_eq!(admin_state(&admin_json(admin, "/api/pools/web").await, "app-1"), "draining");
+    assert!(!dir.0.join("tether.state.json").exists(), "a restored state file is set aside");
+    assert!(dir.0.join("tether.state.json.restored").exists());
+    let (s, v) = call(admin, "POST", "/api/pools/web/backends/app-1/enable").await;
+    assert_eq!((s, v["admin_state"].as_str()), (200, Some("enabled")), "{v}");
+    second.signal("KILL");
+    assert!(!second.wait_exit(Duration::from_secs(10)).success());
+
+    let third = Tether::start(&cfg);
+    third.wait_log("warm restart: no state file (a first start)").await;
+    let pools = admin_json(third.admin(), "/api/pools/web").await;
+    assert_eq!(admin_state(&pools, "app-1"), "enabled", "the crashed run's change was undone:\n{}", third.log());
+    stop(third).await;
+}
+
 #[tokio::test]
 async fn a_damaged_state_file_is_reported_and_ignored() {
     let b = backends(2).await;
