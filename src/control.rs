@@ -13,6 +13,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use arc_swap::ArcSwapOption;
@@ -143,6 +144,22 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Control {
     /// A control for a Tether that starts with `config`, read from `source` (reloads
     /// re-read it), serving traffic on `workers` (at least one). Opens no listener yet.
+    /// Whether every worker runtime runs a task it is given within `within`: what the
+    /// systemd watchdog is told (a worker stuck in a loop or a blocking call serves nothing,
+    /// however well the control plane does).
+    pub async fn workers_answer(&self, within: Duration) -> bool {
+        let answers = self.workers.iter().map(|w| w.spawn(async {}));
+        let all = async {
+            for a in answers {
+                if a.await.is_err() {
+                    return false;
+                }
+            }
+            true
+        };
+        tokio::time::timeout(within, all).await.unwrap_or(false)
+    }
+
     pub fn new(shared: Arc<Shared>, config: Arc<Config>, source: Option<PathBuf>, workers: Vec<Handle>) -> Control {
         assert!(!workers.is_empty(), "a Tether needs at least one worker runtime");
         let (shutdown, _) = watch::channel(false);

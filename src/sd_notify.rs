@@ -40,6 +40,25 @@ pub fn reloading() -> bool {
 }
 
 /// `STOPPING=1`.
+/// The watchdog's interval when systemd asks for one (`WatchdogSec=`: `WATCHDOG_USEC` set,
+/// and `WATCHDOG_PID`, if set, naming this process); `None` otherwise. Tether then owes a
+/// `WATCHDOG=1` at least this often, or systemd counts it as hung.
+pub fn watchdog_interval() -> Option<std::time::Duration> {
+    std::env::var_os(NOTIFY_SOCKET)?;
+    if let Some(pid) = std::env::var_os("WATCHDOG_PID") {
+        if pid.to_str()?.trim().parse::<u32>().ok()? != std::process::id() {
+            return None;
+        }
+    }
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.trim().parse().ok()?;
+    (usec > 0).then(|| std::time::Duration::from_micros(usec))
+}
+
+/// Tells systemd's watchdog that Tether is alive.
+pub fn watchdog() -> bool {
+    notify("WATCHDOG=1")
+}
+
 pub fn stopping() -> bool {
     notify("STOPPING=1\nSTATUS=shutting down: finishing open connections")
 }

@@ -188,6 +188,9 @@ impl Server {
         // Every listener is bound and its accept loops are running: ready.
         let listening: Vec<String> = addresses.iter().map(|(name, a)| format!("{name} on {a}")).collect();
         crate::sd_notify::ready(&format!("serving: {}", listening.join(", ")));
+        if let Some(every) = crate::sd_notify::watchdog_interval() {
+            tokio::spawn(watchdog(control.clone(), every));
+        }
         loop {
             tokio::select! {
                 _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break }
@@ -211,6 +214,28 @@ impl Server {
             crate::warm::save(&control, &dir);
         }
         Ok(())
+    }
+}
+
+/// Pings systemd's watchdog twice an interval while every worker runtime answers, until
+/// the process ends (shutdown's grace period included). A worker that does not answer
+/// within half an interval withholds the ping, and systemd, past `WatchdogSec`, restarts
+/// Tether.
+async fn watchdog(control: Arc<Control>, every: Duration) {
+    let half = every / 2;
+    let mut stuck = false;
+    loop {
+        let started = tokio::time::Instant::now();
+        if control.workers_answer(half).await {
+            crate::sd_notify::watchdog();
+            stuck = false;
+        } else if !stuck {
+            stuck = true;
+            tracing::error!(
+                "a worker thread did not answer within {half:?}: the systemd watchdog is not told we are alive"
+            );
+        }
+        tokio::time::sleep_until(started + half).await;
     }
 }
 

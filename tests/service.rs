@@ -26,11 +26,17 @@ struct Notified {
 
 impl Notified {
     fn start(config: &Path, socket: &str) -> Notified {
+        Notified::start_env(config, socket, &[])
+    }
+
+    /// [`start`](Self::start) with more environment variables.
+    fn start_env(config: &Path, socket: &str, env: &[(&str, String)]) -> Notified {
         let mut child = Command::new(bin())
             .args(["run", "-c"])
             .arg(config)
             .env("RUST_LOG", "info")
             .env("NOTIFY_SOCKET", socket)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -133,6 +139,55 @@ async fn ready_reloading_and_stopping_are_notified() {
     assert!(poll_until_blocking(WAIT, || t.child.try_wait().unwrap().is_some()), "{}", t.log());
 }
 
+/// `WatchdogSec=` in the unit: systemd sets `WATCHDOG_USEC` (and `WATCHDOG_PID`), and
+/// Tether says `WATCHDOG=1` twice an interval while every worker runtime answers: with one
+/// runtime and with two workers beside the control plane's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watchdog_is_fed_while_every_worker_answers() {
+    let b = backends(1).await;
+    for threads in [1, 2] {
+        let scratch = Scratch::new();
+        let extra = format!("[runtime]\nthreads = {threads}\n");
+        let path = scratch.write("tether.toml", &config("round_robin", &[&b[0]], &[], &extra));
+        let socket_path = scratch.0.join("notify.sock");
+        let socket = UnixDatagram::bind(&socket_path).unwrap();
+        // No WATCHDOG_PID (a test cannot know the pid before the spawn): the interval is
+        // then for whoever reads it, as systemd's sd_watchdog_enabled reads it.
+        let t = Notified::start_env(&path, socket_path.to_str().unwrap(), &[("WATCHDOG_USEC", "200000".into())]);
+        let ready = next(&socket, &t);
+        assert_eq!(field(&ready, "READY"), Some("1"), "{ready:?}");
+        for _ in 0..3 {
+            let ping = next(&socket, &t);
+            assert_eq!(ping, "WATCHDOG=1", "threads = {threads}: {}", t.log());
+        }
+        assert_eq!(get(serving_address(&ready), "/").await.status, 200);
+    }
+}
+
+/// A `WATCHDOG_PID` that names another process (an environment inherited by a child,
+/// say) is not this process's watchdog: no ping, only the other notifications.
+#[test]
+fn a_watchdog_for_another_process_is_not_fed() {
+    let scratch = Scratch::new();
+    let path = scratch.write("tether.toml", "[[listeners]]\nbind = \"127.0.0.1:0\"\npool = \"p\"\n[pools.p]\nbackends = [{ name = \"a\", address = \"127.0.0.1:1\" }]\n");
+    let socket_path = scratch.0.join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    let env = [("WATCHDOG_USEC", "20000".to_string()), ("WATCHDOG_PID", "1".to_string())];
+    let t = Notified::start_env(&path, socket_path.to_str().unwrap(), &env);
+    let ready = next(&socket, &t);
+    assert_eq!(field(&ready, "READY"), Some("1"), "{ready:?}");
+    // Three reloads' notifications come next, with no WATCHDOG=1 among them, though a ping
+    // would be due every 10 ms all the while (each round spawns `kill` and has Tether read
+    // and check its config: tens of milliseconds in all).
+    for _ in 0..3 {
+        t.signal("HUP");
+        let reloading = next(&socket, &t);
+        assert_eq!(field(&reloading, "RELOADING"), Some("1"), "{reloading:?}");
+        let ready = next(&socket, &t);
+        assert_eq!(field(&ready, "READY"), Some("1"), "{ready:?}");
+    }
+}
+
 #[tokio::test]
 async fn an_abstract_socket_is_notified_and_a_missing_one_is_not_fatal() {
     use std::os::linux::net::SocketAddrExt as _;
@@ -165,6 +220,7 @@ fn the_unit_file_is_a_notify_service_that_reloads_with_sighup() {
         "Type=notify",
         "ExecReload=/bin/kill -HUP $MAINPID",
         "Restart=on-failure",
+        "WatchdogSec=30s",
         "StateDirectory=tether",
         "NoNewPrivileges=yes",
         "ProtectSystem=strict",
