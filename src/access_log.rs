@@ -6,12 +6,22 @@
 //! standard output nobody reads), at most [`QUEUE`] lines wait in memory; further lines
 //! are dropped and counted (`tether_access_log_dropped_total`) rather than slow requests or
 //! grow memory without bound. A line carries at most [`MAX_URI`] bytes of the request URI.
+//!
+//! A request that belongs to a session carries the session's pseudonym (`session=`): its
+//! identity (the session id of Tether's token, or the hash of its table or hashed key)
+//! encrypted with AES-256 under the log's key and cut to 64 bits. One session has one
+//! pseudonym in every line, so its requests can be followed (and replayed) through a log,
+//! which still reveals no session id or key: without the key a pseudonym cannot be traced
+//! back, nor computed from a guessed cookie or address. The key is
+//! `access_log.session_key` (so that restarts and every instance of a fleet agree), or a
+//! random one for the process.
 
 use std::fmt::Write as _;
 use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use aes::cipher::{BlockCipherEncrypt, KeyInit};
 use http::Version;
 
 use crate::config::{self, LogFormat};
@@ -31,6 +41,8 @@ pub struct AccessLog {
     format: LogFormat,
     /// `None` when the log is off.
     out: Option<LineWriter>,
+    /// What makes session pseudonyms; `None` when the log is off.
+    pseudonyms: Option<aes::Aes256>,
 }
 
 /// Everything known about one request when it ends.
@@ -55,24 +67,47 @@ pub struct Record<'a> {
     pub error: Option<&'a str>,
     /// The affinity verdict (`hit`, `new`, `repin:down`...), `-` without affinity.
     pub affinity: &'a str,
+    /// The pseudonym of the session the request belongs to ([`AccessLog::pseudonym`]).
+    pub session: Option<u64>,
 }
 
 impl AccessLog {
     /// Opens the log and starts its writer thread; `Off` writes nothing and starts nothing.
     pub fn open(cfg: &config::AccessLog) -> io::Result<AccessLog> {
         if cfg.format == LogFormat::Off {
-            return Ok(AccessLog { format: LogFormat::Off, out: None });
+            return Ok(AccessLog { format: LogFormat::Off, out: None, pseudonyms: None });
         }
         let out: Box<dyn Write + Send> = match &cfg.path {
             None => Box::new(io::stdout()),
             Some(p) => Box::new(std::fs::OpenOptions::new().create(true).append(true).open(p)?),
         };
-        AccessLog::start(cfg.format, out, QUEUE)
+        let key = match &cfg.session_key {
+            Some(k) => {
+                crate::affinity::token::Key::from_base64(k).map_err(|e| io::Error::other(e.to_string()))?.bytes()
+            }
+            None => {
+                let mut k = [0u8; 32];
+                getrandom::fill(&mut k).map_err(|e| io::Error::other(e.to_string()))?;
+                k
+            }
+        };
+        AccessLog::start(cfg.format, out, QUEUE, key)
     }
 
     /// A log writing to `out` from its own thread, with room for `queue` waiting lines.
-    fn start(format: LogFormat, out: Box<dyn Write + Send>, queue: usize) -> io::Result<AccessLog> {
-        Ok(AccessLog { format, out: Some(LineWriter::start("access-log", out, queue, false)?) })
+    fn start(format: LogFormat, out: Box<dyn Write + Send>, queue: usize, key: [u8; 32]) -> io::Result<AccessLog> {
+        let writer = LineWriter::start("access-log", out, queue, false)?;
+        Ok(AccessLog { format, out: Some(writer), pseudonyms: Some(aes::Aes256::new(&key.into())) })
+    }
+
+    /// The pseudonym of a session `identity` (see the module documentation); `None` when
+    /// the log is off, so a request without a log line computes nothing.
+    pub fn pseudonym(&self, identity: Option<[u8; 16]>) -> Option<u64> {
+        let (cipher, identity) = (self.pseudonyms.as_ref()?, identity?);
+        let mut block = identity.into();
+        cipher.encrypt_block(&mut block);
+        let bytes: [u8; 16] = block.into();
+        Some(u64::from_le_bytes(bytes[..8].try_into().expect("8 of 16 bytes")))
     }
 
     /// Lines dropped so far because the writer had fallen [`QUEUE`] lines behind.
@@ -137,6 +172,12 @@ pub fn format_text(s: &mut String, r: &Record<'_>) {
         r.bytes_out,
         r.affinity
     );
+    match r.session {
+        Some(p) => {
+            let _ = write!(s, " session={p:016x}");
+        }
+        None => s.push_str(" session=-"),
+    }
     if let Some(e) = r.error {
         let _ = write!(s, " error={e}");
     }
@@ -166,6 +207,12 @@ pub fn format_json(s: &mut String, r: &Record<'_>) {
     let _ = write!(s, ",\"total_ms\":{:.3},\"bytes_in\":{},\"bytes_out\":{}", millis(r.total), r.bytes_in, r.bytes_out);
     s.push_str(",\"affinity\":");
     push_json_str(s, r.affinity);
+    match r.session {
+        Some(p) => {
+            let _ = write!(s, ",\"session\":\"{p:016x}\"");
+        }
+        None => s.push_str(",\"session\":null"),
+    }
     s.push_str(",\"error\":");
     push_json_opt(s, r.error);
     s.push('}');
@@ -240,6 +287,7 @@ mod tests {
             bytes_out: 512,
             error: None,
             affinity: "hit",
+            session: Some(0x00c0_ffee_0000_0042),
         }
     }
 
@@ -251,7 +299,7 @@ mod tests {
         assert_eq!(
             s,
             "2026-11-22T10:04:05.123Z 127.0.0.1:5000 web \"GET /cart?id=1 HTTP/1.1\" 200 pool=shop backend=app-1 \
-             upstream_ms=1.204 total_ms=1.391 bytes_in=3 bytes_out=512 affinity=hit"
+             upstream_ms=1.204 total_ms=1.391 bytes_in=3 bytes_out=512 affinity=hit session=00c0ffee00000042"
         );
     }
 
@@ -269,6 +317,27 @@ mod tests {
         assert_eq!(v["error"], "backend \"x\"\n");
         assert!(v["upstream_ms"].is_null());
         assert_eq!(v["bytes_out"], 512);
+        assert_eq!(v["session"], "00c0ffee00000042");
+        r.session = None;
+        s.clear();
+        format_json(&mut s, &r);
+        let v: serde_json::Value = serde_json::from_str(&s).unwrap();
+        assert!(v["session"].is_null());
+    }
+
+    #[test]
+    fn pseudonyms_are_one_per_identity_and_per_key() {
+        let with = |key: u8| AccessLog::start(LogFormat::Json, Box::new(io::sink()), 8, [key; 32]).unwrap();
+        let (a, b) = (with(1), with(2));
+        let id = [7u8; 16];
+        let p = a.pseudonym(Some(id)).unwrap();
+        assert_eq!(a.pseudonym(Some(id)), Some(p), "one identity, one pseudonym");
+        assert_ne!(a.pseudonym(Some([8u8; 16])), Some(p));
+        assert_ne!(b.pseudonym(Some(id)), Some(p), "another key, another pseudonym");
+        assert_eq!(a.pseudonym(None), None);
+        let off =
+            AccessLog::open(&config::AccessLog { format: LogFormat::Off, path: None, session_key: None }).unwrap();
+        assert_eq!(off.pseudonym(Some(id)), None, "no log, nothing computed");
     }
 
     #[test]
@@ -333,7 +402,7 @@ mod tests {
         let (done_tx, done) = mpsc::channel();
         let out = Stalled { entered: entered_tx, release: release_rx, got: Vec::new(), done: done_tx };
         let queue = 4;
-        let log = AccessLog::start(LogFormat::Text, Box::new(out), queue).unwrap();
+        let log = AccessLog::start(LogFormat::Text, Box::new(out), queue, [0; 32]).unwrap();
         let (m, u) = ("GET", "/first");
         log.write(&record(m, u));
         // The writer thread took the first line and is now stuck writing it.

@@ -640,3 +640,47 @@ async fn idle_timeout_slides_and_absolute_timeout_does_not() {
     assert_ne!(set_token(&r).expect("an expired token must be replaced"), stale);
     assert_eq!(verdicts(&t, 5).await, ["new", "hit", "hit", "expired", "expired"]);
 }
+
+/// The access log gives each session a pseudonym (`session`): the same in every line of
+/// one session, its first request (no cookie yet) included; another for another session;
+/// the same in another process with the same `access_log.session_key` (so a fleet's logs
+/// agree). No line shows the token or the session id it carries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_names_sessions_by_pseudonym() {
+    let b = backends(2).await;
+    let refs: Vec<&DemoBackend> = b.iter().collect();
+    let log = format!("[access_log]\nformat = \"json\"\nsession_key = \"{KEY_B}\"\n");
+    let cfg = format!(
+        "{}\n[pools.web.affinity]\n{}\n",
+        config("round_robin", &refs, &[], &log),
+        cookie_affinity(&[KEY_A], "")
+    );
+    let t = Tether::start(&cfg);
+    let mut c = Client::connect(t.addr()).await;
+    let (mut one, mut two) = (Visitor::default(), Visitor::default());
+    for _ in 0..3 {
+        one.visit(&mut c, "/").await;
+    }
+    for _ in 0..2 {
+        two.visit(&mut c, "/").await;
+    }
+    let lines = t.wait_access_lines(5).await;
+    let session =
+        |l: &str| serde_json::from_str::<serde_json::Value>(l).unwrap()["session"].as_str().map(str::to_string);
+    let s: Vec<String> = lines.iter().map(|l| session(l).unwrap_or_else(|| panic!("no session: {l}"))).collect();
+    assert!(s.iter().all(|p| p.len() == 16 && p.bytes().all(|b| b.is_ascii_hexdigit())), "{s:?}");
+    assert!(s[0] == s[1] && s[1] == s[2], "one session, one pseudonym: {s:?}");
+    assert!(s[3] == s[4] && s[3] != s[0], "another session, another pseudonym: {s:?}");
+    let token = one.jar["tether"].clone();
+    let id: String = open(&token, KEY_A).session.iter().map(|b| format!("{b:02x}")).collect();
+    for l in &lines {
+        assert!(!l.contains(&token) && !l.contains(&id), "the log shows the session: {l}");
+    }
+
+    // Another process with the same keys names the same session the same way.
+    let t2 = Tether::start(&cfg);
+    let mut c2 = Client::connect(t2.addr()).await;
+    one.visit(&mut c2, "/").await;
+    let l2 = t2.wait_access_lines(1).await;
+    assert_eq!(session(&l2[0]).as_deref(), Some(s[0].as_str()), "{l2:?}");
+}

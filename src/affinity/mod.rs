@@ -244,6 +244,24 @@ pub enum Target {
 }
 
 impl Decision {
+    /// What identifies the request's session, as 16 bytes for the access log's pseudonym
+    /// (`AccessLog::pseudonym`): the session id of Tether's token (the one the request
+    /// carried, or the one issued to it), else the hash of its table key (which names the
+    /// pool, the key's kind and value), else its hashed key's hash (tagged, so it is never
+    /// read as the others). `None` for a request of no session.
+    pub fn identity(&self) -> Option<[u8; 16]> {
+        if let Some(s) = self.issue.as_ref().map(|t| t.session).or(self.session) {
+            return Some(s);
+        }
+        if let Some(pin) = self.key {
+            return Some(pin.key.to_le_bytes());
+        }
+        let h = self.hash?;
+        let mut id = [0xffu8; 16];
+        id[..8].copy_from_slice(&h.to_le_bytes());
+        Some(id)
+    }
+
     /// A request of a pool without affinity, placed by the balancer.
     pub fn plain(backend: Option<usize>) -> Decision {
         Decision::to(backend.map_or(Target::NoBackend, Target::Use), Verdict::Off)

@@ -143,6 +143,11 @@ impl Key {
         Key(bytes)
     }
 
+    /// The raw key bytes (the access log's pseudonym key is one of these).
+    pub(crate) const fn bytes(&self) -> [u8; 32] {
+        self.0
+    }
+
     /// Parses a key given as base64, standard (`+/`) or URL-safe (`-_`)
     /// alphabet, with or without padding; surrounding whitespace is ignored.
     /// It must decode to exactly 32 bytes.

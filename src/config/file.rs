@@ -80,6 +80,7 @@ pub struct Admin {
 pub struct AccessLog {
     pub format: Option<Spanned<String>>,
     pub path: Option<Spanned<String>>,
+    pub session_key: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -321,7 +321,15 @@ impl Resolver<'_> {
             }
             Some(p) => Some(p.get_ref().clone()),
         };
-        AccessLog { format, path }
+        let session_key =
+            a.session_key.as_ref().and_then(|k| match crate::affinity::token::Key::from_base64(k.get_ref()) {
+                Ok(_) => Some(Secret::new(k.get_ref().clone())),
+                Err(e) => {
+                    self.error(k, format!("access_log.session_key: {e}"));
+                    None
+                }
+            });
+        AccessLog { format, path, session_key }
     }
 
     /// The listeners, each checked, then their names and bind addresses checked for repeats.

@@ -421,3 +421,17 @@ fn a_listener_names_its_http1_implementation() {
         ["t.toml:2:9: listener \"listener-1\": http1 \"fast\" is not known: expected \"hyper\" or \"native\""]
     );
 }
+
+#[test]
+fn the_access_log_session_key_is_a_located_32_byte_key() {
+    let with = |line: &str| {
+        format!("[access_log]\nformat = \"json\"\n{line}\n[[listeners]]\nbind = \"127.0.0.1:0\"\npool = \"p\"\n[pools.p]\nbackends = [{{ name = \"a\", address = \"127.0.0.1:1\" }}]\n")
+    };
+    let key = "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=";
+    let cfg = parse(&with(&format!("session_key = \"{key}\"")), "t.toml").unwrap();
+    assert_eq!(cfg.access_log.session_key.as_deref(), Some(key));
+    assert!(format!("{:?}", cfg.access_log).contains("Secret(..)"), "the key stays out of Debug output");
+    assert_eq!(parse(&with(""), "t.toml").unwrap().access_log.session_key, None);
+    let e = errors(&with("session_key = \"c2hvcnQ=\""));
+    assert!(e.len() == 1 && e[0].starts_with("t.toml:3:15: access_log.session_key:"), "{e:#?}");
+}

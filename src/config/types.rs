@@ -119,6 +119,9 @@ pub struct AccessLog {
     pub format: LogFormat,
     /// `None` writes to standard output.
     pub path: Option<String>,
+    /// The key (32 bytes, base64, as cookie keys) of the pseudonyms lines give sessions
+    /// (`session=`); `None`: a random key for each process.
+    pub session_key: Option<Secret>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -50,6 +50,8 @@ pub struct Outcome {
     pub bytes_out: u64,
     pub error: Option<&'static str>,
     pub verdict: Verdict,
+    /// The session's pseudonym in the access log, when it is on.
+    pub session: Option<u64>,
     /// The request was sent again to another backend after a broken connection.
     pub retried: bool,
     /// A `max_connections` slot, held until the response ends.
@@ -79,6 +81,7 @@ impl Outcome {
             bytes_out: 0,
             error: None,
             verdict: Verdict::Off,
+            session: None,
             retried: false,
             slot: None,
             complete: false,
@@ -125,6 +128,7 @@ impl Drop for Outcome {
                 bytes_out: self.bytes_out,
                 error: self.error,
                 affinity: self.verdict.as_str(),
+                session: self.session,
             });
         }
     }

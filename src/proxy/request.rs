@@ -83,6 +83,7 @@ async fn forward(
     let now_ms = if pool.affinity.is_some() { crate::time::unix_millis() } else { 0 };
     let mut decision = decide(pool, routes, cx, &req, trusted, now_ms);
     out.verdict = decision.verdict;
+    out.session = cx.shared.access_log.pseudonym(decision.identity());
     // Read before the rewrite replaces an untrusted client's X-Forwarded-Proto.
     let https = rewrite::forwarded_https(req.headers(), trusted);
     rewrite::request(&mut req, cx, host, trusted, upgrade);

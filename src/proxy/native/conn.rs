@@ -173,6 +173,7 @@ fn log_refused_head(client: &Client, bytes: &[u8], e: request::Error, refusal: &
         bytes_out: 0,
         error: Some(refusal.label()),
         affinity: "-",
+        session: None,
     });
 }
 
@@ -209,6 +210,8 @@ struct Exchange<'c> {
     pool: Option<Arc<str>>,
     backend: Option<Arc<Backend>>,
     verdict: Verdict,
+    /// The session's pseudonym in the access log, when it is on.
+    session: Option<u64>,
     slot: Option<tokio::sync::OwnedSemaphorePermit>,
     error: Option<&'static str>,
     /// For the access log, when it is on: when the request started, and its request line
@@ -233,6 +236,7 @@ impl<'c> Exchange<'c> {
             pool: None,
             backend: None,
             verdict: Verdict::Off,
+            session: None,
             slot: None,
             error: None,
             log: None,
@@ -295,6 +299,7 @@ impl<'c> Exchange<'c> {
                 bytes_out: self.bytes_out,
                 error: self.error,
                 affinity: self.verdict.as_str(),
+                session: self.session,
             });
         }
     }
@@ -352,6 +357,7 @@ impl<'c> Exchange<'c> {
             None => Decision::plain(pool.group().pick(None)),
         };
         self.verdict = decision.verdict;
+        self.session = self.client.shared.access_log.pseudonym(decision.identity());
         let index = match decision.target {
             Target::Use(i) => i,
             Target::Strict(reason) => return Err(Refusal::SessionUnavailable(reason)),
