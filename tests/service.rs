@@ -119,7 +119,9 @@ async fn ready_reloading_and_stopping_are_notified() {
     assert!(usec > 0);
     let ready = next(&socket, &t);
     assert_eq!(field(&ready, "READY"), Some("1"), "{ready:?}");
-    assert!(t.log().contains("config reloaded"), "{}", t.log());
+    // The log line comes through Tether's log writer thread and this test's reader of
+    // its standard error, so it may follow the datagram: awaited.
+    assert!(poll_until(WAIT, || t.log().contains("config reloaded")).await, "{}", t.log());
 
     // A rejected reload is notified the same way: the running config serves on.
     scratch.write("tether.toml", "[runtime]\nthreads = 0\n");
