@@ -8,39 +8,9 @@
 // saves a full-page screenshot to SCREENSHOT and prints `DRAINED <name>`. Exit 0 on
 // success; on any failure prints the error and exits 1.
 //
-// Needs /usr/bin/chromium and the npm package playwright-core (found by a plain import
-// or through NODE_PATH, which ES modules do not consult by themselves).
-import { createRequire } from "node:module";
-import { mkdtempSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
-import { delimiter, join } from "node:path";
-
-const CHROMIUM = "/usr/bin/chromium";
-const ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-  "--disable-background-networking", "--disable-component-update", "--disable-sync"];
-const OVERALL_TIMEOUT_MS = 90_000;
-
-async function loadChromium() {
-  try {
-    const m = await import("playwright-core");
-    const chromium = m.chromium ?? m.default?.chromium;
-    if (chromium) return chromium;
-  } catch { /* not resolvable from here: try NODE_PATH */ }
-  const require = createRequire(import.meta.url);
-  try {
-    return require("playwright-core").chromium;
-  } catch (first) {
-    for (const dir of (process.env.NODE_PATH || "").split(delimiter).filter(Boolean)) {
-      try { return require(join(dir, "playwright-core")).chromium; } catch { /* next */ }
-    }
-    throw new Error(`cannot load playwright-core (NODE_PATH=${process.env.NODE_PATH || ""}): ${first.message}`);
-  }
-}
-
-function fail(err) {
-  console.log("ERROR " + String(err && err.message || err).split("\n")[0]);
-  if (err && err.stack) console.error(err.stack);
-}
+// Needs /usr/bin/chromium and the npm package playwright-core (tests/support/chromium.mjs
+// finds and launches them).
+import { inChromium } from "../support/chromium.mjs";
 
 const [url, screenshot] = process.argv.slice(2);
 if (!url || !screenshot) {
@@ -48,30 +18,7 @@ if (!url || !screenshot) {
   process.exit(1);
 }
 
-const userDataDir = mkdtempSync(join(tmpdir(), "tether-dashboard-"));
-let context = null;
-const cleanup = async () => {
-  if (context) await context.close().catch(() => {});
-  rmSync(userDataDir, { recursive: true, force: true });
-};
-const guard = setTimeout(async () => {
-  fail(new Error(`gave up after ${OVERALL_TIMEOUT_MS / 1000}s`));
-  await cleanup();
-  process.exit(1);
-}, OVERALL_TIMEOUT_MS);
-
-let code = 1;
-try {
-  const chromium = await loadChromium();
-  context = await chromium.launchPersistentContext(userDataDir, {
-    executablePath: CHROMIUM,
-    headless: true,
-    args: ARGS,
-    viewport: { width: 1360, height: 900 },
-  });
-  const page = context.pages()[0] ?? await context.newPage();
-  const pageErrors = [];
-  page.on("pageerror", e => { pageErrors.push(e); console.error("PAGE ERROR " + (e.stack || e.message)); });
+await inChromium({ profile: "tether-dashboard", timeoutMs: 90_000, viewport: { width: 1360, height: 900 } }, async ({ page, pageErrors }) => {
   page.on("console", m => { if (m.type() === "error") console.error("PAGE CONSOLE " + m.text()); });
 
   await page.goto(url, { waitUntil: "domcontentloaded", timeout: 15_000 });
@@ -106,11 +53,4 @@ try {
   await page.screenshot({ path: screenshot, fullPage: true });
   if (pageErrors.length) throw new Error(`the page threw: ${pageErrors[0].message}`);
   console.log("DRAINED " + first);
-  code = 0;
-} catch (err) {
-  fail(err);
-} finally {
-  clearTimeout(guard);
-  await cleanup();
-}
-process.exit(code);
+});

@@ -9,35 +9,11 @@
 // <height>` per line, saves a full-page screenshot, and exits 0; on any failure prints
 // `ERROR <message>` and exits 1.
 //
-// Needs /usr/bin/chromium and the npm package playwright-core (found by a plain import or
-// through NODE_PATH, which ES modules do not consult by themselves).
-import { createRequire } from "node:module";
-import { mkdtempSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
-import { delimiter, join, resolve } from "node:path";
+// Needs /usr/bin/chromium and the npm package playwright-core (tests/support/chromium.mjs
+// finds and launches them).
+import { resolve } from "node:path";
 import { pathToFileURL } from "node:url";
-
-const CHROMIUM = "/usr/bin/chromium";
-const ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-  "--disable-background-networking", "--disable-component-update", "--disable-sync"];
-const OVERALL_TIMEOUT_MS = 60_000;
-
-async function loadChromium() {
-  try {
-    const m = await import("playwright-core");
-    const chromium = m.chromium ?? m.default?.chromium;
-    if (chromium) return chromium;
-  } catch { /* not resolvable from here: try NODE_PATH */ }
-  const require = createRequire(import.meta.url);
-  try {
-    return require("playwright-core").chromium;
-  } catch (first) {
-    for (const dir of (process.env.NODE_PATH || "").split(delimiter).filter(Boolean)) {
-      try { return require(join(dir, "playwright-core")).chromium; } catch { /* next */ }
-    }
-    throw new Error(`cannot load playwright-core (NODE_PATH=${process.env.NODE_PATH || ""}): ${first.message}`);
-  }
-}
+import { inChromium } from "../support/chromium.mjs";
 
 const [report, screenshot] = process.argv.slice(2);
 if (!report || !screenshot) {
@@ -45,29 +21,9 @@ if (!report || !screenshot) {
   process.exit(1);
 }
 
-const userDataDir = mkdtempSync(join(tmpdir(), "tether-simulate-"));
-let context = null;
-const cleanup = async () => {
-  if (context) await context.close().catch(() => {});
-  rmSync(userDataDir, { recursive: true, force: true });
-};
-const guard = setTimeout(async () => {
-  console.log(`ERROR gave up after ${OVERALL_TIMEOUT_MS / 1000}s`);
-  await cleanup();
-  process.exit(1);
-}, OVERALL_TIMEOUT_MS);
-
-let code = 1;
-try {
-  const chromium = await loadChromium();
-  context = await chromium.launchPersistentContext(userDataDir, {
-    executablePath: CHROMIUM, headless: true, args: ARGS, viewport: { width: 1000, height: 800 },
-  });
-  const page = context.pages()[0] ?? await context.newPage();
+await inChromium({ profile: "tether-simulate", timeoutMs: 60_000, viewport: { width: 1000, height: 800 } }, async ({ page, pageErrors }) => {
   const external = [];
   page.on("request", r => { if (!r.url().startsWith("file:")) external.push(r.url()); });
-  const pageErrors = [];
-  page.on("pageerror", e => pageErrors.push(e));
 
   await page.goto(pathToFileURL(resolve(report)).href, { waitUntil: "load", timeout: 15_000 });
   if (!(await page.title()).startsWith("tether simulate")) throw new Error(`unexpected title ${await page.title()}`);
@@ -89,11 +45,4 @@ try {
   await page.screenshot({ path: screenshot, fullPage: true });
   if (external.length) throw new Error(`the report loaded external resources: ${external.join(", ")}`);
   if (pageErrors.length) throw new Error(`the page threw: ${pageErrors[0].message}`);
-  code = 0;
-} catch (err) {
-  console.log("ERROR " + String(err && err.message || err).split("\n")[0]);
-} finally {
-  clearTimeout(guard);
-  await cleanup();
-}
-process.exit(code);
+});
