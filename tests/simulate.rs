@@ -146,8 +146,9 @@ idle_timeout = "2s"
 /// the key chain finds nothing and round robin places them a, b, c, a, b, c (`new`); each
 /// backend answers with a new JSESSIONID, which Tether learns and pins. At t=1 s all six
 /// carry their cookie: six `hit`s. b fails at 1.5 s (no health checks): at t=2 s clients
-/// 1 and 4 are sent to b, refused, and `failover` re-points their pins, to a (cursor 6)
-/// and c (cursor 7, b excluded), with `repin:down`; the new backends, not knowing the
+/// 1 and 4 are sent to b, refused, and `failover` re-points their pins, both to a (cursor
+/// 6; cursor 7 is b's turn, which goes where spread(7) lands, a, as in the golden test
+/// above), with `repin:down`; the new backends, not knowing the
 /// session, set new cookies (learned too). So: 18 requests, 6 new, 10 hit, 2 repin:down,
 /// two sessions broken (not silently) onto backends they had not used.
 #[test]

@@ -87,22 +87,24 @@ pub struct Pin {
 
 impl Store {
     fn new(cfg: &config::Affinity) -> Store {
-        Store {
-            // With history: a warm restart imports entries last seen before the table was
-            // made, with the idle time they have left (`warm`).
-            pins: PinKind::ALL.map(|_| StickTable::with_history(cfg.table.capacity, cfg.table.idle_timeout, 16)),
-            sessions: StickTable::with_history(cfg.table.capacity.max(100_000), cfg.cookie.idle_timeout, 16),
-        }
+        // With history: a warm restart imports entries last seen before the table was
+        // made, with the idle time they have left (`warm`).
+        Store::with_tables(cfg, |_, capacity, idle| StickTable::with_history(capacity, idle, 16))
     }
 
     /// The store [`new`](Self::new) makes, on `clock` and with table seeds derived from
     /// `seed`: the simulator's, whose time is simulated and whose runs repeat exactly.
     pub fn simulated(cfg: &config::Affinity, clock: &stick_table::Clock, seed: u64) -> Store {
-        let table = |i: u64, capacity: usize, idle: Duration| {
+        Store::with_tables(cfg, |i, capacity, idle| {
             StickTable::with_clock(capacity, idle, 16, clock.clone(), seed ^ i.wrapping_mul(0x9e37_79b9_7f4a_7c15))
-        };
+        })
+    }
+
+    /// The four pin tables and the token session table, sized by `cfg`; `table(i,
+    /// capacity, idle_timeout)` makes the `i`-th (1 to 4 the pin tables, 5 the sessions).
+    fn with_tables(cfg: &config::Affinity, table: impl Fn(u64, usize, Duration) -> StickTable) -> Store {
         Store {
-            pins: [0, 1, 2, 3].map(|i| table(i + 1, cfg.table.capacity, cfg.table.idle_timeout)),
+            pins: [1, 2, 3, 4].map(|i| table(i, cfg.table.capacity, cfg.table.idle_timeout)),
             sessions: table(5, cfg.table.capacity.max(100_000), cfg.cookie.idle_timeout),
         }
     }

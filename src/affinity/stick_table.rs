@@ -137,6 +137,14 @@ fn coarse_nanos() -> u64 {
     START.get_or_init(Instant::now).elapsed().as_nanos() as u64
 }
 
+/// A table's seed for its shard and index hashes: from the system's random source, or
+/// without it from the clock, which still makes seeds differ by process.
+fn random_seed() -> u64 {
+    getrandom::u64().unwrap_or_else(|_| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+    })
+}
+
 /// One entry as [`StickTable::export`] lists it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Exported {
@@ -408,22 +416,15 @@ impl StickTable {
     /// `idle_timeout` (whole seconds; sub-second parts are dropped) are
     /// treated as absent.
     pub fn new(capacity: usize, idle_timeout: Duration, shards: usize) -> Self {
-        // Without the system's random source the clock still makes seeds differ by process.
-        let seed = getrandom::u64().unwrap_or_else(|_| {
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
-        });
-        Self::with_clock(capacity, idle_timeout, shards, Clock::new(), seed)
+        Self::with_clock(capacity, idle_timeout, shards, Clock::new(), random_seed())
     }
 
     /// [`new`](Self::new) on a clock backdated by the idle timeout
     /// ([`Clock::backdated`]): a table that can [`import`](Self::import) entries seen up
     /// to an idle timeout before it was made, with the idle time they have left.
     pub fn with_history(capacity: usize, idle_timeout: Duration, shards: usize) -> Self {
-        let seed = getrandom::u64().unwrap_or_else(|_| {
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
-        });
         let idle = u32::try_from(idle_timeout.as_secs()).unwrap_or(u32::MAX);
-        Self::with_clock(capacity, idle_timeout, shards, Clock::backdated(idle.saturating_add(1)), seed)
+        Self::with_clock(capacity, idle_timeout, shards, Clock::backdated(idle.saturating_add(1)), random_seed())
     }
 
     /// [`new`](Self::new) with the clock and the seed given: the simulator's table, whose
