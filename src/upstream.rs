@@ -1,15 +1,12 @@
 //! Connections to one backend: connect with a deadline, and keep idle keep-alive
-//! connections for reuse.
-//!
-//! Built on hyper's low-level `client::conn::http1` rather than hyper-util's pooled client
-//! for two reasons: connecting is a separate step from sending, so a connect failure leaves
-//! the request (and its streaming body) in our hands to send to another backend; and
-//! `try_send_request` hands a request back when a pooled connection turned out to be closed
-//! before anything was written, so it can go out again on a fresh one. A pool's snapshot
-//! keeps one `Upstream` per backend beside it, carried across reloads with the backend.
+//! sockets for reuse, one stack per worker. Both of Tether's request paths (HTTP/1 on the
+//! native codec, and HTTP/2 from clients through `proxy::backside`) speak HTTP/1.1 to
+//! backends over these sockets. A pool's snapshot keeps one `Upstream` per backend beside
+//! it, carried across reloads with the backend.
 //!
 //! This module does not choose backends and does not retry across backends: the proxy's
-//! request flow does.
+//! request flow does. It also holds the client's request body as the HTTP/2 path streams
+//! it ([`RequestBody`]), with the state that tells a failed upload from a failed backend.
 
 use std::future::Future;
 use std::io;
@@ -23,53 +20,38 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
 use crate::config::Timeouts;
 
-/// Idle connections kept per backend (on the native path, per backend and worker). Beyond
+/// Idle connections kept per backend and worker. Beyond
 /// this a finished connection is closed. It is sized for a few hundred concurrent clients
 /// per backend, the load where reusing connections matters most; idle connections cost a
 /// socket and about 10 KiB each.
 pub const MAX_IDLE: usize = 512;
 
-/// How long a pooled connection may take to become ready after its last response.
-const SETTLE: Duration = Duration::from_millis(250);
-
 /// An error of a body Tether streams: the peer's, or a wait for its next piece that went
 /// on too long.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// A sender for one HTTP/1.1 connection to a backend.
-pub type Sender = SendRequest<RequestBody>;
 
 #[derive(Debug)]
 pub struct Upstream {
     address: SocketAddr,
     connect_timeout: Duration,
     idle_timeout: Duration,
-    idle: Mutex<Vec<Idle>>,
-    /// Idle connections of the native HTTP/1 path: plain sockets, most recent last, one
+    /// Idle connections: plain sockets, most recent last, one
     /// stack per worker (`worker::index`). A socket is registered with the reactor of the
     /// runtime that opened it, so it goes back to, and is taken again from, its own
     /// worker's stack only; each stack's lock is taken by one thread and never contended.
-    native_idle: Box<[NativeIdle]>,
+    idle: Box<[IdleStack]>,
 }
 
-/// One worker's idle native-path sockets, on a cache line of its own so that workers
+/// One worker's idle sockets, on a cache line of its own so that workers
 /// taking and putting back connections to the same backend do not share one.
 #[derive(Debug, Default)]
 #[repr(align(64))]
-struct NativeIdle(Mutex<Vec<(TcpStream, Instant)>>);
-
-#[derive(Debug)]
-struct Idle {
-    sender: Sender,
-    since: Instant,
-}
+struct IdleStack(Mutex<Vec<(TcpStream, Instant)>>);
 
 /// Why a connection to a backend could not be made. No byte of the request was sent, so
 /// the request may always go to another backend.
@@ -77,7 +59,6 @@ struct Idle {
 pub enum ConnectError {
     Timeout(Duration),
     Io(io::Error),
-    Handshake(hyper::Error),
 }
 
 impl ConnectError {
@@ -86,7 +67,7 @@ impl ConnectError {
     /// count against the backend's health.
     pub fn is_backend_fault(&self) -> bool {
         match self {
-            ConnectError::Timeout(_) | ConnectError::Handshake(_) => true,
+            ConnectError::Timeout(_) => true,
             ConnectError::Io(e) => matches!(
                 e.kind(),
                 io::ErrorKind::ConnectionRefused
@@ -106,7 +87,6 @@ impl std::fmt::Display for ConnectError {
         match self {
             ConnectError::Timeout(d) => write!(f, "connect timed out after {d:?}"),
             ConnectError::Io(e) => write!(f, "connect failed: {e}"),
-            ConnectError::Handshake(e) => write!(f, "connection setup failed: {e}"),
         }
     }
 }
@@ -119,95 +99,39 @@ impl Upstream {
             address,
             connect_timeout: timeouts.connect,
             idle_timeout: timeouts.backend_idle,
-            idle: Mutex::new(Vec::new()),
-            native_idle: (0..crate::worker::count()).map(|_| NativeIdle::default()).collect(),
+            idle: (0..crate::worker::count()).map(|_| IdleStack::default()).collect(),
         }
     }
 
-    /// An idle connection that is still open and ready, most recently used first (its
-    /// buffers and the backend's worker are warm). A connection is put back as soon as
-    /// its response has been read to the end, which can be a moment before hyper has
-    /// marked it ready for the next request; such a one is waited for briefly.
-    pub async fn take_idle(&self) -> Option<Sender> {
-        let now = Instant::now();
-        loop {
-            let Idle { mut sender, since } = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop()?;
-            if sender.is_closed() || now.duration_since(since) >= self.idle_timeout {
-                continue;
-            }
-            if sender.is_ready() {
-                return Some(sender);
-            }
-            if let Ok(Ok(())) = tokio::time::timeout(SETTLE, sender.ready()).await {
-                return Some(sender);
-            }
-        }
-    }
-
-    /// Keeps a connection whose last response has been read to the end.
-    pub fn put_back(&self, sender: Sender) {
-        if sender.is_closed() {
-            return;
-        }
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        if idle.len() < MAX_IDLE {
-            idle.push(Idle { sender, since: Instant::now() });
-        }
-    }
-
-    /// Opens a new connection within the connect timeout.
-    pub async fn connect(&self) -> Result<Sender, ConnectError> {
-        let stream = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.address)).await {
-            Err(_) => return Err(ConnectError::Timeout(self.connect_timeout)),
-            Ok(Err(e)) => return Err(ConnectError::Io(e)),
-            Ok(Ok(s)) => s,
-        };
-        // Requests and responses are written whole by hyper; Nagle would only add delay.
-        let _ = stream.set_nodelay(true);
-        let (mut sender, conn) =
-            http1::Builder::new().handshake(TokioIo::new(stream)).await.map_err(ConnectError::Handshake)?;
-        tokio::spawn(async move {
-            // Errors here are seen by the request that owns the connection; a connection
-            // closing while idle is normal.
-            let _ = conn.with_upgrades().await;
-        });
-        sender.ready().await.map_err(ConnectError::Handshake)?;
-        Ok(sender)
-    }
-}
-
-// === the native path's connections ===
-
-impl Upstream {
-    /// An idle socket of the native path that is still open and has nothing unread, most
+    /// An idle socket that is still open and has nothing unread, most
     /// recently used first. One the backend closed, or that it sent something on while
     /// idle, or that has been idle for `backend_idle`, is dropped.
-    pub fn take_native(&self) -> Option<TcpStream> {
+    pub fn take_idle(&self) -> Option<TcpStream> {
         let now = Instant::now();
         loop {
-            let (stream, since) = self.native_stack().lock().unwrap_or_else(|e| e.into_inner()).pop()?;
+            let (stream, since) = self.idle_stack().lock().unwrap_or_else(|e| e.into_inner()).pop()?;
             if now.duration_since(since) < self.idle_timeout && quiet(&stream) {
                 return Some(stream);
             }
         }
     }
 
-    /// Keeps a native-path socket whose last response was read to the end.
-    pub fn put_native(&self, stream: TcpStream) {
-        let mut idle = self.native_stack().lock().unwrap_or_else(|e| e.into_inner());
+    /// Keeps a socket whose last response was read to the end.
+    pub fn put_back(&self, stream: TcpStream) {
+        let mut idle = self.idle_stack().lock().unwrap_or_else(|e| e.into_inner());
         if idle.len() < MAX_IDLE {
             idle.push((stream, Instant::now()));
         }
     }
 
     /// The idle stack of the worker this runs on (the first one off the workers).
-    fn native_stack(&self) -> &Mutex<Vec<(TcpStream, Instant)>> {
-        let stacks = &self.native_idle;
+    fn idle_stack(&self) -> &Mutex<Vec<(TcpStream, Instant)>> {
+        let stacks = &self.idle;
         &stacks.get(crate::worker::index()).unwrap_or(&stacks[0]).0
     }
 
     /// Opens a new socket to the backend within the connect timeout.
-    pub async fn connect_native(&self) -> Result<TcpStream, ConnectError> {
+    pub async fn connect(&self) -> Result<TcpStream, ConnectError> {
         let stream = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.address)).await {
             Err(_) => return Err(ConnectError::Timeout(self.connect_timeout)),
             Ok(Err(e)) => return Err(ConnectError::Io(e)),
@@ -221,7 +145,7 @@ impl Upstream {
 /// An idle socket is usable when reading it would block: it is neither closed nor holding
 /// bytes nobody asked for.
 ///
-/// Most of the time this costs no system call. The native path reads a response with
+/// Most of the time this costs no system call. Both request paths read a response with
 /// tokio's `AsyncRead`, which forgets a socket's read readiness when a read comes back
 /// short (or would block); after that, only an edge from epoll (bytes or a FIN arrived)
 /// sets it again. `try_io` runs its `MSG_PEEK` only on a socket marked readable (and
@@ -352,8 +276,8 @@ impl std::fmt::Display for BodyTooLarge {
 impl std::error::Error for BodyTooLarge {}
 
 /// How reading a client's request body went, as seen by the connection that sends it to a
-/// backend. hyper reports a failure of the request body as a failure of the send, so this
-/// is how the proxy tells a broken upload (the client's fault) from a broken backend.
+/// backend: how the proxy tells a broken or late upload (the client's fault) from a broken
+/// or late backend.
 #[derive(Debug, Default)]
 pub struct BodyState(AtomicU8);
 
@@ -477,16 +401,16 @@ mod tests {
         crate::worker::set_count(2);
         let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let upstream = Upstream::new(backend.local_addr().unwrap(), &Timeouts::default());
-        let stream = upstream.connect_native().await.unwrap();
+        let stream = upstream.connect().await.unwrap();
         let _accepted = backend.accept().await.unwrap();
         // This test's thread plays worker 1, then worker 0 (the index is the thread's own).
         crate::worker::set_index(1);
-        upstream.put_native(stream);
+        upstream.put_back(stream);
         crate::worker::set_index(0);
-        assert!(upstream.take_native().is_none(), "worker 0 took worker 1's connection");
+        assert!(upstream.take_idle().is_none(), "worker 0 took worker 1's connection");
         crate::worker::set_index(1);
-        assert!(upstream.take_native().is_some(), "worker 1 lost its own connection");
-        assert!(upstream.take_native().is_none());
+        assert!(upstream.take_idle().is_some(), "worker 1 lost its own connection");
+        assert!(upstream.take_idle().is_none());
         crate::worker::set_index(0);
     }
 }

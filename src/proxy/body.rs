@@ -19,15 +19,15 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Method, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use tokio::time::Instant;
 
+use super::backside::Backside;
 use super::client::ConnCx;
 use super::refusal::LateFailure;
 use crate::access_log::Record;
 use crate::affinity::verdict::Verdict;
 use crate::backend::Backend;
-use crate::upstream::{BodyTimeout, BoxError, Sender, Stall, Upstream};
+use crate::upstream::{BodyTimeout, BoxError, Stall};
 
 /// What is known about a request while it is served; settled on drop.
 #[derive(Debug)]
@@ -41,10 +41,6 @@ pub struct Outcome {
     pub status: u16,
     pub pool: Option<Arc<str>>,
     pub backend: Option<Arc<Backend>>,
-    /// The backend's connections, where `sender` goes back.
-    connections: Option<Arc<Upstream>>,
-    /// The backend connection, returned to its pool if the response is read to the end.
-    pub sender: Option<Sender>,
     pub upstream: Option<Duration>,
     pub bytes_in: u64,
     pub bytes_out: u64,
@@ -56,7 +52,6 @@ pub struct Outcome {
     pub retried: bool,
     /// A `max_connections` slot, held until the response ends.
     pub slot: Option<tokio::sync::OwnedSemaphorePermit>,
-    complete: bool,
 }
 
 impl Outcome {
@@ -74,8 +69,6 @@ impl Outcome {
             status: 0,
             pool: None,
             backend: None,
-            connections: None,
-            sender: None,
             upstream: None,
             bytes_in: 0,
             bytes_out: 0,
@@ -84,17 +77,14 @@ impl Outcome {
             session: None,
             retried: false,
             slot: None,
-            complete: false,
         }
     }
 
-    /// Charges the request to `backend` (its in-flight count goes up until drop), whose
-    /// connections are `connections`.
-    pub fn set_backend(&mut self, backend: &Arc<Backend>, connections: &Arc<Upstream>) {
+    /// Charges the request to `backend` (its in-flight count goes up until drop).
+    pub fn set_backend(&mut self, backend: &Arc<Backend>) {
         if let Some(old) = self.backend.replace(backend.clone()) {
             old.release();
         }
-        self.connections = Some(connections.clone());
         backend.acquire();
     }
 }
@@ -105,9 +95,6 @@ impl Drop for Outcome {
             b.release();
             b.count(self.verdict);
             b.metrics.record(self.status, self.started.elapsed());
-            if let (true, Some(sender), Some(c)) = (self.complete, self.sender.take(), &self.connections) {
-                c.put_back(sender);
-            }
         }
         self.cx.state.end();
         let log = &self.cx.shared.access_log;
@@ -144,56 +131,46 @@ pub struct ProxyBody {
 #[derive(Debug)]
 enum Inner {
     /// The backend's body, each wait for its next piece bounded by `backend_body`.
-    Stream(Incoming, Stall),
+    Backend(Box<Backside>, Stall),
     Full(Option<Bytes>),
 }
 
 impl ProxyBody {
     /// The backend's body, each wait for its next piece lasting at most `backend_body`.
-    pub fn stream(body: Incoming, outcome: Outcome, backend_body: Duration) -> ProxyBody {
-        ProxyBody { inner: Inner::Stream(body, Stall::new(backend_body)), outcome: Some(outcome) }
+    pub fn backend(back: Backside, outcome: Outcome, backend_body: Duration) -> ProxyBody {
+        let mut b =
+            ProxyBody { inner: Inner::Backend(Box::new(back), Stall::new(backend_body)), outcome: Some(outcome) };
+        b.settle_if_read();
+        b
     }
 
     pub fn full(data: Bytes, outcome: Option<Outcome>) -> ProxyBody {
         let data = if data.is_empty() { None } else { Some(data) };
-        let mut b = ProxyBody { inner: Inner::Full(data), outcome };
-        if let (Inner::Full(None), Some(o)) = (&b.inner, &mut b.outcome) {
-            o.complete = true;
-        }
-        b
+        ProxyBody { inner: Inner::Full(data), outcome }
     }
 
     pub fn empty(outcome: Option<Outcome>) -> ProxyBody {
         ProxyBody::full(Bytes::new(), outcome)
     }
 
-    /// Ends the request on a failed backend body: its connection is not pooled.
-    fn failed(&mut self, e: BoxError) -> BoxError {
+    /// Ends the request on a failed body (`label` in the access log): the backend's
+    /// connection is closed, never pooled.
+    fn failed(&mut self, label: &'static str, e: BoxError) -> BoxError {
         if let Some(o) = &mut self.outcome {
-            o.error = Some(LateFailure::BackendBody.label());
-            o.sender = None;
+            o.error = Some(label);
         }
-        tracing::debug!("backend response body failed: {e}");
+        tracing::debug!("response body failed: {e}");
+        self.inner = Inner::Full(None);
         self.outcome = None;
         e
     }
 
-    /// Ends the request now (its response has no body worth waiting for).
-    fn finish(&mut self) {
-        if let Some(o) = &mut self.outcome {
-            o.complete = true;
-        }
-        self.outcome = None;
-    }
-}
-
-impl Drop for ProxyBody {
-    fn drop(&mut self) {
-        // hyper stops polling a body whose length it knows once it has written that many
-        // bytes, so "read to the end" is also judged here, when the body goes.
-        if let (Inner::Stream(b, _), Some(o)) = (&self.inner, &mut self.outcome) {
-            if b.is_end_stream() {
-                o.complete = true;
+    /// Once the backend's body has been read to its end, its connection goes back to the
+    /// idle stack at once (if it is in step), even before the last piece is written.
+    fn settle_if_read(&mut self) {
+        if matches!(&self.inner, Inner::Backend(b, _) if b.is_end()) {
+            if let Inner::Backend(b, _) = std::mem::replace(&mut self.inner, Inner::Full(None)) {
+                b.settle();
             }
         }
     }
@@ -214,30 +191,33 @@ impl Body for ProxyBody {
                     Ok(Frame::data(d))
                 });
                 if frame.is_none() {
-                    this.finish();
+                    // The request ends here.
+                    this.outcome = None;
                 }
                 Poll::Ready(frame)
             }
-            Inner::Stream(body, stall) => match Pin::new(body).poll_frame(cx) {
+            Inner::Backend(back, stall) => match back.poll_data(cx) {
                 Poll::Pending => {
                     if stall.poll_expired(cx).is_pending() {
                         return Poll::Pending;
                     }
                     let e = BodyTimeout { from: "backend's response", after: stall.limit() };
-                    Poll::Ready(Some(Err(this.failed(e.into()))))
+                    Poll::Ready(Some(Err(this.failed(LateFailure::BackendBody.label(), e.into()))))
                 }
-                Poll::Ready(Some(Ok(frame))) => {
+                Poll::Ready(Ok(Some(d))) => {
                     stall.arrived();
-                    if let (Some(d), Some(o)) = (frame.data_ref(), &mut this.outcome) {
+                    if let Some(o) = &mut this.outcome {
                         o.bytes_out += d.len() as u64;
                     }
-                    Poll::Ready(Some(Ok(frame)))
+                    this.settle_if_read();
+                    Poll::Ready(Some(Ok(Frame::data(d))))
                 }
-                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(this.failed(e.into())))),
-                Poll::Ready(None) => {
-                    this.finish();
+                Poll::Ready(Ok(None)) => {
+                    this.settle_if_read();
+                    this.outcome = None;
                     Poll::Ready(None)
                 }
+                Poll::Ready(Err(label)) => Poll::Ready(Some(Err(this.failed(label, label.into())))),
             },
         }
     }
@@ -245,7 +225,7 @@ impl Body for ProxyBody {
     fn is_end_stream(&self) -> bool {
         match &self.inner {
             Inner::Full(d) => d.is_none(),
-            Inner::Stream(b, _) => b.is_end_stream(),
+            Inner::Backend(b, _) => b.is_end(),
         }
     }
 
@@ -253,7 +233,7 @@ impl Body for ProxyBody {
         match &self.inner {
             Inner::Full(Some(d)) => SizeHint::with_exact(d.len() as u64),
             Inner::Full(None) => SizeHint::with_exact(0),
-            Inner::Stream(b, _) => b.size_hint(),
+            Inner::Backend(b, _) => b.remaining().map_or_else(SizeHint::default, SizeHint::with_exact),
         }
     }
 }

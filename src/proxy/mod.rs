@@ -11,6 +11,7 @@
 //! - [`body`] streams a response back and, when it ends, settles the request: connection
 //!   back to the pool, in-flight count down, access log line written.
 
+pub mod backside;
 pub mod body;
 pub mod client;
 pub mod conn;

@@ -20,11 +20,14 @@ use http::{Method, Request, Response, StatusCode, Uri};
 use http_body::Body as _;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use super::backside::{poll_exchange, write_head, Backside, Framing, HeadFail, Upload, UploadError};
 use super::body::{Outcome, ProxyBody};
 use super::client::ConnCx;
+use super::native::buffers::{Buf, Work};
 use super::refusal::{LateFailure, Refusal};
 use super::rewrite;
 use crate::affinity::{Decision, HttpKeys, Target};
@@ -32,7 +35,7 @@ use crate::backend::health::passive_failure;
 use crate::backend::Backend;
 use crate::config::Timeouts;
 use crate::pool::{Pool, Routes, Snapshot};
-use crate::upstream::{BodyState, ConnectError, RequestBody, Sender};
+use crate::upstream::{BodyState, ConnectError, RequestBody};
 
 /// Set on every response Tether writes itself, so a client can tell it from the backend's.
 pub static TETHER_ERROR: HeaderName = HeaderName::from_static("tether-error");
@@ -45,8 +48,8 @@ pub async fn handle(req: Request<Incoming>, cx: Arc<ConnCx>) -> Result<Response<
     let snapshot = cx.shared.snapshot.load_full();
     let mut out = Outcome::new(cx.clone(), req.method().clone(), req.uri().clone(), req.version());
     Ok(match forward(req, &snapshot, &cx, &mut out).await {
-        Ok(Forwarded { response, sender, client_upgrade }) => {
-            respond(response, sender, client_upgrade, out, &snapshot.config.timeouts)
+        Ok(Forwarded { response, back, client_upgrade }) => {
+            respond(response, back, client_upgrade, out, &snapshot.config.timeouts)
         }
         Err(refusal) => reply(out, refusal),
     })
@@ -54,8 +57,8 @@ pub async fn handle(req: Request<Incoming>, cx: Arc<ConnCx>) -> Result<Response<
 
 /// A backend's response head, with what it takes to stream or upgrade it.
 struct Forwarded {
-    response: Response<Incoming>,
-    sender: Sender,
+    response: Response<()>,
+    back: Backside,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
 }
 
@@ -100,25 +103,35 @@ async fn forward(
         Target::NoBackend => return Err(Refusal::NoBackend),
     };
     pool.retry_budget.deposit(pool.config.retry_budget);
-    let mut attempt = Attempt::new(pool, &req, index, now_ms);
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
+    let framing = Framing::of(&parts.method, &parts.headers, &body);
+    // Only an idempotent request without a body can be sent again after a connection
+    // that broke before its response: its head is written again from `parts`, so nothing
+    // is copied for the chance.
+    let replay = pool.config.retries > 0 && is_idempotent(&parts.method) && body.is_end_stream();
+    let mut attempt = Attempt::new(pool, &parts, index, now_ms, replay);
     let (body, body_state) =
         RequestBody::client(body, snap.config.timeouts.client_body, snap.config.limits.max_request_body);
     attempt.body = body_state;
     attempt.max_body = snap.config.limits.max_request_body.unwrap_or(u64::MAX);
-    let req = Request::from_parts(parts, body);
-    let (mut response, sender) = send(req, &mut attempt, &mut decision, out, &snap.config.timeouts).await?;
+    let upload = Upload::new(body, framing);
+    let max_head = snap.config.limits.max_request_head as usize;
+    let back =
+        send(&mut parts, upload, framing, &mut attempt, &mut decision, out, &snap.config.timeouts, max_head).await?;
     let index = attempt.index;
-    if response.status().is_server_error() {
-        let why = format!("status {}", response.status().as_u16());
+    if back.status() >= 500 {
+        let why = format!("status {}", back.status());
         passive_failure(&pool.backends, index, pool.config.health.as_ref(), &why);
     } else {
         pool.backends[index].passive_success();
     }
+    let Some(mut response) = back.response_head(out.version) else {
+        return Err(Refusal::BackendFailed { backend: pool.backends[index].name.clone() });
+    };
     if let Some(a) = &pool.affinity {
         rewrite::persist(response.headers_mut(), a, &decision, index, https);
     }
-    Ok(Forwarded { response, sender, client_upgrade })
+    Ok(Forwarded { response, back, client_upgrade })
 }
 
 /// Step 1: what can be proxied at all, and the pool it goes to (by host, then path).
@@ -211,9 +224,9 @@ struct Attempt<'p> {
     moves_left: u32,
     /// Pooled connections found closed so far on this backend.
     stale: usize,
-    /// An idempotent request without a body, kept so it can be sent again after a
-    /// connection that broke before any response byte.
-    replay: Option<(Method, Uri, HeaderMap)>,
+    /// An idempotent request without a body: it can be sent again after a connection that
+    /// broke before any response byte.
+    replay: bool,
     /// How reading the client's body went, for a request with one: a send that failed
     /// because of it is the client's fault, not the backend's.
     body: Option<Arc<BodyState>>,
@@ -226,10 +239,8 @@ struct Attempt<'p> {
 }
 
 impl<'p> Attempt<'p> {
-    fn new(pool: &'p Pool, req: &Request<Incoming>, index: usize, now_ms: u64) -> Attempt<'p> {
-        let replay = (pool.config.retries > 0 && is_idempotent(req.method()) && req.body().is_end_stream())
-            .then(|| (req.method().clone(), req.uri().clone(), req.headers().clone()));
-        let no_host = !req.headers().contains_key(header::HOST);
+    fn new(pool: &'p Pool, parts: &http::request::Parts, index: usize, now_ms: u64, replay: bool) -> Attempt<'p> {
+        let no_host = !parts.headers.contains_key(header::HOST);
         Attempt {
             pool,
             index,
@@ -274,28 +285,37 @@ impl<'p> Attempt<'p> {
 /// Step 3: send to the chosen backend, moving to another where nothing of the request
 /// has reached the first (a failed connect) or the request can be sent again whole (an
 /// idempotent request without a body whose connection broke before any response byte).
-/// A pooled connection found closed before the request was written gets it back, and it
-/// goes out again on another connection to the same backend, under the slot it holds.
+/// A pooled connection found closed before anything of the client's body was taken gets
+/// the request again on a fresh connection to the same backend, under the slot it holds.
 ///
 /// Only the backend's own faults count towards passive ejection: a refused, reset or
-/// timed-out connect, a connection it broke, or no answer within `backend_response` after
-/// it had the whole request. A client body that failed or is late, and Tether's own
-/// errors (out of file descriptors or ports), do not.
+/// timed-out connect, a connection it broke, a malformed response head, or no answer
+/// within `backend_response` after it had the whole request. A client body that failed
+/// or is late, and Tether's own errors (out of file descriptors or ports), do not.
+// The request's parts and body, its framing, where it is in its attempts, the decision
+// to re-pin, the outcome to charge, the deadlines and the head limit: each is a separate
+// piece of the caller's state.
+#[allow(clippy::too_many_arguments)]
 async fn send(
-    mut req: Request<RequestBody>,
+    parts: &mut http::request::Parts,
+    mut upload: Upload,
+    framing: Framing,
     attempt: &mut Attempt<'_>,
     decision: &mut Decision,
     out: &mut Outcome,
     timeouts: &Timeouts,
-) -> Result<(Response<Incoming>, Sender), Refusal> {
+    max_head: usize,
+) -> Result<Backside, Refusal> {
     let pool = attempt.pool;
     let health = pool.config.health.as_ref();
+    let is_head = parts.method == Method::HEAD;
+    let mut work = Work::take();
     loop {
         let backend = attempt.backend();
-        out.set_backend(backend, &pool.upstreams[attempt.index]);
+        out.set_backend(backend);
         if attempt.no_host {
             if let Ok(host) = HeaderValue::from_str(&backend.address_text) {
-                req.headers_mut().insert(header::HOST, host);
+                parts.headers.insert(header::HOST, host);
             }
         }
         // After a stale connection the slot already held is this backend's; a move to
@@ -303,39 +323,48 @@ async fn send(
         if out.slot.is_none() {
             out.slot = pool.slot(attempt.index).await.map_err(|e| Refusal::of_slot(e, pool, attempt.index))?;
         }
-        let mut sender = match connection(pool, attempt.index, attempt.stale >= STALE_RETRIES).await {
-            Ok(s) => s,
+        let (mut conn, reused) = match connection(pool, attempt.index, attempt.stale >= STALE_RETRIES).await {
+            Ok(c) => c,
             Err(error) => {
                 tracing::warn!(pool = %pool.name, backend = %backend.name, address = %backend.address_text, "{error}");
                 if error.is_backend_fault() {
                     passive_failure(&pool.backends, attempt.index, health, &error.to_string());
                 }
                 if attempt.move_on(decision, out) {
-                    attempt.rewrite_moved(req.headers_mut(), decision);
+                    attempt.rewrite_moved(&mut parts.headers, decision);
                     continue;
                 }
                 return Err(Refusal::Connect { backend: backend.name.clone(), error });
             }
         };
+        work.out.clear();
+        let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        write_head(&mut work.out, &parts.method, target, &parts.headers, framing);
+        upload.begin(&work.out);
+        let mut rbuf = Buf::take();
         let sent = Instant::now();
-        let mut e = match tokio::time::timeout(timeouts.backend_response, sender.try_send_request(req)).await {
-            Ok(Ok(response)) => {
+        let response = &mut work.response;
+        let exchange = std::future::poll_fn(|cx| {
+            poll_exchange(cx, &mut conn, &mut upload, &mut rbuf, response, max_head, is_head)
+        });
+        let fail = match tokio::time::timeout(timeouts.backend_response, exchange).await {
+            Ok(Ok(())) => {
                 out.upstream = Some(sent.elapsed());
-                return Ok((response, sender));
+                return Ok(Backside::new(conn, work, rbuf, upload, pool.upstreams[attempt.index].clone()));
             }
             Err(_) => return Err(timed_out(attempt, timeouts.backend_response)),
-            Ok(Err(e)) => e,
+            Ok(Err(fail)) => fail,
         };
-        if let Some(unsent) = e.take_message() {
-            // The pooled connection closed before the request went out: send it again.
-            req = unsent;
+        if reused && fail.is_stale() && !upload.touched() && rbuf.filled().is_empty() {
+            // The pooled connection had closed: the request goes again on a fresh one.
             attempt.stale += 1;
             continue;
         }
-        // The connection is dropped here, never pooled: after a failed send its framing is
-        // lost.
-        drop(sender);
-        req = broke(attempt, decision, out, e.into_error())?;
+        // The connection is dropped here, never pooled: after a failed exchange its
+        // framing is lost.
+        drop(conn);
+        broke(attempt, decision, out, &fail, &mut parts.headers)?;
+        upload = Upload::new(RequestBody::Empty, framing);
     }
 }
 
@@ -364,55 +393,52 @@ fn timed_out(attempt: &Attempt<'_>, after: Duration) -> Refusal {
     }
 }
 
-/// The connection broke before a response head. A client body that failed is the
-/// client's fault; otherwise it is a strike against the backend, and a replayable request
-/// is rebuilt for another backend (`Ok`).
+/// The exchange failed before a response head. A client body that failed is the client's
+/// fault; otherwise it is a strike against the backend, and a request that can be sent
+/// again moves to another backend (`Ok`: its headers say why).
 fn broke(
     attempt: &mut Attempt<'_>,
     decision: &mut Decision,
     out: &mut Outcome,
-    e: hyper::Error,
-) -> Result<Request<RequestBody>, Refusal> {
+    fail: &HeadFail,
+    headers: &mut HeaderMap,
+) -> Result<(), Refusal> {
     let (pool, backend) = (attempt.pool, attempt.backend());
     let body = attempt.body.as_deref();
     if body.is_some_and(BodyState::too_large) {
         tracing::info!(pool = %pool.name, backend = %backend.name, "request body over limits.max_request_body");
         return Err(Refusal::BodyTooLarge { limit: attempt.max_body });
     }
-    if body.is_some_and(BodyState::failed) {
-        tracing::info!(pool = %pool.name, backend = %backend.name, "request body failed: {}", cause(&e));
+    if body.is_some_and(BodyState::failed) || matches!(fail, HeadFail::Upload(UploadError::Client)) {
+        tracing::info!(pool = %pool.name, backend = %backend.name, "request body failed");
         return Err(Refusal::BadRequestBody);
     }
-    tracing::warn!(pool = %pool.name, backend = %backend.name, "backend failed: {}", cause(&e));
+    let why = fail.describe();
+    tracing::warn!(pool = %pool.name, backend = %backend.name, "backend failed: {why}");
     if body.is_some_and(BodyState::waiting_on_client) {
         // It gave up on a client that was slow to send its body: not the backend's fault,
         // so no strike (and no replay: there was a body).
         return Err(Refusal::BackendFailed { backend: backend.name.clone() });
     }
-    passive_failure(&pool.backends, attempt.index, pool.config.health.as_ref(), &cause(&e));
-    match attempt.replay.clone() {
-        Some((method, uri, headers)) if attempt.move_on(decision, out) => {
-            out.retried = true;
-            let mut req = Request::new(RequestBody::Empty);
-            *req.method_mut() = method;
-            *req.uri_mut() = uri;
-            *req.headers_mut() = headers;
-            attempt.rewrite_moved(req.headers_mut(), decision);
-            Ok(req)
-        }
-        _ => Err(Refusal::BackendFailed { backend: backend.name.clone() }),
+    passive_failure(&pool.backends, attempt.index, pool.config.health.as_ref(), &why);
+    if attempt.replay && attempt.move_on(decision, out) {
+        out.retried = true;
+        attempt.rewrite_moved(headers, decision);
+        return Ok(());
     }
+    Err(Refusal::BackendFailed { backend: backend.name.clone() })
 }
 
-/// A pooled connection to backend `i`, or a new one when there is none or `fresh`.
-async fn connection(pool: &Pool, i: usize, fresh: bool) -> Result<Sender, ConnectError> {
+/// A pooled native connection to backend `i` (`true`: reused), or a new one when there is
+/// none or `fresh`.
+async fn connection(pool: &Pool, i: usize, fresh: bool) -> Result<(TcpStream, bool), ConnectError> {
     let upstream = &pool.upstreams[i];
     if !fresh {
-        if let Some(s) = upstream.take_idle().await {
-            return Ok(s);
+        if let Some(s) = upstream.take_idle() {
+            return Ok((s, true));
         }
     }
-    upstream.connect().await
+    upstream.connect().await.map(|s| (s, false))
 }
 
 /// RFC 9110 section 9.2.2.
@@ -423,52 +449,32 @@ fn is_idempotent(m: &Method) -> bool {
 /// Step 4: the backend's response becomes the client's: streamed, or for an accepted
 /// upgrade, a tunnel.
 fn respond(
-    mut response: Response<Incoming>,
-    sender: Sender,
+    response: Response<()>,
+    back: Backside,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     mut out: Outcome,
     timeouts: &Timeouts,
 ) -> Response<ProxyBody> {
     out.status = response.status().as_u16();
-    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+    let (parts, ()) = response.into_parts();
+    if parts.status == StatusCode::SWITCHING_PROTOCOLS {
         let Some(client) = client_upgrade else {
             // A 101 to a request that asked for no upgrade is a broken backend.
             return reply(out, Refusal::UnaskedSwitch);
         };
-        let backend = hyper::upgrade::on(&mut response);
-        rewrite::strip_hop_by_hop(response.headers_mut(), true);
-        let (parts, _) = response.into_parts();
-        tokio::spawn(tunnel(client, backend, out, timeouts.tunnel_idle));
+        let (backend, early) = back.into_tunnel();
+        tokio::spawn(tunnel(client, backend, early, out, timeouts.tunnel_idle));
         return Response::from_parts(parts, ProxyBody::empty(None));
     }
-    // A response framed by `Transfer-Encoding` (hyper read it so) loses any
-    // `Content-Length`, which the client would otherwise frame it by (RFC 9112 section
-    // 6.3); codings other than the final `chunked` hyper removed are passed on, and the
-    // client's connection frames the body anew.
-    let codings = response.headers().contains_key(header::TRANSFER_ENCODING).then(|| {
-        response.headers_mut().remove(header::CONTENT_LENGTH);
-        rewrite::unapplied_codings(response.headers())
-    });
-    rewrite::strip_hop_by_hop(response.headers_mut(), false);
-    if let Some(Some(codings)) = codings {
-        response.headers_mut().insert(header::TRANSFER_ENCODING, codings);
-    }
-    out.sender = Some(sender);
-    let (parts, body) = response.into_parts();
-    Response::from_parts(parts, ProxyBody::stream(body, out, timeouts.backend_body))
+    Response::from_parts(parts, ProxyBody::backend(back, out, timeouts.backend_body))
 }
 
 /// Copies bytes both ways between an upgraded client and backend until either side ends,
 /// or until nothing has moved either way for `tunnel_idle`: an idle WebSocket does not
 /// hold its client connection (and its place under `[limits]`) for ever.
-async fn tunnel(
-    client: hyper::upgrade::OnUpgrade,
-    backend: hyper::upgrade::OnUpgrade,
-    mut out: Outcome,
-    idle: Duration,
-) {
-    let (client, backend) = match tokio::try_join!(client, backend) {
-        Ok(pair) => pair,
+async fn tunnel(client: hyper::upgrade::OnUpgrade, backend: TcpStream, early: Bytes, mut out: Outcome, idle: Duration) {
+    let client = match client.await {
+        Ok(c) => c,
         Err(e) => {
             tracing::debug!("upgrade failed: {e}");
             out.error = Some(LateFailure::Upgrade.label());
@@ -478,7 +484,12 @@ async fn tunnel(
     let start = Instant::now();
     let last = AtomicU64::new(0);
     let mut client = Stamped { io: TokioIo::new(client), start, last: &last, written: 0 };
-    let mut backend = Stamped { io: TokioIo::new(backend), start, last: &last, written: 0 };
+    let mut backend = Stamped { io: backend, start, last: &last, written: 0 };
+    // What the backend sent after its 101 in the same read goes to the client first.
+    if !early.is_empty() && client.write_all(&early).await.is_err() {
+        out.error = Some(LateFailure::Tunnel.label());
+        return;
+    }
     let ended = {
         let copy = tokio::io::copy_bidirectional(&mut client, &mut backend);
         let mut copy = std::pin::pin!(copy);
@@ -553,19 +564,6 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Stamped<'_, T> {
     }
 }
 
-/// The innermost cause of a hyper error, which says what actually happened.
-fn cause(e: &hyper::Error) -> String {
-    let mut source: &dyn std::error::Error = e;
-    while let Some(s) = source.source() {
-        source = s;
-    }
-    if std::ptr::addr_eq(source, e) {
-        e.to_string()
-    } else {
-        format!("{e}: {source}")
-    }
-}
-
 /// A response Tether writes itself: plain text naming what went wrong, marked with
 /// `Tether-Error` so nobody mistakes it for the application's.
 pub fn reply(mut out: Outcome, refusal: Refusal) -> Response<ProxyBody> {
@@ -573,7 +571,6 @@ pub fn reply(mut out: Outcome, refusal: Refusal) -> Response<ProxyBody> {
     let msg = refusal.message(out.pool.as_deref().unwrap_or(""));
     out.status = status.as_u16();
     out.error = Some(refusal.label());
-    out.sender = None;
     let body = format!("{} {}: {msg}\n", status.as_u16(), status.canonical_reason().unwrap_or(""));
     let mut r = Response::new(ProxyBody::full(Bytes::from(body), Some(out)));
     *r.status_mut() = status;

@@ -195,33 +195,6 @@ pub fn forwarded_https(headers: &HeaderMap, trusted: bool) -> bool {
             .is_some_and(|p| p.trim().eq_ignore_ascii_case("https"))
 }
 
-/// The transfer codings of a backend's response that are still applied to the body hyper
-/// hands over: all of them but a final `chunked`, which hyper decoded. `None` when that
-/// leaves none. The client's connection then applies its own framing on top.
-pub fn unapplied_codings(headers: &HeaderMap) -> Option<HeaderValue> {
-    let mut all = headers.get_all(header::TRANSFER_ENCODING).iter();
-    if let (Some(v), None) = (all.next(), all.next()) {
-        if v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked") {
-            // The usual case, without allocating.
-            return None;
-        }
-    }
-    let mut codings: Vec<&[u8]> = headers
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|&c| c == b','))
-        .map(<[u8]>::trim_ascii)
-        .filter(|c| !c.is_empty())
-        .collect();
-    if codings.last().is_some_and(|c| c.eq_ignore_ascii_case(b"chunked")) {
-        codings.pop();
-    }
-    if codings.is_empty() {
-        return None;
-    }
-    HeaderValue::from_bytes(&codings.join(&b", "[..])).ok()
-}
-
 /// Removes the headers that belong to one connection and must not be forwarded (RFC 9110
 /// section 7.6.1): `Connection` and every header it names, `Keep-Alive`,
 /// `Proxy-Connection`, `TE`, `Transfer-Encoding` and `Upgrade`. For an upgrade that goes

@@ -617,7 +617,7 @@ impl<'c> Exchange<'c> {
                 }
                 Ok(whole) => {
                     if whole && res_keep_alive {
-                        pool.upstreams[attempt.index].put_native(conn);
+                        pool.upstreams[attempt.index].put_back(conn);
                     }
                     Ok(if close { After::Close } else { After::KeepAlive })
                 }
@@ -690,11 +690,11 @@ impl Attempt {
 async fn connection(pool: &Pool, i: usize, fresh: bool) -> Result<(TcpStream, bool), ConnectError> {
     let upstream = &pool.upstreams[i];
     if !fresh {
-        if let Some(s) = upstream.take_native() {
+        if let Some(s) = upstream.take_idle() {
             return Ok((s, true));
         }
     }
-    upstream.connect_native().await.map(|s| (s, false))
+    upstream.connect().await.map(|s| (s, false))
 }
 
 /// Step 1: the listener's routes and the pool, by host then path.
