@@ -10,9 +10,6 @@
 #   LB_THREADS  worker threads (run.sh passes 1 and pins the process to one CPU)
 #   LB_STICKY   1 when the run measures cookie persistence (the client replays cookies):
 #               the pool then keeps sessions with Tether's own cookie (a fixed bench key)
-# and, optionally, TETHER_HTTP1=hyper: Tether reads it itself as the HTTP/1 implementation of
-# listeners that do not name one (the default is its own; see ARCHITECTURE.md, "The native
-# HTTP/1 path").
 # This script writes a config for those values under $TMPDIR and execs the release build of
 # Tether with it (building it first if it is missing). The access log is off, as it is for
 # the HAProxy and NGINX the harness runs.

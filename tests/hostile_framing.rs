@@ -3,12 +3,8 @@
 //! asserts what the client gets (RFC 9112 sections 2 to 7, RFC 9110), that nothing
 //! malformed reaches the backend as something else, and that no second (smuggled) request
 //! ever reaches it. Only observable behaviour is tested, so the suite holds for any HTTP/1
-//! implementation behind Tether's listener.
-//!
-//! On Tether's own HTTP/1 path (the default) every refusal carries `Tether-Error: <label>`;
-//! on hyper's (`http1 = "hyper"`, still run by CI) some are written by hyper before Tether
-//! sees the request and carry no label. `every_refused_head_carries_tether_error` holds
-//! the native path to the rule on either run.
+//! implementation behind Tether's listener. Every refusal carries `Tether-Error: <label>`
+//! (`every_refused_head_carries_tether_error`).
 
 mod common;
 
@@ -672,17 +668,14 @@ async fn identical_repeated_content_lengths_in_a_response_are_one() {
     assert_eq!(r.header("content-length"), ["2"], "{r:?}");
 }
 
-// === what today's HTTP/1 server cannot do ===
+// === what hyper's HTTP/1 server could not do ===
 
-/// On hyper's path (`http1 = "hyper"`) this cannot pass: hyper answers these parse errors
-/// itself (its `Server::on_error` writes a bare status with no way to add a header). So
-/// the listener names the native path, whatever the suite's default.
+/// hyper's HTTP/1 server, which Tether used before its own codec, answered these parse
+/// errors itself (its `Server::on_error` wrote a bare status with no way to add a header).
 #[tokio::test]
 async fn every_refused_head_carries_tether_error() {
     let b = RecordingBackend::start(OK).await;
-    let cfg = pool_of(&[("app-1", b.addr)], "", "[limits]\nmax_request_head = 4096\n")
-        .replace("pool = \"web\"\n", "pool = \"web\"\nhttp1 = \"native\"\n");
-    assert!(cfg.contains("http1 = \"native\""), "{cfg}");
+    let cfg = pool_of(&[("app-1", b.addr)], "", "[limits]\nmax_request_head = 4096\n");
     let t = Tether::start(&cfg);
     let long_head = format!("GET / HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\n\r\n", "a".repeat(5000));
     let cases = FRAMING_400.iter().chain(HEAD_400).map(|(name, bytes)| (*name, bytes.to_vec(), 400));

@@ -89,8 +89,6 @@ pub struct Listener {
     pub name: Option<Spanned<String>>,
     pub bind: Spanned<String>,
     pub protocol: Option<Spanned<String>>,
-    /// Which HTTP/1 implementation serves the listener: "hyper" or "native".
-    pub http1: Option<Spanned<String>>,
     /// Shorthand for one catch-all route to this pool.
     pub pool: Option<Spanned<String>>,
     #[serde(default)]

@@ -15,9 +15,9 @@ use toml::Spanned;
 
 use super::file;
 use super::types::{
-    AccessLog, Admin, AdminState, Affinity, Algorithm, Backend, CheckKind, Config, CookieConfig, Health, Http1,
-    KeySource, Limits, Listener, LogFormat, Mapping, OnUnavailable, Pool, Route, SameSite, Secret, TableConfig,
-    Timeouts, MAX_WEIGHT,
+    AccessLog, Admin, AdminState, Affinity, Algorithm, Backend, CheckKind, Config, CookieConfig, Health, KeySource,
+    Limits, Listener, LogFormat, Mapping, OnUnavailable, Pool, Route, SameSite, Secret, TableConfig, Timeouts,
+    MAX_WEIGHT,
 };
 use super::{locate, parse_duration, Located};
 use crate::net::{strip_port, Cidr};
@@ -380,10 +380,7 @@ impl Resolver<'_> {
             }
         }
         let routes = self.routes(&name, l, pools);
-        let label = format!("listener \"{name}\": http1");
-        let http1 =
-            self.choice(&l.http1, &label, &[("hyper", Http1::Hyper), ("native", Http1::Native)], default_http1());
-        Listener { name, bind, trusted_proxies, routes, http1 }
+        Listener { name, bind, trusted_proxies, routes }
     }
 
     /// The routes of listener `name`: its `[[listeners.routes]]`, then its `pool` shorthand.
@@ -880,15 +877,5 @@ fn resolve_address(raw: &str) -> Result<SocketAddr, String> {
     match raw.to_socket_addrs() {
         Ok(mut addrs) => addrs.next().ok_or_else(|| "resolves to no address".to_string()),
         Err(e) => Err(format!("cannot be resolved: {e}")),
-    }
-}
-
-/// The HTTP/1 implementation of a listener that does not name one: Tether's own, unless
-/// the environment variable `TETHER_HTTP1` says `hyper` (how CI runs the whole suite on
-/// hyper's path too, until that path is removed; see ARCHITECTURE.md).
-fn default_http1() -> Http1 {
-    match std::env::var("TETHER_HTTP1").as_deref() {
-        Ok("hyper") => Http1::Hyper,
-        _ => Http1::Native,
     }
 }

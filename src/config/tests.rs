@@ -406,20 +406,13 @@ fn the_admin_token_comes_from_a_file_or_the_environment() {
 }
 
 #[test]
-fn a_listener_names_its_http1_implementation() {
-    let with = |line: &str| {
-        format!("[[listeners]]\n{line}bind = \"127.0.0.1:0\"\npool = \"p\"\n[pools.p]\nbackends = [{{ name = \"a\", address = \"127.0.0.1:1\" }}]\n")
-    };
-    let http1 = |line: &str| parse(&with(line), "t.toml").unwrap().listeners[0].http1;
-    assert_eq!(http1("http1 = \"native\"\n"), Http1::Native);
-    assert_eq!(http1("http1 = \"hyper\"\n"), Http1::Hyper);
-    // Unsaid, it is native unless TETHER_HTTP1 says hyper (CI runs the suite both ways).
-    let hyper = std::env::var("TETHER_HTTP1").as_deref() == Ok("hyper");
-    assert_eq!(http1(""), if hyper { Http1::Hyper } else { Http1::Native });
-    assert_eq!(
-        errors(&with("http1 = \"fast\"\n")),
-        ["t.toml:2:9: listener \"listener-1\": http1 \"fast\" is not known: expected \"hyper\" or \"native\""]
-    );
+fn the_retired_http1_switch_is_an_unknown_key() {
+    // `http1 = "hyper"` chose hyper's HTTP/1 server while Tether's own codec replaced it;
+    // that server is gone, and a config that still names it is told so, not obeyed.
+    let cfg = "[[listeners]]\nhttp1 = \"hyper\"\nbind = \"127.0.0.1:0\"\npool = \"p\"\n[pools.p]\nbackends = [{ name = \"a\", address = \"127.0.0.1:1\" }]\n";
+    let e = errors(cfg);
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(e[0].starts_with("t.toml:2:") && e[0].contains("http1"), "{e:?}");
 }
 
 #[test]

@@ -137,18 +137,6 @@ pub struct Listener {
     pub bind: SocketAddr,
     pub trusted_proxies: Vec<Cidr>,
     pub routes: Vec<Route>,
-    /// What serves HTTP/1 on this listener (HTTP/2 is always hyper's).
-    pub http1: Http1,
-}
-
-/// The HTTP/1 implementation of a listener.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Http1 {
-    /// hyper's server and client (kept while it is retired, issue 10).
-    Hyper,
-    /// Tether's own codec on both sides (the default).
-    #[default]
-    Native,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -421,13 +421,6 @@ impl Backside {
         }
     }
 
-    /// The connection after a `101`, and what the backend sent after the head in the
-    /// same read (the first bytes of the new protocol).
-    pub fn into_tunnel(self) -> (TcpStream, Bytes) {
-        let early = Bytes::copy_from_slice(self.rbuf.filled());
-        (self.conn, early)
-    }
-
     /// Gives the connection back to its worker's idle stack when it is in step: the
     /// response read exactly to its end, after the request went whole, and the backend
     /// keeps it open. Anything else closes it.

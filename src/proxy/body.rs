@@ -149,10 +149,6 @@ impl ProxyBody {
         ProxyBody { inner: Inner::Full(data), outcome }
     }
 
-    pub fn empty(outcome: Option<Outcome>) -> ProxyBody {
-        ProxyBody::full(Bytes::new(), outcome)
-    }
-
     /// Ends the request on a failed body (`label` in the access log): the backend's
     /// connection is closed, never pooled.
     fn failed(&mut self, label: &'static str, e: BoxError) -> BoxError {

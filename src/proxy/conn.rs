@@ -1,4 +1,5 @@
-//! One client connection: tell HTTP/1.1 from h2c, serve it with hyper, and enforce its
+//! One client connection: tell HTTP/1.1 from h2c; hand HTTP/1.1 to the native path
+//! ([`super::native::conn`]) and serve h2c with hyper's HTTP/2 server, enforcing its
 //! deadlines (kept by [`client::ConnState`](super::client::ConnState)) and the shutdown
 //! signal.
 
@@ -12,7 +13,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use http::HeaderValue;
-use hyper::server::conn::{http1, http2};
+use hyper::server::conn::http2;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::Interest;
@@ -24,7 +25,7 @@ use super::client::{Check, ConnCx, ConnState, Timed};
 use crate::config::{Limits, Timeouts};
 use crate::state::{ConnPermit, ListenerStats, Shared};
 
-/// The HTTP server settings for client connections, shared by all of them.
+/// The HTTP/2 server settings for client connections, shared by all of them.
 ///
 /// HTTP/2 is bounded so that one client cannot hold much: `limits.h2_max_concurrent_streams`
 /// streams per connection, at most 256 KiB queued for sending per stream
@@ -32,13 +33,10 @@ use crate::state::{ConnPermit, ListenerStats, Shared};
 /// (hyper: 1 MiB each). hyper's 16 KiB limit on a header list is kept.
 #[derive(Debug)]
 pub struct Protocols {
-    pub h1: http1::Builder,
     pub h2: http2::Builder<TokioExecutor>,
     /// The concurrent stream limit `h2` was built with; a connection made under another
     /// (after a reload changed `[limits]`) uses a copy of `h2` with its own.
     h2_streams: u32,
-    /// The `limits.max_request_head` `h1` was built with; likewise copied when it changes.
-    h1_head: u32,
 }
 
 /// Bytes hyper may queue for sending on one HTTP/2 stream.
@@ -51,24 +49,13 @@ impl Protocols {
     /// The settings for `limits`; a connection made after a reload changed the stream
     /// limit uses a copy of `h2` with the new one.
     pub fn with_limits(limits: &Limits) -> Protocols {
-        let mut h1 = http1::Builder::new();
-        h1.keep_alive(true);
-        head_limit(&mut h1, limits.max_request_head);
         let mut h2 = http2::Builder::new(TokioExecutor::new());
         h2.max_concurrent_streams(limits.h2_max_concurrent_streams)
             .max_send_buf_size(H2_MAX_SEND_BUF)
             .initial_stream_window_size(H2_STREAM_WINDOW)
             .initial_connection_window_size(H2_CONN_WINDOW);
-        Protocols { h1, h2, h2_streams: limits.h2_max_concurrent_streams, h1_head: limits.max_request_head }
+        Protocols { h2, h2_streams: limits.h2_max_concurrent_streams }
     }
-}
-
-/// A request head over `max` bytes is answered 431 (by hyper, which also answers a head
-/// that does not fit its read buffer so). The buffer holds at least hyper's minimum of
-/// 8 KiB.
-fn head_limit(h1: &mut http1::Builder, max: u32) {
-    let max = max as usize;
-    h1.max_buf_size(max.max(8192)).max_header_size(max);
 }
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -173,7 +160,7 @@ pub async fn serve(
         }
         _ = shutdown.changed() => return,
     };
-    if !h2 && native(&shared, &listener_name) {
+    if !h2 {
         let peer_ip = crate::net::canonical(peer.ip()).to_string().into_boxed_str();
         let client = super::native::conn::Client {
             stream,
@@ -188,9 +175,7 @@ pub async fn serve(
         return super::native::conn::serve(client).await;
     }
     let state = Arc::new(ConnState::new(&timeouts));
-    if h2 {
-        state.set_h2();
-    }
+    state.set_h2();
     let ip = crate::net::canonical(peer.ip()).to_string();
     let cx = Arc::new(ConnCx {
         shared,
@@ -204,41 +189,19 @@ pub async fn serve(
     });
     let io = TokioIo::new(Timed { io: stream, state: state.clone() });
     let service = service_fn(move |req| super::request::handle(req, cx.clone()));
-    if h2 {
-        let own;
-        let h2 = if limits.h2_max_concurrent_streams == protocols.h2_streams {
-            &protocols.h2
-        } else {
-            let mut b = protocols.h2.clone();
-            b.max_concurrent_streams(limits.h2_max_concurrent_streams);
-            own = b;
-            &own
-        };
-        let conn = h2.serve_connection(io, service);
-        // Boxed: hyper's connection is a large future, and a task is as big as its largest
-        // state, so inline it would make every native-path connection pay for it too.
-        Box::pin(drive(conn, |c| c.graceful_shutdown(), &state, shutdown, peer, &timeouts)).await;
+    let own;
+    let h2 = if limits.h2_max_concurrent_streams == protocols.h2_streams {
+        &protocols.h2
     } else {
-        let own;
-        let h1 = if limits.max_request_head == protocols.h1_head {
-            &protocols.h1
-        } else {
-            let mut b = protocols.h1.clone();
-            head_limit(&mut b, limits.max_request_head);
-            own = b;
-            &own
-        };
-        let conn = h1.serve_connection(io, service).with_upgrades();
-        // Boxed: hyper's connection is a large future, and a task is as big as its largest
-        // state, so inline it would make every native-path connection pay for it too.
-        Box::pin(drive(conn, |c| c.graceful_shutdown(), &state, shutdown, peer, &timeouts)).await;
-    }
-}
-
-/// The listener's HTTP/1 is served by the native path.
-fn native(shared: &Shared, listener: &str) -> bool {
-    let snapshot = shared.snapshot.load();
-    snapshot.config.listeners.iter().any(|l| l.name == listener && l.http1 == crate::config::Http1::Native)
+        let mut b = protocols.h2.clone();
+        b.max_concurrent_streams(limits.h2_max_concurrent_streams);
+        own = b;
+        &own
+    };
+    let conn = h2.serve_connection(io, service);
+    // Boxed: hyper's connection is a large future, and a task is as big as its largest
+    // state, so inline it would make every native-path connection pay for it too.
+    Box::pin(drive(conn, |c| c.graceful_shutdown(), &state, shutdown, peer, &timeouts)).await;
 }
 
 /// Runs a hyper connection to its end while enforcing the connection's deadlines and

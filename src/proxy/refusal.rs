@@ -205,18 +205,12 @@ impl Refusal {
 pub enum LateFailure {
     /// The backend's response body broke off.
     BackendBody,
-    /// An accepted upgrade could not be joined.
-    Upgrade,
-    /// An upgraded tunnel ended with an error.
-    Tunnel,
 }
 
 impl LateFailure {
     pub fn label(self) -> &'static str {
         match self {
             LateFailure::BackendBody => "backend-body-error",
-            LateFailure::Upgrade => "upgrade-failed",
-            LateFailure::Tunnel => "tunnel-error",
         }
     }
 }

@@ -8,10 +8,7 @@
 //! (in-flight count, pooled connection, access log) is settled by its [`Outcome`].
 
 use std::convert::Infallible;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -19,8 +16,6 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body::Body as _;
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -28,7 +23,7 @@ use super::backside::{poll_exchange, write_head, Backside, Framing, HeadFail, Up
 use super::body::{Outcome, ProxyBody};
 use super::client::ConnCx;
 use super::native::buffers::{Buf, Work};
-use super::refusal::{LateFailure, Refusal};
+use super::refusal::Refusal;
 use super::rewrite;
 use crate::affinity::{Decision, HttpKeys, Target};
 use crate::backend::health::passive_failure;
@@ -48,9 +43,7 @@ pub async fn handle(req: Request<Incoming>, cx: Arc<ConnCx>) -> Result<Response<
     let snapshot = cx.shared.snapshot.load_full();
     let mut out = Outcome::new(cx.clone(), req.method().clone(), req.uri().clone(), req.version());
     Ok(match forward(req, &snapshot, &cx, &mut out).await {
-        Ok(Forwarded { response, back, client_upgrade }) => {
-            respond(response, back, client_upgrade, out, &snapshot.config.timeouts)
-        }
+        Ok(Forwarded { response, back }) => respond(response, back, out, &snapshot.config.timeouts),
         Err(refusal) => reply(out, refusal),
     })
 }
@@ -59,7 +52,6 @@ pub async fn handle(req: Request<Incoming>, cx: Arc<ConnCx>) -> Result<Response<
 struct Forwarded {
     response: Response<()>,
     back: Backside,
-    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
 }
 
 /// Route, decide, rewrite, send; on the response, passive health and persistence.
@@ -78,10 +70,6 @@ async fn forward(
             return Err(Refusal::BodyTooLarge { limit });
         }
     }
-    // Only protocols the pool allows are tunnelled; any other upgrade request goes to the
-    // backend as a plain request, its upgrade headers stripped.
-    let upgrade = rewrite::wants_upgrade(&req, &pool.config.upgrades);
-    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let trusted = routes.trusted_proxies.iter().any(|c| c.contains(crate::net::canonical(cx.peer.ip())));
     let now_ms = if pool.affinity.is_some() { crate::time::unix_millis() } else { 0 };
     let mut decision = decide(pool, routes, cx, &req, trusted, now_ms);
@@ -89,10 +77,7 @@ async fn forward(
     out.session = cx.shared.access_log.pseudonym(decision.identity());
     // Read before the rewrite replaces an untrusted client's X-Forwarded-Proto.
     let https = rewrite::forwarded_https(req.headers(), trusted);
-    rewrite::request(&mut req, cx, host, trusted, upgrade);
-    if upgrade {
-        rewrite::keep_allowed_upgrades(req.headers_mut(), &pool.config.upgrades);
-    }
+    rewrite::request(&mut req, cx, host, trusted);
     if let Some(a) = &pool.affinity {
         rewrite::for_affinity(req.headers_mut(), a, decision.verdict);
     }
@@ -131,7 +116,7 @@ async fn forward(
     if let Some(a) = &pool.affinity {
         rewrite::persist(response.headers_mut(), a, &decision, index, https);
     }
-    Ok(Forwarded { response, back, client_upgrade })
+    Ok(Forwarded { response, back })
 }
 
 /// Step 1: what can be proxied at all, and the pool it goes to (by host, then path).
@@ -446,122 +431,16 @@ fn is_idempotent(m: &Method) -> bool {
     matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE)
 }
 
-/// Step 4: the backend's response becomes the client's: streamed, or for an accepted
-/// upgrade, a tunnel.
-fn respond(
-    response: Response<()>,
-    back: Backside,
-    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
-    mut out: Outcome,
-    timeouts: &Timeouts,
-) -> Response<ProxyBody> {
+/// Step 4: the backend's response becomes the client's, streamed. HTTP/2 has no
+/// upgrades (Tether does not offer extended CONNECT), so a `101` answers a request that
+/// asked for none: a broken backend.
+fn respond(response: Response<()>, back: Backside, mut out: Outcome, timeouts: &Timeouts) -> Response<ProxyBody> {
     out.status = response.status().as_u16();
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        return reply(out, Refusal::UnaskedSwitch);
+    }
     let (parts, ()) = response.into_parts();
-    if parts.status == StatusCode::SWITCHING_PROTOCOLS {
-        let Some(client) = client_upgrade else {
-            // A 101 to a request that asked for no upgrade is a broken backend.
-            return reply(out, Refusal::UnaskedSwitch);
-        };
-        let (backend, early) = back.into_tunnel();
-        tokio::spawn(tunnel(client, backend, early, out, timeouts.tunnel_idle));
-        return Response::from_parts(parts, ProxyBody::empty(None));
-    }
     Response::from_parts(parts, ProxyBody::backend(back, out, timeouts.backend_body))
-}
-
-/// Copies bytes both ways between an upgraded client and backend until either side ends,
-/// or until nothing has moved either way for `tunnel_idle`: an idle WebSocket does not
-/// hold its client connection (and its place under `[limits]`) for ever.
-async fn tunnel(client: hyper::upgrade::OnUpgrade, backend: TcpStream, early: Bytes, mut out: Outcome, idle: Duration) {
-    let client = match client.await {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::debug!("upgrade failed: {e}");
-            out.error = Some(LateFailure::Upgrade.label());
-            return;
-        }
-    };
-    let start = Instant::now();
-    let last = AtomicU64::new(0);
-    let mut client = Stamped { io: TokioIo::new(client), start, last: &last, written: 0 };
-    let mut backend = Stamped { io: backend, start, last: &last, written: 0 };
-    // What the backend sent after its 101 in the same read goes to the client first.
-    if !early.is_empty() && client.write_all(&early).await.is_err() {
-        out.error = Some(LateFailure::Tunnel.label());
-        return;
-    }
-    let ended = {
-        let copy = tokio::io::copy_bidirectional(&mut client, &mut backend);
-        let mut copy = std::pin::pin!(copy);
-        let sleep = tokio::time::sleep_until(start + idle);
-        let mut sleep = std::pin::pin!(sleep);
-        loop {
-            tokio::select! {
-                r = copy.as_mut() => break r.map(|_| ()),
-                _ = sleep.as_mut() => {
-                    let at = start + Duration::from_millis(last.load(Ordering::Relaxed)) + idle;
-                    if Instant::now() >= at {
-                        tracing::debug!(peer = %out.cx.peer, "closing tunnel: nothing moved either way for {idle:?}");
-                        break Ok(());
-                    }
-                    sleep.as_mut().reset(at);
-                }
-            }
-        }
-    };
-    out.bytes_in += backend.written;
-    out.bytes_out += client.written;
-    if let Err(e) = ended {
-        tracing::debug!("tunnel ended: {e}");
-        out.error = Some(LateFailure::Tunnel.label());
-    }
-}
-
-/// One side of a tunnel: stamps `last` (milliseconds since `start`) whenever bytes move
-/// on it, and counts the bytes written to it.
-struct Stamped<'a, T> {
-    io: T,
-    start: Instant,
-    last: &'a AtomicU64,
-    written: u64,
-}
-
-impl<T> Stamped<'_, T> {
-    fn moved(&self) {
-        self.last.store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Stamped<'_, T> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.io).poll_read(cx, buf);
-        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.moved();
-        }
-        r
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Stamped<'_, T> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        let r = Pin::new(&mut self.io).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = r {
-            if n > 0 {
-                self.written += n as u64;
-                self.moved();
-            }
-        }
-        r
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
 }
 
 /// A response Tether writes itself: plain text naming what went wrong, marked with

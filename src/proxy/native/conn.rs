@@ -145,8 +145,8 @@ async fn request(client: &mut Client, buf: &mut Buf, work: &mut Work) -> After {
 }
 
 /// Logs a request whose head was refused, when its request line could be read and the
-/// head is not malformed as a whole (as on hyper's path, a syntax error is answered before
-/// there is a request to log).
+/// head is not malformed as a whole (a syntax error is answered before there is a request
+/// to log).
 fn log_refused_head(client: &Client, bytes: &[u8], e: request::Error, refusal: &Refusal) {
     use request::Error;
     let log = &client.shared.access_log;

@@ -1,5 +1,5 @@
 //! The native HTTP/1 path: client connections and backend connections on Tether's own
-//! codec ([`crate::h1`]) instead of hyper, chosen per listener (`http1 = "native"`).
+//! codec ([`crate::h1`]); every HTTP/1 client connection is served here.
 //!
 //! - [`conn`] serves one client connection: read a head, route, decide, send, respond.
 //! - [`buffers`] are the per-thread free lists of buffers and per-request parts that a
