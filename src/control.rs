@@ -499,6 +499,13 @@ pub fn diff(old: &Config, new: &Config) -> Vec<String> {
             Some(o) if o.bind != l.bind => {
                 out.push(format!("listener \"{}\" moved from {} to {}", l.name, o.bind, l.bind))
             }
+            Some(o) if o.tls != l.tls => {
+                let certs = l.tls.as_ref().map_or(0, |t| t.certificates.len());
+                out.push(format!("listener \"{}\": TLS certificates changed ({certs} loaded)", l.name));
+                if o.routes != l.routes || o.trusted_proxies != l.trusted_proxies {
+                    out.push(format!("listener \"{}\": routes or trusted proxies changed", l.name));
+                }
+            }
             Some(o) if o != l => out.push(format!("listener \"{}\": routes or trusted proxies changed", l.name)),
             Some(_) => {}
         }

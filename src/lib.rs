@@ -12,6 +12,7 @@ pub(crate) mod net;
 pub(crate) mod random;
 pub mod sd_notify;
 pub mod time;
+pub mod tls;
 pub(crate) mod worker;
 
 // Building blocks.

@@ -35,6 +35,8 @@ pub struct ListenerStats {
     pub requests: AtomicU64,
     pub connections: AtomicI64,
     pub accepted: AtomicU64,
+    /// TLS handshakes that failed (on `https` listeners).
+    pub tls_handshake_failures: AtomicU64,
 }
 
 impl Shared {

@@ -93,7 +93,24 @@ fn listeners(e: &mut DescriptorEncoder<'_>, shared: &Shared) -> std::fmt::Result
         shared.accepted_by_worker().into_iter().enumerate().map(|(i, n)| (i.to_string(), n)).collect();
     let rows: Vec<_> = workers.iter().map(|(i, n)| (vec![("worker", i.as_str())], *n)).collect();
     counter(e, "tether_worker_connections_accepted", "Client connections accepted, by worker thread.", &rows)?;
-
+    let rows: Vec<_> = listeners
+        .iter()
+        .map(|(n, s)| (vec![("listener", n.as_str())], s.tls_handshake_failures.load(Ordering::Relaxed)))
+        .collect();
+    counter(e, "tether_tls_handshake_failures", "TLS handshakes that failed, by listener.", &rows)?;
+    let snapshot = shared.snapshot.load();
+    let mut rows = Vec::new();
+    for l in &snapshot.config.listeners {
+        for c in l.tls.iter().flat_map(|t| &t.certificates) {
+            rows.push((vec![("listener", l.name.as_str()), ("certificate", c.source.as_str())], c.not_after));
+        }
+    }
+    gauge(
+        e,
+        "tether_tls_certificate_expiry_seconds",
+        "When each loaded certificate expires (notAfter), in seconds since the Unix epoch.",
+        &rows,
+    )?;
     Ok(())
 }
 

@@ -95,6 +95,21 @@ pub struct Listener {
     pub trusted_proxies: Vec<Spanned<String>>,
     #[serde(default)]
     pub routes: Vec<Route>,
+    /// For `protocol = "https"`: the certificates, chosen by SNI; the first is the default.
+    #[serde(default)]
+    pub certificates: Vec<Spanned<CertificateFiles>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateFiles {
+    /// PEM certificate chain, leaf first.
+    pub cert: Spanned<String>,
+    /// PEM private key.
+    pub key: Spanned<String>,
+    /// The SNI names it is for (default: every DNS name it covers).
+    #[serde(default)]
+    pub names: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

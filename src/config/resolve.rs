@@ -9,6 +9,7 @@ use std::collections::HashSet;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::ops::RangeInclusive;
+use std::sync::Arc;
 use std::time::Duration;
 
 use toml::Spanned;
@@ -361,17 +362,18 @@ impl Resolver<'_> {
             self.error(&l.bind, message);
             SocketAddr::from(([127, 0, 0, 1], 0))
         });
-        if let Some(p) = &l.protocol {
-            if p.get_ref() != "http" {
+        let https = match l.protocol.as_ref().map(|p| (p, p.get_ref().as_str())) {
+            None | Some((_, "http")) => false,
+            Some((_, "https")) => true,
+            Some((p, other)) => {
                 self.error(
                     p,
-                    format!(
-                        "listener \"{name}\": protocol \"{}\" is not supported yet: expected \"http\"",
-                        p.get_ref()
-                    ),
+                    format!("listener \"{name}\": protocol \"{other}\" is not known: expected \"http\" or \"https\""),
                 );
+                false
             }
-        }
+        };
+        let tls = self.listener_tls(&name, l, https);
         let mut trusted_proxies = Vec::new();
         for t in &l.trusted_proxies {
             match Cidr::parse(t.get_ref()) {
@@ -380,7 +382,65 @@ impl Resolver<'_> {
             }
         }
         let routes = self.routes(&name, l, pools);
-        Listener { name, bind, trusted_proxies, routes }
+        Listener { name, bind, trusted_proxies, routes, tls }
+    }
+
+    /// An `https` listener's certificates, each read and checked (the key belongs to the
+    /// certificate, the names are covered); `None` for `http`.
+    fn listener_tls(&mut self, name: &str, l: &file::Listener, https: bool) -> Option<Arc<crate::tls::ServerTls>> {
+        if !https {
+            if let Some(c) = l.certificates.first() {
+                self.error(c, format!("listener \"{name}\": certificates are only for protocol = \"https\""));
+            }
+            return None;
+        }
+        if l.certificates.is_empty() {
+            self.error(
+                &l.bind,
+                format!("listener \"{name}\": protocol \"https\" needs at least one [[listeners.certificates]]"),
+            );
+            return None;
+        }
+        let mut loaded = Vec::new();
+        for c in &l.certificates {
+            let files = c.get_ref();
+            fn read(path: &Spanned<String>) -> Result<Vec<u8>, (&Spanned<String>, std::io::ErrorKind)> {
+                std::fs::read(path.get_ref()).map_err(|e| (path, e.kind()))
+            }
+            let (chain, key) = match (read(&files.cert), read(&files.key)) {
+                (Ok(chain), Ok(key)) => (chain, key),
+                (Err((path, e)), _) | (_, Err((path, e))) => {
+                    self.error(path, format!("listener \"{name}\": cannot read {}: {e}", path.get_ref()));
+                    continue;
+                }
+            };
+            let names: Vec<String> = files.names.iter().map(|n| n.get_ref().clone()).collect();
+            match crate::tls::Certificate::load(files.cert.get_ref(), &chain, &key, &names) {
+                Ok(cert) => {
+                    if cert.not_after < crate::time::unix_millis() as i64 / 1000 {
+                        tracing::warn!(listener = %name, certificate = %files.cert.get_ref(), "the certificate has expired; it is served anyway");
+                    }
+                    loaded.push(cert);
+                }
+                Err(e) if e.starts_with("key: ") => {
+                    self.error(&files.key, format!("listener \"{name}\": {}: {}", files.key.get_ref(), &e[5..]))
+                }
+                Err(e) if e.starts_with("does not cover") && !files.names.is_empty() => {
+                    self.error(&files.names[0], format!("listener \"{name}\": {} {e}", files.cert.get_ref()))
+                }
+                Err(e) => self.error(&files.cert, format!("listener \"{name}\": {} {e}", files.cert.get_ref())),
+            }
+        }
+        if loaded.len() != l.certificates.len() {
+            return None;
+        }
+        match crate::tls::ServerTls::new(loaded) {
+            Ok(t) => Some(Arc::new(t)),
+            Err(e) => {
+                self.error(&l.bind, format!("listener \"{name}\": TLS: {e}"));
+                None
+            }
+        }
     }
 
     /// The routes of listener `name`: its `[[listeners.routes]]`, then its `pool` shorthand.

@@ -137,6 +137,8 @@ pub struct Listener {
     pub bind: SocketAddr,
     pub trusted_proxies: Vec<Cidr>,
     pub routes: Vec<Route>,
+    /// `protocol = "https"`: TLS is terminated with these certificates.
+    pub tls: Option<std::sync::Arc<crate::tls::ServerTls>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

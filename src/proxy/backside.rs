@@ -27,6 +27,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::native::buffers::{Buf, Work};
+use super::native::conn::{poll_response_head, ReadFail};
+use super::native::head::line;
 use crate::h1::chunked::Decoder;
 use crate::h1::response::{self, ResponseHead};
 use crate::h1::Known;
@@ -72,7 +74,7 @@ pub fn write_head(out: &mut Vec<u8>, method: &Method, target: &str, headers: &He
         if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
             continue;
         }
-        field(out, name.as_str().as_bytes(), value.as_bytes());
+        line(out, name.as_str().as_bytes(), value.as_bytes());
     }
     match framing {
         Framing::None => {}
@@ -81,15 +83,8 @@ pub fn write_head(out: &mut Vec<u8>, method: &Method, target: &str, headers: &He
             super::native::head::put_u64(out, n);
             out.extend_from_slice(b"\r\n");
         }
-        Framing::Chunked => field(out, b"transfer-encoding", b"chunked"),
+        Framing::Chunked => line(out, b"transfer-encoding", b"chunked"),
     }
-    out.extend_from_slice(b"\r\n");
-}
-
-fn field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    out.extend_from_slice(name);
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");
 }
 
@@ -211,10 +206,7 @@ impl Upload {
 #[derive(Debug)]
 pub enum HeadFail {
     Upload(UploadError),
-    /// The backend closed before a response head was complete.
-    Closed,
-    Io(io::Error),
-    Malformed(response::Error),
+    Read(ReadFail),
 }
 
 impl HeadFail {
@@ -222,53 +214,14 @@ impl HeadFail {
         match self {
             HeadFail::Upload(UploadError::Client) => "the client's request body failed".into(),
             HeadFail::Upload(UploadError::Backend(e)) => format!("writing the request failed: {e}"),
-            HeadFail::Closed => "connection closed before a response".into(),
-            HeadFail::Io(e) => format!("connection broke before a response: {e}"),
-            HeadFail::Malformed(e) => e.describe().into(),
+            HeadFail::Read(r) => r.describe().into(),
         }
     }
 
     /// The connection was found closed: on a pooled connection before anything of the
     /// request was taken, the request goes again on a fresh one.
     pub fn is_stale(&self) -> bool {
-        match self {
-            HeadFail::Closed => true,
-            HeadFail::Upload(UploadError::Backend(_)) | HeadFail::Io(_) => true,
-            HeadFail::Upload(UploadError::Client) | HeadFail::Malformed(_) => false,
-        }
-    }
-}
-
-/// Reads a final response head into `head` (interim 1xx heads other than 101 are
-/// skipped: Tether, or the client's own protocol, deals with `Expect`).
-pub fn poll_response_head<R: AsyncRead + Unpin>(
-    cx: &mut Context<'_>,
-    conn: &mut R,
-    rbuf: &mut Buf,
-    head: &mut ResponseHead,
-    max_head: usize,
-    is_head: bool,
-) -> Poll<Result<(), HeadFail>> {
-    loop {
-        match response::parse_into(rbuf.filled(), max_head, is_head, head) {
-            Ok(true) if (100..200).contains(&head.status) && head.status != 101 => {
-                rbuf.start += head.len;
-                rbuf.compact();
-                continue;
-            }
-            Ok(true) => return Poll::Ready(Ok(())),
-            Ok(false) => {}
-            Err(e) => return Poll::Ready(Err(HeadFail::Malformed(e))),
-        }
-        if rbuf.spare().is_empty() {
-            rbuf.grow(max_head + 1);
-        }
-        let mut read = ReadBuf::new(rbuf.spare());
-        match ready!(Pin::new(&mut *conn).poll_read(cx, &mut read)) {
-            Ok(()) if read.filled().is_empty() => return Poll::Ready(Err(HeadFail::Closed)),
-            Ok(()) => rbuf.end += read.filled().len(),
-            Err(e) => return Poll::Ready(Err(HeadFail::Io(e))),
-        }
+        matches!(self, HeadFail::Upload(UploadError::Backend(_)) | HeadFail::Read(ReadFail::Closed | ReadFail::Io))
     }
 }
 
@@ -288,7 +241,7 @@ pub fn poll_exchange(
             return Poll::Ready(Err(HeadFail::Upload(e)));
         }
     }
-    poll_response_head(cx, conn, rbuf, head, max_head, is_head)
+    poll_response_head(cx, conn, rbuf, head, max_head, is_head).map_err(HeadFail::Read)
 }
 
 /// How much of the response body is still to come.

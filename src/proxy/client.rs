@@ -33,7 +33,6 @@ use std::time::Duration;
 
 use http::HeaderValue;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -171,12 +170,12 @@ impl ConnState {
 }
 
 /// A client socket that reports reads to its [`ConnState`].
-pub struct Timed {
-    pub(super) io: TcpStream,
+pub struct Timed<S> {
+    pub(super) io: S,
     pub(super) state: Arc<ConnState>,
 }
 
-impl AsyncRead for Timed {
+impl<S: AsyncRead + Unpin> AsyncRead for Timed<S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.io).poll_read(cx, buf);
@@ -187,7 +186,7 @@ impl AsyncRead for Timed {
     }
 }
 
-impl Timed {
+impl<S> Timed<S> {
     /// Notes whether a write to the client waits or went on (see [`ConnState::check`]).
     fn track<T>(&self, r: Poll<io::Result<T>>, progress: impl FnOnce(&T) -> bool) -> Poll<io::Result<T>> {
         match &r {
@@ -199,7 +198,7 @@ impl Timed {
     }
 }
 
-impl AsyncWrite for Timed {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Timed<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.io).poll_write(cx, buf);
         self.track(r, |&n| n > 0)
@@ -237,6 +236,9 @@ pub struct ConnCx {
     pub peer: SocketAddr,
     /// The peer's IP, ready for `X-Forwarded-For`.
     pub peer_ip: HeaderValue,
+    /// The connection came over TLS, terminated by Tether: `X-Forwarded-Proto` is `https`
+    /// and Tether's cookie `Secure` (unless the pool says otherwise).
+    pub tls: bool,
     pub state: Arc<ConnState>,
     pub stats: Arc<ListenerStats>,
     /// Held while anything of this connection lives (its requests, an upgraded tunnel),

@@ -134,7 +134,7 @@ pub async fn serve(
     shared: Arc<Shared>,
     protocols: Arc<Protocols>,
     stats: Arc<ListenerStats>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
     let Accepted { stream, peer, permit } = accepted;
     stats.connections.fetch_add(1, Ordering::Relaxed);
@@ -145,10 +145,18 @@ pub async fn serve(
         }
     }
     let _open = Open(stats.clone());
-    let (timeouts, limits) = {
+    let (timeouts, tls) = {
         let snapshot = shared.snapshot.load();
-        (snapshot.config.timeouts, snapshot.config.limits)
+        let tls = snapshot.config.listeners.iter().find(|l| *l.name == *listener_name).and_then(|l| l.tls.clone());
+        (snapshot.config.timeouts, tls)
     };
+    let conn = Conn { peer, shared, listener_name, stats, shutdown, permit };
+    if let Some(tls) = tls {
+        // Boxed: a handshake and a TLS stream are large, and a task is as big as its
+        // largest state, so inline they would make every plain connection pay for them.
+        return Box::pin(serve_tls(stream, tls, conn, protocols, timeouts)).await;
+    }
+    let mut shutdown = conn.shutdown.clone();
     let h2 = tokio::select! {
         r = sniff(&stream) => match r {
             Some(h2) => h2,
@@ -161,31 +169,96 @@ pub async fn serve(
         _ = shutdown.changed() => return,
     };
     if !h2 {
-        let peer_ip = crate::net::canonical(peer.ip()).to_string().into_boxed_str();
-        let client = super::native::conn::Client {
-            stream,
-            peer,
-            shared,
-            listener: listener_name,
-            stats,
-            peer_ip,
-            shutdown,
-            _permit: permit,
-        };
-        return super::native::conn::serve(client).await;
+        return super::native::conn::serve(conn.native(stream)).await;
     }
+    // Boxed: hyper's connection is a large future, and a task is as big as its largest
+    // state, so inline it would make every native-path connection pay for it too.
+    Box::pin(serve_h2(stream, false, conn, &protocols)).await;
+}
+
+/// A client connection once accepted: what serving it needs besides its stream.
+struct Conn {
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    listener_name: Arc<str>,
+    stats: Arc<ListenerStats>,
+    shutdown: watch::Receiver<bool>,
+    permit: ConnPermit,
+}
+
+impl Conn {
+    /// The native HTTP/1 path's view of the connection.
+    fn native<S>(self, stream: S) -> super::native::conn::Client<S> {
+        let peer_ip = crate::net::canonical(self.peer.ip()).to_string().into_boxed_str();
+        super::native::conn::Client {
+            stream,
+            peer: self.peer,
+            shared: self.shared,
+            listener: self.listener_name,
+            stats: self.stats,
+            peer_ip,
+            shutdown: self.shutdown,
+            _permit: self.permit,
+        }
+    }
+}
+
+/// Terminates TLS (the handshake within `request_header`), then serves what ALPN chose:
+/// HTTP/2 for `h2`, HTTP/1.1 on the native path otherwise.
+async fn serve_tls(
+    stream: TcpStream,
+    tls: Arc<crate::tls::ServerTls>,
+    conn: Conn,
+    protocols: Arc<Protocols>,
+    timeouts: Timeouts,
+) {
+    let mut shutdown = conn.shutdown.clone();
+    let accept = tokio_rustls::TlsAcceptor::from(tls.config.clone()).accept(stream);
+    let stream = tokio::select! {
+        r = accept => match r {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(peer = %conn.peer, "TLS handshake failed: {e}");
+                conn.stats.tls_handshake_failures.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        },
+        _ = tokio::time::sleep(timeouts.request_header) => {
+            tracing::debug!(peer = %conn.peer, "closing connection: no TLS handshake within {:?}", timeouts.request_header);
+            return;
+        }
+        _ = shutdown.changed() => return,
+    };
+    if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+        serve_h2(stream, true, conn, &protocols).await;
+    } else {
+        super::native::conn::serve(conn.native(stream)).await;
+    }
+}
+
+/// Serves an HTTP/2 connection with hyper's server until it ends.
+async fn serve_h2<S>(stream: S, tls: bool, conn: Conn, protocols: &Protocols)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (timeouts, limits) = {
+        let snapshot = conn.shared.snapshot.load();
+        (snapshot.config.timeouts, snapshot.config.limits)
+    };
     let state = Arc::new(ConnState::new(&timeouts));
     state.set_h2();
-    let ip = crate::net::canonical(peer.ip()).to_string();
+    let ip = crate::net::canonical(conn.peer.ip()).to_string();
+    let (peer, shutdown) = (conn.peer, conn.shutdown.clone());
     let cx = Arc::new(ConnCx {
-        shared,
-        listener_name,
+        shared: conn.shared,
+        listener_name: conn.listener_name,
         peer,
         peer_ip: HeaderValue::from_str(&ip).unwrap_or(HeaderValue::from_static("unknown")),
+        tls,
         state: state.clone(),
-        stats,
-        _shutdown: shutdown.clone(),
-        _permit: permit,
+        stats: conn.stats,
+        _shutdown: conn.shutdown,
+        _permit: conn.permit,
     });
     let io = TokioIo::new(Timed { io: stream, state: state.clone() });
     let service = service_fn(move |req| super::request::handle(req, cx.clone()));
@@ -199,9 +272,7 @@ pub async fn serve(
         &own
     };
     let conn = h2.serve_connection(io, service);
-    // Boxed: hyper's connection is a large future, and a task is as big as its largest
-    // state, so inline it would make every native-path connection pay for it too.
-    Box::pin(drive(conn, |c| c.graceful_shutdown(), &state, shutdown, peer, &timeouts)).await;
+    drive(conn, |c| c.graceful_shutdown(), &state, shutdown, peer, &timeouts).await;
 }
 
 /// Runs a hyper connection to its end while enforcing the connection's deadlines and

@@ -76,7 +76,7 @@ async fn forward(
     out.verdict = decision.verdict;
     out.session = cx.shared.access_log.pseudonym(decision.identity());
     // Read before the rewrite replaces an untrusted client's X-Forwarded-Proto.
-    let https = rewrite::forwarded_https(req.headers(), trusted);
+    let https = cx.tls || rewrite::forwarded_https(req.headers(), trusted);
     rewrite::request(&mut req, cx, host, trusted);
     if let Some(a) = &pool.affinity {
         rewrite::for_affinity(req.headers_mut(), a, decision.verdict);

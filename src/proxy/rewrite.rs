@@ -138,7 +138,8 @@ pub fn request(req: &mut Request<Incoming>, cx: &ConnCx, host: Option<HeaderValu
     };
     headers.insert(X_FORWARDED_FOR.clone(), xff);
     if !(trusted && headers.contains_key(&X_FORWARDED_PROTO)) {
-        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+        let proto = if cx.tls { "https" } else { "http" };
+        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
     }
     if let Some(h) = &host {
         if !(trusted && headers.contains_key(&X_FORWARDED_HOST)) {

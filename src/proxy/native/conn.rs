@@ -24,6 +24,7 @@ use tokio::time::Instant;
 
 use super::buffers::{Buf, InSlot, Parts, Work};
 use super::head::{self, RequestEdits, ResponseEdits};
+use super::io::ClientIo;
 use crate::access_log::Record;
 use crate::affinity::keys::H1Keys;
 use crate::affinity::verdict::Verdict;
@@ -41,9 +42,10 @@ use crate::proxy::rewrite;
 use crate::state::{ConnPermit, ListenerStats, Shared};
 use crate::upstream::ConnectError;
 
-/// What a connection carries from request to request.
-pub struct Client {
-    pub stream: TcpStream,
+/// What a connection carries from request to request: its stream (a plain socket, or TLS
+/// that Tether terminates) and what requests need of it.
+pub struct Client<S = TcpStream> {
+    pub stream: S,
     pub peer: SocketAddr,
     pub shared: Arc<Shared>,
     pub listener: Arc<str>,
@@ -65,7 +67,7 @@ enum After {
 
 /// Serves the connection until the client closes it, a deadline passes, or shutdown.
 /// `first`: bytes the caller already knows are waiting (the protocol sniff saw them).
-pub async fn serve(mut client: Client) {
+pub async fn serve<S: ClientIo>(mut client: Client<S>) {
     let mut carry: Option<Buf> = None;
     let mut first = true;
     // One timer for the connection's waits between requests, moved on before each: a
@@ -106,7 +108,7 @@ pub async fn serve(mut client: Client) {
 }
 
 /// Reads one request head, then serves the request.
-async fn request(client: &mut Client, buf: &mut Buf, work: &mut Work) -> After {
+async fn request<S: ClientIo>(client: &mut Client<S>, buf: &mut Buf, work: &mut Work) -> After {
     let snap = client.shared.snapshot.load_full();
     let (timeouts, limits) = (snap.config.timeouts, snap.config.limits);
     let codec =
@@ -147,7 +149,7 @@ async fn request(client: &mut Client, buf: &mut Buf, work: &mut Work) -> After {
 /// Logs a request whose head was refused, when its request line could be read and the
 /// head is not malformed as a whole (a syntax error is answered before there is a request
 /// to log).
-fn log_refused_head(client: &Client, bytes: &[u8], e: request::Error, refusal: &Refusal) {
+fn log_refused_head<S>(client: &Client<S>, bytes: &[u8], e: request::Error, refusal: &Refusal) {
     use request::Error;
     let log = &client.shared.access_log;
     if !log.enabled() || matches!(e, Error::Syntax | Error::BareLf | Error::HeadTooLarge | Error::Version) {
@@ -178,8 +180,8 @@ fn log_refused_head(client: &Client, bytes: &[u8], e: request::Error, refusal: &
 }
 
 /// Writes a refusal to the client.
-async fn refuse(
-    client: &mut Client,
+async fn refuse<S: ClientIo>(
+    client: &mut Client<S>,
     work: &mut Work,
     pool: Option<&str>,
     refusal: &Refusal,
@@ -202,8 +204,8 @@ async fn refuse(
 
 /// One request in flight: what it owes when it ends (the backend's in-flight count, its
 /// counters and latency, the access log line) is settled by [`Exchange::finish`].
-struct Exchange<'c> {
-    client: &'c mut Client,
+struct Exchange<'c, S> {
+    client: &'c mut Client<S>,
     snap: &'c Snapshot,
     started: Instant,
     status: u16,
@@ -226,8 +228,8 @@ struct Exchange<'c> {
 /// What the steps of a request can end in besides a response: a refusal.
 type Step<T> = Result<T, Refusal>;
 
-impl<'c> Exchange<'c> {
-    fn new(client: &'c mut Client, snap: &'c Snapshot) -> Exchange<'c> {
+impl<'c, S: ClientIo> Exchange<'c, S> {
+    fn new(client: &'c mut Client<S>, snap: &'c Snapshot) -> Exchange<'c, S> {
         Exchange {
             client,
             snap,
@@ -363,7 +365,7 @@ impl<'c> Exchange<'c> {
             Target::Strict(reason) => return Err(Refusal::SessionUnavailable(reason)),
             Target::NoBackend => return Err(Refusal::NoBackend),
         };
-        let https = trusted && forwarded_https(data, head);
+        let https = S::TLS || (trusted && forwarded_https(data, head));
         let upgrade = head.upgrade && head::wants_upgrade(data, head, &pool.config.upgrades);
         pool.retry_budget.deposit(pool.config.retry_budget);
         if head.expect_continue && head.body != Body::None {
@@ -385,6 +387,7 @@ impl<'c> Exchange<'c> {
             let edits = RequestEdits {
                 client_ip: &self.client.peer_ip,
                 trusted,
+                tls: S::TLS,
                 default_host: &backend.address_text,
                 own_cookie: pool.affinity.as_ref().and_then(|a| a.cookie_name()),
                 repin_header: pool.affinity.as_ref().map(|a| a.cfg.repin_header.as_str()),
@@ -439,7 +442,7 @@ impl<'c> Exchange<'c> {
             let sent = Instant::now();
             let waiting = AtomicBool::new(false);
             let (sent, status, res_keep_alive, close) = {
-                let (mut client_read, mut client_write) = self.client.stream.split();
+                let (mut client_read, mut client_write) = self.client.stream.halves();
                 let (mut backend_read, mut backend_write) = conn.split();
                 let upload = async {
                     match body {
@@ -740,7 +743,8 @@ fn forwarded_https(data: &[u8], head: &RequestHead) -> bool {
 }
 
 /// Why a response head could not be read.
-enum ReadFail {
+#[derive(Debug)]
+pub enum ReadFail {
     Closed,
     Timeout,
     Io,
@@ -748,7 +752,7 @@ enum ReadFail {
 }
 
 impl ReadFail {
-    fn describe(&self) -> &'static str {
+    pub fn describe(&self) -> &'static str {
         match self {
             ReadFail::Closed => "connection closed before a response",
             ReadFail::Timeout => "response timeout",
@@ -758,7 +762,8 @@ impl ReadFail {
     }
 }
 
-/// Reads a final response head (1xx heads before it other than 101 are skipped).
+/// Reads a final response head (1xx heads before it other than 101 are skipped: Tether
+/// answered `Expect` itself).
 async fn read_response<R: AsyncRead + Unpin>(
     conn: &mut R,
     rbuf: &mut Buf,
@@ -766,25 +771,39 @@ async fn read_response<R: AsyncRead + Unpin>(
     max_head: usize,
     is_head: bool,
 ) -> Result<(), ReadFail> {
+    std::future::poll_fn(|cx| poll_response_head(cx, conn, rbuf, into, max_head, is_head)).await
+}
+
+/// Reads a final response head into `head` as bytes arrive (interim 1xx heads other than
+/// 101 are skipped). The HTTP/2 path reads its responses with it too.
+pub fn poll_response_head<R: AsyncRead + Unpin>(
+    cx: &mut std::task::Context<'_>,
+    conn: &mut R,
+    rbuf: &mut Buf,
+    head: &mut ResponseHead,
+    max_head: usize,
+    is_head: bool,
+) -> std::task::Poll<Result<(), ReadFail>> {
+    use std::task::Poll;
     loop {
-        match response::parse_into(rbuf.filled(), max_head, is_head, into) {
-            Ok(true) if (100..200).contains(&into.status) && into.status != 101 => {
-                // Interim responses are not forwarded: Tether answered Expect itself.
-                rbuf.start += into.len;
+        match response::parse_into(rbuf.filled(), max_head, is_head, head) {
+            Ok(true) if (100..200).contains(&head.status) && head.status != 101 => {
+                rbuf.start += head.len;
                 rbuf.compact();
                 continue;
             }
-            Ok(true) => return Ok(()),
+            Ok(true) => return Poll::Ready(Ok(())),
             Ok(false) => {}
-            Err(e) => return Err(ReadFail::Malformed(e)),
+            Err(e) => return Poll::Ready(Err(ReadFail::Malformed(e))),
         }
         if rbuf.spare().is_empty() {
             rbuf.grow(max_head + 1);
         }
-        match conn.read(rbuf.spare()).await {
-            Ok(0) => return Err(ReadFail::Closed),
-            Ok(n) => rbuf.end += n,
-            Err(_) => return Err(ReadFail::Io),
+        let mut read = tokio::io::ReadBuf::new(rbuf.spare());
+        match std::task::ready!(std::pin::Pin::new(&mut *conn).poll_read(cx, &mut read)) {
+            Ok(()) if read.filled().is_empty() => return Poll::Ready(Err(ReadFail::Closed)),
+            Ok(()) => rbuf.end += read.filled().len(),
+            Err(_) => return Poll::Ready(Err(ReadFail::Io)),
         }
     }
 }
@@ -997,12 +1016,12 @@ async fn write<W: AsyncWrite + Unpin>(stream: &mut W, bytes: &[u8], limit: Durat
 /// Copies bytes both ways between the client and the backend after a 101, until either
 /// side ends or nothing moves either way for `idle`. Bytes the client sent after its
 /// request head (`early`) go to the backend first.
-async fn tunnel(client: &mut TcpStream, mut backend: TcpStream, early: &[u8], idle: Duration) {
+async fn tunnel<S: ClientIo>(client: &mut S, mut backend: TcpStream, early: &[u8], idle: Duration) {
     if !early.is_empty() && backend.write_all(early).await.is_err() {
         return;
     }
     let (mut a, mut b) = (Buf::take(), Buf::take());
-    let (mut client_read, mut client_write) = client.split();
+    let (mut client_read, mut client_write) = client.halves();
     let (mut backend_read, mut backend_write) = backend.split();
     loop {
         let moved = tokio::select! {

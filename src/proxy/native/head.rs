@@ -36,6 +36,8 @@ pub struct RequestEdits<'a> {
     /// `X-Forwarded-Proto` and `X-Forwarded-Host` kept, its other forwarding fields kept.
     /// Anyone else's are removed under every spelling and replaced by Tether's.
     pub trusted: bool,
+    /// The client reached Tether over TLS: Tether's `X-Forwarded-Proto` is `https`.
+    pub tls: bool,
     /// `Host` for a request without one (HTTP/1.0): the backend's address, so that what a
     /// backend receives is valid HTTP/1.1.
     pub default_host: &'a str,
@@ -139,7 +141,7 @@ pub fn write_request(out: &mut Vec<u8>, buf: &[u8], head: &RequestHead, edits: &
     out.extend_from_slice(b"\r\n");
     let present = |known: Known| edits.trusted && fields.iter().any(|f| f.known == known && kept(f));
     if !present(Known::XForwardedProto) {
-        out.extend_from_slice(b"X-Forwarded-Proto: http\r\n");
+        out.extend_from_slice(if edits.tls { b"X-Forwarded-Proto: https\r\n" } else { b"X-Forwarded-Proto: http\r\n" });
     }
     if let Some(h) = host {
         if !present(Known::XForwardedHost) {
@@ -475,7 +477,7 @@ pub fn write_refusal(out: &mut Vec<u8>, status: u16, reason: &str, label: &str, 
 }
 
 /// `name: value` and CRLF.
-fn line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+pub(crate) fn line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);
@@ -540,6 +542,7 @@ mod tests {
         RequestEdits {
             client_ip: IP,
             trusted: false,
+            tls: false,
             default_host: "10.1.1.1:8080",
             own_cookie: Some("tether"),
             repin_header: Some("tether-session-repinned"),
@@ -886,6 +889,7 @@ mod tests {
                     let e = RequestEdits {
                         client_ip: IP,
                         trusted,
+                        tls: false,
                         default_host: "10.1.1.1:8080",
                         own_cookie: Some(&own),
                         repin_header: Some(&a.cfg.repin_header),

@@ -10,3 +10,4 @@
 pub mod buffers;
 pub mod conn;
 pub mod head;
+pub mod io;

@@ -1,0 +1,335 @@
+//! TLS termination on `https` listeners, with real TLS clients (rustls through
+//! tokio-rustls, and curl): certificates chosen by SNI, ALPN to HTTP/2 or HTTP/1.1,
+//! `X-Forwarded-Proto: https` and a `Secure` cookie, located errors for bad
+//! certificates, and a reload with a broken certificate that keeps the old one serving.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+
+const KEY: &str = "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=";
+
+/// A self-signed certificate for `names`, written as `NAME.pem` and `NAME.key`.
+struct Cert {
+    cert: PathBuf,
+    key: PathBuf,
+    der: CertificateDer<'static>,
+}
+
+fn cert(dir: &Scratch, file: &str, names: &[&str]) -> Cert {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+    params.not_after = rcgen::date_time_ymd(2031, 5, 17);
+    let c = params.self_signed(&key).unwrap();
+    Cert {
+        cert: dir.write(&format!("{file}.pem"), &c.pem()),
+        key: dir.write(&format!("{file}.key"), &key.serialize_pem()),
+        der: c.der().clone(),
+    }
+}
+
+fn https_config(backends: &[&DemoBackend], certs: &[&Cert], cookie: bool) -> String {
+    let mut s =
+        String::from("[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\npool = \"web\"\nprotocol = \"https\"\n");
+    for c in certs {
+        s.push_str(&format!(
+            "[[listeners.certificates]]\ncert = \"{}\"\nkey = \"{}\"\n",
+            c.cert.display(),
+            c.key.display()
+        ));
+    }
+    s.push_str("\n[pools.web]\nbackends = [\n");
+    for b in backends {
+        s.push_str(&format!("  {{ name = \"{}\", address = \"{}\" }},\n", b.name, b.address));
+    }
+    s.push_str("]\n");
+    if cookie {
+        s.push_str(&format!(
+            "[pools.web.affinity]\nkeys = [\"cookie\"]\n[pools.web.affinity.cookie]\nkeys = [\"{KEY}\"]\n"
+        ));
+    }
+    s
+}
+
+/// Accepts any certificate: the tests check which one was served themselves.
+#[derive(Debug)]
+struct AnyCert(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for AnyCert {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// A TLS client connection to `addr` asking for `sni`, offering `alpn`; with `roots`, the
+/// certificate is verified against them, else anything is accepted.
+async fn connect(addr: SocketAddr, sni: &str, alpn: &[&[u8]], roots: Option<&[&Cert]>) -> TlsStream<TcpStream> {
+    connect_with(addr, sni, client_config(alpn, roots)).await
+}
+
+async fn connect_with(addr: SocketAddr, sni: &str, config: Arc<rustls::ClientConfig>) -> TlsStream<TcpStream> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = ServerName::try_from(sni.to_string()).unwrap();
+    tokio_rustls::TlsConnector::from(config).connect(name, tcp).await.unwrap()
+}
+
+fn client_config(alpn: &[&[u8]], roots: Option<&[&Cert]>) -> Arc<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder =
+        rustls::ClientConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions().unwrap();
+    let mut config = match roots {
+        Some(roots) => {
+            let mut store = rustls::RootCertStore::empty();
+            for c in roots {
+                store.add(c.der.clone()).unwrap();
+            }
+            builder.with_root_certificates(store).with_no_client_auth()
+        }
+        None => builder.dangerous().with_custom_certificate_verifier(Arc::new(AnyCert(provider))).with_no_client_auth(),
+    };
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(config)
+}
+
+fn served(tls: &TlsStream<TcpStream>) -> CertificateDer<'static> {
+    tls.get_ref().1.peer_certificates().unwrap()[0].clone().into_owned()
+}
+
+/// One HTTP/1.1 request over `tls`, read until the connection closes.
+async fn get_h1(mut tls: TlsStream<TcpStream>, path: &str) -> String {
+    let req = format!("GET {path} HTTP/1.1\r\nHost: shop.example\r\nConnection: close\r\n\r\n");
+    tls.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn https_serves_http1_and_http2_with_secure_sessions() {
+    let dir = Scratch::new();
+    let shop = cert(&dir, "shop", &["shop.example"]);
+    let b = backends(2).await;
+    let t = Tether::start(&https_config(&[&b[0], &b[1]], &[&shop], true));
+
+    // HTTP/1.1 (ALPN), verified against the certificate's own root.
+    let tls = connect(t.addr(), "shop.example", &[b"http/1.1"], Some(&[&shop])).await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    let text = get_h1(tls, "/headers").await;
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let lower = text.to_ascii_lowercase();
+    assert!(lower.contains("x-forwarded-proto: https"), "the backend is told the client used https: {text}");
+    let cookie =
+        lower.lines().find(|l| l.starts_with("set-cookie: tether=")).expect("a new session's cookie").to_string();
+    assert!(cookie.contains("; secure"), "{cookie}");
+
+    // HTTP/2 (ALPN h2) on the same listener: the session sticks, over TLS.
+    let tls = connect(t.addr(), "shop.example", &[b"h2", b"http/1.1"], Some(&[&shop])).await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake::<_, _, Full<Bytes>>(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let first =
+        sender.send_request(Request::get("https://shop.example/headers").body(Full::default()).unwrap()).await.unwrap();
+    assert_eq!(first.status(), 200);
+    let backend = first.headers()["x-backend"].to_str().unwrap().to_string();
+    let token = first
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_string())
+        .find(|c| c.starts_with("tether="))
+        .expect("a new session's cookie");
+    assert!(token.contains("; Secure"), "{token}");
+    let body = String::from_utf8(first.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    assert!(body.to_ascii_lowercase().contains("x-forwarded-proto: https"), "{body}");
+    let token = token.split(';').next().unwrap().to_string();
+    for _ in 0..4 {
+        let req = Request::get("https://shop.example/").header("cookie", token.as_str()).body(Full::default()).unwrap();
+        let r = sender.send_request(req).await.unwrap();
+        assert_eq!(r.headers()["x-backend"], backend.as_str());
+    }
+
+    // curl, as an operator would: HTTP/2 negotiated over TLS. It runs off this thread,
+    // which also runs the demo backends.
+    let url = format!("https://{}/", t.addr());
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("curl")
+            .args(["-sk", "--http2", "-o", "/dev/null", "-w", "%{http_version} %{http_code}"])
+            .arg(url)
+            .output()
+            .expect("curl is installed by .ci/setup")
+    })
+    .await
+    .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "2 200", "{}", t.log());
+}
+
+#[tokio::test]
+async fn sessions_resume_over_tls13_and_tls12() {
+    let dir = Scratch::new();
+    let shop = cert(&dir, "shop", &["shop.example"]);
+    let b = backends(1).await;
+    let t = Tether::start(&https_config(&[&b[0]], &[&shop], false));
+    for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut store = rustls::RootCertStore::empty();
+        store.add(shop.der.clone()).unwrap();
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[version])
+            .unwrap()
+            .with_root_certificates(store)
+            .with_no_client_auth();
+        // One config, so one session store: the second connection offers what the first
+        // was given.
+        let config = Arc::new(config);
+        let first = connect_with(t.addr(), "shop.example", config.clone()).await;
+        assert_eq!(first.get_ref().1.handshake_kind(), Some(rustls::HandshakeKind::Full));
+        assert!(get_h1(first, "/").await.starts_with("HTTP/1.1 200"));
+        let second = connect_with(t.addr(), "shop.example", config).await;
+        assert_eq!(second.get_ref().1.handshake_kind(), Some(rustls::HandshakeKind::Resumed), "{version:?}");
+        assert!(get_h1(second, "/").await.starts_with("HTTP/1.1 200"));
+    }
+}
+
+#[tokio::test]
+async fn sni_chooses_the_certificate() {
+    let dir = Scratch::new();
+    let default = cert(&dir, "default", &["shop.example"]);
+    let wild = cert(&dir, "wild", &["*.api.example"]);
+    let exact = cert(&dir, "exact", &["v2.api.example"]);
+    let b = backends(1).await;
+    let t = Tether::start(&https_config(&[&b[0]], &[&default, &wild, &exact], false));
+    for (sni, want) in [
+        ("shop.example", &default),
+        ("v1.api.example", &wild),
+        ("V2.API.example", &exact),
+        ("a.v1.api.example", &default),
+        ("elsewhere.example", &default),
+    ] {
+        let tls = connect(t.addr(), sni, &[b"http/1.1"], None).await;
+        assert!(served(&tls) == want.der, "{sni} got the wrong certificate");
+        assert!(get_h1(tls, "/").await.starts_with("HTTP/1.1 200"), "{sni}");
+    }
+    // A client that verifies gets a certificate valid for the name it asked for.
+    let tls = connect(t.addr(), "v9.api.example", &[b"http/1.1"], Some(&[&wild])).await;
+    assert!(get_h1(tls, "/").await.starts_with("HTTP/1.1 200"));
+}
+
+#[tokio::test]
+async fn bad_certificates_are_located_errors_and_a_reload_keeps_the_running_ones() {
+    let dir = Scratch::new();
+    let shop = cert(&dir, "shop", &["shop.example"]);
+    let other = cert(&dir, "other", &["other.example"]);
+    let b = backends(1).await;
+
+    // A key that belongs to another certificate: `tether check` names the file's line.
+    let mismatched = Cert { cert: shop.cert.clone(), key: other.key.clone(), der: shop.der.clone() };
+    let cfg = https_config(&[&b[0]], &[&mismatched], false);
+    let path = dir.write("bad.toml", &cfg);
+    let out = std::process::Command::new(bin()).arg("check").arg("-c").arg(&path).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    let key_line = cfg.lines().position(|l| l.starts_with("key = ")).unwrap() + 1;
+    assert!(
+        err.contains(&format!("bad.toml:{key_line}:")) && err.contains("does not belong to the certificate"),
+        "{err}"
+    );
+    // Names it does not cover, and a protocol without certificates.
+    let named = https_config(&[&b[0]], &[&shop], false).replace("key = ", "names = [\"www.example\"]\nkey = ");
+    let out =
+        std::process::Command::new(bin()).arg("check").arg("-c").arg(dir.write("n.toml", &named)).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not cover the name \"www.example\""));
+    let bare = https_config(&[&b[0]], &[], false);
+    let out =
+        std::process::Command::new(bin()).arg("check").arg("-c").arg(dir.write("b.toml", &bare)).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs at least one [[listeners.certificates]]"));
+
+    // Running: replacing the certificate with a broken file and reloading keeps the old one.
+    let t = Tether::start(&https_config(&[&b[0]], &[&shop], false));
+    let tls = connect(t.addr(), "shop.example", &[b"http/1.1"], Some(&[&shop])).await;
+    assert!(get_h1(tls, "/").await.starts_with("HTTP/1.1 200"));
+    std::fs::write(&shop.cert, "not a certificate").unwrap();
+    reload(&t, &https_config(&[&b[0]], &[&shop], false), "reload rejected").await;
+    let tls = connect(t.addr(), "shop.example", &[b"http/1.1"], Some(&[&shop])).await;
+    assert!(served(&tls) == shop.der);
+    assert!(get_h1(tls, "/").await.starts_with("HTTP/1.1 200"));
+    // A good new certificate at the same path is taken by the next reload.
+    let renewed = cert(&dir, "shop", &["shop.example"]);
+    reload(&t, &https_config(&[&b[0]], &[&renewed], false), "TLS certificates changed").await;
+    let tls = connect(t.addr(), "shop.example", &[b"http/1.1"], Some(&[&renewed])).await;
+    assert!(served(&tls) == renewed.der);
+}
+
+#[tokio::test]
+async fn a_client_that_never_finishes_its_handshake_is_closed_and_counted() {
+    let dir = Scratch::new();
+    let shop = cert(&dir, "shop", &["shop.example"]);
+    let b = backends(1).await;
+    let cfg = https_config(&[&b[0]], &[&shop], false);
+    let t = Tether::start(&format!("{ADMIN}[timeouts]\nrequest_header = \"300ms\"\n{cfg}"));
+    // Half a ClientHello record header, then nothing.
+    let mut s = TcpStream::connect(t.addr()).await.unwrap();
+    s.write_all(&[0x16, 0x03, 0x01]).await.unwrap();
+    let mut buf = [0u8; 16];
+    let closed = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+    assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "{closed:?}");
+    // Plain HTTP on the TLS port is a failed handshake, and counted.
+    let text = raw(t.addr(), b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", Duration::from_secs(5)).await;
+    assert!(!text.contains("200 OK"), "{text}");
+    let admin = t.admin();
+    wait_until_async("the failed handshake is counted", Duration::from_secs(5), || async move {
+        get(admin, "/metrics").await.text().contains("tether_tls_handshake_failures_total{listener=\"web\"} 1")
+    })
+    .await;
+    // The certificate's expiry is in the metrics (notAfter 2031-05-17T00:00:00Z).
+    let metrics = get(admin, "/metrics").await.text();
+    let line = metrics.lines().find(|l| l.starts_with("tether_tls_certificate_expiry_seconds{")).unwrap();
+    assert!(line.contains(&format!("certificate=\"{}\"", shop.cert.display())), "{line}");
+    assert!(line.ends_with(" 1936742400"), "{line}");
+}
