@@ -46,6 +46,10 @@ enum Command {
         /// Port of the balancer on 127.0.0.1.
         #[arg(long, default_value_t = 8080)]
         port: u16,
+        /// Port of the balancer's HTTPS listener on 127.0.0.1 (a certificate for localhost
+        /// and 127.0.0.1 is made at start).
+        #[arg(long, default_value_t = 8443)]
+        https_port: u16,
         /// Port of the first demo backend; the others take the next two.
         #[arg(long, default_value_t = 9001)]
         backend_port: u16,
@@ -119,7 +123,9 @@ fn run_command(cli: Cli) -> ExitCode {
             }
         },
         Command::Run { config, threads } => run(config, threads),
-        Command::Demo { port, backend_port, admin_port, threads } => run_demo(port, backend_port, admin_port, threads),
+        Command::Demo { port, https_port, backend_port, admin_port, threads } => {
+            run_demo(port, https_port, backend_port, admin_port, threads)
+        }
         Command::Backend { name, bind } => server::Runtimes::new(1).map_err(anyhow::Error::from).and_then(|rt| {
             rt.block_on(async move {
                 let b = DemoBackend::start(&name, bind).await?;
@@ -323,7 +329,7 @@ async fn toggle_backends_from_stdin(backends: Vec<DemoBackend>) {
     drop(running);
 }
 
-fn run_demo(port: u16, backend_port: u16, admin_port: u16, threads: usize) -> anyhow::Result<()> {
+fn run_demo(port: u16, https_port: u16, backend_port: u16, admin_port: u16, threads: usize) -> anyhow::Result<()> {
     anyhow::ensure!(backend_port <= u16::MAX - 2, "--backend-port must leave room for three ports");
     // Port 0 lets the system choose free ports for the backends (the tests use it).
     let wanted = if backend_port == 0 { [0; 3] } else { [backend_port, backend_port + 1, backend_port + 2] };
@@ -341,10 +347,22 @@ fn run_demo(port: u16, backend_port: u16, admin_port: u16, threads: usize) -> an
             backends.push(b);
         }
         let ports = [backends[0].address.port(), backends[1].address.port(), backends[2].address.port()];
-        let mut config = config::parse(&demo::config_text(port, ports, admin_port), "<demo config>")?;
+        // The HTTPS listener's certificate, made for this run and removed after it.
+        let dir = std::env::temp_dir().join(format!("tether-demo-{}", std::process::id()));
+        let (cert, key) = demo::certificate(&dir)?;
+        struct Remove(std::path::PathBuf);
+        impl Drop for Remove {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+        let _remove = Remove(dir);
+        let tls = demo::DemoTls { port: https_port, cert: &cert, key: &key };
+        let mut config = config::parse(&demo::config_text(port, ports, admin_port, Some(&tls)), "<demo config>")?;
         config.threads = threads.clamp(1, 1024);
         let server = Server::start(config, None, workers).await?;
         let lb = server.addresses[0].1;
+        let tls_lb = server.addresses[1].1;
         let admin = server.admin_address.map_or_else(String::new, |a| format!("http://{a}/"));
         let list: Vec<String> = backends.iter().map(|b| format!("{} on {}", b.name, b.address)).collect();
         println!(
@@ -353,7 +371,9 @@ fn run_demo(port: u16, backend_port: u16, admin_port: u16, threads: usize) -> an
              Try, from another shell:\n\
              \x20 curl -s http://{lb}/                  # round robin: app-1, app-2, app-3 in turn\n\
              \x20 curl -s -b jar -c jar http://{lb}/    # a visitor with a cookie jar\n\
-             \x20 curl -s http://{lb}/headers           # the request as a backend sees it\n\n\
+             \x20 curl -s http://{lb}/headers           # the request as a backend sees it\n\
+             \x20 curl -sk https://{tls_lb}/            # over HTTPS (a certificate made at start)\n\
+             \x20 curl -sk --http2 -i https://{tls_lb}/ # HTTP/2 over TLS; the cookie is Secure\n\n\
              Visitors with a cookie jar stay on one backend (Tether's `tether` cookie pins them).\n\
              Watch sessions land on backends, and drain one, on the dashboard: {admin}\n\
              Type 1, 2 or 3 and Enter here to stop or restart that backend: its visitors re-pin.\n\

@@ -222,9 +222,40 @@ impl Body for Generated {
     }
 }
 
+/// The demo's HTTPS: the port, and the certificate and key files (see [`certificate`]).
+pub struct DemoTls<'a> {
+    pub port: u16,
+    pub cert: &'a std::path::Path,
+    pub key: &'a std::path::Path,
+}
+
+/// A self-signed certificate for `localhost` and `127.0.0.1`, made now, written as PEM into
+/// `dir` (`demo.pem`, `demo.key`); its paths.
+pub fn certificate(dir: &std::path::Path) -> anyhow::Result<(std::path::PathBuf, std::path::PathBuf)> {
+    let key = rcgen::KeyPair::generate()?;
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()])?;
+    params.subject_alt_names.push(rcgen::SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()));
+    let cert = params.self_signed(&key)?;
+    std::fs::create_dir_all(dir)?;
+    let (cert_path, key_path) = (dir.join("demo.pem"), dir.join("demo.key"));
+    std::fs::write(&cert_path, cert.pem())?;
+    std::fs::write(&key_path, key.serialize_pem())?;
+    Ok((cert_path, key_path))
+}
+
 /// The config `tether demo` runs: three backends, round robin for new sessions, and
-/// Tether's own cookie to keep each visitor on its backend.
-pub fn config_text(port: u16, backend_ports: [u16; 3], admin_port: u16) -> String {
+/// Tether's own cookie to keep each visitor on its backend; with `tls`, the same pool
+/// also behind an HTTPS listener.
+pub fn config_text(port: u16, backend_ports: [u16; 3], admin_port: u16, tls: Option<&DemoTls<'_>>) -> String {
+    let https = tls.map_or_else(String::new, |t| {
+        format!(
+            "\n[[listeners]]\nname = \"demo-tls\"\nbind = \"127.0.0.1:{}\"\nprotocol = \"https\"\npool = \"demo\"\n\
+             [[listeners.certificates]]\ncert = \"{}\"\nkey = \"{}\"\n",
+            t.port,
+            t.cert.display(),
+            t.key.display()
+        )
+    });
     format!(
         r#"# The embedded demo config.
 [admin]
@@ -234,7 +265,7 @@ bind = "127.0.0.1:{admin_port}"
 name = "demo"
 bind = "127.0.0.1:{port}"
 pool = "demo"
-
+{https}
 [pools.demo]
 algorithm = "round_robin"
 backends = [

@@ -60,20 +60,25 @@ fn help_and_version() {
 }
 
 #[tokio::test]
-async fn demo_answers_from_three_backends_in_turn() {
+async fn demo_answers_from_three_backends_in_turn_over_http_and_https() {
     use std::io::{BufRead, BufReader};
     let mut child = Command::new(bin())
-        .args(["demo", "--port", "0", "--backend-port", "0", "--admin-port", "0"])
+        .args(["demo", "--port", "0", "--https-port", "0", "--backend-port", "0", "--admin-port", "0"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let err = BufReader::new(child.stderr.take().unwrap());
-    let addr: std::net::SocketAddr = err
-        .lines()
-        .map_while(Result::ok)
-        .find_map(|l| l.split("listening on ").nth(1)?.split_whitespace().next()?.parse().ok())
-        .expect("the demo said where it listens");
+    let mut err = BufReader::new(child.stderr.take().unwrap()).lines().map_while(Result::ok);
+    let mut listening = |name: &str| -> std::net::SocketAddr {
+        let tag = format!("listener={name}");
+        err.find_map(|l| {
+            let rest = l.split("listening on ").nth(1)?;
+            rest.ends_with(&tag).then(|| rest.split_whitespace().next()?.parse().ok())?
+        })
+        .unwrap_or_else(|| panic!("the demo said where {name} listens"))
+    };
+    let addr = listening("demo");
+    let tls_addr = listening("demo-tls");
     let mut seen = Vec::new();
     for _ in 0..3 {
         let r = get(addr, "/").await;
@@ -82,6 +87,17 @@ async fn demo_answers_from_three_backends_in_turn() {
     }
     seen.sort();
     assert_eq!(seen, ["app-1", "app-2", "app-3"]);
+    // The tour's HTTPS line: HTTP/2 over TLS, a Secure session cookie. curl runs off this
+    // thread (as the demo does, the backends run in the demo's process, not here).
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("curl").args(["-sk", "--http2", "-i"]).arg(format!("https://{tls_addr}/")).output().unwrap()
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_ascii_lowercase();
+    assert!(text.starts_with("http/2 200"), "{text}");
+    let cookie = text.lines().find(|l| l.starts_with("set-cookie: tether=")).unwrap_or_else(|| panic!("{text}"));
+    assert!(cookie.contains("; secure"), "{cookie}");
     let _ = child.kill();
     let _ = child.wait();
 }
