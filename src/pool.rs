@@ -140,6 +140,10 @@ impl Pool {
 pub struct Routes {
     pub listener: String,
     pub trusted_proxies: Vec<crate::net::Cidr>,
+    /// Every request is redirected to `https://` on this port.
+    pub redirect_to_https: Option<u16>,
+    /// `Strict-Transport-Security` for responses that have none.
+    pub hsts: Option<Box<str>>,
     routes: Vec<config::Route>,
 }
 
@@ -176,7 +180,13 @@ impl Snapshot {
                 // Host-specific routes before catch-alls, longer prefixes before shorter;
                 // the sort is stable so equal routes keep the order they were written in.
                 routes.sort_by_key(|r| (r.host.is_none(), std::cmp::Reverse(r.path_prefix.len())));
-                Routes { listener: l.name.clone(), trusted_proxies: l.trusted_proxies.clone(), routes }
+                Routes {
+                    listener: l.name.clone(),
+                    trusted_proxies: l.trusted_proxies.clone(),
+                    redirect_to_https: l.redirect_to_https,
+                    hsts: l.hsts.as_deref().map(Box::from),
+                    routes,
+                }
             })
             .collect();
         Snapshot { config, pools, listeners }

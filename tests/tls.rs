@@ -333,3 +333,95 @@ async fn a_client_that_never_finishes_its_handshake_is_closed_and_counted() {
     assert!(line.contains(&format!("certificate=\"{}\"", shop.cert.display())), "{line}");
     assert!(line.ends_with(" 1936742400"), "{line}");
 }
+
+#[tokio::test]
+async fn http_redirects_to_https_and_https_says_hsts() {
+    let dir = Scratch::new();
+    let shop = cert(&dir, "shop", &["shop.example"]);
+    let b = backends(1).await;
+    let http = |port: u16| {
+        format!(
+            "[[listeners]]\nname = \"plain\"\nbind = \"127.0.0.1:0\"\npool = \"web\"\nredirect_to_https = {port}\n\n\
+             [pools.web]\nbackends = [{{ name = \"app-1\", address = \"{}\" }}]\n",
+            b[0].address
+        )
+    };
+    let t = Tether::start(&http(8443));
+    let text =
+        raw(t.addr(), b"GET /cart?item=3 HTTP/1.1\r\nHost: shop.example:8080\r\n\r\n", Duration::from_secs(2)).await;
+    assert!(text.starts_with("HTTP/1.1 308 Permanent Redirect\r\n"), "{text}");
+    assert!(text.contains("\r\nLocation: https://shop.example:8443/cart?item=3\r\n"), "{text}");
+    assert!(text.contains("\r\nTether-Error: https-redirect\r\n"), "{text}");
+    // The redirect keeps the connection: a second request on it is answered too.
+    let two =
+        b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\nGET /x HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n";
+    let text = raw(t.addr(), two, Duration::from_secs(2)).await;
+    assert_eq!(text.matches("HTTP/1.1 308").count(), 2, "{text}");
+    drop(t);
+    let t = Tether::start(&http(443));
+    let r = get(t.addr(), "/a").await;
+    assert_eq!(r.status, 308);
+    assert_eq!(r.headers["location"], format!("https://{}/a", t.addr().ip()));
+
+    // HSTS on every response that has none of its own, over HTTP/1.1 and HTTP/2.
+    let own = RecordingBackend::start(
+        b"HTTP/1.1 200 OK\r\nStrict-Transport-Security: max-age=1\r\nContent-Length: 0\r\n\r\n",
+    )
+    .await;
+    let mut cfg = https_config(&[&b[0]], &[&shop], false)
+        .replace("protocol = \"https\"\n", "protocol = \"https\"\nhsts = \"max-age=600\"\n");
+    cfg = cfg.replace(
+        &format!("  {{ name = \"app-1\", address = \"{}\" }},\n", b[0].address),
+        &format!(
+            "  {{ name = \"app-1\", address = \"{}\" }},\n  {{ name = \"own\", address = \"{}\" }},\n",
+            b[0].address, own.addr
+        ),
+    );
+    let t = Tether::start(&cfg);
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let tls = connect(t.addr(), "shop.example", &[b"http/1.1"], None).await;
+        let text = get_h1(tls, "/").await.to_ascii_lowercase();
+        let hsts: Vec<&str> = text.lines().filter(|l| l.starts_with("strict-transport-security:")).collect();
+        seen.push(hsts.join("|"));
+    }
+    seen.sort();
+    assert_eq!(seen, ["strict-transport-security: max-age=1", "strict-transport-security: max-age=600"]);
+    let tls = connect(t.addr(), "shop.example", &[b"h2"], None).await;
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake::<_, _, Full<Bytes>>(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let r =
+            sender.send_request(Request::get("https://shop.example/").body(Full::default()).unwrap()).await.unwrap();
+        seen.push(
+            r.headers()
+                .get_all("strict-transport-security")
+                .iter()
+                .map(|v| v.to_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+                .join("|"),
+        );
+    }
+    seen.sort();
+    assert_eq!(seen, ["max-age=1", "max-age=600"]);
+
+    // Each key on the wrong kind of listener is a located error.
+    let wrong = https_config(&[&b[0]], &[&shop], false)
+        .replace("protocol = \"https\"\n", "protocol = \"https\"\nredirect_to_https = 443\n");
+    let out =
+        std::process::Command::new(bin()).arg("check").arg("-c").arg(dir.write("r.toml", &wrong)).output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("r.toml:6:21: listener \"web\": redirect_to_https is for an http listener"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let wrong = http(443).replace("redirect_to_https = 443\n", "hsts = \"max-age=1\"\n");
+    let out =
+        std::process::Command::new(bin()).arg("check").arg("-c").arg(dir.write("h.toml", &wrong)).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("hsts is for an https listener"));
+}

@@ -95,6 +95,10 @@ pub struct Listener {
     pub trusted_proxies: Vec<Spanned<String>>,
     #[serde(default)]
     pub routes: Vec<Route>,
+    /// Answer every request with a redirect to HTTPS on this port (an `http` listener).
+    pub redirect_to_https: Option<Spanned<u16>>,
+    /// `Strict-Transport-Security` for every response (an `https` listener).
+    pub hsts: Option<Spanned<String>>,
     /// For `protocol = "https"`: the certificates, chosen by SNI; the first is the default.
     #[serde(default)]
     pub certificates: Vec<Spanned<CertificateFiles>>,

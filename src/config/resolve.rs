@@ -374,6 +374,26 @@ impl Resolver<'_> {
             }
         };
         let tls = self.listener_tls(&name, l, https);
+        let redirect_to_https = l.redirect_to_https.as_ref().and_then(|p| {
+            if https {
+                self.error(p, format!("listener \"{name}\": redirect_to_https is for an http listener"));
+                return None;
+            }
+            Some(*p.get_ref())
+        });
+        let hsts = l.hsts.as_ref().and_then(|h| {
+            let v = h.get_ref();
+            if !https {
+                self.error(h, format!("listener \"{name}\": hsts is for an https listener (browsers ignore it over http)"));
+                return None;
+            }
+            let valid = v.bytes().all(|b| b == b' ' || b.is_ascii_graphic()) && v.to_ascii_lowercase().contains("max-age=");
+            if !valid {
+                self.error(h, format!("listener \"{name}\": hsts \"{v}\" is not a Strict-Transport-Security value like \"max-age=31536000; includeSubDomains\""));
+                return None;
+            }
+            Some(v.clone())
+        });
         let mut trusted_proxies = Vec::new();
         for t in &l.trusted_proxies {
             match Cidr::parse(t.get_ref()) {
@@ -382,7 +402,7 @@ impl Resolver<'_> {
             }
         }
         let routes = self.routes(&name, l, pools);
-        Listener { name, bind, trusted_proxies, routes, tls }
+        Listener { name, bind, trusted_proxies, routes, tls, redirect_to_https, hsts }
     }
 
     /// An `https` listener's certificates, each read and checked (the key belongs to the

@@ -139,6 +139,10 @@ pub struct Listener {
     pub routes: Vec<Route>,
     /// `protocol = "https"`: TLS is terminated with these certificates.
     pub tls: Option<std::sync::Arc<crate::tls::ServerTls>>,
+    /// Every request is answered `308` to `https://` on this port (`redirect_to_https`).
+    pub redirect_to_https: Option<u16>,
+    /// The `Strict-Transport-Security` value added to responses that have none.
+    pub hsts: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

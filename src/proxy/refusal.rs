@@ -14,6 +14,10 @@ use crate::upstream::ConnectError;
 pub enum Refusal {
     /// `CONNECT`: Tether is a reverse proxy.
     ConnectUnsupported,
+    /// The listener serves only HTTPS: the client is sent to `location`.
+    HttpsRedirect {
+        location: String,
+    },
     /// A request Tether cannot make sense of (missing or malformed `Host`, a target form
     /// its method does not allow, `chunked` applied twice, ...).
     BadRequest(&'static str),
@@ -79,9 +83,27 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    /// Where a redirect sends the client (`Location`).
+    pub fn location(&self) -> Option<&str> {
+        match self {
+            Refusal::HttpsRedirect { location } => Some(location),
+            _ => None,
+        }
+    }
+
+    /// The address of the same resource over HTTPS on `port`: `host` is the request's
+    /// (a port on it is replaced), `target` its origin-form path and query.
+    pub fn https_redirect(host: &str, port: u16, target: &str) -> Refusal {
+        let host = crate::net::strip_port(host);
+        let location =
+            if port == 443 { format!("https://{host}{target}") } else { format!("https://{host}:{port}{target}") };
+        Refusal::HttpsRedirect { location }
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             Refusal::ConnectUnsupported => StatusCode::METHOD_NOT_ALLOWED,
+            Refusal::HttpsRedirect { .. } => StatusCode::PERMANENT_REDIRECT,
             Refusal::BadRequest(_) | Refusal::BadRequestBody => StatusCode::BAD_REQUEST,
             Refusal::TargetTooLong { .. } => StatusCode::URI_TOO_LONG,
             Refusal::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -106,6 +128,7 @@ impl Refusal {
     pub fn label(&self) -> &'static str {
         match self {
             Refusal::ConnectUnsupported => "connect-unsupported",
+            Refusal::HttpsRedirect { .. } => "https-redirect",
             Refusal::BadRequest(_) => "bad-request",
             Refusal::TargetTooLong { .. } => "target-too-long",
             Refusal::BodyTooLarge { .. } => "body-too-large",
@@ -133,6 +156,7 @@ impl Refusal {
     pub fn message(&self, pool: &str) -> String {
         match self {
             Refusal::ConnectUnsupported => "CONNECT is not supported: Tether is a reverse proxy".into(),
+            Refusal::HttpsRedirect { location } => format!("this listener serves HTTPS only: {location}"),
             Refusal::BadRequest(why) => (*why).into(),
             Refusal::TargetTooLong { limit } => format!("the request target is longer than {limit} bytes"),
             Refusal::BodyTooLarge { limit } => {

@@ -116,6 +116,9 @@ async fn forward(
     if let Some(a) = &pool.affinity {
         rewrite::persist(response.headers_mut(), a, &decision, index, https);
     }
+    if let Some(hsts) = routes.hsts.as_deref().and_then(|v| HeaderValue::from_str(v).ok()) {
+        response.headers_mut().entry(header::STRICT_TRANSPORT_SECURITY).or_insert(hsts);
+    }
     Ok(Forwarded { response, back })
 }
 
@@ -145,6 +148,12 @@ fn route<'s>(
     transfer_coding(req.headers())?;
     let host = rewrite::host_of(req).map_err(Refusal::BadRequest)?;
     let routes = snap.listener(&cx.listener_name).ok_or(Refusal::NoListener)?;
+    if let Some(port) = routes.redirect_to_https {
+        let host = host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("");
+        let target = uri.path_and_query().map_or("/", |p| p.as_str());
+        let target = if target.starts_with('/') { target } else { "/" };
+        return Err(Refusal::https_redirect(host, port, target));
+    }
     let host_name = host.as_ref().and_then(|h| h.to_str().ok()).map_or("", crate::net::strip_port);
     // `OPTIONS *` asks about the server as a whole: it goes where `/` goes.
     let path = if asterisk { "/" } else { uri.path() };
@@ -457,6 +466,9 @@ pub fn reply(mut out: Outcome, refusal: Refusal) -> Response<ProxyBody> {
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     h.insert(TETHER_ERROR.clone(), HeaderValue::from_static(refusal.label()));
+    if let Some(location) = refusal.location().and_then(|l| HeaderValue::from_str(l).ok()) {
+        h.insert(header::LOCATION, location);
+    }
     if status.is_client_error() || status == StatusCode::NOT_IMPLEMENTED {
         // After a request Tether could not make sense of, the connection's framing is not
         // to be trusted either.

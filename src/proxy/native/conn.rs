@@ -197,6 +197,7 @@ async fn refuse<S: ClientIo>(
         status.canonical_reason().unwrap_or(""),
         refusal.label(),
         &refusal.message(pool.unwrap_or("")),
+        refusal.location(),
         close,
     );
     let _ = tokio::time::timeout(timeouts.client_send, client.stream.write_all(&work.out)).await;
@@ -568,6 +569,7 @@ impl<'c, S: ClientIo> Exchange<'c, S> {
                     dechunk,
                     client_minor: minor,
                     date: None,
+                    hsts: routes.hsts.as_deref(),
                 };
                 head::write_response(&mut work.out, rdata, res, &edits);
                 rbuf.start = res.len;
@@ -712,7 +714,20 @@ fn route<'s>(
     }
     let routes = snap.listener(listener).ok_or(Refusal::NoListener)?;
     let host = head.host.map_or(&b""[..], |h| h.of(data));
-    let host = std::str::from_utf8(host).map_or("", crate::net::strip_port);
+    let host = std::str::from_utf8(host).unwrap_or("");
+    if let Some(port) = routes.redirect_to_https {
+        if host.is_empty() {
+            return Err(Refusal::BadRequest("a redirect to HTTPS needs the request's Host"));
+        }
+        let target = match head.form {
+            request::Target::Absolute { path, .. } => path.of(data),
+            request::Target::Asterisk => b"/",
+            _ => head.target.of(data),
+        };
+        let target = std::str::from_utf8(target).ok().filter(|t| t.starts_with('/')).unwrap_or("/");
+        return Err(Refusal::https_redirect(host, port, target));
+    }
+    let host = crate::net::strip_port(host);
     let path = path_of(data, head);
     match routes.route(host, path) {
         Some(p) => Ok((routes, &snap.pools[p])),

@@ -74,6 +74,8 @@ pub struct ResponseEdits<'a> {
     /// A `Date` value to add when the backend sent none (RFC 9110 section 6.6.1, as hyper
     /// does today); `None` adds nothing.
     pub date: Option<&'a [u8]>,
+    /// A `Strict-Transport-Security` value to add when the backend sent none.
+    pub hsts: Option<&'a str>,
 }
 
 /// Whether a request asks to upgrade (`Connection: upgrade` on HTTP/1.1, and `Upgrade`)
@@ -328,6 +330,7 @@ pub fn write_response(out: &mut Vec<u8>, buf: &[u8], head: &ResponseHead, edits:
     let rewrite_cache = private && !fields.iter().filter(cache_control).any(|f| leaves_private(f.value.of(buf)));
     let mut cache_written = false;
     let mut has_date = false;
+    let mut has_hsts = false;
     for f in fields {
         let name = f.name.of(buf);
         let keep = match f.known {
@@ -348,6 +351,7 @@ pub fn write_response(out: &mut Vec<u8>, buf: &[u8], head: &ResponseHead, edits:
             continue;
         }
         has_date |= f.known == Known::Other && name.eq_ignore_ascii_case(b"date");
+        has_hsts |= f.known == Known::Other && name.eq_ignore_ascii_case(b"strict-transport-security");
         line(out, name, f.value.of(buf));
     }
 
@@ -359,6 +363,9 @@ pub fn write_response(out: &mut Vec<u8>, buf: &[u8], head: &ResponseHead, edits:
     }
     if let (false, Some(date)) = (has_date || interim, edits.date) {
         line(out, b"Date", date);
+    }
+    if let (false, Some(hsts)) = (has_hsts || interim, edits.hsts) {
+        line(out, b"Strict-Transport-Security", hsts.as_bytes());
     }
     let close_delimited =
         head.body == response::Body::UntilClose || (head.body == response::Body::Chunked && !chunked_out);
@@ -453,8 +460,16 @@ fn cache_directives(v: &[u8]) -> impl Iterator<Item = &[u8]> {
 
 /// Appends a response Tether writes itself, as `request::reply` makes it: plain text
 /// `"{status} {reason}: {message}\n"`, marked with `Tether-Error: {label}`, never cached,
-/// and with `Connection: close` when `close`.
-pub fn write_refusal(out: &mut Vec<u8>, status: u16, reason: &str, label: &str, message: &str, close: bool) {
+/// with `Location` when it redirects, and with `Connection: close` when `close`.
+pub fn write_refusal(
+    out: &mut Vec<u8>,
+    status: u16,
+    reason: &str,
+    label: &str,
+    message: &str,
+    location: Option<&str>,
+    close: bool,
+) {
     out.extend_from_slice(b"HTTP/1.1 ");
     put_u64(out, u64::from(status));
     out.push(b' ');
@@ -462,6 +477,9 @@ pub fn write_refusal(out: &mut Vec<u8>, status: u16, reason: &str, label: &str, 
     out.extend_from_slice(b"\r\nContent-Type: text/plain; charset=utf-8\r\nCache-Control: no-store\r\nTether-Error: ");
     out.extend_from_slice(label.as_bytes());
     out.extend_from_slice(b"\r\n");
+    if let Some(l) = location {
+        line(out, b"Location", l.as_bytes());
+    }
     if close {
         out.extend_from_slice(b"Connection: close\r\n");
     }
@@ -915,7 +933,7 @@ mod tests {
     }
 
     fn res_edits() -> ResponseEdits<'static> {
-        ResponseEdits { set_cookie: None, close: false, dechunk: false, client_minor: 1, date: None }
+        ResponseEdits { set_cookie: None, close: false, dechunk: false, client_minor: 1, date: None, hsts: None }
     }
 
     /// The head written for a backend's `text`, re-parsed as the client would parse it.
@@ -1113,13 +1131,13 @@ mod tests {
     #[test]
     fn refusals_are_exact() {
         let mut out = b"x".to_vec();
-        write_refusal(&mut out, 503, "Service Unavailable", "no-backend", "pool web has no backend", false);
+        write_refusal(&mut out, 503, "Service Unavailable", "no-backend", "pool web has no backend", None, false);
         let expected = "xHTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n\
                         Cache-Control: no-store\r\nTether-Error: no-backend\r\nContent-Length: 49\r\n\r\n\
                         503 Service Unavailable: pool web has no backend\n";
         assert_eq!(String::from_utf8(out).unwrap(), expected);
         let mut out = Vec::new();
-        write_refusal(&mut out, 400, "Bad Request", "bad-request", "malformed request head", true);
+        write_refusal(&mut out, 400, "Bad Request", "bad-request", "malformed request head", None, true);
         let expected = "HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n\
                         Cache-Control: no-store\r\nTether-Error: bad-request\r\nConnection: close\r\n\
                         Content-Length: 40\r\n\r\n400 Bad Request: malformed request head\n";
@@ -1127,7 +1145,7 @@ mod tests {
         // The length is the body's, whatever the status and reason.
         for (status, reason) in [(599, ""), (421, "Misdirected Request"), (1000, "x")] {
             let mut out = Vec::new();
-            write_refusal(&mut out, status, reason, "l", "m", false);
+            write_refusal(&mut out, status, reason, "l", "m", None, false);
             let text = String::from_utf8(out).unwrap();
             let (head, body) = text.split_once("\r\n\r\n").unwrap();
             assert!(head.ends_with(&format!("Content-Length: {}", body.len())), "{text:?}");
