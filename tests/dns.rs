@@ -414,9 +414,13 @@ async fn an_address_back_before_its_drain_ends_is_enabled_again() {
     }
     dns.set_a("app.test", &[ip(3)]);
     wait_backends(admin, &[(&n2, "draining"), (&n3, "enabled")]).await;
+    let back = Instant::now();
     dns.set_a("app.test", &[ip(2), ip(3)]);
     wait_backends(admin, &[(&n2, "enabled"), (&n3, "enabled")]).await;
     t.wait_log("dns: backend is back in the answer: enabled again").await;
+    // Enabled by its return, well within drain_timeout (3s), not removed and found anew.
+    assert!(back.elapsed() < Duration::from_secs(2), "enabled only after {:?}", back.elapsed());
+    assert!(!t.log().contains("drained backend removed"), "{}", t.log());
     for c in &mut clients {
         let before = c.backend.clone();
         assert_eq!(c.visit(t.addr()).await, before, "a session moved although its address came back");
