@@ -8,7 +8,9 @@
 //!
 //! Once a second, vanished addresses whose drain is over are removed: when the pool's
 //! `drain_timeout` has passed since they left the answer, when health checks find them
-//! down, or when they hold no session and no request any more.
+//! down, or when they hold no session and no request any more (not in a pool with
+//! hash-mapped keys, whose sessions are in no table and so not counted: there only
+//! `drain_timeout` or health ends the drain).
 //!
 //! The TTL of the records is not used: the source's `interval` is the period. Asking a
 //! resolver more often than the TTL costs one cached answer; asking less often than the
@@ -162,12 +164,19 @@ fn expire(control: &Control) {
             gone.push((pool, name, "no longer in the pool"));
             continue;
         };
-        let drain_timeout = p.config.affinity.as_ref().and_then(|a: &config::Affinity| a.drain_timeout);
+        let affinity = p.config.affinity.as_ref();
+        let drain_timeout = affinity.and_then(|a: &config::Affinity| a.drain_timeout);
+        // Hash-mapped keys are in no table, so their sessions are not counted: such a pool
+        // drains until drain_timeout (or health), never on a count of zero.
+        let counted = affinity.is_none_or(|a| {
+            a.mapping == config::Mapping::Table
+                || a.keys.iter().all(|k| matches!(k, config::KeySource::Cookie | config::KeySource::AppCookie(_)))
+        });
         let why = if drain_timeout.is_some_and(|d| now.saturating_sub(since) >= d.as_millis() as u64) {
             "drain_timeout is over"
         } else if !b.is_healthy() {
             "health checks find it down"
-        } else if b.sessions() == 0 && b.load() == 0 {
+        } else if counted && b.sessions() == 0 && b.load() == 0 {
             "no sessions or requests left"
         } else {
             continue;

@@ -477,3 +477,72 @@ async fn a_new_address_ramps_up_under_slow_start() {
         assert_eq!(Sticky::default().visit(t.addr()).await, "app-1", "a new address took new sessions at full share");
     }
 }
+
+const KEY: &str = "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=";
+
+#[tokio::test]
+async fn two_instances_derive_the_same_identities_from_dns() {
+    // Two Tethers with the same config (cookie key included) resolve the same name: a
+    // cookie issued by one keeps its backend on the other, as it would after a restart.
+    // Placement is random, so that two instances placing anew cannot agree by chance
+    // (round robin would, request for request).
+    let (port, _demo) = backends_on_one_port(2).await;
+    let dns = DnsServer::start();
+    dns.set_a("app.test", &[ip(2), ip(3)]);
+    let text = format!("{}\n[pools.web.affinity.cookie]\nkeys = [\"{KEY}\"]\n", config(dns.addr, port, "200ms"))
+        .replace("slow_start = \"1s\"", "algorithm = \"random\"");
+    let one = Tether::start(&text);
+    let two = Tether::start(&text);
+    let (n2, n3) = (format!("app.test@127.0.0.2:{port}"), format!("app.test@127.0.0.3:{port}"));
+    for t in [&one, &two] {
+        wait_backends(t.admin(), &[(&n2, "enabled"), (&n3, "enabled")]).await;
+    }
+    let mut seen = BTreeSet::new();
+    for _ in 0..16 {
+        let mut c = Sticky::default();
+        let first = c.visit(one.addr()).await;
+        seen.insert(first.clone());
+        assert_eq!(c.visit(two.addr()).await, first, "the other instance placed the session anew");
+    }
+    assert_eq!(seen.len(), 2, "every session went to one backend: {seen:?}");
+}
+
+#[tokio::test]
+async fn health_checks_end_the_drain_of_a_vanished_address_that_is_down() {
+    let (port, demo) = backends_on_one_port(2).await;
+    let dns = DnsServer::start();
+    dns.set_a("app.test", &[ip(2), ip(3)]);
+    let text = config(dns.addr, port, "200ms").replace("drain_timeout = \"3s\"", "drain_timeout = \"1h\"")
+        + "\n[pools.web.health]\ncheck = \"tcp\"\ninterval = \"200ms\"\ntimeout = \"100ms\"\nfall = 1\nrise = 1\n";
+    let t = Tether::start(&text);
+    let admin = t.admin();
+    let (n2, n3) = (format!("app.test@127.0.0.2:{port}"), format!("app.test@127.0.0.3:{port}"));
+    wait_backends(admin, &[(&n2, "enabled"), (&n3, "enabled")]).await;
+
+    // The admin API acts on a DNS backend like on any other.
+    let post = |action: &str| {
+        Request::post(format!("/api/pools/web/backends/{n3}/{action}"))
+            .header("host", admin.to_string())
+            .body(Full::default())
+            .unwrap()
+    };
+    assert_eq!(Client::connect(admin).await.request(post("drain")).await.status, 200);
+    wait_backends(admin, &[(&n2, "enabled"), (&n3, "draining")]).await;
+    assert_eq!(Client::connect(admin).await.request(post("enable")).await.status, 200);
+    wait_backends(admin, &[(&n2, "enabled"), (&n3, "enabled")]).await;
+
+    let mut clients = vec![Sticky::default(); 8];
+    for c in &mut clients {
+        c.visit(t.addr()).await;
+    }
+    assert!(clients.iter().any(|c| c.backend == "app-1"), "no session on app-1");
+    // The pod behind 127.0.0.2 goes away, and so does its address: its sessions have
+    // nowhere to stay, so the drain ends long before drain_timeout.
+    demo[0].stop();
+    dns.set_a("app.test", &[ip(3)]);
+    wait_backends(admin, &[(&n3, "enabled")]).await;
+    t.wait_log("dns: drained backend removed: health checks find it down").await;
+    for c in &mut clients {
+        assert_eq!(c.visit(t.addr()).await, "app-2");
+    }
+}

@@ -335,6 +335,51 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_truncated_answer_is_asked_again_over_tcp() {
+        // UDP answers with TC set and no records; TCP on the same port has the records.
+        let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = udp.local_addr().unwrap();
+        let tcp = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let reply = |q: &[u8], tc: bool| {
+            let mut p = q.to_vec();
+            p[2..4].copy_from_slice(&[if tc { 0x83 } else { 0x81 }, 0x80]);
+            if !tc {
+                p[6..8].copy_from_slice(&[0, 2]);
+                for last in [7u8, 8] {
+                    p.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 5, 0, 4, 10, 0, 0, last]);
+                }
+            }
+            p
+        };
+        tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            let (n, from) = udp.recv_from(&mut buf).await.unwrap();
+            udp.send_to(&reply(&buf[..n], true), from).await.unwrap();
+        });
+        tokio::spawn(async move {
+            let (mut s, _) = tcp.accept().await.unwrap();
+            let mut len = [0u8; 2];
+            s.read_exact(&mut len).await.unwrap();
+            let mut q = vec![0u8; usize::from(u16::from_be_bytes(len))];
+            s.read_exact(&mut q).await.unwrap();
+            let r = reply(&q, false);
+            s.write_all(&(r.len() as u16).to_be_bytes()).await.unwrap();
+            s.write_all(&r).await.unwrap();
+        });
+        let r = Resolver { servers: vec![addr], timeout: Duration::from_secs(5) };
+        let source = DnsSource {
+            name: "big.test".into(),
+            port: Some(443),
+            kind: DnsKind::A,
+            interval: Duration::from_secs(1),
+            weight: 1,
+            max_connections: None,
+        };
+        let found = r.lookup(&source).await.unwrap();
+        assert_eq!(found, [("10.0.0.7:443".parse().unwrap(), 1), ("10.0.0.8:443".parse().unwrap(), 1)]);
+    }
+
+    #[tokio::test]
     async fn a_silent_server_times_out() {
         let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let r = Resolver { servers: vec![server.local_addr().unwrap()], timeout: Duration::from_millis(200) };
