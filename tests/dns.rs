@@ -546,3 +546,39 @@ async fn health_checks_end_the_drain_of_a_vanished_address_that_is_down() {
         assert_eq!(c.visit(t.addr()).await, "app-2");
     }
 }
+
+// Two runtime threads: waiting for the first Tether to exit blocks one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_restart_brings_back_pins_to_dns_backends() {
+    // Table-mapped keys placed at random: only the saved table can place them as before.
+    // The DNS sources are resolved before the state file is read, so the restored pins
+    // find their backends.
+    let (port, _demo) = backends_on_one_port(2).await;
+    let dns = DnsServer::start();
+    dns.set_a("app.test", &[ip(2), ip(3)]);
+    let state = Scratch::new();
+    let text = format!("[runtime]\nstate_dir = \"{}\"\n{}", state.0.display(), config(dns.addr, port, "200ms"))
+        .replace("slow_start = \"1s\"", "algorithm = \"random\"")
+        .replace("keys = [\"cookie\"]", "keys = [\"header:x-user\"]");
+    let user = |t: &Tether, i: usize| {
+        let addr = t.addr();
+        async move {
+            let r = Request::get("/").header("host", "app.test").header("x-user", format!("u{i}"));
+            let resp = Client::connect(addr).await.request(r.body(Full::default()).unwrap()).await;
+            assert_eq!(resp.status, 200);
+            resp.backend()
+        }
+    };
+    let mut t = Tether::start(&text);
+    let mut before = Vec::new();
+    for i in 0..16 {
+        before.push(user(&t, i).await);
+    }
+    assert_eq!(before.iter().collect::<BTreeSet<_>>().len(), 2, "every user went to one backend: {before:?}");
+    t.signal("TERM");
+    assert!(t.wait_exit(Duration::from_secs(20)).success(), "{}", t.log());
+    let t = Tether::start(&text);
+    for (i, b) in before.iter().enumerate() {
+        assert_eq!(&user(&t, i).await, b, "user u{i} was placed anew after the restart:\n{}", t.log());
+    }
+}
