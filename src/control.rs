@@ -412,19 +412,19 @@ impl Control {
     /// start when `slow_start`, as a backend that just came up), vanished ones drain,
     /// returning ones are enabled again; the snapshot is rebuilt if anything changed, as a
     /// reload would (sessions, stick tables, counters and health of the backends kept).
-    /// Returns the change and how many backends the source gives now.
+    /// Returns the change and how many backends the source gives now; `None` when a
+    /// reload removed or changed the source while it was being looked up (nothing changes).
     pub fn dns_update(
         &self,
         pool: &str,
         source: &config::DnsSource,
         found: &[(SocketAddr, u32)],
         slow_start: bool,
-    ) -> (crate::dns::Change, usize) {
+    ) -> Option<(crate::dns::Change, usize)> {
         let _one_at_a_time = lock(&self.changing);
         let file = lock(&self.file_config).clone();
-        // A lookup that was under way when a reload removed its source changes nothing.
-        if !file.pools.iter().any(|p| p.name == pool && p.dns.contains(source)) {
-            return (Default::default(), 0);
+        if !has_source(&file, pool, source) {
+            return None;
         }
         let (change, count) = {
             let mut dns = lock(&self.dns);
@@ -436,7 +436,13 @@ impl Control {
             let joined = if slow_start { change.added.as_slice() } else { &[] };
             self.rebuild(&file, pool, joined);
         }
-        (change, count)
+        Some((change, count))
+    }
+
+    /// Whether the file's config has `source` in `pool` (exactly: a reload that changed
+    /// its interval or weight made it another).
+    pub fn dns_has_source(&self, pool: &str, source: &config::DnsSource) -> bool {
+        has_source(&lock(&self.file_config), pool, source)
     }
 
     /// Removes vanished DNS backends of `pool` for good (their drain is over).
@@ -589,6 +595,10 @@ impl Control {
             ),
         }
     }
+}
+
+fn has_source(config: &Config, pool: &str, source: &config::DnsSource) -> bool {
+    config.pools.iter().any(|p| p.name == pool && p.dns.contains(source))
 }
 
 /// A reload that could not bind a socket: logged, and nothing changed.

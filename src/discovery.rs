@@ -124,7 +124,8 @@ fn apply(
     let key = crate::dns::source_key(source);
     match result {
         Ok(found) => {
-            let (change, count) = control.dns_update(pool, source, &found, slow_start);
+            // A lookup that was under way when a reload removed its source is dropped.
+            let Some((change, count)) = control.dns_update(pool, source, &found, slow_start) else { return };
             let before = control.shared.dns.record(pool, source, "ok", count);
             if before.is_some_and(|b| b != "ok") {
                 tracing::info!(pool, source = %key, "dns: lookups succeed again: {} addresses", found.len());
@@ -139,6 +140,7 @@ fn apply(
                 tracing::info!(pool, source = %key, backend = %name, "dns: backend left the answer: draining");
             }
         }
+        Err(_) if !control.dns_has_source(pool, source) => {}
         Err(e) => {
             let count = control.dns_count(pool, source);
             let before = control.shared.dns.record(pool, source, e.label(), count);

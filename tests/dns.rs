@@ -582,3 +582,27 @@ async fn a_warm_restart_brings_back_pins_to_dns_backends() {
         assert_eq!(&user(&t, i).await, b, "user u{i} was placed anew after the restart:\n{}", t.log());
     }
 }
+
+#[tokio::test]
+async fn a_reload_without_the_source_drops_its_backends() {
+    let (port, _demo) = backends_on_one_port(2).await;
+    let dns = DnsServer::start();
+    dns.set_a("app.test", &[ip(2), ip(3)]);
+    let text = config(dns.addr, port, "200ms");
+    let t = Tether::start(&text);
+    let admin = t.admin();
+    let (n2, n3) = (format!("app.test@127.0.0.2:{port}"), format!("app.test@127.0.0.3:{port}"));
+    wait_backends(admin, &[(&n2, "enabled"), (&n3, "enabled")]).await;
+    let source = format!("source=\"app.test/a:{port}\"");
+    wait_metric(admin, "tether_dns_lookups_total", &[&source, "result=\"ok\""], 1.0).await;
+    // The file lists the second address as a static backend instead.
+    let dns_section = format!("[[pools.web.dns]]\nname = \"App.Test.\"\nport = {port}\ninterval = \"200ms\"\n");
+    assert!(text.contains(&dns_section));
+    let static_only =
+        text.replace(&dns_section, &format!("backends = [{{ name = \"static\", address = \"127.0.0.3:{port}\" }}]\n"));
+    reload(&t, &static_only, "config reloaded").await;
+    assert!(t.log().contains(&format!("dns source app.test/a:{port} removed")), "{}", t.log());
+    wait_backends(admin, &[("static", "enabled")]).await;
+    assert!(!get(admin, "/metrics").await.text().contains(&source), "the removed source is still in the metrics");
+    assert_eq!(Sticky::default().visit(t.addr()).await, "app-2");
+}
