@@ -373,6 +373,10 @@ async fn dns_backends_join_drain_and_outlive_failed_lookups() {
     dns.mode(Mode::Silent);
     wait_metric(admin, "tether_dns_lookups_total", &[&source, "result=\"timeout\""], 3.0).await;
     assert_eq!(metric(admin, "tether_dns_up", &[&source]).await, 0.0);
+    let pool = admin_json(admin, "/api/pools/web").await;
+    assert_eq!(pool["dns"][0]["source"], format!("app.test/a:{port}"), "{pool}");
+    assert_eq!(pool["dns"][0]["last_lookup"], "timeout", "{pool}");
+    assert_eq!(pool["dns"][0]["backends"], 2, "{pool}");
     assert_eq!(t.log().matches("dns: lookup failed: no name server answered in time").count(), 1, "{}", t.log());
     wait_backends(admin, &[(&n3, "enabled"), (&n4, "enabled")]).await;
     for c in &mut clients {
