@@ -26,19 +26,24 @@ use crate::config::{self, Config, DnsSource};
 use crate::control::Control;
 use crate::dns::client::{LookupError, Resolver};
 
-/// The resolver `config` names: its `[dns]` resolvers, or the system's.
-fn resolver(config: &Config) -> Resolver {
-    let servers = if config.dns.resolvers.is_empty() {
+/// Every DNS source of `config`, with its pool's name and the resolver it is asked
+/// through: the pool's `resolvers`, else `[dns]`'s, else the system's.
+fn sources(config: &Config) -> Vec<(String, DnsSource, Resolver)> {
+    if config.pools.iter().all(|p| p.dns.is_empty()) {
+        return Vec::new();
+    }
+    let global = if config.dns.resolvers.is_empty() {
         crate::dns::client::system_servers()
     } else {
         config.dns.resolvers.clone()
     };
-    Resolver { servers, timeout: config.dns.timeout }
-}
-
-/// Every DNS source of `config`, with its pool's name.
-fn sources(config: &Config) -> Vec<(String, DnsSource)> {
-    config.pools.iter().flat_map(|p| p.dns.iter().map(|s| (p.name.clone(), s.clone()))).collect()
+    let mut out = Vec::new();
+    for p in &config.pools {
+        let servers = if p.resolvers.is_empty() { global.clone() } else { p.resolvers.clone() };
+        let resolver = Resolver { servers, timeout: config.dns.timeout };
+        out.extend(p.dns.iter().map(|s| (p.name.clone(), s.clone(), resolver.clone())));
+    }
+    out
 }
 
 /// Looks every source up once, together, and applies the answers without slow start: the
@@ -46,14 +51,8 @@ fn sources(config: &Config) -> Vec<(String, DnsSource)> {
 /// timeouts). A source that fails here starts empty and is retried on its interval.
 pub async fn first_round(control: &Arc<Control>) {
     let config = control.file_config();
-    let all = sources(&config);
-    if all.is_empty() {
-        return;
-    }
-    let resolver = resolver(&config);
     let mut lookups = JoinSet::new();
-    for (pool, source) in all {
-        let resolver = resolver.clone();
+    for (pool, source, resolver) in sources(&config) {
         lookups.spawn(async move {
             let result = resolver.lookup(&source).await;
             (pool, source, result)
@@ -75,10 +74,9 @@ pub async fn run(control: Arc<Control>, mut shutdown: watch::Receiver<bool>) {
     loop {
         reloads.borrow_and_update();
         let config = control.file_config();
-        let resolver = resolver(&config);
         let mut watchers = JoinSet::new();
-        for (pool, source) in sources(&config) {
-            watchers.spawn(watch_source(control.clone(), resolver.clone(), pool, source, first));
+        for (pool, source, resolver) in sources(&config) {
+            watchers.spawn(watch_source(control.clone(), resolver, pool, source, first));
         }
         first = false;
         let mut tick = tokio::time::interval(Duration::from_secs(1));

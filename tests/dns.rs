@@ -441,8 +441,9 @@ async fn srv_records_name_backends_with_their_own_ports() {
         "_http._tcp.app.test",
         &[(demo[0].address.port(), "node-1.app.test"), (demo[1].address.port(), "node-2.app.test")],
     );
+    // The global resolver is a port nobody serves; the pool names its own, the test's.
     let text = format!(
-        "{ADMIN}\n[dns]\nresolvers = [\"{}\"]\n\n[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\npool = \"web\"\n\n[pools.web]\n\n[[pools.web.dns]]\nname = \"_http._tcp.app.test\"\ntype = \"srv\"\ninterval = \"200ms\"\n",
+        "{ADMIN}\n[dns]\nresolvers = [\"127.0.0.1:9\"]\n\n[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\npool = \"web\"\n\n[pools.web]\nresolvers = [\"{}\"]\n\n[[pools.web.dns]]\nname = \"_http._tcp.app.test\"\ntype = \"srv\"\ninterval = \"200ms\"\n",
         dns.addr
     );
     let t = Tether::start(&text);

@@ -144,6 +144,8 @@ pub struct Pool {
     /// Backends from DNS, re-resolved on an interval.
     #[serde(default)]
     pub dns: Vec<Spanned<DnsSource>>,
+    /// Name servers for this pool's DNS sources, instead of `[dns]`'s.
+    pub resolvers: Option<Spanned<Vec<Spanned<String>>>>,
     pub affinity: Option<Spanned<Affinity>>,
     pub health: Option<Spanned<Health>>,
     /// Retries of idempotent requests on another backend after a failed connection.

@@ -175,28 +175,31 @@ impl Resolver<'_> {
     fn dns(&mut self, d: &file::Dns) -> Dns {
         let mut dns = Dns::default();
         if let Some(list) = &d.resolvers {
-            for r in list.get_ref() {
-                let raw = r.get_ref().trim();
-                let parsed = raw
-                    .parse::<SocketAddr>()
-                    .ok()
-                    .or_else(|| raw.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, 53)));
-                match parsed {
-                    Some(a) if a.port() != 0 => dns.resolvers.push(a),
-                    _ => self.error(
-                        r,
-                        format!(
-                            "dns.resolvers: \"{raw}\" is not an IP address, or IP address and port, like 127.0.0.1:53"
-                        ),
-                    ),
-                }
-            }
-            if list.get_ref().is_empty() {
-                self.error(list, "dns.resolvers: is empty (leave it out to use /etc/resolv.conf)".into());
-            }
+            dns.resolvers = self.resolvers("dns.resolvers", list, "to use /etc/resolv.conf");
         }
         dns.timeout = self.duration(&d.timeout, "dns.timeout", dns.timeout);
         dns
+    }
+
+    /// A list of name servers, each `IP` (port 53) or `IP:PORT`; not empty.
+    fn resolvers(&mut self, label: &str, list: &Spanned<Vec<Spanned<String>>>, instead: &str) -> Vec<SocketAddr> {
+        let mut out = Vec::new();
+        for r in list.get_ref() {
+            let raw = r.get_ref().trim();
+            let parsed =
+                raw.parse::<SocketAddr>().ok().or_else(|| raw.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, 53)));
+            match parsed {
+                Some(a) if a.port() != 0 => out.push(a),
+                _ => self.error(
+                    r,
+                    format!("{label}: \"{raw}\" is not an IP address, or IP address and port, like 127.0.0.1:53"),
+                ),
+            }
+        }
+        if list.get_ref().is_empty() {
+            self.error(list, format!("{label}: is empty (leave it out {instead})"));
+        }
+        out
     }
 
     fn limits(&mut self, l: &file::Limits) -> Limits {
@@ -481,6 +484,16 @@ impl Resolver<'_> {
             self.choice(&f.algorithm, &format!("pool \"{name}\": algorithm"), ALGORITHMS, Algorithm::RoundRobin);
         let backends = self.backends(name, p);
         let dns = self.dns_sources(name, &f.dns);
+        let resolvers = match &f.resolvers {
+            None => Vec::new(),
+            Some(list) => {
+                let label = format!("pool \"{name}\": resolvers");
+                if f.dns.is_empty() {
+                    self.error(list, format!("{label}: the pool has no [[pools.{name}.dns]] sources to resolve"));
+                }
+                self.resolvers(&label, list, "to use [dns]'s")
+            }
+        };
         let affinity = f.affinity.as_ref().map(|a| self.affinity(name, a));
         let health = f.health.as_ref().map(|h| self.health(name, h));
         let retries = self.ranged(&f.retries, &format!("pool \"{name}\": retries"), 0..=5, 1) as u32;
@@ -499,6 +512,7 @@ impl Resolver<'_> {
             algorithm,
             backends,
             dns,
+            resolvers,
             affinity,
             health,
             retries,

@@ -465,6 +465,11 @@ fn dns_sources_resolve_with_defaults() {
     );
     assert_eq!((p.dns[1].kind, p.dns[1].port, p.dns[1].max_connections), (DnsKind::Srv, None, Some(10)));
     assert_eq!((p.dns[2].kind, p.dns[2].weight), (DnsKind::Both, 3));
+    assert!(p.resolvers.is_empty(), "the pool uses [dns]'s resolvers");
+    // A pool's own resolvers.
+    let own = src.replace("[pools.web]\n", "[pools.web]\nresolvers = [\"10.0.0.53\"]\n");
+    let c = parse(&own, "t.toml").unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.pools[0].resolvers, ["10.0.0.53:53".parse().unwrap()]);
     // Without [dns], the system's resolvers (an empty list) and a 2s timeout.
     let c = parse(&format!("{DNS_POOL}[[pools.web.dns]]\nname = \"a.b\"\nport = 1\n"), "t.toml").unwrap();
     assert_eq!(c.dns, Dns::default());
@@ -494,6 +499,14 @@ fn dns_errors_are_located() {
         "t.toml:27:8: pool \"web\": dns \"TWICE.example.\": the same name, type and port are listed twice",
     ];
     assert_eq!(e, expected, "{e:#?}");
+    // A pool's resolvers: checked the same way, and only with DNS sources.
+    let e = errors(&format!("{DNS_POOL}resolvers = [\"x\"]\n[[pools.web.dns]]\nname = \"a.b\"\nport = 1\n"));
+    assert_eq!(
+        e,
+        ["t.toml:5:14: pool \"web\": resolvers: \"x\" is not an IP address, or IP address and port, like 127.0.0.1:53"]
+    );
+    let e = errors(&format!("{DNS_POOL}resolvers = [\"127.0.0.1\"]\nbackends = [{{ address = \"127.0.0.1:1\" }}]\n"));
+    assert_eq!(e, ["t.toml:5:13: pool \"web\": resolvers: the pool has no [[pools.web.dns]] sources to resolve"]);
     // A pool with neither backends nor DNS sources.
     let e = errors(DNS_POOL);
     assert!(e.iter().any(|l| l.contains("no backends: list backends or add [[pools.web.dns]]")), "{e:?}");

@@ -237,6 +237,8 @@ pub struct Pool {
     pub backends: Vec<Backend>,
     /// Sources of further backends, from DNS (`[[pools.NAME.dns]]`).
     pub dns: Vec<DnsSource>,
+    /// The name servers this pool's DNS sources are asked; empty: `[dns]`'s.
+    pub resolvers: Vec<SocketAddr>,
     /// Session persistence; `None` balances every request on its own.
     pub affinity: Option<Affinity>,
     /// Active checks (`None`: none) and passive checks.
