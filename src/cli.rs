@@ -101,8 +101,11 @@ fn run_command(cli: Cli) -> ExitCode {
         Command::Check { config } => match config::load(&config) {
             Ok(c) => {
                 let backends: usize = c.pools.iter().map(|p| p.backends.len()).sum();
+                let sources: usize = c.pools.iter().map(|p| p.dns.len()).sum();
+                // DNS sources are counted, never looked up, by a check.
+                let dns = if sources > 0 { format!(", {sources} dns sources") } else { String::new() };
                 println!(
-                    "{}: ok ({} listeners, {} pools, {} backends)",
+                    "{}: ok ({} listeners, {} pools, {} backends{dns})",
                     config.display(),
                     c.listeners.len(),
                     c.pools.len(),

@@ -94,6 +94,11 @@ pub struct Control {
     /// Admin API changes by (pool, backend), kept across reloads until the file changes
     /// that backend.
     overrides: Mutex<HashMap<(String, String), Override>>,
+    /// The backends the pools' DNS sources name now, vanished ones (draining) included;
+    /// snapshots are built from the file's config plus these plus `overrides`.
+    dns: Mutex<crate::dns::Members>,
+    /// Bumped by every reload, so that `discovery` re-resolves with the new sources.
+    dns_reloads: watch::Sender<u64>,
     /// Serialises reloads and admin actions.
     changing: Mutex<()>,
     /// The admin listener's settings as the file says them now. The admin API reads them
@@ -173,6 +178,8 @@ impl Control {
             listeners: Default::default(),
             file_config: Mutex::new(config),
             overrides: Default::default(),
+            dns: Default::default(),
+            dns_reloads: watch::channel(0).0,
             changing: Mutex::new(()),
             admin,
             admin_listener: Mutex::new(None),
@@ -248,10 +255,23 @@ impl Control {
         Ok(address)
     }
 
-    /// The file's config with the admin API's changes applied.
-    fn effective(&self, file: &Config) -> Config {
-        let overrides = lock(&self.overrides);
+    /// The file's config with the backends its pools' DNS sources name now added to
+    /// each pool (after the file's own).
+    fn sourced(&self, file: &Config) -> Config {
+        let dns = lock(&self.dns);
         let mut c = file.clone();
+        for p in &mut c.pools {
+            let found = dns.backends(p);
+            p.backends.extend(found);
+        }
+        c
+    }
+
+    /// The file's config with the DNS sources' backends and the admin API's changes
+    /// applied.
+    fn effective(&self, file: &Config) -> Config {
+        let mut c = self.sourced(file);
+        let overrides = lock(&self.overrides);
         for p in &mut c.pools {
             for b in &mut p.backends {
                 if let Some(o) = overrides.get(&(p.name.clone(), b.name.clone())) {
@@ -347,15 +367,10 @@ impl Control {
     /// Makes `config` the file's config: keeps the admin overrides it does not change,
     /// swaps in a snapshot built from it, and returns what changed.
     fn apply(&self, config: Config) -> Vec<String> {
-        // An admin change lasts until the file itself changes that backend.
-        lock(&self.overrides).retain(|(pool, backend), o| {
-            let now = config
-                .pools
-                .iter()
-                .find(|p| &p.name == pool)
-                .and_then(|p| p.backends.iter().find(|b| &b.name == backend));
-            now.is_some_and(|b| b.state == o.file_state && b.weight == o.file_weight)
-        });
+        // DNS sources the file no longer has take their backends with them.
+        lock(&self.dns).retain_sources(&config);
+        self.shared.dns.retain_sources(&config);
+        self.retain_overrides(&config);
         let file_old = lock(&self.file_config).clone();
         let changes = diff(&file_old, &config);
         let config = Arc::new(config);
@@ -363,7 +378,109 @@ impl Control {
         let old = self.shared.snapshot.load_full();
         let snapshot = Snapshot::build(Arc::new(self.effective(&config)), Some(&old));
         self.shared.snapshot.store(Arc::new(snapshot));
+        // Every reload re-resolves the DNS sources at once.
+        self.dns_reloads.send_modify(|n| *n += 1);
         changes
+    }
+
+    /// Keeps the admin overrides whose backend `file` (with the DNS sources' backends)
+    /// still has with the state and weight they were made over: an admin change lasts
+    /// until the file (or DNS) changes that backend.
+    fn retain_overrides(&self, file: &Config) {
+        let sourced = self.sourced(file);
+        lock(&self.overrides).retain(|(pool, backend), o| {
+            let now = sourced
+                .pools
+                .iter()
+                .find(|p| &p.name == pool)
+                .and_then(|p| p.backends.iter().find(|b| &b.name == backend));
+            now.is_some_and(|b| b.state == o.file_state && b.weight == o.file_weight)
+        });
+    }
+
+    /// The config as the file says it (without DNS backends or admin changes).
+    pub fn file_config(&self) -> Arc<Config> {
+        lock(&self.file_config).clone()
+    }
+
+    /// Sees every reload (the value counts them).
+    pub fn dns_reloads(&self) -> watch::Receiver<u64> {
+        self.dns_reloads.subscribe()
+    }
+
+    /// Applies a successful lookup of `source` of `pool`: new addresses join (under slow
+    /// start when `slow_start`, as a backend that just came up), vanished ones drain,
+    /// returning ones are enabled again; the snapshot is rebuilt if anything changed, as a
+    /// reload would (sessions, stick tables, counters and health of the backends kept).
+    /// Returns the change and how many backends the source gives now; `None` when a
+    /// reload removed or changed the source while it was being looked up (nothing changes).
+    pub fn dns_update(
+        &self,
+        pool: &str,
+        source: &config::DnsSource,
+        found: &[(SocketAddr, u32)],
+        slow_start: bool,
+    ) -> Option<(crate::dns::Change, usize)> {
+        let _one_at_a_time = lock(&self.changing);
+        let file = lock(&self.file_config).clone();
+        if !has_source(&file, pool, source) {
+            return None;
+        }
+        let (change, count) = {
+            let mut dns = lock(&self.dns);
+            let change = dns.update(pool, source, found, crate::time::unix_millis());
+            (change, dns.count(pool, source))
+        };
+        if !change.is_empty() {
+            self.retain_overrides(&file);
+            let joined = if slow_start { change.added.as_slice() } else { &[] };
+            self.rebuild(&file, pool, joined);
+        }
+        Some((change, count))
+    }
+
+    /// Whether the file's config has `source` in `pool` (exactly: a reload that changed
+    /// its interval or weight made it another).
+    pub fn dns_has_source(&self, pool: &str, source: &config::DnsSource) -> bool {
+        has_source(&lock(&self.file_config), pool, source)
+    }
+
+    /// Removes vanished DNS backends of `pool` for good (their drain is over).
+    pub fn dns_remove(&self, pool: &str, names: &[String]) {
+        let _one_at_a_time = lock(&self.changing);
+        let file = lock(&self.file_config).clone();
+        let removed = {
+            let mut dns = lock(&self.dns);
+            names.iter().filter(|n| dns.remove(pool, n)).count()
+        };
+        if removed > 0 {
+            self.retain_overrides(&file);
+            self.rebuild(&file, pool, &[]);
+        }
+    }
+
+    /// How many backends `source` of `pool` gives now, vanished ones included.
+    pub fn dns_count(&self, pool: &str, source: &config::DnsSource) -> usize {
+        lock(&self.dns).count(pool, source)
+    }
+
+    /// Every vanished DNS backend: (pool, name, Unix ms it left the answer).
+    pub fn dns_vanished(&self) -> Vec<(String, String, u64)> {
+        lock(&self.dns).vanished()
+    }
+
+    /// Builds and swaps in a snapshot of `file` with the current DNS backends and
+    /// overrides; the backends of `pool` named in `joined` start their slow start now.
+    fn rebuild(&self, file: &Config, pool: &str, joined: &[String]) {
+        let old = self.shared.snapshot.load_full();
+        let snapshot = Snapshot::build(Arc::new(self.effective(file)), Some(&old));
+        let now = crate::time::unix_millis();
+        for name in joined {
+            if let Some(b) = snapshot.backend(pool, name) {
+                b.health.joined_at(now);
+            }
+        }
+        self.shared.snapshot.store(Arc::new(snapshot));
     }
 
     /// Applies an admin action to a backend at once; it outlives reloads until the file
@@ -376,7 +493,8 @@ impl Control {
     ) -> Result<Arc<Backend>, ActionError> {
         let _one_at_a_time = lock(&self.changing);
         let file = lock(&self.file_config).clone();
-        let p = file.pools.iter().find(|p| p.name == pool).ok_or_else(|| ActionError::NoPool(pool.to_string()))?;
+        let sourced = self.sourced(&file);
+        let p = sourced.pools.iter().find(|p| p.name == pool).ok_or_else(|| ActionError::NoPool(pool.to_string()))?;
         let b = p
             .backends
             .iter()
@@ -430,11 +548,12 @@ impl Control {
     pub fn restore_overrides(&self, saved: Vec<SavedOverride>) -> Vec<SavedOverride> {
         let _one_at_a_time = lock(&self.changing);
         let file = lock(&self.file_config).clone();
+        let sourced = self.sourced(&file);
         let mut applied = Vec::new();
         {
             let mut overrides = lock(&self.overrides);
             for s in saved {
-                let still = file
+                let still = sourced
                     .pools
                     .iter()
                     .find(|p| p.name == s.pool)
@@ -476,6 +595,10 @@ impl Control {
             ),
         }
     }
+}
+
+fn has_source(config: &Config, pool: &str, source: &config::DnsSource) -> bool {
+    config.pools.iter().any(|p| p.name == pool && p.dns.contains(source))
 }
 
 /// A reload that could not bind a socket: logged, and nothing changed.
@@ -587,8 +710,23 @@ fn diff_pool(o: &config::Pool, p: &config::Pool, out: &mut Vec<String>) {
             out.push(format!("pool \"{}\": backend \"{}\" removed", p.name, ob.name));
         }
     }
-    // Everything but the backends and the name.
-    let settings = |x: &config::Pool| config::Pool { name: String::new(), backends: Vec::new(), ..x.clone() };
+    for d in &p.dns {
+        if !o.dns.iter().any(|od| crate::dns::source_key(od) == crate::dns::source_key(d)) {
+            out.push(format!("pool \"{}\": dns source {} added", p.name, crate::dns::source_key(d)));
+        }
+    }
+    for od in &o.dns {
+        match p.dns.iter().find(|d| crate::dns::source_key(od) == crate::dns::source_key(d)) {
+            None => out.push(format!("pool \"{}\": dns source {} removed", p.name, crate::dns::source_key(od))),
+            Some(d) if d != od => {
+                out.push(format!("pool \"{}\": dns source {} changed", p.name, crate::dns::source_key(od)))
+            }
+            Some(_) => {}
+        }
+    }
+    // Everything but the backends, the DNS sources and the name.
+    let settings =
+        |x: &config::Pool| config::Pool { name: String::new(), backends: Vec::new(), dns: Vec::new(), ..x.clone() };
     if settings(o) != settings(p) {
         out.push(format!("pool \"{}\": settings changed", p.name));
     }

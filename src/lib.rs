@@ -19,6 +19,7 @@ pub(crate) mod worker;
 pub(crate) mod access_log;
 pub mod backend;
 pub mod balance;
+pub mod dns;
 pub(crate) mod retry;
 pub(crate) mod upstream;
 
@@ -36,6 +37,7 @@ pub(crate) mod proxy;
 // Changing and watching a running Tether.
 pub(crate) mod admin;
 pub(crate) mod control;
+pub(crate) mod discovery;
 pub(crate) mod warm;
 
 // Simulation of the policy code (above it, beside the data path, which it never uses).

@@ -156,6 +156,9 @@ impl Server {
         let config = Arc::new(config);
         let shared = Arc::new(Shared::new(Snapshot::build(config.clone(), None), access_log));
         let control = Arc::new(Control::new(shared.clone(), config.clone(), source, workers));
+        // The pools' DNS sources are looked up once before anything else, so that the
+        // first request (and the warm restart's restore) finds their backends.
+        crate::discovery::first_round(&control).await;
         // Before any listener opens, so that the first request already finds its session.
         let restored = config.state_dir.as_deref().and_then(|dir| crate::warm::restore(&control, dir));
         let mut addresses = Vec::new();
@@ -173,6 +176,7 @@ impl Server {
         }))?;
         tokio::spawn(crate::housekeeping::run(shared.clone(), control.shutdown_signal()));
         tokio::spawn(crate::health::supervise(shared.clone(), control.shutdown_signal()));
+        tokio::spawn(crate::discovery::run(control.clone(), control.shutdown_signal()));
         // Started: the state file has been used, and is set aside so that a crash (which
         // saves nothing) is not followed by a start that brings back what it said then.
         if let (Some(_), Some(dir)) = (restored, &config.state_dir) {

@@ -27,6 +27,8 @@ pub struct Shared {
     pub connections: Arc<ConnCounts>,
     /// Client connections accepted by each worker (`worker::index`), over all listeners.
     worker_accepted: Box<[AtomicU64]>,
+    /// Lookups of the pools' DNS sources, for metrics.
+    pub dns: crate::dns::Stats,
 }
 
 /// Counters of one listener.
@@ -48,6 +50,7 @@ impl Shared {
             listener_stats: Default::default(),
             connections: Arc::new(ConnCounts::new()),
             worker_accepted: (0..crate::worker::count()).map(|_| AtomicU64::new(0)).collect(),
+            dns: Default::default(),
         }
     }
 

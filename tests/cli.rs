@@ -13,7 +13,7 @@ fn the_example_config_passes_check() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("ok (1 listeners, 3 pools, 6 backends)"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok (1 listeners, 4 pools, 6 backends, 2 dns sources)"));
 }
 
 #[test]

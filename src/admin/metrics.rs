@@ -56,6 +56,7 @@ impl Collector for Scrape {
         backends(&mut e, &snap)?;
         latency(&mut e, &snap)?;
         pools(&mut e, &snap)?;
+        dns(&mut e, &self.0)?;
         {
             // No labels: `tether_access_log_dropped_total 0`, not `..._total{} 0`.
             let m = e.encode_descriptor(
@@ -189,6 +190,34 @@ fn latency(e: &mut DescriptorEncoder<'_>, snap: &Snapshot) -> std::fmt::Result {
             m.encode_family(&labels)?.encode_histogram::<NoLabelSet>(sum, cumulative, &buckets, None)?;
         }
     }
+    Ok(())
+}
+
+/// Lookups of each DNS source (`source` reads `NAME/TYPE:PORT`), whether its last one
+/// succeeded, and the backends it gives its pool.
+fn dns(e: &mut DescriptorEncoder<'_>, shared: &Shared) -> std::fmt::Result {
+    let all = shared.dns.all();
+    let mut lookups = Vec::new();
+    let mut up = Vec::new();
+    let mut backends = Vec::new();
+    for ((pool, source), s) in &all {
+        let base = || vec![("pool", pool.as_str()), ("source", source.as_str())];
+        for (result, n) in &s.lookups {
+            let mut l = base();
+            l.push(("result", result));
+            lookups.push((l, *n));
+        }
+        up.push((base(), i64::from(s.last == Some("ok"))));
+        backends.push((base(), s.backends as i64));
+    }
+    counter(
+        e,
+        "tether_dns_lookups",
+        "Lookups of a pool's DNS source, by result (ok, timeout, servfail, nxdomain, empty, ...).",
+        &lookups,
+    )?;
+    gauge(e, "tether_dns_up", "1 when the last lookup of a DNS source succeeded (else the last good set stays).", &up)?;
+    gauge(e, "tether_dns_backends", "Backends a DNS source gives its pool, draining ones included.", &backends)?;
     Ok(())
 }
 

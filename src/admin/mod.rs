@@ -263,11 +263,12 @@ async fn handle(req: Request<Incoming>, control: &Control, local: Option<SocketA
         }
         (&Method::GET, ["api", "pools"]) => {
             let snap = control.shared.snapshot.load_full();
-            let pools: Vec<Value> = snap.pools.iter().map(pool_json).collect();
+            let dns = control.shared.dns.all();
+            let pools: Vec<Value> = snap.pools.iter().map(|p| pool_json(p, &dns)).collect();
             json_reply(StatusCode::OK, &json!({ "time_ms": crate::time::unix_millis(), "pools": pools }))
         }
         (&Method::GET, ["api", "pools", pool]) => match control.shared.snapshot.load_full().pool(pool) {
-            Some(p) => json_reply(StatusCode::OK, &pool_json(p)),
+            Some(p) => json_reply(StatusCode::OK, &pool_json(p, &control.shared.dns.all())),
             None => error(StatusCode::NOT_FOUND, format!("no pool \"{pool}\"")),
         },
         (&Method::POST, ["api", "pools", pool, "backends", backend, action]) => {
@@ -398,12 +399,31 @@ fn act(control: &Control, pool: &str, backend: &str, action: BackendAction) -> R
     }
 }
 
-fn pool_json(p: &Pool) -> Value {
+/// A pool, its backends, and its DNS sources with the result of their last lookup
+/// (`dns`: the stats of every pool's sources, by (pool, source key)).
+fn pool_json(p: &Pool, dns: &[((String, String), crate::dns::SourceStats)]) -> Value {
     let affinity = p.affinity.as_ref().map(|a| a.cfg.keys.iter().map(|k| k.kind()).collect::<Vec<_>>().join(","));
+    let sources: Vec<Value> = p
+        .config
+        .dns
+        .iter()
+        .map(|s| {
+            let key = s.key();
+            let stats = dns.iter().find(|((pool, k), _)| **pool == *p.name && *k == key).map(|(_, st)| st);
+            json!({
+                "source": key,
+                "interval_ms": s.interval.as_millis() as u64,
+                "last_lookup": stats.and_then(|st| st.last),
+                "backends": stats.map_or(0, |st| st.backends),
+                "lookups": stats.map(|st| st.lookups.clone()).unwrap_or_default(),
+            })
+        })
+        .collect();
     json!({
         "name": &*p.name,
         "algorithm": p.config.algorithm.as_str(),
         "affinity": affinity,
+        "dns": sources,
         "backends": p.backends.iter().map(|b| backend_json(Some(p), b)).collect::<Vec<_>>(),
     })
 }

@@ -40,6 +40,12 @@ impl BackendHealth {
         self.up_since.load(Ordering::Relaxed)
     }
 
+    /// A backend that joins a running pool (a new address from DNS) ramps up under slow
+    /// start as one that has just come up at `now_ms`.
+    pub fn joined_at(&self, now_ms: u64) {
+        self.up_since.store(now_ms.max(1), Ordering::Relaxed);
+    }
+
     pub fn is_ejected(&self) -> bool {
         self.ejected_until.load(Ordering::Relaxed) != 0
     }

@@ -22,6 +22,9 @@ pub struct File {
     #[serde(default)]
     pub limits: Limits,
     pub admin: Option<Spanned<Admin>>,
+    /// `[dns]`: the name servers backends from DNS are resolved through.
+    #[serde(default)]
+    pub dns: Dns,
     #[serde(default)]
     pub listeners: Vec<Listener>,
     /// Keyed by pool name; a `BTreeMap` so that iteration (and so error order) is stable.
@@ -73,6 +76,31 @@ pub struct Admin {
     pub token_file: Option<Spanned<String>>,
     /// An environment variable holding the token.
     pub token_env: Option<Spanned<String>>,
+}
+
+/// `[dns]`: how backends from DNS are looked up.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Dns {
+    /// Name servers, `IP` or `IP:PORT`; default: the `nameserver`s of /etc/resolv.conf.
+    pub resolvers: Option<Spanned<Vec<Spanned<String>>>>,
+    /// The wait for one server's answer.
+    pub timeout: Option<Spanned<String>>,
+}
+
+/// `[[pools.NAME.dns]]`: backends named by a DNS name.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsSource {
+    pub name: Spanned<String>,
+    /// The backends' port, for A and AAAA (SRV records carry their own).
+    pub port: Option<Spanned<i64>>,
+    /// "a", "aaaa", "a+aaaa" or "srv".
+    #[serde(rename = "type")]
+    pub kind: Option<Spanned<String>>,
+    pub interval: Option<Spanned<String>>,
+    pub weight: Option<Spanned<i64>>,
+    pub max_connections: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -130,6 +158,11 @@ pub struct Pool {
     pub algorithm: Option<Spanned<String>>,
     #[serde(default)]
     pub backends: Vec<Spanned<Backend>>,
+    /// Backends from DNS, re-resolved on an interval.
+    #[serde(default)]
+    pub dns: Vec<Spanned<DnsSource>>,
+    /// Name servers for this pool's DNS sources, instead of `[dns]`'s.
+    pub resolvers: Option<Spanned<Vec<Spanned<String>>>>,
     pub affinity: Option<Spanned<Affinity>>,
     pub health: Option<Spanned<Health>>,
     /// Retries of idempotent requests on another backend after a failed connection.

@@ -16,9 +16,9 @@ use toml::Spanned;
 
 use super::file;
 use super::types::{
-    AccessLog, Admin, AdminState, Affinity, Algorithm, Backend, CheckKind, Config, CookieConfig, Health, KeySource,
-    Limits, Listener, LogFormat, Mapping, OnUnavailable, Pool, Route, SameSite, Secret, TableConfig, Timeouts,
-    MAX_WEIGHT,
+    AccessLog, Admin, AdminState, Affinity, Algorithm, Backend, CheckKind, Config, CookieConfig, Dns, DnsKind,
+    DnsSource, Health, KeySource, Limits, Listener, LogFormat, Mapping, OnUnavailable, Pool, Route, SameSite, Secret,
+    TableConfig, Timeouts, MAX_WEIGHT,
 };
 use super::{locate, parse_duration, Located};
 use crate::net::{strip_port, Cidr};
@@ -35,6 +35,8 @@ const ADMIN_STATES: &[(&str, AdminState)] =
     &[("enabled", AdminState::Enabled), ("draining", AdminState::Draining), ("disabled", AdminState::Disabled)];
 /// Health check kinds: whether the check is HTTP.
 const CHECKS: &[(&str, bool)] = &[("http", true), ("tcp", false)];
+const DNS_KINDS: &[(&str, DnsKind)] =
+    &[("a", DnsKind::A), ("aaaa", DnsKind::Aaaa), ("a+aaaa", DnsKind::Both), ("srv", DnsKind::Srv)];
 const MAPPINGS: &[(&str, Mapping)] = &[("table", Mapping::Table), ("hash", Mapping::Hash)];
 const ON_UNAVAILABLE: &[(&str, OnUnavailable)] = &[("repin", OnUnavailable::Repin), ("strict", OnUnavailable::Strict)];
 /// Matched ignoring ASCII case, as browsers read the attribute.
@@ -157,6 +159,7 @@ impl Resolver<'_> {
         let access_log = self.access_log(&f.access_log);
         let limits = self.limits(&f.limits);
         let admin = f.admin.as_ref().map(|a| self.admin(a));
+        let dns = self.dns(&f.dns);
         let pools = f.pools.iter().map(|(name, pool)| self.pool(name, pool)).collect();
         if f.pools.is_empty() {
             self.missing("no pools: add at least one [pools.NAME] with backends");
@@ -166,7 +169,38 @@ impl Resolver<'_> {
         }
         let pool_names: Vec<&String> = f.pools.keys().collect();
         let listeners = self.listeners(&f.listeners, &pool_names);
-        Config { threads, shutdown_grace, state_dir, timeouts, access_log, limits, admin, listeners, pools }
+        Config { threads, shutdown_grace, state_dir, timeouts, access_log, limits, admin, dns, listeners, pools }
+    }
+
+    /// `[dns]`: resolvers as `IP` (port 53) or `IP:PORT`, and the timeout.
+    fn dns(&mut self, d: &file::Dns) -> Dns {
+        let mut dns = Dns::default();
+        if let Some(list) = &d.resolvers {
+            dns.resolvers = self.resolvers("dns.resolvers", list, "to use /etc/resolv.conf");
+        }
+        dns.timeout = self.duration(&d.timeout, "dns.timeout", dns.timeout);
+        dns
+    }
+
+    /// A list of name servers, each `IP` (port 53) or `IP:PORT`; not empty.
+    fn resolvers(&mut self, label: &str, list: &Spanned<Vec<Spanned<String>>>, instead: &str) -> Vec<SocketAddr> {
+        let mut out = Vec::new();
+        for r in list.get_ref() {
+            let raw = r.get_ref().trim();
+            let parsed =
+                raw.parse::<SocketAddr>().ok().or_else(|| raw.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, 53)));
+            match parsed {
+                Some(a) if a.port() != 0 => out.push(a),
+                _ => self.error(
+                    r,
+                    format!("{label}: \"{raw}\" is not an IP address, or IP address and port, like 127.0.0.1:53"),
+                ),
+            }
+        }
+        if list.get_ref().is_empty() {
+            self.error(list, format!("{label}: is empty (leave it out {instead})"));
+        }
+        out
     }
 
     fn limits(&mut self, l: &file::Limits) -> Limits {
@@ -526,6 +560,17 @@ impl Resolver<'_> {
         let algorithm =
             self.choice(&f.algorithm, &format!("pool \"{name}\": algorithm"), ALGORITHMS, Algorithm::RoundRobin);
         let backends = self.backends(name, p);
+        let dns = self.dns_sources(name, &f.dns);
+        let resolvers = match &f.resolvers {
+            None => Vec::new(),
+            Some(list) => {
+                let label = format!("pool \"{name}\": resolvers");
+                if f.dns.is_empty() {
+                    self.error(list, format!("{label}: the pool has no [[pools.{name}.dns]] sources to resolve"));
+                }
+                self.resolvers(&label, list, "to use [dns]'s")
+            }
+        };
         let affinity = f.affinity.as_ref().map(|a| self.affinity(name, a));
         let health = f.health.as_ref().map(|h| self.health(name, h));
         let retries = self.ranged(&f.retries, &format!("pool \"{name}\": retries"), 0..=5, 1) as u32;
@@ -543,6 +588,8 @@ impl Resolver<'_> {
             name: name.to_string(),
             algorithm,
             backends,
+            dns,
+            resolvers,
             affinity,
             health,
             retries,
@@ -581,10 +628,71 @@ impl Resolver<'_> {
             }
             backends.push(backend);
         }
-        if p.get_ref().backends.is_empty() {
-            self.error(p, format!("pool \"{name}\": no backends"));
+        if p.get_ref().backends.is_empty() && p.get_ref().dns.is_empty() {
+            self.error(p, format!("pool \"{name}\": no backends: list backends or add [[pools.{name}.dns]]"));
         }
         backends
+    }
+
+    /// The pool's `[[pools.NAME.dns]]` sources, each checked; the same name, type and port
+    /// twice is an error.
+    fn dns_sources(&mut self, pool: &str, list: &[Spanned<file::DnsSource>]) -> Vec<DnsSource> {
+        let mut out: Vec<DnsSource> = Vec::new();
+        for (i, d) in list.iter().enumerate() {
+            let Some(source) = self.dns_source(pool, i, d) else { continue };
+            if out.iter().any(|o| o.key() == source.key()) {
+                let message =
+                    format!("pool \"{pool}\": dns \"{}\": the same name, type and port are listed twice", source.name);
+                self.error(&d.get_ref().name, message);
+                continue;
+            }
+            out.push(source);
+        }
+        out
+    }
+
+    fn dns_source(&mut self, pool: &str, i: usize, d: &Spanned<file::DnsSource>) -> Option<DnsSource> {
+        let f = d.get_ref();
+        let name = f.name.get_ref().trim().to_string();
+        let at = format!("pool \"{pool}\": dns[{i}] \"{name}\"");
+        let name_ok = is_dns_name(&name);
+        if !name_ok {
+            self.error(
+                &f.name,
+                format!("{at}: name is not a DNS name (labels of letters, digits, - and _, up to 63 bytes each, 253 in all)"),
+            );
+        }
+        let kind = self.choice(&f.kind, &format!("{at}: type"), DNS_KINDS, DnsKind::A);
+        let port = match (&f.port, kind) {
+            (Some(p), DnsKind::Srv) => {
+                self.error(p, format!("{at}: port: SRV records carry their own port; leave it out"));
+                None
+            }
+            (Some(p), _) => self.in_range(p, &format!("{at}: port"), 1..=65535).map(|p| p as u16),
+            (None, DnsKind::Srv) => None,
+            (None, _) => {
+                self.error(&f.name, format!("{at}: no port: set port = 8080 (the port of the addresses found)"));
+                None
+            }
+        };
+        if let (Some(w), DnsKind::Srv) = (&f.weight, kind) {
+            self.error(w, format!("{at}: weight: SRV records carry their own weights; leave it out"));
+        }
+        let weight = self.ranged(&f.weight, &format!("{at}: weight"), 1..=i64::from(MAX_WEIGHT), 1) as u32;
+        let interval = self.duration(&f.interval, &format!("{at}: interval"), Duration::from_secs(5));
+        if let Some(v) = &f.interval {
+            if interval < Duration::from_millis(100) {
+                self.error(v, format!("{at}: interval: {interval:?} is too short: at least 100ms"));
+            }
+        }
+        let max_connections = match &f.max_connections {
+            None => None,
+            Some(m) => self.in_range(m, &format!("{at}: max_connections"), 1..=1_000_000).map(|m| m as u32),
+        };
+        if !name_ok || (port.is_none() && kind != DnsKind::Srv) {
+            return None;
+        }
+        Some(DnsSource { name, port, kind, interval, weight, max_connections })
     }
 
     fn backend(&mut self, pool: &str, b: &Spanned<file::Backend>) -> Option<Backend> {
@@ -934,6 +1042,18 @@ fn parse_statuses(s: &str) -> Option<Vec<(u16, u16)>> {
 /// Keys as a file or variable holds them: separated by whitespace or commas.
 fn split_keys(text: &str) -> Vec<String> {
     text.split(|c: char| c.is_whitespace() || c == ',').filter(|k| !k.is_empty()).map(str::to_string).collect()
+}
+
+/// A name that can be asked of DNS: dotted labels (a trailing dot allowed) of letters,
+/// digits, `-` and `_` (SRV names start with `_service._proto`), 1 to 63 bytes each, at
+/// most 253 in all.
+fn is_dns_name(s: &str) -> bool {
+    let s = s.strip_suffix('.').unwrap_or(s);
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|l| {
+            !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
 }
 
 /// An RFC 9110 token, which is what a cookie name must be.

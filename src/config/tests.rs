@@ -428,3 +428,79 @@ fn the_access_log_session_key_is_a_located_32_byte_key() {
     let e = errors(&with("session_key = \"c2hvcnQ=\""));
     assert!(e.len() == 1 && e[0].starts_with("t.toml:3:15: access_log.session_key:"), "{e:#?}");
 }
+
+const DNS_POOL: &str = "[[listeners]]\nbind = \"127.0.0.1:0\"\npool = \"web\"\n[pools.web]\n";
+
+#[test]
+fn dns_sources_resolve_with_defaults() {
+    let src = format!(
+        "[dns]\nresolvers = [\"127.0.0.1:5353\", \"::1\"]\ntimeout = \"500ms\"\n{DNS_POOL}\
+         [[pools.web.dns]]\nname = \"app.default.svc.cluster.local.\"\nport = 8080\n\
+         [[pools.web.dns]]\nname = \"_http._tcp.app.example\"\ntype = \"srv\"\ninterval = \"1s\"\nmax_connections = 10\n\
+         [[pools.web.dns]]\nname = \"app.example\"\nport = 8080\ntype = \"a+aaaa\"\nweight = 3\n"
+    );
+    let c = parse(&src, "t.toml").unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.dns.resolvers, ["127.0.0.1:5353".parse().unwrap(), "[::1]:53".parse().unwrap()]);
+    assert_eq!(c.dns.timeout, Duration::from_millis(500));
+    let p = &c.pools[0];
+    assert!(p.backends.is_empty());
+    assert_eq!(p.dns.len(), 3);
+    assert_eq!(
+        p.dns[0],
+        DnsSource {
+            name: "app.default.svc.cluster.local.".into(),
+            port: Some(8080),
+            kind: DnsKind::A,
+            interval: Duration::from_secs(5),
+            weight: 1,
+            max_connections: None,
+        }
+    );
+    assert_eq!((p.dns[1].kind, p.dns[1].port, p.dns[1].max_connections), (DnsKind::Srv, None, Some(10)));
+    assert_eq!((p.dns[2].kind, p.dns[2].weight), (DnsKind::Both, 3));
+    assert!(p.resolvers.is_empty(), "the pool uses [dns]'s resolvers");
+    // A pool's own resolvers.
+    let own = src.replace("[pools.web]\n", "[pools.web]\nresolvers = [\"10.0.0.53\"]\n");
+    let c = parse(&own, "t.toml").unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.pools[0].resolvers, ["10.0.0.53:53".parse().unwrap()]);
+    // Without [dns], the system's resolvers (an empty list) and a 2s timeout.
+    let c = parse(&format!("{DNS_POOL}[[pools.web.dns]]\nname = \"a.b\"\nport = 1\n"), "t.toml").unwrap();
+    assert_eq!(c.dns, Dns::default());
+}
+
+#[test]
+fn dns_errors_are_located() {
+    let src = format!(
+        "[dns]\nresolvers = [\"resolver.example\"]\ntimeout = \"0s\"\n{DNS_POOL}\
+         [[pools.web.dns]]\nname = \"bad..name\"\nport = 80\n\
+         [[pools.web.dns]]\nname = \"app.example\"\n\
+         [[pools.web.dns]]\nname = \"_x._tcp.app\"\ntype = \"srv\"\nport = 80\nweight = 2\n\
+         [[pools.web.dns]]\nname = \"app.example\"\nport = 80\ntype = \"mx\"\ninterval = \"10ms\"\n\
+         [[pools.web.dns]]\nname = \"twice.example\"\nport = 80\n\
+         [[pools.web.dns]]\nname = \"TWICE.example.\"\nport = 80\n"
+    );
+    let e = errors(&src);
+    let expected = [
+        "t.toml:2:14: dns.resolvers: \"resolver.example\" is not an IP address, or IP address and port, like 127.0.0.1:53",
+        "t.toml:3:11: dns.timeout: must be greater than zero",
+        "t.toml:9:8: pool \"web\": dns[0] \"bad..name\": name is not a DNS name (labels of letters, digits, - and _, up to 63 bytes each, 253 in all)",
+        "t.toml:12:8: pool \"web\": dns[1] \"app.example\": no port: set port = 8080 (the port of the addresses found)",
+        "t.toml:16:8: pool \"web\": dns[2] \"_x._tcp.app\": port: SRV records carry their own port; leave it out",
+        "t.toml:17:10: pool \"web\": dns[2] \"_x._tcp.app\": weight: SRV records carry their own weights; leave it out",
+        "t.toml:21:8: pool \"web\": dns[3] \"app.example\": type \"mx\" is not known: expected \"a\", \"aaaa\", \"a+aaaa\" or \"srv\"",
+        "t.toml:22:12: pool \"web\": dns[3] \"app.example\": interval: 10ms is too short: at least 100ms",
+        "t.toml:27:8: pool \"web\": dns \"TWICE.example.\": the same name, type and port are listed twice",
+    ];
+    assert_eq!(e, expected, "{e:#?}");
+    // A pool's resolvers: checked the same way, and only with DNS sources.
+    let e = errors(&format!("{DNS_POOL}resolvers = [\"x\"]\n[[pools.web.dns]]\nname = \"a.b\"\nport = 1\n"));
+    assert_eq!(
+        e,
+        ["t.toml:5:14: pool \"web\": resolvers: \"x\" is not an IP address, or IP address and port, like 127.0.0.1:53"]
+    );
+    let e = errors(&format!("{DNS_POOL}resolvers = [\"127.0.0.1\"]\nbackends = [{{ address = \"127.0.0.1:1\" }}]\n"));
+    assert_eq!(e, ["t.toml:5:13: pool \"web\": resolvers: the pool has no [[pools.web.dns]] sources to resolve"]);
+    // A pool with neither backends nor DNS sources.
+    let e = errors(DNS_POOL);
+    assert!(e.iter().any(|l| l.contains("no backends: list backends or add [[pools.web.dns]]")), "{e:?}");
+}

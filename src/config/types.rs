@@ -27,8 +27,77 @@ pub struct Config {
     pub limits: Limits,
     /// The admin listener; `None` when the file has no `[admin]`.
     pub admin: Option<Admin>,
+    /// How backends from DNS are looked up (`[dns]`).
+    pub dns: Dns,
     pub listeners: Vec<Listener>,
     pub pools: Vec<Pool>,
+}
+
+/// `[dns]`: the name servers `[[pools.NAME.dns]]` sources are resolved through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dns {
+    /// Asked in order; empty: the `nameserver`s of /etc/resolv.conf, read when a lookup
+    /// starts.
+    pub resolvers: Vec<SocketAddr>,
+    /// The wait for one server's answer (over UDP, and again for a TCP retry).
+    pub timeout: Duration,
+}
+
+impl Default for Dns {
+    fn default() -> Self {
+        Dns { resolvers: Vec::new(), timeout: Duration::from_secs(2) }
+    }
+}
+
+/// One `[[pools.NAME.dns]]` entry: backends named by a DNS name, re-resolved every
+/// `interval`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsSource {
+    /// The name as written (compared without case and trailing dot).
+    pub name: String,
+    /// The backends' port for A and AAAA; `None` for SRV, whose records carry it.
+    pub port: Option<u16>,
+    pub kind: DnsKind,
+    pub interval: Duration,
+    /// Each address's weight (SRV records carry their own).
+    pub weight: u32,
+    pub max_connections: Option<u32>,
+}
+
+impl DnsSource {
+    /// The name as it is asked and compared: lower case, without the root's trailing dot.
+    pub fn normalised_name(&self) -> String {
+        self.name.strip_suffix('.').unwrap_or(&self.name).to_ascii_lowercase()
+    }
+
+    /// What tells one source from another in a pool, `NAME/TYPE:PORT`: the name asked,
+    /// what is asked for, and the port (interval, weight and limits may change without
+    /// making it a new source).
+    pub fn key(&self) -> String {
+        let port = self.port.map_or(String::new(), |p| format!(":{p}"));
+        format!("{}/{}{port}", self.normalised_name(), self.kind.as_str())
+    }
+}
+
+/// What a DNS source asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DnsKind {
+    A,
+    Aaaa,
+    /// A and AAAA, both.
+    Both,
+    Srv,
+}
+
+impl DnsKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DnsKind::A => "a",
+            DnsKind::Aaaa => "aaaa",
+            DnsKind::Both => "a+aaaa",
+            DnsKind::Srv => "srv",
+        }
+    }
 }
 
 /// What one process, or one client, may hold (`[limits]`).
@@ -158,7 +227,12 @@ pub struct Route {
 pub struct Pool {
     pub name: String,
     pub algorithm: Algorithm,
+    /// The backends the file lists (those from DNS are added by `control`).
     pub backends: Vec<Backend>,
+    /// Sources of further backends, from DNS (`[[pools.NAME.dns]]`).
+    pub dns: Vec<DnsSource>,
+    /// The name servers this pool's DNS sources are asked; empty: `[dns]`'s.
+    pub resolvers: Vec<SocketAddr>,
     /// Session persistence; `None` balances every request on its own.
     pub affinity: Option<Affinity>,
     /// Active checks (`None`: none) and passive checks.
