@@ -425,3 +425,89 @@ async fn http_redirects_to_https_and_https_says_hsts() {
         std::process::Command::new(bin()).arg("check").arg("-c").arg(dir.write("h.toml", &wrong)).output().unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("hsts is for an https listener"));
 }
+
+/// A CA, and a client certificate it signed: (CA PEM path, client chain, client key).
+fn client_pki(dir: &Scratch) -> (PathBuf, Vec<CertificateDer<'static>>, rustls::pki_types::PrivateKeyDer<'static>) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(rcgen::DnType::CommonName, "Tether test CA");
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.distinguished_name.push(rcgen::DnType::CommonName, "client-1");
+    params.extended_key_usages.push(rcgen::ExtendedKeyUsagePurpose::ClientAuth);
+    let client = params.signed_by(&key, &ca_cert, &ca_key).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+    (dir.write("ca.pem", &ca_cert.pem()), vec![client.der().clone()], key)
+}
+
+/// An HTTP/1.1 GET over TLS with an optional client certificate: the status line, or
+/// the error that ended the exchange.
+async fn with_client_cert(
+    addr: SocketAddr,
+    server: &Cert,
+    client: Option<(Vec<CertificateDer<'static>>, rustls::pki_types::PrivateKeyDer<'static>)>,
+) -> String {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut store = rustls::RootCertStore::empty();
+    store.add(server.der.clone()).unwrap();
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(store);
+    let config = match client {
+        Some((chain, key)) => builder.with_client_auth_cert(chain, key).unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = ServerName::try_from("shop.example").unwrap();
+    let mut tls = match tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await {
+        Ok(t) => t,
+        Err(e) => return format!("handshake: {e}"),
+    };
+    if let Err(e) = tls.write_all(b"GET / HTTP/1.1\r\nHost: shop.example\r\nConnection: close\r\n\r\n").await {
+        return format!("write: {e}");
+    }
+    let mut out = Vec::new();
+    match tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut out)).await {
+        Ok(Ok(_)) if !out.is_empty() => String::from_utf8_lossy(&out).lines().next().unwrap_or("").to_string(),
+        Ok(Ok(_)) => "closed".into(),
+        Ok(Err(e)) => format!("read: {e}"),
+        Err(_) => "timeout".into(),
+    }
+}
+
+#[tokio::test]
+async fn client_certificates_are_verified_when_asked_for() {
+    let dir = Scratch::new();
+    let shop = cert(&dir, "shop", &["shop.example"]);
+    // Another CA's client first (its ca.pem is then overwritten by the trusted one).
+    let (_, stranger_chain, stranger_key) = client_pki(&dir);
+    let (ca, chain, key) = client_pki(&dir);
+    let b = backends(1).await;
+    let base = https_config(&[&b[0]], &[&shop], false);
+    let with = |mode: &str| {
+        base.replace(
+            "protocol = \"https\"\n",
+            &format!("protocol = \"https\"\nclient_ca = \"{}\"\n{mode}", ca.display()),
+        )
+    };
+    let t = Tether::start(&with(""));
+    assert_eq!(with_client_cert(t.addr(), &shop, Some((chain.clone(), key.clone_key()))).await, "HTTP/1.1 200 OK");
+    let without = with_client_cert(t.addr(), &shop, None).await;
+    assert!(!without.starts_with("HTTP/1.1"), "a client without a certificate got in: {without}");
+    let stranger = with_client_cert(t.addr(), &shop, Some((stranger_chain.clone(), stranger_key.clone_key()))).await;
+    assert!(!stranger.starts_with("HTTP/1.1"), "a certificate of another CA got in: {stranger}");
+    drop(t);
+
+    let t = Tether::start(&with("client_certificates = \"optional\"\n"));
+    assert_eq!(with_client_cert(t.addr(), &shop, None).await, "HTTP/1.1 200 OK");
+    assert_eq!(with_client_cert(t.addr(), &shop, Some((chain, key))).await, "HTTP/1.1 200 OK");
+    let stranger = with_client_cert(t.addr(), &shop, Some((stranger_chain, stranger_key))).await;
+    assert!(!stranger.starts_with("HTTP/1.1"), "a certificate of another CA got in: {stranger}");
+
+    let bad = with("client_certificates = \"sometimes\"\n");
+    let out = std::process::Command::new(bin()).arg("check").arg("-c").arg(dir.write("m.toml", &bad)).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("client_certificates \"sometimes\" is not known"));
+}

@@ -127,6 +127,11 @@ pub struct Listener {
     pub redirect_to_https: Option<Spanned<u16>>,
     /// `Strict-Transport-Security` for every response (an `https` listener).
     pub hsts: Option<Spanned<String>>,
+    /// For `protocol = "https"`: ask clients for certificates, verified against these CAs
+    /// (PEM).
+    pub client_ca: Option<Spanned<String>>,
+    /// `"required"` (the default with `client_ca`) or `"optional"`.
+    pub client_certificates: Option<Spanned<String>>,
     /// For `protocol = "https"`: the certificates, chosen by SNI; the first is the default.
     #[serde(default)]
     pub certificates: Vec<Spanned<CertificateFiles>>,

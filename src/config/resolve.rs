@@ -439,12 +439,50 @@ impl Resolver<'_> {
         Listener { name, bind, trusted_proxies, routes, tls, redirect_to_https, hsts }
     }
 
+    /// Client certificate verification: `Some(None)` when the listener asks for none, `None`
+    /// (the error reported) when its settings are wrong.
+    fn client_auth(&mut self, name: &str, l: &file::Listener) -> Option<Option<crate::tls::ClientAuth>> {
+        let required = match l.client_certificates.as_ref().map(|m| (m, m.get_ref().as_str())) {
+            None | Some((_, "required")) => true,
+            Some((_, "optional")) => false,
+            Some((m, other)) => {
+                let message = format!("listener \"{name}\": client_certificates \"{other}\" is not known: expected \"required\" or \"optional\"");
+                self.error(m, message);
+                return None;
+            }
+        };
+        let Some(ca) = &l.client_ca else {
+            if let Some(m) = &l.client_certificates {
+                self.error(m, format!("listener \"{name}\": client_certificates needs client_ca"));
+                return None;
+            }
+            return Some(None);
+        };
+        let pem = match std::fs::read(ca.get_ref()) {
+            Ok(pem) => pem,
+            Err(e) => {
+                self.error(ca, format!("listener \"{name}\": cannot read {}: {}", ca.get_ref(), e.kind()));
+                return None;
+            }
+        };
+        match crate::tls::ClientAuth::load(&pem, required) {
+            Ok(auth) => Some(Some(auth)),
+            Err(e) => {
+                self.error(ca, format!("listener \"{name}\": client_ca {} {e}", ca.get_ref()));
+                None
+            }
+        }
+    }
+
     /// An `https` listener's certificates, each read and checked (the key belongs to the
     /// certificate, the names are covered); `None` for `http`.
     fn listener_tls(&mut self, name: &str, l: &file::Listener, https: bool) -> Option<Arc<crate::tls::ServerTls>> {
         if !https {
             if let Some(c) = l.certificates.first() {
                 self.error(c, format!("listener \"{name}\": certificates are only for protocol = \"https\""));
+            }
+            if let Some(c) = &l.client_ca {
+                self.error(c, format!("listener \"{name}\": client_ca is only for protocol = \"https\""));
             }
             return None;
         }
@@ -488,7 +526,8 @@ impl Resolver<'_> {
         if loaded.len() != l.certificates.len() {
             return None;
         }
-        match crate::tls::ServerTls::new(loaded) {
+        let client_auth = self.client_auth(name, l)?;
+        match crate::tls::ServerTls::new(loaded, client_auth) {
             Ok(t) => Some(Arc::new(t)),
             Err(e) => {
                 self.error(&l.bind, format!("listener \"{name}\": TLS: {e}"));

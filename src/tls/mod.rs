@@ -89,32 +89,67 @@ pub fn covers(pattern: &str, name: &str) -> bool {
     }
 }
 
+/// Client certificates a listener asks for: verified against these CA certificates.
+#[derive(Debug, PartialEq)]
+pub struct ClientAuth {
+    pub cas: Vec<CertificateDer<'static>>,
+    /// A client without a certificate is refused (else it is let in, and one with a
+    /// certificate that does not verify is still refused).
+    pub required: bool,
+}
+
+impl ClientAuth {
+    /// The CA certificates of a PEM file.
+    pub fn load(cas_pem: &[u8], required: bool) -> Result<ClientAuth, String> {
+        let cas: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cas_pem)
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("is not a PEM certificate file: {e}"))?;
+        if cas.is_empty() {
+            return Err("holds no certificate (expected PEM \"BEGIN CERTIFICATE\")".into());
+        }
+        Ok(ClientAuth { cas, required })
+    }
+}
+
 /// A listener's TLS: its certificates and the rustls configuration built on them.
 #[derive(Debug)]
 pub struct ServerTls {
     pub certificates: Vec<Certificate>,
+    pub client_auth: Option<ClientAuth>,
     pub config: Arc<rustls::ServerConfig>,
 }
 
 impl PartialEq for ServerTls {
     fn eq(&self, other: &ServerTls) -> bool {
-        self.certificates == other.certificates
+        self.certificates == other.certificates && self.client_auth == other.client_auth
     }
 }
 
 impl ServerTls {
     /// The configuration for `certificates`; the first is the default, served to clients
     /// that send no SNI name or one no certificate is for.
-    pub fn new(certificates: Vec<Certificate>) -> Result<ServerTls, String> {
+    pub fn new(certificates: Vec<Certificate>, client_auth: Option<ClientAuth>) -> Result<ServerTls, String> {
         let resolver = Arc::new(BySni::new(&certificates).ok_or("no certificate")?);
-        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(provider::default_provider()))
+        let provider = Arc::new(provider::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-            .map_err(|e| e.to_string())?
-            .with_no_client_auth()
-            .with_cert_resolver(resolver);
+            .map_err(|e| e.to_string())?;
+        let builder = match &client_auth {
+            None => builder.with_no_client_auth(),
+            Some(auth) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for ca in &auth.cas {
+                    roots.add(ca.clone()).map_err(|e| format!("client_ca: {e}"))?;
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+                let verifier = if auth.required { verifier } else { verifier.allow_unauthenticated() };
+                builder.with_client_cert_verifier(verifier.build().map_err(|e| format!("client_ca: {e}"))?)
+            }
+        };
+        let mut config = builder.with_cert_resolver(resolver);
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         config.ticketer = provider::Ticketer::new().map_err(|e| e.to_string())?;
-        Ok(ServerTls { certificates, config: Arc::new(config) })
+        Ok(ServerTls { certificates, client_auth, config: Arc::new(config) })
     }
 }
 
@@ -217,7 +252,7 @@ mod tests {
         assert_eq!(pick(Some("a.b.shop.example")), 0);
         assert_eq!(pick(Some("elsewhere.example")), 0);
         assert_eq!(pick(None), 0);
-        assert!(ServerTls::new(certs).is_ok());
-        assert!(ServerTls::new(Vec::new()).is_err());
+        assert!(ServerTls::new(certs, None).is_ok());
+        assert!(ServerTls::new(Vec::new(), None).is_err());
     }
 }
