@@ -93,7 +93,7 @@ fn write_log(path: &std::path::Path, lines: u64) {
     }
 }
 
-/// Replaying a log of 500 000 lines (about 330 bytes each), streamed from a
+/// Replaying a log of 500 000 lines (about 300 bytes each), streamed from a
 /// file: parsing each line and simulating its request, per strategy.
 fn replay(c: &mut Criterion) {
     let dir = std::env::temp_dir().join(format!("tether-bench-replay-{}", std::process::id()));

@@ -628,7 +628,9 @@ impl<'a> Sim<'a> {
             Some(p) => IpAddr::V4(Ipv4Addr::from(p as u32)),
             None => {
                 self.sessionless += 1;
-                IpAddr::V6(Ipv6Addr::from((0xfd00u128 << 112) | (u128::from(self.sessionless) << 48)))
+                // In the top 64 bits, which an IPv6 prefix of /64 keeps.
+                let n = u128::from(self.sessionless & 0xffff_ffff_ffff);
+                IpAddr::V6(Ipv6Addr::from((0xfd00u128 << 112) | (n << 64)))
             }
         };
         let mut hex = [0u8; 16];
