@@ -782,9 +782,60 @@ fn a_replay_takes_a_tether_json_log_or_says_where_it_is_not_one() {
     let sc = scenario("replay = \"mixed.log\"").unwrap();
     assert_eq!(sc.duration_ms, 2501, "up to the last line");
     let r = simulate::run(&sc, None, &mut |_, _| {});
+    assert_eq!(r.replay.as_deref(), Some("mixed.log (pool web)"), "the pool of the first request");
     let s = &r.strategies[0];
     let rep = s.replay.as_ref().unwrap();
     assert_eq!((rep.counts.lines, rep.counts.requests, rep.counts.unparsable), (4, 2, 2));
     assert_eq!((s.requests, rep.compared, rep.same_backend), (2, 2, 2));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Worked by hand: a session idle for longer than `session_idle` is forgotten, and when its
+/// next line is a `hit` it was still open at the logged Tether: it is pinned again where
+/// the log says, not placed anew. Session s: new at 0 s (round robin's first turn: a), a
+/// hit at 1 s; idle from 1 s, so over at 61 s; a hit on b at 10 min (the logged Tether had
+/// moved it, say, before a restart of this log's window). Session t: new at 2 s (second
+/// turn: b). Every request goes where the log says; s is opened twice (seeded the second
+/// time), t once.
+#[test]
+fn an_idle_session_is_forgotten_and_seeded_again_where_the_log_says() {
+    let dir = temp_dir("replay-idle");
+    let line = |time: &str, backend: &str, verdict: &str, session: &str| {
+        format!(
+            "{{\"time\":\"2026-12-04T10:{time}Z\",\"status\":200,\"pool\":\"web\",\"backend\":\"{backend}\",\"affinity\":\"{verdict}\",\"session\":\"{session}\",\"total_ms\":3.2}}\n"
+        )
+    };
+    let s = "00000000000000a1";
+    let t = "00000000000000b2";
+    let log = [
+        line("00:00.000", "a", "new", s),
+        line("00:01.000", "a", "hit", s),
+        line("00:02.000", "b", "new", t),
+        line("10:00.000", "b", "hit", s),
+    ]
+    .concat();
+    std::fs::write(dir.join("access.log"), log).unwrap();
+    std::fs::write(
+        dir.join("s.toml"),
+        "[simulate]\nsample = \"1s\"\n[workload]\nreplay = \"access.log\"\nsession_idle = \"1m\"\n\
+         [pools.web]\nbackends = [{ name = \"a\", address = \"10.0.0.1:80\" }, { name = \"b\", address = \"10.0.0.2:80\" }, { name = \"c\", address = \"10.0.0.3:80\" }]\n\
+         [pools.web.affinity]\nkeys = [\"cookie\"]\n",
+    )
+    .unwrap();
+    let sc = simulate::scenario::load(&dir.join("s.toml")).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(sc.duration_ms, 600_001);
+    let r = simulate::run(&sc, None, &mut |_, _| {});
+    let web = &r.strategies[0];
+    let rep = web.replay.as_ref().unwrap();
+    assert_eq!((web.requests, web.sessions, rep.seeded), (4, 3, 1));
+    assert_eq!((rep.compared, rep.same_backend, rep.hits_compared, rep.hits_same_backend), (4, 4, 2, 2));
+    assert_eq!((verdict(web, "new"), verdict(web, "hit")), (2, 2));
+    // s was over at 61 s: nothing moved while it was in progress.
+    assert_eq!((web.moved(), web.broken), (0, 0));
+    // In progress at 30 s: s on a, t on b; at 5 min: none.
+    let at = |ms: u64| r.strategies[0].samples.iter().find(|p| p.t_ms == ms).unwrap().sessions_per_backend.clone();
+    let on = |v: Vec<(String, u32)>| v.into_iter().map(|(_, n)| n).collect::<Vec<_>>();
+    assert_eq!(on(at(30_000)), [1, 1, 0]);
+    assert_eq!(on(at(300_000)), [0, 0, 0]);
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -346,7 +346,9 @@ impl<'a> Sim<'a> {
         };
         let replaying = self.sc.workload.replay.is_some();
         loop {
-            let mut next_client = self.heap.peek().map_or(u64::MAX, |r| unpack(r.0).0);
+            // A replay's heap entries are packed with more slot bits than a synthetic run's.
+            let heap_time = |x: u64| if replaying { unpack_replay(x).0 } else { unpack(x).0 };
+            let mut next_client = self.heap.peek().map_or(u64::MAX, |r| heap_time(r.0));
             if let Some(r) = reader.as_mut() {
                 next_client = next_client.min(r.peek_time().unwrap_or(u64::MAX));
             }
@@ -378,7 +380,7 @@ impl<'a> Sim<'a> {
             if let Some(r) = reader.as_mut() {
                 // Requests in flight end, and idle sessions leave, before the requests of
                 // the same moment.
-                let from_heap = self.heap.peek().is_some_and(|h| unpack(h.0).0 <= next_client);
+                let from_heap = self.heap.peek().is_some_and(|h| heap_time(h.0) <= next_client);
                 self.set_time(next_client);
                 if from_heap {
                     let Reverse(x) = self.heap.pop().expect("peeked");
@@ -1006,6 +1008,11 @@ mod tests {
             assert_eq!(unpack(pack(t, c, d)), (t, c, d));
         }
         assert!(pack(1, (1 << CLIENT_BITS) - 1, true) < pack(2, 0, false));
+        // A replay's: a year of milliseconds and 2^26 slots.
+        for (t, slot, d) in [(0, 0, true), (60_000, 3, false), (365 * 86_400_000, (1 << REPLAY_BITS) - 1, true)] {
+            assert_eq!(unpack_replay(pack_replay(t, slot, d)), (t, slot, d));
+        }
+        assert!(pack_replay(1, (1 << REPLAY_BITS) - 1, true) < pack_replay(2, 0, false));
     }
 
     #[test]
