@@ -1,9 +1,15 @@
 //! `tether simulate`: golden runs worked out by hand, reproducibility, located errors in
-//! scenario files, the command end to end, and its HTML report in a real browser.
+//! scenario files, the command end to end, its HTML report in a real browser, and the
+//! replay of a real Tether's access log.
+
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
+use bytes::Bytes;
+use http_body_util::Full;
 use tether::simulate::{self, report::StrategyReport, Report};
 
 fn run(src: &str, seed: Option<u64>) -> Report {
@@ -337,7 +343,7 @@ fn scenario_errors_say_file_line_and_key() {
     );
     check_error("at = \"5m\"", "at = \"11m\"", "s.toml:8:6: this event is after the end of the run (`duration`)");
     // serde's errors, located and naming the key, as `tether check` reports them.
-    check_error("clients = 100", "clients = 100\nclient = 3", "s.toml:6:1: unknown field `client`, expected one of `clients`, `clients_per_ip`, `ramp`, `requests_per_session`, `think_time`, `request_rate`, `away_time`, `service_time`, `header`, `app_cookie`");
+    check_error("clients = 100", "clients = 100\nclient = 3", "s.toml:6:1: unknown field `client`, expected one of `clients`, `clients_per_ip`, `ramp`, `requests_per_session`, `think_time`, `request_rate`, `away_time`, `service_time`, `header`, `app_cookie`, `replay`, `pool`, `session_idle`");
     check_error(
         "clients = 100",
         "clients = \"many\"",
@@ -401,6 +407,8 @@ fn a_scenario_can_take_its_pools_from_a_config_file() {
 }
 
 // === the command ===
+
+use common::Tether;
 
 fn tether() -> Command {
     Command::new(env!("CARGO_BIN_EXE_tether"))
@@ -519,5 +527,315 @@ fn the_html_report_renders_its_charts_in_a_browser() {
     // The imbalance lines move (a failure and a reload happen): some height somewhere.
     assert!(paths.iter().filter(|p| p[0] == "requests-imbalance").any(|p| p[4].parse::<f64>().unwrap() > 1.0));
     assert!(screenshot.exists(), "no screenshot");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+// === replaying a real Tether's access log ===
+
+/// The cookie key of the replay test's Tether (and so of its simulated pools).
+const REPLAY_KEY: &str = "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=";
+
+/// One Tether worker (so one round robin cursor per pool, taken in request order), the
+/// JSON access log at `log`, a pool `web` with Tether's cookie and a pool `plain` without
+/// affinity (its requests belong to no session), both round robin over the same backends.
+fn replay_config(backends: &[common::DemoBackend], log: &Path) -> String {
+    let list: Vec<String> =
+        backends.iter().map(|b| format!("{{ name = \"{}\", address = \"{}\" }}", b.name, b.address)).collect();
+    let list = list.join(", ");
+    format!(
+        "[runtime]\nthreads = 1\n\n[access_log]\nformat = \"json\"\npath = \"{}\"\n\n\
+         [[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\npool = \"web\"\n\n\
+         [[listeners]]\nname = \"plain\"\nbind = \"127.0.0.1:0\"\npool = \"plain\"\n\n\
+         [pools.web]\nalgorithm = \"round_robin\"\nbackends = [{list}]\n\
+         [pools.web.affinity]\nkeys = [\"cookie\"]\n[pools.web.affinity.cookie]\nkeys = [\"{REPLAY_KEY}\"]\n\n\
+         [pools.plain]\nalgorithm = \"round_robin\"\nbackends = [{list}]\n",
+        log.display()
+    )
+}
+
+/// A browser: keeps the cookies responses set (none, for one that refuses cookies).
+#[derive(Default)]
+struct Browser {
+    cookies: Vec<(String, String)>,
+    refuses_cookies: bool,
+}
+
+impl Browser {
+    fn without_cookies() -> Browser {
+        Browser { refuses_cookies: true, ..Browser::default() }
+    }
+
+    /// One GET on `c`; the backend that answered.
+    async fn get(&mut self, c: &mut common::Client) -> String {
+        let mut req = http::Request::get("/").header("host", c.addr.to_string());
+        if !self.cookies.is_empty() {
+            let jar: Vec<String> = self.cookies.iter().map(|(n, v)| format!("{n}={v}")).collect();
+            req = req.header("cookie", jar.join("; "));
+        }
+        let resp = c.request(req.body(Full::<Bytes>::default()).unwrap()).await;
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        if !self.refuses_cookies {
+            for v in resp.headers.get_all("set-cookie") {
+                let (name, value) = v.to_str().unwrap().split(';').next().unwrap().split_once('=').unwrap();
+                self.cookies.retain(|(n, _)| n != name);
+                self.cookies.push((name.to_string(), value.to_string()));
+            }
+        }
+        resp.backend()
+    }
+}
+
+/// The lines of a JSON access log, parsed.
+fn log_lines(path: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect()
+}
+
+/// Waits until `path` holds `n` lines, then stops Tether gracefully.
+async fn stop_after_lines(mut t: common::Tether, path: &Path, n: usize) {
+    let enough = || log_lines(path).len() >= n;
+    common::wait_until(&format!("{n} lines in {}", path.display()), Duration::from_secs(10), enough).await;
+    t.signal("TERM");
+    assert!(t.wait_exit(Duration::from_secs(10)).success(), "{}", t.log());
+    assert_eq!(log_lines(path).len(), n, "one line per request");
+}
+
+fn replay(dir: &Path, log: &str, pool: &str) -> Report {
+    let scenario = dir.join(format!("replay-{pool}.toml"));
+    std::fs::write(
+        &scenario,
+        format!("[simulate]\nconfig = \"tether.toml\"\n\n[workload]\nreplay = \"{log}\"\npool = \"{pool}\"\n"),
+    )
+    .unwrap();
+    let sc = simulate::scenario::load(&scenario).unwrap_or_else(|e| panic!("{e}"));
+    simulate::run(&sc, None, &mut |_, _| {})
+}
+
+/// Issue 14's replay test. A real Tether (one worker, round robin, Tether's cookie in pool
+/// `web`; pool `plain` without affinity) serves real clients, twice: the first run makes
+/// sessions, the second, whose log is replayed, sees two of them return with their cookies
+/// (sessions open before its log began), two new sessions of several requests, a client
+/// that keeps no cookie (a new session every request), and requests to `plain`, which
+/// belong to no session. Its log, replayed by the simulator through the same pools, must
+/// give (a) the logged backend for every request that hit an existing session, and (b),
+/// since the run used round robin, the logged backend for every request, first requests
+/// of sessions and sessionless ones included. A copy of the log with two backends changed
+/// is replayed too, and must be found out: the comparison is not blind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replaying_a_real_tethers_log_sends_every_request_where_tether_did() {
+    let backends = common::backends(3).await;
+    let dir = common::Scratch::new();
+    let (first_log, second_log) = (dir.0.join("access-1.log"), dir.0.join("access-2.log"));
+
+    // The first run: sessions a and b are made (and c, which will not return).
+    let t = Tether::start(&replay_config(&backends, &first_log));
+    let (mut web, mut plain) = (common::Client::connect(t.addrs[0]).await, common::Client::connect(t.addrs[1]).await);
+    // a, b and c; c will not return.
+    let mut first: [Browser; 3] = Default::default();
+    for k in [0, 1, 2, 0, 1] {
+        first[k].get(&mut web).await;
+    }
+    let [mut a, mut b, _] = first;
+    plain.get("/").await;
+    stop_after_lines(t, &first_log, 6).await;
+
+    // The second run, same config and keys: its log is the one replayed.
+    let config = replay_config(&backends, &second_log);
+    std::fs::write(dir.0.join("tether.toml"), &config).unwrap();
+    let t = Tether::start(&config);
+    let (mut web, mut plain) = (common::Client::connect(t.addrs[0]).await, common::Client::connect(t.addrs[1]).await);
+    let (mut d, mut e, mut anon) = (Browser::default(), Browser::default(), Browser::without_cookies());
+    let mut seen = Vec::new();
+    let steps = ["a", "d", "plain", "anon", "d", "b", "e", "plain", "a", "anon", "e", "d", "plain", "a"];
+    for who in &steps {
+        let backend = match *who {
+            "a" => a.get(&mut web).await,
+            "b" => b.get(&mut web).await,
+            "d" => d.get(&mut web).await,
+            "e" => e.get(&mut web).await,
+            "anon" => anon.get(&mut web).await,
+            _ => plain.get("/").await.backend(),
+        };
+        seen.push((*who, backend));
+    }
+    stop_after_lines(t, &second_log, steps.len()).await;
+
+    // The log says what the clients saw, in the order they saw it.
+    let lines = log_lines(&second_log);
+    let logged: Vec<(&str, &str)> =
+        lines.iter().map(|l| (l["pool"].as_str().unwrap(), l["backend"].as_str().unwrap())).collect();
+    let expected: Vec<(&str, &str)> =
+        seen.iter().map(|(who, b)| (if *who == "plain" { "plain" } else { "web" }, b.as_str())).collect();
+    assert_eq!(logged, expected);
+    let verdicts: Vec<&str> = lines.iter().map(|l| l["affinity"].as_str().unwrap()).collect();
+    let web_lines = lines.iter().filter(|l| l["pool"] == "web").count() as u64;
+    let hits = verdicts.iter().filter(|v| **v == "hit").count() as u64;
+    // a and b return (4 hits), d and e hit after their first request (3), anon never does.
+    assert_eq!((web_lines, hits), (11, 7), "{verdicts:?}");
+    assert!(lines.iter().filter(|l| l["pool"] == "plain").all(|l| l["session"].is_null()));
+    // Round robin over three backends spread the new sessions and the plain requests.
+    let backends_used = |pool: &str| {
+        let mut v: Vec<&str> = logged.iter().filter(|(p, _)| *p == pool).map(|(_, b)| *b).collect();
+        v.sort_unstable();
+        v.dedup();
+        v.len()
+    };
+    assert_eq!((backends_used("web"), backends_used("plain")), (3, 3));
+
+    // The replay of pool web: its strategy is the logged run.
+    let report = replay(&dir.0, "access-2.log", "web");
+    let web = report.strategies.iter().find(|s| s.name == "web").unwrap();
+    let r = web.replay.as_ref().unwrap();
+    assert!(r.matches_log);
+    assert_eq!((r.counts.lines, r.counts.requests, r.counts.other_pool, r.counts.unparsable), (14, 11, 3, 0));
+    assert_eq!(r.seeded, 2, "a and b were open before the log began");
+    assert_eq!(r.hits_compared, hits);
+    assert_eq!(r.hits_same_backend, r.hits_compared, "(a) a hit on an existing session went elsewhere");
+    assert_eq!(r.compared, web_lines);
+    assert_eq!(r.same_backend, r.compared, "(b) round robin: a request went elsewhere");
+    assert_eq!(web.requests, web_lines);
+    // The other strategy replays the same requests but is not the logged run.
+    let other = report.strategies.iter().find(|s| s.name == "plain").unwrap();
+    assert_eq!((other.requests, other.replay.as_ref().unwrap().matches_log), (web_lines, false));
+
+    // The replay of pool plain: requests of no session, by round robin.
+    let report = replay(&dir.0, "access-2.log", "plain");
+    let plain = report.strategies.iter().find(|s| s.name == "plain").unwrap();
+    let r = plain.replay.as_ref().unwrap();
+    assert_eq!((r.counts.requests, r.counts.sessionless), (3, 3));
+    assert_eq!((r.compared, r.same_backend), (3, 3), "(b) a request of no session went elsewhere");
+
+    // The command says so too.
+    let out = tether().arg("simulate").arg(dir.0.join("replay-web.toml")).output().unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{table}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(table.contains("replay of access-2.log (pool web)"), "{table}");
+    assert!(table.contains("same backend as logged for 11 of 11 requests (100.0%), and for 7 of the 7"), "{table}");
+
+    // Not blind: the log with a's last hit and d's first request moved to other backends.
+    let other_backend = |b: &str| if b == "app-1" { "app-2" } else { "app-1" };
+    let mut changed = 0;
+    let mut lines = lines;
+    let last_a = seen.iter().rposition(|(w, _)| *w == "a").unwrap();
+    let first_d = seen.iter().position(|(w, _)| *w == "d").unwrap();
+    for k in [last_a, first_d] {
+        let b = lines[k]["backend"].as_str().unwrap().to_string();
+        lines[k]["backend"] = other_backend(&b).into();
+        changed += 1;
+    }
+    let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    std::fs::write(dir.0.join("perturbed.log"), text).unwrap();
+    let report = replay(&dir.0, "perturbed.log", "web");
+    let r = report.strategies.iter().find(|s| s.name == "web").unwrap().replay.clone().unwrap();
+    assert_eq!(changed, 2);
+    assert_eq!((r.compared, r.same_backend), (11, 9), "both changed lines found out");
+    assert_eq!((r.hits_compared, r.hits_same_backend), (7, 6), "the changed hit found out");
+}
+
+/// A replay names a Tether JSON access log; anything else is a located error, and lines
+/// that are not requests are counted, not fatal.
+#[test]
+fn a_replay_takes_a_tether_json_log_or_says_where_it_is_not_one() {
+    let dir = temp_dir("replay-errors");
+    let scenario = |body: &str| {
+        let p = dir.join("s.toml");
+        std::fs::write(
+            &p,
+            format!(
+                "[simulate]\n\n[workload]\n{body}\n\n[pools.web]\nbackends = [{{ name = \"a\", address = \"10.0.0.1:80\" }}]\n"
+            ),
+        )
+        .unwrap();
+        simulate::scenario::load(&p).map_err(|e| e.to_string())
+    };
+    let at = |what: &str| format!("{}:{what}", dir.join("s.toml").display());
+    std::fs::write(dir.join("text.log"), "2026-12-04T10:00:00.000Z 127.0.0.1:5 web \"GET / HTTP/1.1\" 200 pool=web\n")
+        .unwrap();
+    assert_eq!(
+        scenario("replay = \"text.log\"").unwrap_err(),
+        at(&format!(
+            "4:10: {} is not a Tether JSON access log: none of its first 1 lines is JSON (a text log? set access_log.format = \"json\" for replays)",
+            dir.join("text.log").display()
+        ))
+    );
+    std::fs::write(dir.join("other.json"), "{\"level\":\"info\",\"msg\":\"hello\"}\n").unwrap();
+    let err = scenario("replay = \"other.json\"").unwrap_err();
+    assert!(err.starts_with(&at("4:10: ")) && err.contains("has Tether's fields"), "{err}");
+    let err = scenario("replay = \"missing.log\"").unwrap_err();
+    assert!(err.starts_with(&at("4:10: cannot read the access log")), "{err}");
+    assert_eq!(
+        scenario("replay = \"other.json\"\nclients = 5").unwrap_err().lines().last().unwrap(),
+        at("5:11: `clients` and `replay` in one workload: a replay's clients are the log's sessions")
+    );
+    let err = scenario("clients = 5\npool = \"web\"").unwrap_err();
+    assert_eq!(
+        err.lines().collect::<Vec<_>>(),
+        [at("1:1: `duration` is missing: how long to simulate"), at("5:8: `pool` is for replays: it needs `replay`")]
+    );
+    let err = scenario("replay = \"other.json\"\nthink_time = \"1s\"").unwrap_err();
+    assert!(err.contains(&at("5:14: `think_time` is for synthetic clients")), "{err}");
+
+    // A log with junk in it: counted, replayed around.
+    let good = "{\"time\":\"2026-12-04T10:00:00.000Z\",\"status\":200,\"pool\":\"web\",\"backend\":\"a\",\"affinity\":\"-\",\"session\":null,\"total_ms\":1.0}";
+    let later = good.replace("10:00:00.000Z", "10:00:02.500Z");
+    std::fs::write(dir.join("mixed.log"), format!("{good}\n\u{0}garbage\n{{}}\n{later}\n")).unwrap();
+    let sc = scenario("replay = \"mixed.log\"").unwrap();
+    assert_eq!(sc.duration_ms, 2501, "up to the last line");
+    let r = simulate::run(&sc, None, &mut |_, _| {});
+    assert_eq!(r.replay.as_deref(), Some("mixed.log (pool web)"), "the pool of the first request");
+    let s = &r.strategies[0];
+    let rep = s.replay.as_ref().unwrap();
+    assert_eq!((rep.counts.lines, rep.counts.requests, rep.counts.unparsable), (4, 2, 2));
+    assert_eq!((s.requests, rep.compared, rep.same_backend), (2, 2, 2));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Worked by hand: a session idle for longer than `session_idle` is forgotten, and when its
+/// next line is a `hit` it was still open at the logged Tether: it is pinned again where
+/// the log says, not placed anew. Session s: new at 0 s (round robin's first turn: a), a
+/// hit at 1 s; idle from 1 s, so over at 61 s; a hit on b at 10 min (the logged Tether had
+/// moved it, say, before a restart of this log's window). Session t: new at 2 s (second
+/// turn: b). Every request goes where the log says; s is opened twice (seeded the second
+/// time), t once.
+#[test]
+fn an_idle_session_is_forgotten_and_seeded_again_where_the_log_says() {
+    let dir = temp_dir("replay-idle");
+    let line = |time: &str, backend: &str, verdict: &str, session: &str| {
+        format!(
+            "{{\"time\":\"2026-12-04T10:{time}Z\",\"status\":200,\"pool\":\"web\",\"backend\":\"{backend}\",\"affinity\":\"{verdict}\",\"session\":\"{session}\",\"total_ms\":3.2}}\n"
+        )
+    };
+    let s = "00000000000000a1";
+    let t = "00000000000000b2";
+    let log = [
+        line("00:00.000", "a", "new", s),
+        line("00:01.000", "a", "hit", s),
+        line("00:02.000", "b", "new", t),
+        line("10:00.000", "b", "hit", s),
+    ]
+    .concat();
+    std::fs::write(dir.join("access.log"), log).unwrap();
+    std::fs::write(
+        dir.join("s.toml"),
+        "[simulate]\nsample = \"1s\"\n[workload]\nreplay = \"access.log\"\nsession_idle = \"1m\"\n\
+         [pools.web]\nbackends = [{ name = \"a\", address = \"10.0.0.1:80\" }, { name = \"b\", address = \"10.0.0.2:80\" }, { name = \"c\", address = \"10.0.0.3:80\" }]\n\
+         [pools.web.affinity]\nkeys = [\"cookie\"]\n",
+    )
+    .unwrap();
+    let sc = simulate::scenario::load(&dir.join("s.toml")).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(sc.duration_ms, 600_001);
+    let r = simulate::run(&sc, None, &mut |_, _| {});
+    let web = &r.strategies[0];
+    let rep = web.replay.as_ref().unwrap();
+    assert_eq!((web.requests, web.sessions, rep.seeded), (4, 3, 1));
+    assert_eq!((rep.compared, rep.same_backend, rep.hits_compared, rep.hits_same_backend), (4, 4, 2, 2));
+    assert_eq!((verdict(web, "new"), verdict(web, "hit")), (2, 2));
+    // s was over at 61 s: nothing moved while it was in progress.
+    assert_eq!((web.moved(), web.broken), (0, 0));
+    // In progress at 30 s: s on a, t on b; at 5 min: none.
+    let at = |ms: u64| r.strategies[0].samples.iter().find(|p| p.t_ms == ms).unwrap().sessions_per_backend.clone();
+    let on = |v: Vec<(String, u32)>| v.into_iter().map(|(_, n)| n).collect::<Vec<_>>();
+    assert_eq!(on(at(30_000)), [1, 1, 0]);
+    assert_eq!(on(at(300_000)), [0, 0, 0]);
     let _ = std::fs::remove_dir_all(dir);
 }

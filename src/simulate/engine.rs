@@ -9,24 +9,31 @@
 //! loop on simulated seconds. Randomness is seeded: the workload draws from [`Rng`], and the
 //! balancer's draws (`random`, `p2c`) from `random::random_below`, reseeded for the run.
 //!
+//! A replay (`[workload] replay`) runs the same loop over the requests of an access log
+//! ([`Reader`]) instead of synthetic clients: each of the log's sessions is a client, found
+//! by its pseudonym, and the strategy named like the logged pool is compared with the log.
+//!
 //! What it does not model: slow start (its ramp reads the wall clock; it is turned off and
 //! the report says so), passive ejection (its ejection time reads the wall clock), queues
 //! for `max_connections`, and the network: a request takes `service_time` at its backend.
 
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::collections::{BinaryHeap, HashMap};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use crate::affinity::stick_table::Clock;
+use crate::affinity::token::Token;
 use crate::affinity::verdict::{Verdict, VERDICTS};
 use crate::affinity::{Decision, RequestKeys, Store, Target};
 use crate::backend::{Backend, Group};
 use crate::config::{AdminState, Config};
 use crate::pool::Snapshot;
 
-use super::report::{DrainReport, Sample, StrategyReport};
+use super::replay::{Reader, Request};
+use super::report::{DrainReport, ReplayReport, Sample, StrategyReport};
 use super::scenario::{Action, Dist, Scenario, Strategy, MAX_BACKENDS};
 
 /// Simulated time starts at this Unix time (2027-01-15T08:00:00Z), so tokens carry
@@ -155,6 +162,53 @@ struct Sim<'a> {
     next_app_id: u64,
     out: StrategyReport,
     next_sample: u64,
+    /// The Unix time of simulated time 0.
+    epoch_ms: u64,
+    strategy: String,
+    // A replay's state: the clients are the log's sessions, each in a slot of `clients`
+    // while it is in progress, found by its pseudonym.
+    sessions: HashMap<u64, u32, BuildHasherDefault<Pseudonyms>>,
+    /// By slot: the session's pseudonym and when it was last seen (simulated ms).
+    pseudonyms: Vec<(u64, u64)>,
+    free_slots: Vec<u32>,
+    /// Replayed requests in flight, by slot, and the free slots.
+    flights: Vec<Option<Arc<Backend>>>,
+    free_flights: Vec<u32>,
+    /// Requests of no session so far (each gets an address of its own).
+    sessionless: u64,
+}
+
+/// Pseudonyms are already the output of a block cipher: they are their own hash.
+#[derive(Default)]
+struct Pseudonyms(u64);
+
+impl Hasher for Pseudonyms {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8 | u64::from(b)).rotate_left(5);
+        }
+    }
+
+    fn write_u64(&mut self, x: u64) {
+        self.0 = x;
+    }
+}
+
+/// A replay's heap entries: time, slot, and whether the entry ends a request in flight
+/// (else it looks whether a session has gone idle). More slots than a synthetic run has
+/// clients: a day's log can hold millions of sessions in progress.
+const REPLAY_BITS: u32 = 26;
+
+fn pack_replay(t: u64, slot: usize, done: bool) -> u64 {
+    (t << (REPLAY_BITS + 1)) | ((slot as u64) << 1) | u64::from(done)
+}
+
+fn unpack_replay(x: u64) -> (u64, usize, bool) {
+    (x >> (REPLAY_BITS + 1), ((x >> 1) & ((1 << REPLAY_BITS) - 1)) as usize, x & 1 == 1)
 }
 
 /// Runs one strategy over the scenario's workload and timeline with `seed`, calling
@@ -188,8 +242,10 @@ impl<'a> Sim<'a> {
         if let Some(a) = snapshot.pools[0].affinity.as_mut() {
             a.store = Arc::new(Store::simulated(&a.cfg, &Clock::manual(secs.clone()), seed));
         }
+        // A replay runs at the log's own times, so that its tokens carry them.
+        let epoch_ms = sc.workload.replay.as_ref().map_or(EPOCH_MS, |r| r.first_ms);
         for b in &snapshot.pools[0].backends {
-            b.restamp_drain(EPOCH_MS);
+            b.restamp_drain(epoch_ms);
         }
         let w = &sc.workload;
         let mut rng = Rng::new(seed);
@@ -215,6 +271,7 @@ impl<'a> Sim<'a> {
             keys,
             algorithm: format!("{:?}", pool.config.algorithm).to_lowercase(),
             notes,
+            replay: w.replay.as_ref().map(|_| ReplayReport::default()),
             ..StrategyReport::default()
         };
         let mut sim = Sim {
@@ -234,6 +291,14 @@ impl<'a> Sim<'a> {
             next_app_id: 1,
             out,
             next_sample: sc.sample_ms,
+            epoch_ms,
+            strategy: strategy.name.clone(),
+            sessions: HashMap::default(),
+            pseudonyms: Vec::new(),
+            free_slots: Vec::new(),
+            flights: Vec::new(),
+            free_flights: Vec::new(),
+            sessionless: 0,
         };
         sim.map_backends();
         sim
@@ -268,8 +333,25 @@ impl<'a> Sim<'a> {
         let check_every = health.as_ref().map_or(u64::MAX, |h| (h.interval.as_millis() as u64).max(1));
         let (mut next_second, mut next_check, mut next_event) = (1000u64, check_every, 0usize);
         let mut handled = 0u64;
+        let mut reader = match &self.sc.workload.replay {
+            None => None,
+            Some(r) => match Reader::open(r, end) {
+                Ok(reader) => Some(reader),
+                Err(e) => {
+                    // Read when the scenario was checked, gone since: said, not fatal.
+                    self.out.notes.push(format!("the access log could not be read: {e}"));
+                    None
+                }
+            },
+        };
+        let replaying = self.sc.workload.replay.is_some();
         loop {
-            let next_client = self.heap.peek().map_or(u64::MAX, |r| unpack(r.0).0);
+            // A replay's heap entries are packed with more slot bits than a synthetic run's.
+            let heap_time = |x: u64| if replaying { unpack_replay(x).0 } else { unpack(x).0 };
+            let mut next_client = self.heap.peek().map_or(u64::MAX, |r| heap_time(r.0));
+            if let Some(r) = reader.as_mut() {
+                next_client = next_client.min(r.peek_time().unwrap_or(u64::MAX));
+            }
             let event_at = self.sc.events.get(next_event).map_or(u64::MAX, |e| e.at_ms);
             let tick = next_second.min(next_check).min(event_at).min(self.next_sample);
             if tick <= next_client {
@@ -295,6 +377,32 @@ impl<'a> Sim<'a> {
             if next_client > end {
                 break;
             }
+            if let Some(r) = reader.as_mut() {
+                // Requests in flight end, and idle sessions leave, before the requests of
+                // the same moment.
+                let from_heap = self.heap.peek().is_some_and(|h| heap_time(h.0) <= next_client);
+                self.set_time(next_client);
+                if from_heap {
+                    let Reverse(x) = self.heap.pop().expect("peeked");
+                    let (t, slot, done) = unpack_replay(x);
+                    if done {
+                        self.flight_done(slot);
+                    } else {
+                        self.session_idle(slot, t);
+                    }
+                } else {
+                    let q = r.next_request().expect("peeked");
+                    self.replay_request(&q, r);
+                    handled += 1;
+                    if handled & 0xffff == 0 {
+                        progress(q.t_ms);
+                    }
+                }
+                continue;
+            }
+            if replaying {
+                break;
+            }
             let Reverse(x) = self.heap.pop().expect("peeked");
             let (t, c, done) = unpack(x);
             self.set_time(t);
@@ -310,6 +418,17 @@ impl<'a> Sim<'a> {
         }
         progress(end);
         self.out.duration_ms = end;
+        if let Some(r) = reader.as_mut() {
+            // What is left of the log starts after the end: counted, not replayed.
+            while r.next_request().is_some() {}
+        }
+        if let (Some(r), Some(out)) = (reader, self.out.replay.as_mut()) {
+            out.counts = r.counts;
+            // Requests the run did not reach: what is left of the log after the end.
+            if let Some(e) = &out.counts.read_error {
+                self.out.notes.push(format!("reading the access log failed, the replay stopped there: {e}"));
+            }
+        }
         // Token session ids come from the system's random source (see ARCHITECTURE.md,
         // "The simulator"); they only decide which entries a full table drops.
         if let Some(a) = &self.snapshot.pools[0].affinity {
@@ -335,7 +454,7 @@ impl<'a> Sim<'a> {
 
     /// One request of client `c` at simulated time `t`.
     fn request(&mut self, c: usize, t: u64) {
-        let now_ms = EPOCH_MS + t;
+        let now_ms = self.epoch_ms + t;
         let sc = self.sc;
         let w = &sc.workload;
         if self.clients[c].left == 0 {
@@ -488,6 +607,235 @@ impl<'a> Sim<'a> {
         self.heap.push(Reverse(pack(next, c, false)));
     }
 
+    /// One replayed request: the log's `q`, of its session (if any), at its logged time.
+    fn replay_request(&mut self, q: &Request, reader: &Reader) {
+        let t = q.t_ms;
+        let now_ms = self.epoch_ms + t;
+        let sc = self.sc;
+        let w = &sc.workload;
+        let slot = match q.session {
+            None => None,
+            Some(p) => match self.sessions.get(&p) {
+                Some(&slot) => {
+                    self.pseudonyms[slot as usize].1 = t;
+                    Some(slot as usize)
+                }
+                None => self.open_session(p, q, reader),
+            },
+        };
+        // What the request shows the key chain, made from its pseudonym only: an address
+        // per session (each request of no session one of its own) and, for header keys,
+        // the pseudonym as the header's value.
+        let ip = match q.session {
+            Some(p) => IpAddr::V4(Ipv4Addr::from(p as u32)),
+            None => {
+                self.sessionless += 1;
+                // In the top 64 bits, which an IPv6 prefix of /64 keeps.
+                let n = u128::from(self.sessionless & 0xffff_ffff_ffff);
+                IpAddr::V6(Ipv6Addr::from((0xfd00u128 << 112) | (n << 64)))
+            }
+        };
+        let mut hex = [0u8; 16];
+        let header: &[u8] = match (q.session, &w.header) {
+            (Some(p), Some(_)) => {
+                for (k, h) in hex.iter_mut().enumerate() {
+                    *h = b"0123456789abcdef"[(p >> (60 - 4 * k) & 0xf) as usize];
+                }
+                &hex
+            }
+            _ => &[],
+        };
+        let pool = &self.snapshot.pools[0];
+        let group = Group {
+            backends: &pool.backends,
+            balancer: &pool.balancer,
+            slow_start: None,
+            panic_mode: pool.config.panic_mode,
+        };
+        pool.retry_budget.deposit(pool.config.retry_budget);
+        let client = slot.map(|c| &self.clients[c]);
+        let mut d = match &pool.affinity {
+            Some(a) => {
+                let req = SimRequest {
+                    token_name: a.cookie_name().unwrap_or(""),
+                    token: client.and_then(|c| c.token.as_deref()),
+                    app_name: w.app_cookie.as_deref().unwrap_or(""),
+                    app: client.and_then(|c| c.app.as_ref().map(|(v, _)| &**v)),
+                    header_name: w.header.as_deref().unwrap_or(""),
+                    header,
+                };
+                a.decide(&group, &req, ip, now_ms)
+            }
+            None => Decision::plain(group.pick(None)),
+        };
+        let mut target = d.backend();
+        let mut moves = 0;
+        while let Some(i) = target {
+            if !self.dead[usize::from(self.sim_of[i])] {
+                break;
+            }
+            target = if moves < pool.config.retries { pool.move_from(i, &mut d, now_ms) } else { None };
+            moves += 1;
+        }
+        // The logged run's strategy against the log: the same backend?
+        if let (true, Some(logged)) = (reader.pool_name(q.pool) == self.strategy, q.backend) {
+            let same = target.is_some_and(|i| pool.backends[i].name == reader.backend_name(logged));
+            let r = self.out.replay.as_mut().expect("a replay has its report");
+            r.matches_log = true;
+            r.compared += 1;
+            r.same_backend += u64::from(same);
+            if q.verdict == Some(Verdict::Hit) {
+                r.hits_compared += 1;
+                r.hits_same_backend += u64::from(same);
+            }
+        }
+        self.out.verdicts[d.verdict.index()] += 1;
+        let Some(i) = target else {
+            if matches!(d.target, Target::Use(_)) {
+                self.out.failed += 1;
+            } else {
+                self.out.refused += 1;
+            }
+            return;
+        };
+        let b = self.sim_of[i];
+        self.out.requests += 1;
+        self.interval_requests[usize::from(b)] += 1;
+        let backend = pool.backends[i].clone();
+        backend.acquire();
+        backend.count(d.verdict);
+        if let (Some(token), Some(a), Some(c)) = (&d.issue, &pool.affinity, slot) {
+            let set_cookie = a.set_cookie(token);
+            let value = set_cookie.split(';').next().and_then(|nv| nv.split_once('=')).map_or("", |(_, v)| v);
+            self.clients[c].token = Some(value.into());
+        }
+        // The application sets its session cookie when the session is new to it (a
+        // request of no session is new to it every time).
+        if let Some(name) = &w.app_cookie {
+            if slot.is_none_or(|c| self.clients[c].app.as_ref().is_none_or(|(_, by)| *by != b)) {
+                let id = format!("s{}", self.next_app_id);
+                self.next_app_id += 1;
+                if let Some(a) = &pool.affinity {
+                    let set_cookie = format!("{name}={id}; Path=/");
+                    a.learn([set_cookie.as_bytes()], i);
+                }
+                if let Some(c) = slot {
+                    self.clients[c].app = Some((id.into(), b));
+                }
+            }
+        }
+        if let Some(c) = slot {
+            self.account(c, b, d.verdict, false);
+        }
+        // In flight for as long as the log says it took.
+        if q.service_ms == 0 {
+            backend.release();
+            return;
+        }
+        let f = match self.free_flights.pop() {
+            Some(f) => f as usize,
+            None if self.flights.len() < 1 << REPLAY_BITS => {
+                self.flights.push(None);
+                self.flights.len() - 1
+            }
+            None => {
+                backend.release();
+                return;
+            }
+        };
+        self.flights[f] = Some(backend);
+        self.heap.push(Reverse(pack_replay(t + u64::from(q.service_ms), f, true)));
+    }
+
+    /// A session the replay has not seen (or has forgotten): a slot, and, when the log
+    /// shows it already open (its first line here a `hit`), its pin where the log says.
+    /// `None` when every slot is taken (the request is replayed without a session).
+    fn open_session(&mut self, p: u64, q: &Request, reader: &Reader) -> Option<usize> {
+        let slot = match self.free_slots.pop() {
+            Some(s) => s as usize,
+            None if self.clients.len() < 1 << REPLAY_BITS => {
+                self.clients.push(Client::empty());
+                self.pseudonyms.push((0, 0));
+                self.clients.len() - 1
+            }
+            None => return None,
+        };
+        let idle = self.sc.workload.replay.as_ref().expect("replaying").session_idle_ms;
+        self.clients[slot] = Client::empty();
+        self.pseudonyms[slot] = (p, q.t_ms);
+        self.sessions.insert(p, slot as u32);
+        self.heap.push(Reverse(pack_replay(q.t_ms + idle, slot, false)));
+        self.out.sessions += 1;
+        if let (Some(Verdict::Hit), Some(logged)) = (q.verdict, q.backend) {
+            self.seed(slot, reader.backend_name(logged), q.t_ms);
+        }
+        Some(slot)
+    }
+
+    /// Pins the session in `slot` to the backend named `name`, as it was before the log
+    /// began: Tether's token for it (sealed with this strategy's keys, as its Tether would
+    /// have issued it), and the application's cookie set by it. Keys Tether maps in a
+    /// table or hashes are not seeded: their first request here places them.
+    fn seed(&mut self, slot: usize, name: &str, t: u64) {
+        let pool = &self.snapshot.pools[0];
+        let Some(i) = pool.backends.iter().position(|b| b.name == name) else { return };
+        let b = self.sim_of[i];
+        let mut seeded = false;
+        if let Some(a) = pool.affinity.as_ref().filter(|a| a.cookie_name().is_some()) {
+            if let Ok(mut token) = Token::issue(a.ids[i], (self.epoch_ms + t) / 1000) {
+                token.pool = Some(crate::affinity::pool_id(&pool.config.name));
+                let set_cookie = a.set_cookie(&token);
+                let value = set_cookie.split(';').next().and_then(|nv| nv.split_once('=')).map_or("", |(_, v)| v);
+                self.clients[slot].token = Some(value.into());
+                let sessions = &a.store.sessions;
+                sessions.insert(u128::from_le_bytes(token.session), token.backend, sessions.now());
+                seeded = true;
+            }
+        }
+        if let Some(cookie) = &self.sc.workload.app_cookie {
+            let id = format!("s{}", self.next_app_id);
+            self.next_app_id += 1;
+            if let Some(a) = pool.affinity.as_ref().filter(|a| a.learns()) {
+                a.learn([format!("{cookie}={id}; Path=/").as_bytes()], i);
+                seeded = true;
+            }
+            self.clients[slot].app = Some((id.into(), b));
+        }
+        if seeded {
+            let client = &mut self.clients[slot];
+            client.last = b;
+            client.used = 1u128 << b;
+            self.active_on[usize::from(b)] += 1;
+            self.out.replay.as_mut().expect("a replay has its report").seeded += 1;
+        }
+    }
+
+    /// A replayed request in flight ended.
+    fn flight_done(&mut self, f: usize) {
+        if let Some(b) = self.flights[f].take() {
+            b.release();
+        }
+        self.free_flights.push(f as u32);
+    }
+
+    /// The session in `slot` may have gone idle at `t`: if so it is no longer in progress,
+    /// and forgotten (its next line, if any, opens it anew).
+    fn session_idle(&mut self, slot: usize, t: u64) {
+        let idle = self.sc.workload.replay.as_ref().expect("replaying").session_idle_ms;
+        let (p, last) = self.pseudonyms[slot];
+        if last + idle > t {
+            self.heap.push(Reverse(pack_replay(last + idle, slot, false)));
+            return;
+        }
+        let client = &mut self.clients[slot];
+        if client.last != NONE {
+            self.active_on[usize::from(client.last)] -= 1;
+        }
+        *client = Client::empty();
+        self.sessions.remove(&p);
+        self.free_slots.push(slot as u32);
+    }
+
     /// What housekeeping does once a second, on simulated seconds; and whether drained
     /// backends have emptied.
     fn housekeeping(&mut self, t: u64) {
@@ -520,7 +868,7 @@ impl<'a> Sim<'a> {
 
     /// Applies timeline event `k` at `t`.
     fn apply(&mut self, k: usize, t: u64) {
-        let now_ms = EPOCH_MS + t;
+        let now_ms = self.epoch_ms + t;
         let sc = self.sc;
         let action = &sc.events[k].action;
         self.out.events.push((t, action.label()));
@@ -660,6 +1008,11 @@ mod tests {
             assert_eq!(unpack(pack(t, c, d)), (t, c, d));
         }
         assert!(pack(1, (1 << CLIENT_BITS) - 1, true) < pack(2, 0, false));
+        // A replay's: a year of milliseconds and 2^26 slots.
+        for (t, slot, d) in [(0, 0, true), (60_000, 3, false), (365 * 86_400_000, (1 << REPLAY_BITS) - 1, true)] {
+            assert_eq!(unpack_replay(pack_replay(t, slot, d)), (t, slot, d));
+        }
+        assert!(pack_replay(1, (1 << REPLAY_BITS) - 1, true) < pack_replay(2, 0, false));
     }
 
     #[test]

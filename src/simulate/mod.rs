@@ -2,18 +2,21 @@
 //! added or removed, under each persistence strategy, answered by running Tether's own
 //! policy code (`affinity::PoolAffinity::decide`, `failover`, `learn`,
 //! `recount_sessions`, `balance::Balancer::pick`, the `Backend` health state machine and
-//! admin states, `pool::Snapshot` reloads) over synthetic clients in simulated time.
+//! admin states, `pool::Snapshot` reloads) over synthetic clients, or over the requests of
+//! Tether's JSON access log replayed by session pseudonym, in simulated time.
 //!
 //! [`scenario`] reads the scenario file (its pools through `config`, so a strategy is what
-//! Tether would run), [`engine`] runs one strategy, [`report`] renders the numbers as a
-//! terminal table and a self-contained HTML page. A run is single-threaded and
+//! Tether would run), [`replay`] streams an access log as requests, [`engine`] runs one
+//! strategy, [`report`] renders the numbers as a terminal table and a self-contained HTML
+//! page. A run is single-threaded and
 //! reproducible: the same scenario and seed give the same report, bit for bit.
 //!
 //! It sits above the policy layer and below the entry points; it never touches sockets,
-//! the data path (`proxy`, `listener`, `upstream`) or a running server. Replaying an
-//! access log, rebalancing idle sessions and traffic splits are not simulated yet.
+//! the data path (`proxy`, `listener`, `upstream`) or a running server. Rebalancing idle
+//! sessions and traffic splits are not simulated yet.
 
 pub mod engine;
+pub mod replay;
 pub mod report;
 pub mod scenario;
 
@@ -35,5 +38,15 @@ pub fn run(sc: &Scenario, seed: Option<u64>, progress: &mut dyn FnMut(u64, u64))
             engine::run(sc, s, seed, &mut |t| progress(base + t, total))
         })
         .collect();
-    Report { file: sc.file.clone(), seed, clients: sc.workload.clients, duration_ms: sc.duration_ms, strategies }
+    Report {
+        file: sc.file.clone(),
+        seed,
+        clients: sc.workload.clients,
+        replay: sc.workload.replay.as_ref().map(|r| match &r.pool {
+            Some(p) => format!("{} (pool {p})", r.shown),
+            None => format!("{} (every pool)", r.shown),
+        }),
+        duration_ms: sc.duration_ms,
+        strategies,
+    }
 }

@@ -11,6 +11,8 @@ pub struct Report {
     pub file: String,
     pub seed: u64,
     pub clients: u32,
+    /// The access log replayed instead of synthetic clients, as the scenario names it.
+    pub replay: Option<String>,
     pub duration_ms: u64,
     pub strategies: Vec<StrategyReport>,
 }
@@ -51,6 +53,28 @@ pub struct StrategyReport {
     /// The timeline's events as they happened: (simulated ms, label).
     pub events: Vec<(u64, String)>,
     pub samples: Vec<Sample>,
+    /// What a replayed log gave, and how this strategy compares with the logged run.
+    pub replay: Option<ReplayReport>,
+}
+
+/// A strategy's replay of an access log.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ReplayReport {
+    /// What became of the log's lines (the same for every strategy).
+    pub counts: super::replay::Counts,
+    /// Sessions that were already open when the log began (their first line is a `hit`):
+    /// pinned where the log says before their first request, when this strategy's key
+    /// chain has Tether's cookie or the workload's application cookie.
+    pub seeded: u64,
+    /// Whether this strategy is the logged run's: its name is the logged pool's.
+    pub matches_log: bool,
+    /// Of the requests of the logged pool that the log shows served by a backend: how
+    /// many this strategy replayed, and how many it sent to the same backend.
+    pub compared: u64,
+    pub same_backend: u64,
+    /// The same, for the requests the log shows hitting an existing session (`hit`).
+    pub hits_compared: u64,
+    pub hits_same_backend: u64,
 }
 
 /// A drain and how long it took to empty.
@@ -139,14 +163,27 @@ impl Report {
     /// The report as text for a terminal.
     pub fn table(&self) -> String {
         let mut o = String::new();
-        let _ = writeln!(
-            o,
-            "{}: seed {}, {} clients, {} simulated",
-            self.file,
-            self.seed,
-            self.clients,
-            fmt_ms(self.duration_ms)
-        );
+        match &self.replay {
+            Some(log) => {
+                let _ = writeln!(
+                    o,
+                    "{}: seed {}, replay of {log}, {} simulated",
+                    self.file,
+                    self.seed,
+                    fmt_ms(self.duration_ms)
+                );
+            }
+            None => {
+                let _ = writeln!(
+                    o,
+                    "{}: seed {}, {} clients, {} simulated",
+                    self.file,
+                    self.seed,
+                    self.clients,
+                    fmt_ms(self.duration_ms)
+                );
+            }
+        }
         if let Some(first) = self.strategies.first() {
             if !first.events.is_empty() {
                 let events: Vec<String> = first.events.iter().map(|(t, l)| format!("{} {l}", fmt_ms(*t))).collect();
@@ -233,6 +270,48 @@ impl Report {
                         f(d.counted_empty_after_ms)
                     );
                 }
+            }
+        }
+        if let Some(r) = self.strategies.first().and_then(|s| s.replay.as_ref()) {
+            let c = &r.counts;
+            let _ = writeln!(
+                o,
+                "\nthe log: {} lines; {} requests replayed ({} of no session); not replayed: {} unparsable, {} reaching no pool, {} of other pools, {} after the end; {} replayed late (logged more than {}s after requests that started later)",
+                c.lines,
+                c.requests,
+                c.sessionless,
+                c.unparsable,
+                c.not_to_a_pool,
+                c.other_pool,
+                c.after_end,
+                c.late,
+                super::replay::WINDOW_MS / 1000
+            );
+            let seeded: Vec<String> = self
+                .strategies
+                .iter()
+                .filter_map(|s| Some(format!("{} {}", s.name, s.replay.as_ref()?.seeded)))
+                .collect();
+            let _ = writeln!(o, "sessions open before the log began, pinned where it says: {}", seeded.join(", "));
+            let pct = |n: u64, of: u64| if of == 0 { 0.0 } else { n as f64 * 100.0 / of as f64 };
+            let mut any = false;
+            for s in &self.strategies {
+                let Some(r) = s.replay.as_ref().filter(|r| r.matches_log) else { continue };
+                any = true;
+                let _ = writeln!(
+                    o,
+                    "  {:w$}  is the logged run: same backend as logged for {} of {} requests ({:.1}%), and for {} of the {} that hit an existing session ({:.1}%)",
+                    s.name,
+                    r.same_backend,
+                    r.compared,
+                    pct(r.same_backend, r.compared),
+                    r.hits_same_backend,
+                    r.hits_compared,
+                    pct(r.hits_same_backend, r.hits_compared)
+                );
+            }
+            if !any {
+                let _ = writeln!(o, "  no strategy is named like the logged pool: none compared with the logged run");
             }
         }
         // Each note once, with the strategies it concerns.

@@ -20,6 +20,8 @@ use toml::Spanned;
 
 use crate::config::{self, AdminState, Config, ConfigError, Located};
 
+pub use super::replay::Replay;
+
 /// Backends a run can know of (every name the timeline ever adds included): the engine
 /// keeps the set of backends a session has used as a 128-bit mask.
 pub const MAX_BACKENDS: usize = 128;
@@ -59,7 +61,7 @@ struct File {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SimulateFile {
-    duration: Spanned<String>,
+    duration: Option<Spanned<String>>,
     sample: Option<Spanned<String>>,
     seed: Option<Spanned<i64>>,
     strategies: Option<Vec<Spanned<String>>>,
@@ -69,7 +71,7 @@ struct SimulateFile {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct WorkloadFile {
-    clients: Spanned<i64>,
+    clients: Option<Spanned<i64>>,
     clients_per_ip: Option<Spanned<i64>>,
     ramp: Option<Spanned<String>>,
     requests_per_session: Option<Spanned<Text>>,
@@ -79,6 +81,9 @@ struct WorkloadFile {
     service_time: Option<Spanned<String>>,
     header: Option<Spanned<String>>,
     app_cookie: Option<Spanned<String>>,
+    replay: Option<Spanned<String>>,
+    pool: Option<Spanned<String>>,
+    session_idle: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -144,6 +149,9 @@ pub struct Workload {
     /// The application's session cookie: a backend sets a new one on the first request of
     /// a session it does not know (as a servlet container without session replication).
     pub app_cookie: Option<String>,
+    /// Requests replayed from an access log instead of synthetic clients (`clients` is 0
+    /// and the distributions are not used).
+    pub replay: Option<Replay>,
 }
 
 /// A distribution of durations (milliseconds) or counts.
@@ -264,13 +272,25 @@ pub fn parse(src: &str, file: &str, dir: Option<&Path>) -> Result<Scenario, Conf
         }
     };
 
-    let duration_ms =
-        duration(src, &sim.duration, &mut errors).filter(|&d| d > 0 && d <= MAX_DURATION_MS).unwrap_or_else(|| {
+    // A replayed log is read (its first and last times) before the duration, which it
+    // gives when the scenario does not.
+    let replay = replay(src, &parsed.workload, dir, &mut errors);
+    let duration_ms = match (&sim.duration, &replay) {
+        (Some(d), _) => duration(src, d, &mut errors).filter(|&d| d > 0 && d <= MAX_DURATION_MS).unwrap_or_else(|| {
             if errors.is_empty() {
-                errors.push(at(src, sim.duration.span(), "`duration` must be more than 0 and at most 365d".into()));
+                errors.push(at(src, d.span(), "`duration` must be more than 0 and at most 365d".into()));
             }
             0
-        });
+        }),
+        // Up to the log's last line, so that it is replayed too.
+        (None, Some(r)) => (r.last_ms - r.first_ms + 1).min(MAX_DURATION_MS),
+        (None, None) => {
+            if parsed.workload.get_ref().replay.is_none() {
+                errors.push(at(src, parsed.simulate.span(), "`duration` is missing: how long to simulate".into()));
+            }
+            0
+        }
+    };
     let sample_ms = match &sim.sample {
         Some(s) => duration(src, s, &mut errors).unwrap_or(0),
         None => (duration_ms / 300).max(1000),
@@ -288,7 +308,8 @@ pub fn parse(src: &str, file: &str, dir: Option<&Path>) -> Result<Scenario, Conf
     };
 
     let strategies = strategies(src, sim, &config, parsed.simulate.span(), &mut errors);
-    let workload = workload(src, &parsed.workload, &mut errors);
+    let mut workload = workload(src, &parsed.workload, &mut errors);
+    workload.replay = replay;
     let events = events(src, &parsed.events, &strategies, duration_ms, &mut errors);
     if !errors.is_empty() {
         return Err(fail(errors));
@@ -401,9 +422,61 @@ fn strategies(
 
 fn workload(src: &str, w: &Spanned<WorkloadFile>, errors: &mut Vec<Located>) -> Workload {
     let (span, w) = (w.span(), w.get_ref());
-    let clients = *w.clients.get_ref();
-    if !(1..=4_000_000).contains(&clients) {
-        errors.push(at(src, w.clients.span(), format!("`clients` must be 1 to 4000000, not {clients}")));
+    let replaying = w.replay.is_some();
+    let clients = match &w.clients {
+        Some(c) if replaying => {
+            errors.push(at(
+                src,
+                c.span(),
+                "`clients` and `replay` in one workload: a replay's clients are the log's sessions".into(),
+            ));
+            0
+        }
+        Some(c) => {
+            let n = *c.get_ref();
+            if !(1..=4_000_000).contains(&n) {
+                errors.push(at(src, c.span(), format!("`clients` must be 1 to 4000000, not {n}")));
+            }
+            n
+        }
+        None if replaying => 0,
+        None => {
+            errors.push(at(
+                src,
+                span.clone(),
+                "`clients` is missing: how many synthetic clients (or `replay` a log)".into(),
+            ));
+            1
+        }
+    };
+    if replaying {
+        // What only synthetic clients have: a replay takes it from the log.
+        let synthetic: [(&str, Option<Range<usize>>); 7] = [
+            ("clients_per_ip", w.clients_per_ip.as_ref().map(|x| x.span())),
+            ("ramp", w.ramp.as_ref().map(|x| x.span())),
+            ("requests_per_session", w.requests_per_session.as_ref().map(|x| x.span())),
+            ("think_time", w.think_time.as_ref().map(|x| x.span())),
+            ("request_rate", w.request_rate.as_ref().map(|x| x.span())),
+            ("away_time", w.away_time.as_ref().map(|x| x.span())),
+            ("service_time", w.service_time.as_ref().map(|x| x.span())),
+        ];
+        for (key, s) in synthetic {
+            if let Some(s) = s {
+                errors.push(at(
+                    src,
+                    s,
+                    format!("`{key}` is for synthetic clients: a replay takes its requests from the log"),
+                ));
+            }
+        }
+    } else {
+        for (key, s) in
+            [("pool", w.pool.as_ref().map(|x| x.span())), ("session_idle", w.session_idle.as_ref().map(|x| x.span()))]
+        {
+            if let Some(s) = s {
+                errors.push(at(src, s, format!("`{key}` is for replays: it needs `replay`")));
+            }
+        }
     }
     let clients_per_ip = w.clients_per_ip.as_ref().map_or(1, |c| *c.get_ref());
     if let Some(c) = w.clients_per_ip.as_ref().filter(|_| !(1..=65_536).contains(&clients_per_ip)) {
@@ -462,7 +535,7 @@ fn workload(src: &str, w: &Spanned<WorkloadFile>, errors: &mut Vec<Located>) -> 
     };
     let _ = span;
     Workload {
-        clients: clients.clamp(1, 4_000_000) as u32,
+        clients: if replaying { 0 } else { clients.clamp(1, 4_000_000) as u32 },
         clients_per_ip: clients_per_ip.clamp(1, 65_536) as u32,
         ramp_ms: match &w.ramp {
             Some(r) => duration(src, r, errors).unwrap_or(0),
@@ -474,6 +547,45 @@ fn workload(src: &str, w: &Spanned<WorkloadFile>, errors: &mut Vec<Located>) -> 
         service_ms: ms(&w.service_time, "0ms", errors),
         header: name(&w.header, "header", errors).map(|h| h.to_ascii_lowercase()),
         app_cookie: name(&w.app_cookie, "cookie", errors),
+        replay: None,
+    }
+}
+
+/// The log a workload replays, read far enough to know it is one of Tether's JSON access
+/// logs and when it starts and ends.
+fn replay(src: &str, w: &Spanned<WorkloadFile>, dir: Option<&Path>, errors: &mut Vec<Located>) -> Option<Replay> {
+    let w = w.get_ref();
+    let file = w.replay.as_ref()?;
+    let session_idle_ms = match &w.session_idle {
+        Some(s) => match duration(src, s, errors) {
+            Some(d) if d == 0 || d > MAX_DURATION_MS => {
+                errors.push(at(src, s.span(), "`session_idle` must be at least 1ms and at most 365d".into()));
+                return None;
+            }
+            Some(d) => d,
+            None => return None,
+        },
+        None => 30 * 60_000,
+    };
+    let pool = w.pool.as_ref().map(|p| p.get_ref().clone());
+    if file.get_ref().is_empty() {
+        errors.push(at(src, file.span(), "`replay` names no file".into()));
+        return None;
+    }
+    let path = dir.unwrap_or(Path::new(".")).join(file.get_ref());
+    match super::replay::probe(&path) {
+        Ok((first_ms, last_ms, first_pool)) => Some(Replay {
+            path,
+            shown: file.get_ref().clone(),
+            pool: pool.or(first_pool),
+            first_ms,
+            last_ms,
+            session_idle_ms,
+        }),
+        Err(e) => {
+            errors.push(at(src, file.span(), e));
+            None
+        }
     }
 }
 
