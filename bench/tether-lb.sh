@@ -10,6 +10,8 @@
 #   LB_THREADS  worker threads (run.sh passes 1 and pins the process to one CPU)
 #   LB_STICKY   1 when the run measures cookie persistence (the client replays cookies):
 #               the pool then keeps sessions with Tether's own cookie (a fixed bench key)
+#   LB_TLS      1 when clients speak TLS (run.sh's TLS=1): the listener is https, with the
+#               certificate and key run.sh made (TLS_CERT, TLS_KEY, PEM paths)
 # This script writes a config for those values under $TMPDIR and execs the release build of
 # Tether with it (building it first if it is missing). The access log is off, as it is for
 # the HAProxy and NGINX the harness runs.
@@ -23,7 +25,12 @@ bin="$here/target/release/tether"
 conf="${TMPDIR:-/tmp}/tether-bench-$LB_PORT.toml"
 {
   printf '[runtime]\nthreads = %s\n\n[access_log]\nformat = "off"\n\n' "$threads"
-  printf '[[listeners]]\nname = "bench"\nbind = "127.0.0.1:%s"\npool = "bench"\n\n' "$LB_PORT"
+  printf '[[listeners]]\nname = "bench"\nbind = "127.0.0.1:%s"\npool = "bench"\n' "$LB_PORT"
+  if [ "${LB_TLS:-0}" = 1 ]; then
+    : "${TLS_CERT:?LB_TLS=1 needs TLS_CERT}" "${TLS_KEY:?LB_TLS=1 needs TLS_KEY}"
+    printf 'protocol = "https"\n[[listeners.certificates]]\ncert = "%s"\nkey = "%s"\n' "$TLS_CERT" "$TLS_KEY"
+  fi
+  printf '\n'
   printf '[pools.bench]\nalgorithm = "round_robin"\nbackends = [\n'
   i=0
   IFS=',' read -ra addrs <<<"$BACKENDS"

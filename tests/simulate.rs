@@ -363,6 +363,19 @@ fn scenario_errors_say_file_line_and_key() {
     );
 }
 
+/// A pool whose backends come from DNS cannot be simulated as it is (the simulator looks
+/// nothing up): it is refused, not run without those backends.
+#[test]
+fn a_pool_with_dns_sources_is_refused() {
+    let src = GOOD.replacen(
+        "[pools.web.affinity]",
+        "[[pools.web.dns]]\nname = \"app.example\"\nport = 80\n[pools.web.affinity]",
+        1,
+    );
+    let err = simulate::scenario::parse(&src, "s.toml", None).expect_err("the scenario must be refused").to_string();
+    assert!(err.contains("pool \"web\" takes backends from DNS, which the simulator does not look up"), "{err}");
+}
+
 /// `[simulate] config = "..."` takes the pools of an existing Tether config (listeners and
 /// all, as `tether check` reads it), relative to the scenario's directory.
 #[test]

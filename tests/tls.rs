@@ -118,7 +118,7 @@ async fn connect_with(addr: SocketAddr, sni: &str, config: Arc<rustls::ClientCon
 }
 
 fn client_config(alpn: &[&[u8]], roots: Option<&[&Cert]>) -> Arc<rustls::ClientConfig> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let builder =
         rustls::ClientConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions().unwrap();
     let mut config = match roots {
@@ -217,7 +217,7 @@ async fn sessions_resume_over_tls13_and_tls12() {
     let b = backends(1).await;
     let t = Tether::start(&https_config(&[&b[0]], &[&shop], false));
     for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let mut store = rustls::RootCertStore::empty();
         store.add(shop.der.clone()).unwrap();
         let config = rustls::ClientConfig::builder_with_provider(provider)
@@ -449,7 +449,7 @@ async fn with_client_cert(
     server: &Cert,
     client: Option<(Vec<CertificateDer<'static>>, rustls::pki_types::PrivateKeyDer<'static>)>,
 ) -> String {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut store = rustls::RootCertStore::empty();
     store.add(server.der.clone()).unwrap();
     let builder = rustls::ClientConfig::builder_with_provider(provider)

@@ -637,6 +637,17 @@ fn events(
         strategies.iter().map(|s| s.config.pools[0].backends.iter().map(|b| b.name.clone()).collect()).collect();
     // Every name a strategy ever has, for the engine's limit on backends.
     let mut seen: Vec<Vec<String>> = members.clone();
+    for s in strategies {
+        // Backends from DNS are found by looking names up, which a simulation does not do:
+        // it would silently run without them.
+        if !s.config.pools[0].dns.is_empty() {
+            let msg = format!(
+                "pool \"{}\" takes backends from DNS, which the simulator does not look up: list them in `backends` (and add or remove them with events)",
+                s.name
+            );
+            errors.push(Located { line: 0, column: 0, message: msg });
+        }
+    }
     for (s, names) in strategies.iter().zip(&seen) {
         if names.len() > MAX_BACKENDS {
             let msg =

@@ -6,7 +6,7 @@
 //! cover is a config error, so a reload with a broken certificate leaves the running one
 //! serving. An expired certificate is loaded (a restart must not fail on it) and reported.
 //!
-//! The crypto provider is *ring* (see ARCHITECTURE.md, "TLS"). Handshakes offer TLS 1.3
+//! The crypto provider is aws-lc-rs, chosen by measurement (see ARCHITECTURE.md, "TLS"). Handshakes offer TLS 1.3
 //! and 1.2, ALPN `h2` and `http/1.1`, and resume sessions both ways: stateful (a cache of
 //! 256 sessions per listener config) and by tickets whose keys rotate.
 
@@ -15,7 +15,7 @@ pub mod der;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use rustls::crypto::ring as provider;
+use rustls::crypto::aws_lc_rs as provider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
