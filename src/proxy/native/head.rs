@@ -350,8 +350,10 @@ pub fn write_response(out: &mut Vec<u8>, buf: &[u8], head: &ResponseHead, edits:
             }
             continue;
         }
-        has_date |= f.known == Known::Other && name.eq_ignore_ascii_case(b"date");
-        has_hsts |= f.known == Known::Other && name.eq_ignore_ascii_case(b"strict-transport-security");
+        // Only looked for when there is something to add.
+        has_date |= edits.date.is_some() && f.known == Known::Other && name.eq_ignore_ascii_case(b"date");
+        has_hsts |=
+            edits.hsts.is_some() && f.known == Known::Other && name.eq_ignore_ascii_case(b"strict-transport-security");
         line(out, name, f.value.of(buf));
     }
 
