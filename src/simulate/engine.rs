@@ -490,15 +490,7 @@ impl<'a> Sim<'a> {
         };
         // A backend that fails refuses connections: the proxy moves the request (and
         // re-pins its session) as it would, within `retries` and the retry budget.
-        let mut target = d.backend();
-        let mut moves = 0;
-        while let Some(i) = target {
-            if !self.dead[usize::from(self.sim_of[i])] {
-                break;
-            }
-            target = if moves < pool.config.retries { pool.move_from(i, &mut d, now_ms) } else { None };
-            moves += 1;
-        }
+        let target = self.past_dead(pool, &mut d, now_ms);
         let left = {
             let client = &mut self.clients[c];
             client.left -= 1;
@@ -608,6 +600,21 @@ impl<'a> Sim<'a> {
     }
 
     /// One replayed request: the log's `q`, of its session (if any), at its logged time.
+    /// The decision's backend, or, where it has failed (refusing connections), the one the
+    /// proxy moves the request to (re-pinning its session) within `retries`.
+    fn past_dead(&self, pool: &crate::pool::Pool, d: &mut Decision, now_ms: u64) -> Option<usize> {
+        let mut target = d.backend();
+        let mut moves = 0;
+        while let Some(i) = target {
+            if !self.dead[usize::from(self.sim_of[i])] {
+                break;
+            }
+            target = if moves < pool.config.retries { pool.move_from(i, d, now_ms) } else { None };
+            moves += 1;
+        }
+        target
+    }
+
     fn replay_request(&mut self, q: &Request, reader: &Reader) {
         let t = q.t_ms;
         let now_ms = self.epoch_ms + t;
@@ -668,15 +675,7 @@ impl<'a> Sim<'a> {
             }
             None => Decision::plain(group.pick(None)),
         };
-        let mut target = d.backend();
-        let mut moves = 0;
-        while let Some(i) = target {
-            if !self.dead[usize::from(self.sim_of[i])] {
-                break;
-            }
-            target = if moves < pool.config.retries { pool.move_from(i, &mut d, now_ms) } else { None };
-            moves += 1;
-        }
+        let target = self.past_dead(pool, &mut d, now_ms);
         // The logged run's strategy against the log: the same backend?
         if let (true, Some(logged)) = (reader.pool_name(q.pool) == self.strategy, q.backend) {
             let same = target.is_some_and(|i| pool.backends[i].name == reader.backend_name(logged));
