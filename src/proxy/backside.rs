@@ -190,7 +190,8 @@ impl Upload {
                         continue;
                     }
                     if self.chunked {
-                        self.pending.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                        put_hex(&mut self.pending, data.len());
+                        self.pending.extend_from_slice(b"\r\n");
                         self.pending.extend_from_slice(&data);
                         self.pending.extend_from_slice(b"\r\n");
                     } else {
@@ -199,6 +200,14 @@ impl Upload {
                 }
             }
         }
+    }
+}
+
+/// Appends `n` in lower-case hex (a chunk size), without formatting machinery.
+fn put_hex(out: &mut Vec<u8>, n: usize) {
+    let digits = (usize::BITS - n.leading_zeros()).div_ceil(4).max(1);
+    for i in (0..digits).rev() {
+        out.push(b"0123456789abcdef"[(n >> (i * 4)) & 0xf]);
     }
 }
 
@@ -485,6 +494,15 @@ mod tests {
         // Every head written parses back as one request with that framing.
         let parsed = crate::h1::request::parse(h.as_bytes(), &Default::default()).unwrap().unwrap();
         assert_eq!(parsed.len, h.len());
+    }
+
+    #[test]
+    fn chunk_sizes_are_hex() {
+        for n in [0usize, 1, 9, 10, 15, 16, 255, 256, 16384, 0xdead_beef, usize::MAX] {
+            let mut out = Vec::new();
+            put_hex(&mut out, n);
+            assert_eq!(String::from_utf8(out).unwrap(), format!("{n:x}"));
+        }
     }
 
     #[test]
