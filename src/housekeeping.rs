@@ -1,7 +1,8 @@
 //! Once a second, off the request path: each part's periodic bookkeeping, called in one
 //! place. Expired affinity entries go and every backend's live sessions are recounted
 //! (what bounded load and drains go by), request rates are sampled, retry budgets are
-//! topped up, and the progress of every drain is logged when it changes.
+//! topped up, the progress of every drain is logged when it changes, and relays to a
+//! backend whose drain is over (`drain_timeout`) are told to close.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -37,6 +38,14 @@ pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
             if let Some(a) = &pool.affinity {
                 a.recount_sessions(&pool.backends);
                 drains.report(pool);
+                if let Some(t) = a.cfg.drain_timeout {
+                    let now_ms = crate::time::unix_millis();
+                    for b in pool.backends.iter().filter(|b| b.drain_over(t, now_ms)) {
+                        // Relays still open to it close (those that opened since the last
+                        // sweep included).
+                        b.cut.notify_waiters();
+                    }
+                }
             }
         }
     }

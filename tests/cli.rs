@@ -17,6 +17,24 @@ fn the_example_config_passes_check() {
 }
 
 #[test]
+fn every_example_config_passes_check() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let mut checked = Vec::new();
+    for e in std::fs::read_dir(format!("{root}/examples")).unwrap() {
+        let path = e.unwrap().path();
+        if path.extension().is_none_or(|x| x != "toml") {
+            continue;
+        }
+        // From the repository's root, as the examples say: certificate paths are relative.
+        let out = Command::new(bin()).arg("check").arg("-c").arg(&path).current_dir(root).output().unwrap();
+        assert!(out.status.success(), "{}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+        checked.push(path.file_name().unwrap().to_string_lossy().into_owned());
+    }
+    checked.sort();
+    assert_eq!(checked, ["https.toml", "tcp.toml", "tether.toml"]);
+}
+
+#[test]
 fn check_reports_located_errors_and_fails() {
     let s = Scratch::new();
     let path = s.write(

@@ -385,7 +385,7 @@ impl PoolAffinity {
         match b.admin_state() {
             AdminState::Disabled => Err(Reason::Disabled),
             AdminState::Draining => match self.cfg.drain_timeout {
-                Some(t) if now_ms.saturating_sub(b.draining_since()) >= t.as_millis() as u64 => Err(Reason::Drained),
+                Some(t) if b.drain_over(t, now_ms) => Err(Reason::Drained),
                 _ => Ok(i),
             },
             AdminState::Enabled => Ok(i),

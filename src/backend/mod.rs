@@ -44,6 +44,9 @@ pub struct Backend {
     pub slots: Option<Arc<tokio::sync::Semaphore>>,
     /// Requests waiting for a slot.
     pub waiting: AtomicU32,
+    /// Notified when the backend's drain is over (`drain_timeout`): relays to it (TCP
+    /// connections, WebSocket tunnels) close, so it can really be removed.
+    pub cut: tokio::sync::Notify,
 }
 
 // === impl Backend ===
@@ -71,6 +74,7 @@ impl Backend {
             metrics: Default::default(),
             waiting: AtomicU32::new(0),
             slots: cfg.max_connections.map(|n| Arc::new(tokio::sync::Semaphore::new(n as usize))),
+            cut: tokio::sync::Notify::new(),
         }
     }
 
@@ -101,6 +105,13 @@ impl Backend {
         if self.admin_state() == AdminState::Draining {
             self.draining_since.store(now_ms, Ordering::Relaxed);
         }
+    }
+
+    /// Draining for `timeout` or longer at `now_ms`: its sessions go elsewhere and what is
+    /// still open to it is closed.
+    pub fn drain_over(&self, timeout: Duration, now_ms: u64) -> bool {
+        self.admin_state() == AdminState::Draining
+            && now_ms.saturating_sub(self.draining_since()) >= timeout.as_millis() as u64
     }
 
     /// Unix milliseconds when the current drain began.

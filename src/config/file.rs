@@ -135,6 +135,20 @@ pub struct Listener {
     /// For `protocol = "https"`: the certificates, chosen by SNI; the first is the default.
     #[serde(default)]
     pub certificates: Vec<Spanned<CertificateFiles>>,
+    /// For `protocol = "tcp"`: a connection carrying nothing either way this long is closed.
+    pub idle_timeout: Option<Spanned<String>>,
+    /// For `protocol = "tcp"`: pools chosen by the server name of a TLS ClientHello, read
+    /// without terminating TLS.
+    #[serde(default)]
+    pub sni_routes: Vec<SniRoute>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SniRoute {
+    /// Exact names and `*.` wildcards.
+    pub names: Spanned<Vec<Spanned<String>>>,
+    pub pool: Spanned<String>,
 }
 
 #[derive(Debug, Deserialize)]

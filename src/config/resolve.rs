@@ -18,7 +18,7 @@ use super::file;
 use super::types::{
     AccessLog, Admin, AdminState, Affinity, Algorithm, Backend, CheckKind, Config, CookieConfig, Dns, DnsKind,
     DnsSource, Health, KeySource, Limits, Listener, LogFormat, Mapping, OnUnavailable, Pool, Route, SameSite, Secret,
-    TableConfig, Timeouts, MAX_WEIGHT,
+    SniRoute, TableConfig, TcpListener, Timeouts, MAX_WEIGHT,
 };
 use super::{locate, parse_duration, Located};
 use crate::net::{strip_port, Cidr};
@@ -160,7 +160,7 @@ impl Resolver<'_> {
         let limits = self.limits(&f.limits);
         let admin = f.admin.as_ref().map(|a| self.admin(a));
         let dns = self.dns(&f.dns);
-        let pools = f.pools.iter().map(|(name, pool)| self.pool(name, pool)).collect();
+        let pools: Vec<Pool> = f.pools.iter().map(|(name, pool)| self.pool(name, pool)).collect();
         if f.pools.is_empty() {
             self.missing("no pools: add at least one [pools.NAME] with backends");
         }
@@ -169,6 +169,7 @@ impl Resolver<'_> {
         }
         let pool_names: Vec<&String> = f.pools.keys().collect();
         let listeners = self.listeners(&f.listeners, &pool_names);
+        self.tcp_pools(&f.listeners, &listeners, &pools);
         Config { threads, shutdown_grace, state_dir, timeouts, access_log, limits, admin, dns, listeners, pools }
     }
 
@@ -396,17 +397,37 @@ impl Resolver<'_> {
             self.error(&l.bind, message);
             SocketAddr::from(([127, 0, 0, 1], 0))
         });
-        let https = match l.protocol.as_ref().map(|p| (p, p.get_ref().as_str())) {
-            None | Some((_, "http")) => false,
-            Some((_, "https")) => true,
+        let (https, tcp) = match l.protocol.as_ref().map(|p| (p, p.get_ref().as_str())) {
+            None | Some((_, "http")) => (false, false),
+            Some((_, "https")) => (true, false),
+            Some((_, "tcp")) => (false, true),
             Some((p, other)) => {
                 self.error(
                     p,
-                    format!("listener \"{name}\": protocol \"{other}\" is not known: expected \"http\" or \"https\""),
+                    format!("listener \"{name}\": protocol \"{other}\" is not known: expected \"http\", \"https\" or \"tcp\""),
                 );
-                false
+                (false, false)
             }
         };
+        if tcp {
+            let tcp = self.tcp_listener(&name, l, pools);
+            return Listener {
+                name,
+                bind,
+                trusted_proxies: Vec::new(),
+                routes: Vec::new(),
+                tls: None,
+                redirect_to_https: None,
+                hsts: None,
+                tcp: Some(tcp),
+            };
+        }
+        for r in &l.sni_routes {
+            self.error(&r.pool, format!("listener \"{name}\": sni_routes are for protocol = \"tcp\""));
+        }
+        if let Some(t) = &l.idle_timeout {
+            self.error(t, format!("listener \"{name}\": idle_timeout is for protocol = \"tcp\" (HTTP connections use [timeouts] client_idle)"));
+        }
         let tls = self.listener_tls(&name, l, https);
         let redirect_to_https = l.redirect_to_https.as_ref().and_then(|p| {
             if https {
@@ -436,7 +457,99 @@ impl Resolver<'_> {
             }
         }
         let routes = self.routes(&name, l, pools);
-        Listener { name, bind, trusted_proxies, routes, tls, redirect_to_https, hsts }
+        Listener { name, bind, trusted_proxies, routes, tls, redirect_to_https, hsts, tcp: None }
+    }
+
+    /// A `tcp` listener: its SNI routes and default pool; the keys of HTTP listeners are
+    /// errors on it.
+    fn tcp_listener(&mut self, name: &str, l: &file::Listener, pools: &[&String]) -> TcpListener {
+        let not_tcp = |key: &str| format!("listener \"{name}\": {key} is not for protocol = \"tcp\"");
+        if let Some(r) = l.routes.first() {
+            let message = format!("{} (route by server name with [[listeners.sni_routes]])", not_tcp("routes"));
+            self.error(&r.pool, message);
+        }
+        if let Some(t) = l.trusted_proxies.first() {
+            self.error(t, not_tcp("trusted_proxies"));
+        }
+        if let Some(t) = &l.redirect_to_https {
+            self.error(t, not_tcp("redirect_to_https"));
+        }
+        if let Some(t) = &l.hsts {
+            self.error(t, not_tcp("hsts"));
+        }
+        if let Some(t) = l.certificates.first() {
+            self.error(
+                t,
+                format!("{} (TLS passes through it; terminate TLS with protocol = \"https\")", not_tcp("certificates")),
+            );
+        }
+        if let Some(t) = &l.client_ca {
+            self.error(t, not_tcp("client_ca"));
+        }
+        let default_pool = l.pool.as_ref().map(|p| self.pool_ref(name, p, pools));
+        let mut sni = Vec::new();
+        let mut seen = HashSet::new();
+        for r in &l.sni_routes {
+            let pool = self.pool_ref(name, &r.pool, pools);
+            if r.names.get_ref().is_empty() {
+                self.error(&r.names, format!("listener \"{name}\": an sni_route needs at least one name"));
+            }
+            for n in r.names.get_ref() {
+                let raw = n.get_ref().trim();
+                let lower = raw.strip_suffix('.').unwrap_or(raw).to_ascii_lowercase();
+                let body = lower.strip_prefix("*.").unwrap_or(&lower);
+                let valid = !body.is_empty()
+                    && body.split('.').all(|label| {
+                        !label.is_empty() && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                    });
+                if !valid {
+                    self.error(
+                        n,
+                        format!("listener \"{name}\": sni_routes name \"{raw}\" is not a DNS name or a *. wildcard"),
+                    );
+                    continue;
+                }
+                if !seen.insert(lower.clone()) {
+                    self.error(n, format!("listener \"{name}\": sni_routes name \"{lower}\" is routed twice"));
+                    continue;
+                }
+                sni.push(SniRoute { name: lower, pool });
+            }
+        }
+        if default_pool.is_none() && l.sni_routes.is_empty() {
+            self.error(
+                &l.bind,
+                format!("listener \"{name}\": no pool: set `pool = \"NAME\"` or add [[listeners.sni_routes]]"),
+            );
+        }
+        let idle_timeout = l.idle_timeout.as_ref().map(|t| {
+            self.duration(&Some(t.clone()), &format!("listener \"{name}\": idle_timeout"), Duration::from_secs(3600))
+        });
+        TcpListener { sni, default_pool, idle_timeout }
+    }
+
+    /// A pool a `tcp` listener forwards to may key sessions only by what a connection
+    /// carries: its client IP.
+    fn tcp_pools(&mut self, files: &[file::Listener], listeners: &[Listener], pools: &[Pool]) {
+        for (f, l) in files.iter().zip(listeners) {
+            let Some(tcp) = &l.tcp else { continue };
+            let mut used: Vec<usize> = tcp.sni.iter().map(|r| r.pool).chain(tcp.default_pool).collect();
+            used.sort_unstable();
+            used.dedup();
+            for p in used.into_iter().filter_map(|i| pools.get(i)) {
+                let Some(a) = &p.affinity else { continue };
+                if let Some(k) = a.keys.iter().find(|k| **k != KeySource::ClientIp) {
+                    let at = f.pool.as_ref().unwrap_or(&f.bind);
+                    let message = format!(
+                        "listener \"{}\": pool \"{}\" keys sessions by {}, which a TCP connection does not carry: a pool behind a tcp listener may only use client_ip keys",
+                        l.name,
+                        p.name,
+                        k.kind()
+                    );
+                    self.error(at, message);
+                }
+            }
+        }
     }
 
     /// Client certificate verification: `Some(None)` when the listener asks for none, `None`

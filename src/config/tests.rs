@@ -504,3 +504,96 @@ fn dns_errors_are_located() {
     let e = errors(DNS_POOL);
     assert!(e.iter().any(|l| l.contains("no backends: list backends or add [[pools.web.dns]]")), "{e:?}");
 }
+
+const TCP_POOLS: &str = "[pools.db]\nbackends = [{ address = \"127.0.0.1:5432\" }]\n\
+                         [pools.web]\nbackends = [{ address = \"127.0.0.1:8080\" }]\n";
+
+#[test]
+fn tcp_listeners_resolve_with_sni_routes() {
+    let src = format!(
+        "[[listeners]]\nname = \"edge\"\nbind = \"127.0.0.1:0\"\nprotocol = \"tcp\"\npool = \"db\"\nidle_timeout = \"5m\"\n\
+         [[listeners.sni_routes]]\nnames = [\"Shop.Example.\", \"*.shop.example\"]\npool = \"web\"\n{TCP_POOLS}"
+    );
+    let c = parse(&src, "t.toml").unwrap();
+    let tcp = c.listeners[0].tcp.as_ref().expect("a tcp listener");
+    assert!(c.listeners[0].routes.is_empty() && c.listeners[0].tls.is_none());
+    assert_eq!(tcp.default_pool, Some(0));
+    assert_eq!(tcp.idle_timeout, Some(std::time::Duration::from_secs(300)));
+    assert_eq!(
+        tcp.sni,
+        [SniRoute { name: "shop.example".into(), pool: 1 }, SniRoute { name: "*.shop.example".into(), pool: 1 }]
+    );
+    // Exact names, then the longest wildcard, then the default; a wildcard needs a label
+    // of its own before the suffix.
+    assert_eq!(tcp.route(Some("shop.example")), Some(1));
+    assert_eq!(tcp.route(Some("eu.shop.example")), Some(1));
+    assert_eq!(tcp.route(Some("a.b.shop.example")), Some(1));
+    assert_eq!(tcp.route(Some("xshop.example")), Some(0));
+    assert_eq!(tcp.route(Some(".shop.example")), Some(0));
+    assert_eq!(tcp.route(None), Some(0));
+    let longest = TcpListener {
+        sni: vec![SniRoute { name: "*.example".into(), pool: 1 }, SniRoute { name: "*.eu.example".into(), pool: 2 }],
+        default_pool: None,
+        idle_timeout: None,
+    };
+    assert_eq!(longest.route(Some("a.eu.example")), Some(2));
+    assert_eq!(longest.route(Some("a.us.example")), Some(1));
+    assert_eq!(longest.route(Some("example")), None);
+    // An http listener has no tcp part.
+    assert!(parse(GOOD, "t.toml").unwrap().listeners.iter().all(|l| l.tcp.is_none()));
+}
+
+#[test]
+fn tcp_listener_errors_are_located() {
+    let src = format!(
+        "[[listeners]]\nname = \"edge\"\nbind = \"127.0.0.1:0\"\nprotocol = \"tcp\"\n\
+         trusted_proxies = [\"10.0.0.0/8\"]\n\
+         [[listeners.routes]]\npool = \"web\"\n\
+         [[listeners.sni_routes]]\nnames = [\"bad name\", \"a.example\", \"A.example\"]\npool = \"web\"\n\
+         [[listeners.sni_routes]]\nnames = []\npool = \"nope\"\n{TCP_POOLS}"
+    );
+    let e = errors(&src);
+    let expected = [
+        "t.toml:7:8: listener \"edge\": routes is not for protocol = \"tcp\" (route by server name with [[listeners.sni_routes]])",
+        "t.toml:5:20: listener \"edge\": trusted_proxies is not for protocol = \"tcp\"",
+        "t.toml:9:10: listener \"edge\": sni_routes name \"bad name\" is not a DNS name or a *. wildcard",
+        "t.toml:9:35: listener \"edge\": sni_routes name \"a.example\" is routed twice",
+        "t.toml:13:8: listener \"edge\": pool \"nope\" is not defined (pools: \"db\", \"web\")",
+        "t.toml:12:9: listener \"edge\": an sni_route needs at least one name",
+    ];
+    assert_eq!(e, expected, "{e:#?}");
+    // A tcp listener needs somewhere to send connections.
+    let e = errors(&format!("[[listeners]]\nbind = \"127.0.0.1:0\"\nprotocol = \"tcp\"\n{TCP_POOLS}"));
+    assert_eq!(
+        e,
+        ["t.toml:2:8: listener \"listener-1\": no pool: set `pool = \"NAME\"` or add [[listeners.sni_routes]]"]
+    );
+    // The tcp keys on an http listener.
+    let e = errors(&format!(
+        "[[listeners]]\nbind = \"127.0.0.1:0\"\npool = \"web\"\nidle_timeout = \"1m\"\n\
+         [[listeners.sni_routes]]\nnames = [\"a.example\"]\npool = \"web\"\n{TCP_POOLS}"
+    ));
+    assert_eq!(
+        e,
+        [
+            "t.toml:7:8: listener \"listener-1\": sni_routes are for protocol = \"tcp\"",
+            "t.toml:4:16: listener \"listener-1\": idle_timeout is for protocol = \"tcp\" (HTTP connections use [timeouts] client_idle)",
+        ]
+    );
+    // A pool behind a tcp listener can key sessions only by the client IP.
+    let e = errors(&format!(
+        "[[listeners]]\nname = \"db\"\nbind = \"127.0.0.1:0\"\nprotocol = \"tcp\"\npool = \"db\"\n{TCP_POOLS}\
+         [pools.db.affinity]\nkeys = [\"client_ip\", \"header:x-user\"]\n"
+    ));
+    assert_eq!(
+        e,
+        ["t.toml:5:8: listener \"db\": pool \"db\" keys sessions by header, which a TCP connection does not carry: a pool behind a tcp listener may only use client_ip keys"]
+    );
+    let c = parse(
+        &format!(
+            "[[listeners]]\nbind = \"127.0.0.1:0\"\nprotocol = \"tcp\"\npool = \"db\"\n{TCP_POOLS}[pools.db.affinity]\nkeys = [\"client_ip\"]\nmapping = \"hash\"\n"
+        ),
+        "t.toml",
+    );
+    assert!(c.is_ok(), "{c:?}");
+}

@@ -212,6 +212,49 @@ pub struct Listener {
     pub redirect_to_https: Option<u16>,
     /// The `Strict-Transport-Security` value added to responses that have none.
     pub hsts: Option<String>,
+    /// `protocol = "tcp"`: connections are forwarded whole to a pool (then `routes` is
+    /// empty).
+    pub tcp: Option<TcpListener>,
+}
+
+/// What a `tcp` listener does with a connection.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TcpListener {
+    /// Pools by the server name of a TLS ClientHello (`sni_routes`): exact names first,
+    /// then the longest wildcard. Empty: the client's bytes are not waited for.
+    pub sni: Vec<SniRoute>,
+    /// Index into [`Config::pools`] for a connection no SNI route takes (`pool`).
+    pub default_pool: Option<usize>,
+    /// A connection carrying nothing either way this long is closed; `None`:
+    /// `timeouts.tunnel_idle`.
+    pub idle_timeout: Option<Duration>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SniRoute {
+    /// Lower-case, without a trailing dot; `*.example.com` matches any name with one or
+    /// more labels before `example.com`.
+    pub name: String,
+    pub pool: usize,
+}
+
+impl TcpListener {
+    /// The pool for a connection whose ClientHello asked for `name` (lower-case), or that
+    /// named none: an exact route, else the longest matching wildcard, else the default.
+    pub fn route(&self, name: Option<&str>) -> Option<usize> {
+        let Some(name) = name else { return self.default_pool };
+        if let Some(r) = self.sni.iter().find(|r| r.name == name) {
+            return Some(r.pool);
+        }
+        self.sni
+            .iter()
+            .filter(|r| {
+                r.name.strip_prefix('*').is_some_and(|suffix| name.len() > suffix.len() && name.ends_with(suffix))
+            })
+            .max_by_key(|r| r.name.len())
+            .map(|r| r.pool)
+            .or(self.default_pool)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -145,11 +145,17 @@ pub async fn serve(
         }
     }
     let _open = Open(stats.clone());
-    let (timeouts, tls) = {
+    let (timeouts, tls, tcp) = {
         let snapshot = shared.snapshot.load();
-        let tls = snapshot.config.listeners.iter().find(|l| *l.name == *listener_name).and_then(|l| l.tls.clone());
-        (snapshot.config.timeouts, tls)
+        let l = snapshot.config.listeners.iter().find(|l| *l.name == *listener_name);
+        (snapshot.config.timeouts, l.and_then(|l| l.tls.clone()), l.and_then(|l| l.tcp.clone()))
     };
+    if let Some(tcp) = tcp {
+        let conn =
+            super::tcp::TcpConn { stream, peer, shared, listener: listener_name, _shutdown: shutdown, _permit: permit };
+        // Boxed, as TLS below: a relay's state is not what HTTP connections should pay for.
+        return Box::pin(super::tcp::serve(conn, tcp)).await;
+    }
     let conn = Conn { peer, shared, listener_name, stats, shutdown, permit };
     if let Some(tls) = tls {
         // Boxed: a handshake and a TLS stream are large, and a task is as big as its

@@ -8,6 +8,8 @@
 //! - [`rewrite`] changes headers on the way through.
 //! - [`refusal`] is every way a request can fail in Tether's hands, with its status and
 //!   label.
+//! - [`tcp`] serves a `tcp` listener's connection (routed by TLS server name, forwarded
+//!   whole) and holds the relay that also carries WebSocket tunnels.
 //! - [`body`] streams a response back and, when it ends, settles the request: connection
 //!   back to the pool, in-flight count down, access log line written.
 
@@ -19,3 +21,4 @@ pub mod native;
 pub mod refusal;
 pub mod request;
 pub mod rewrite;
+pub mod tcp;

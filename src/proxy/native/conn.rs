@@ -39,6 +39,7 @@ use crate::h1::Known;
 use crate::pool::{Pool, Routes, Snapshot};
 use crate::proxy::refusal::Refusal;
 use crate::proxy::rewrite;
+use crate::proxy::tcp::relay;
 use crate::state::{ConnPermit, ListenerStats, Shared};
 use crate::upstream::ConnectError;
 
@@ -617,7 +618,16 @@ impl<'c, S: ClientIo> Exchange<'c, S> {
             };
             return match sent {
                 Ok(_) if status == 101 => {
-                    tunnel(&mut self.client.stream, conn, buf.filled(), timeouts.tunnel_idle).await;
+                    let backend = pool.backends[attempt.index].clone();
+                    let mut conn = conn;
+                    let cut = &backend.cut;
+                    let relayed =
+                        relay(&mut self.client.stream, &mut conn, buf.filled(), timeouts.tunnel_idle, cut).await;
+                    self.bytes_in += relayed.up;
+                    self.bytes_out += relayed.down;
+                    if let Some(label) = relayed.end.label() {
+                        tracing::debug!(backend = %backend.name, "tunnel closed: {label}");
+                    }
                     Ok(After::Close)
                 }
                 Ok(whole) => {
@@ -1025,36 +1035,5 @@ async fn write<W: AsyncWrite + Unpin>(stream: &mut W, bytes: &[u8], limit: Durat
     match tokio::time::timeout(limit, stream.write_all(bytes)).await {
         Ok(Ok(())) => Ok(()),
         _ => Err("client-gone"),
-    }
-}
-
-/// Copies bytes both ways between the client and the backend after a 101, until either
-/// side ends or nothing moves either way for `idle`. Bytes the client sent after its
-/// request head (`early`) go to the backend first.
-async fn tunnel<S: ClientIo>(client: &mut S, mut backend: TcpStream, early: &[u8], idle: Duration) {
-    if !early.is_empty() && backend.write_all(early).await.is_err() {
-        return;
-    }
-    let (mut a, mut b) = (Buf::take(), Buf::take());
-    let (mut client_read, mut client_write) = client.halves();
-    let (mut backend_read, mut backend_write) = backend.split();
-    loop {
-        let moved = tokio::select! {
-            r = client_read.read(a.spare()) => match r {
-                Ok(n) if n > 0 => backend_write.write_all(&a.spare()[..n]).await.is_ok(),
-                _ => false,
-            },
-            r = backend_read.read(b.spare()) => match r {
-                Ok(n) if n > 0 => client_write.write_all(&b.spare()[..n]).await.is_ok(),
-                _ => false,
-            },
-            _ = tokio::time::sleep(idle) => {
-                tracing::debug!("closing tunnel: nothing moved either way for {idle:?}");
-                false
-            }
-        };
-        if !moved {
-            return;
-        }
     }
 }
