@@ -1,0 +1,278 @@
+//! Traffic splits (`split`): a real Tether in front of two pools of real demo backends,
+//! `blue` and `green`, under live sticky clients. Weights move to 0 and back through the
+//! admin API and through reloads; no session of Tether's cookie or of a table-mapped key
+//! changes pool, hashed keys move only off a pool whose weight went down, and new sessions
+//! follow the weights within a binomial bound for the sample's size.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use common::*;
+use http::Request;
+use http_body_util::Full;
+use serde_json::Value;
+
+const KEY: &str = "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=";
+
+/// How the clients keep their sessions.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Sticky {
+    /// Tether's cookie, version 2 tokens.
+    Cookie,
+    /// `X-User`, table-mapped.
+    Table,
+    /// `X-User`, hashed.
+    Hashed,
+}
+
+impl Sticky {
+    fn affinity(self) -> String {
+        match self {
+            Sticky::Cookie => format!("keys = [\"cookie\"]\n[AFF.cookie]\nkeys = [\"{KEY}\"]\ntoken_version = 2\n"),
+            Sticky::Table => "keys = [\"header:x-user\"]\n".into(),
+            Sticky::Hashed => "keys = [\"header:x-user\"]\nmapping = \"hash\"\n".into(),
+        }
+    }
+}
+
+/// Two pools of two demo backends each, split by `weights` (blue, green) on the one route.
+fn split_config(sticky: Sticky, b: &[DemoBackend], weights: (u32, u32)) -> String {
+    let mut s = format!(
+        "{ADMIN}\n[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\n\n[[listeners.routes]]\nname = \"release\"\n\
+         split = [{{ pool = \"blue\", weight = {} }}, {{ pool = \"green\", weight = {} }}]\n",
+        weights.0, weights.1
+    );
+    for (pool, members) in [("blue", &b[..2]), ("green", &b[2..])] {
+        s.push_str(&format!("\n[pools.{pool}]\nbackends = [\n"));
+        for m in members {
+            s.push_str(&format!("  {{ name = \"{}\", address = \"{}\" }},\n", m.name, m.address));
+        }
+        let affinity = sticky.affinity().replace("AFF", &format!("pools.{pool}.affinity"));
+        s.push_str(&format!("]\n[pools.{pool}.affinity]\n{affinity}"));
+    }
+    s
+}
+
+async fn pools_of_backends() -> Vec<DemoBackend> {
+    let mut v = Vec::new();
+    for name in ["blue-1", "blue-2", "green-1", "green-2"] {
+        v.push(DemoBackend::start(name, "127.0.0.1:0".parse().unwrap()).await.unwrap());
+    }
+    v
+}
+
+/// One client's session: its key, and where it was served.
+#[derive(Debug, Clone)]
+struct Session {
+    user: String,
+    cookie: Option<String>,
+    backend: String,
+}
+
+impl Session {
+    fn new(user: String) -> Session {
+        Session { user, cookie: None, backend: String::new() }
+    }
+
+    fn pool(&self) -> &str {
+        self.backend.split('-').next().unwrap_or("")
+    }
+}
+
+/// One request of `s` (its cookie or its header), on a connection of its own; keeps the
+/// cookie Tether sets and where the request was served.
+async fn visit(addr: SocketAddr, sticky: Sticky, s: &mut Session) {
+    let mut r = Request::get("/").header("host", addr.to_string());
+    match sticky {
+        Sticky::Cookie => {
+            if let Some(c) = &s.cookie {
+                r = r.header("cookie", format!("tether={c}"));
+            }
+        }
+        Sticky::Table | Sticky::Hashed => r = r.header("x-user", &s.user),
+    }
+    let resp = Client::connect(addr).await.request(r.body(Full::default()).unwrap()).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let mut ours = resp.headers.get_all("set-cookie").iter().filter_map(|v| v.to_str().ok()?.strip_prefix("tether="));
+    if let Some(v) = ours.next_back() {
+        s.cookie = Some(v.split(';').next().unwrap().to_string());
+    }
+    s.backend = resp.backend();
+    assert!(s.pool() == "blue" || s.pool() == "green", "served by {:?}", s.backend);
+}
+
+/// `n` new sessions, each after its first request.
+async fn open(addr: SocketAddr, sticky: Sticky, tag: &str, n: usize) -> Vec<Session> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        let mut s = Session::new(format!("{tag}-{i}"));
+        visit(addr, sticky, &mut s).await;
+        if sticky == Sticky::Cookie {
+            assert!(s.cookie.is_some(), "a new session gets Tether's cookie");
+        }
+        out.push(s);
+    }
+    out
+}
+
+/// Whether `k` of `n` is the share `p` within 4.5 standard deviations of a binomial
+/// sample of that size (a false alarm about once in 150 000 runs), plus one for rounding.
+fn within(k: usize, n: usize, p: f64) -> bool {
+    let sd = (p * (1.0 - p) * n as f64).sqrt();
+    (k as f64 - p * n as f64).abs() <= 4.5 * sd + 1.0
+}
+
+fn share_of(sessions: &[Session], pool: &str) -> usize {
+    sessions.iter().filter(|s| s.pool() == pool).count()
+}
+
+/// Every session once more; returns the sessions that changed pool (as `user: from ->
+/// to`), and checks that those that kept their pool kept their backend too.
+async fn revisit(addr: SocketAddr, sticky: Sticky, sessions: &mut [Session]) -> Vec<String> {
+    let mut moved = Vec::new();
+    for s in sessions.iter_mut() {
+        let before = s.backend.clone();
+        visit(addr, sticky, s).await;
+        if s.backend.split('-').next() != before.split('-').next() {
+            moved.push(format!("{}: {before} -> {}", s.user, s.backend));
+        } else {
+            assert_eq!(s.backend, before, "{} kept its pool but changed backend", s.user);
+        }
+    }
+    moved
+}
+
+/// Counts one request of each session in `served`, by the pool that served it.
+fn count(sessions: &[Session], served: &mut HashMap<String, u64>) {
+    for s in sessions {
+        *served.entry(s.pool().to_string()).or_default() += 1;
+    }
+}
+
+async fn call(admin: SocketAddr, method: &str, path: &str, body: &str) -> (u16, Value) {
+    let mut c = Client::connect(admin).await;
+    let r = Request::builder().method(method).uri(path).header("host", admin.to_string());
+    let resp = c.request(r.body(Full::new(Bytes::from(body.to_string()))).unwrap()).await;
+    (resp.status.as_u16(), serde_json::from_slice(&resp.body).unwrap_or(Value::Null))
+}
+
+async fn set_weights(admin: SocketAddr, blue: u32, green: u32) {
+    let body = format!("{{\"weights\": {{\"blue\": {blue}, \"green\": {green}}}}}");
+    let (status, v) = call(admin, "PUT", "/api/splits/release/weights", &body).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["weights"], serde_json::json!({ "blue": blue, "green": green }));
+}
+
+/// The split's requests per pool as the admin API counts them.
+async fn split_requests(admin: SocketAddr) -> HashMap<String, u64> {
+    let v = admin_json(admin, "/api/splits").await;
+    let split = &v["splits"][0];
+    assert_eq!(split["name"], "release");
+    split["pools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["pool"].as_str().unwrap().to_string(), p["requests"].as_u64().unwrap()))
+        .collect()
+}
+
+/// The scenario every kind of stickiness goes through: 50/50, green to 0 by the admin
+/// API, back by a reload, blue to 0 by a reload, then 90/10.
+async fn weights_move_under_live_sessions(sticky: Sticky) {
+    let b = pools_of_backends().await;
+    let t = Tether::start(&split_config(sticky, &b, (50, 50)));
+    let (addr, admin) = (t.addr(), t.admin());
+    let mut served = HashMap::<String, u64>::new();
+
+    // 50/50: new sessions split evenly, and stay where they were put.
+    let n = 120;
+    let mut sessions = open(addr, sticky, "a", n).await;
+    count(&sessions, &mut served);
+    assert!(within(share_of(&sessions, "green"), n, 0.5), "green took {} of {n}", share_of(&sessions, "green"));
+    assert_eq!(revisit(addr, sticky, &mut sessions).await, Vec::<String>::new());
+    count(&sessions, &mut served);
+    let green_before: Vec<String> = sessions.iter().filter(|s| s.pool() == "green").map(|s| s.user.clone()).collect();
+    assert!(!green_before.is_empty());
+
+    // Green to 0 through the admin API: green's sessions stay (a hashed key cannot: it
+    // moves to blue, and only green's keys move); no new session goes to green.
+    set_weights(admin, 50, 0).await;
+    let moved = revisit(addr, sticky, &mut sessions).await;
+    count(&sessions, &mut served);
+    if sticky == Sticky::Hashed {
+        let mut expected: Vec<String> = green_before.iter().map(|u| u.to_string()).collect();
+        let mut got: Vec<String> = moved.iter().map(|m| m.split(':').next().unwrap().to_string()).collect();
+        expected.sort();
+        got.sort();
+        assert_eq!(got, expected, "hashed keys move off green, and only they");
+    } else {
+        assert_eq!(moved, Vec::<String>::new(), "no session changes pool when green goes to weight 0");
+    }
+    let fresh = open(addr, sticky, "b", n).await;
+    count(&fresh, &mut served);
+    assert_eq!(share_of(&fresh, "green"), 0, "a new session went to green at weight 0");
+
+    // The file changes green's weight (the admin API's 0 was set over 50, so the file's
+    // new value wins): 0 for blue, 100 for green. Every session stays in its pool.
+    reload(&t, &split_config(sticky, &b, (0, 100)), "config reloaded").await;
+    let mut all: Vec<Session> = sessions.into_iter().chain(fresh).collect();
+    let moved = revisit(addr, sticky, &mut all).await;
+    count(&all, &mut served);
+    if sticky == Sticky::Hashed {
+        // Blue at 0 now: every key is green's.
+        assert!(all.iter().all(|s| s.pool() == "green"), "blue at weight 0 kept a hashed key");
+    } else {
+        assert_eq!(moved, Vec::<String>::new(), "no session changes pool when blue goes to weight 0");
+        // And the sessions green kept at weight 0 are still green's.
+        for u in &green_before {
+            assert_eq!(all.iter().find(|s| &s.user == u).unwrap().pool(), "green", "{u}");
+        }
+    }
+    let fresh = open(addr, sticky, "c", n).await;
+    count(&fresh, &mut served);
+    assert_eq!(share_of(&fresh, "blue"), 0, "a new session went to blue at weight 0");
+
+    // 90/10 by a reload: new sessions follow; old ones stay.
+    reload(&t, &split_config(sticky, &b, (90, 10)), "config reloaded").await;
+    let moved = revisit(addr, sticky, &mut all).await;
+    count(&all, &mut served);
+    if sticky == Sticky::Hashed {
+        // Keys move only to blue, whose weight went up.
+        assert!(moved.iter().all(|m| m.contains(": green-") && m.contains("-> blue-")), "{moved:?}");
+    } else {
+        assert_eq!(moved, Vec::<String>::new());
+    }
+    let m = 300;
+    let fresh = open(addr, sticky, "d", m).await;
+    count(&fresh, &mut served);
+    let green = share_of(&fresh, "green");
+    assert!(within(green, m, 0.1), "green took {green} of {m} new sessions at weight 10 of 100");
+
+    // The admin API counted every request where it went.
+    let counted = split_requests(admin).await;
+    assert_eq!(counted, served, "the split's request counts");
+    let metrics = get(admin, "/metrics").await.text();
+    for (pool, n) in &served {
+        let line = format!("tether_split_requests_total{{listener=\"web\",route=\"release\",pool=\"{pool}\"}} {n}");
+        assert!(metrics.contains(&line), "no {line} in\n{metrics}");
+    }
+    assert!(metrics.contains("tether_split_weight{listener=\"web\",route=\"release\",pool=\"green\"} 10"), "{metrics}");
+}
+
+#[tokio::test]
+async fn cookie_sessions_keep_their_pool_while_weights_move() {
+    weights_move_under_live_sessions(Sticky::Cookie).await;
+}
+
+#[tokio::test]
+async fn table_mapped_sessions_keep_their_pool_while_weights_move() {
+    weights_move_under_live_sessions(Sticky::Table).await;
+}
+
+#[tokio::test]
+async fn hashed_keys_move_only_the_share_a_weight_change_must() {
+    weights_move_under_live_sessions(Sticky::Hashed).await;
+}
