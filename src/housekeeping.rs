@@ -1,6 +1,6 @@
 //! Once a second, off the request path: each part's periodic bookkeeping, called in one
 //! place. Expired affinity entries go and every backend's live sessions are recounted
-//! (what bounded load and drains go by), request rates are sampled, retry budgets are
+//! (what bounded load and drains go by), traffic splits' expired keys go, request rates are sampled, retry budgets are
 //! topped up, and the progress of every drain is logged when it changes.
 
 use std::collections::HashMap;
@@ -38,6 +38,9 @@ pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
                 a.recount_sessions(&pool.backends);
                 drains.report(pool);
             }
+        }
+        for split in snapshot.listeners.iter().flat_map(|l| l.splits()) {
+            split.sweep();
         }
     }
 }

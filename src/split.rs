@@ -267,6 +267,12 @@ impl Split {
         }
     }
 
+    /// Drops the expired entries of the split's key table (housekeeping, once a second).
+    pub fn sweep(&self) {
+        let t = &self.store.table;
+        t.sweep(t.now());
+    }
+
     /// A member at random, each with the chance its weight gives it.
     fn by_weight(&self) -> usize {
         let total = usize::try_from(self.total).unwrap_or(usize::MAX).max(1);

@@ -276,3 +276,161 @@ async fn table_mapped_sessions_keep_their_pool_while_weights_move() {
 async fn hashed_keys_move_only_the_share_a_weight_change_must() {
     weights_move_under_live_sessions(Sticky::Hashed).await;
 }
+
+/// The split's weights as the admin API shows them, by pool.
+async fn weights(admin: SocketAddr) -> Vec<(String, u64)> {
+    let v = admin_json(admin, "/api/splits").await;
+    v["splits"][0]["pools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["pool"].as_str().unwrap().to_string(), p["weight"].as_u64().unwrap()))
+        .collect()
+}
+
+fn pair(blue: u64, green: u64) -> Vec<(String, u64)> {
+    vec![("blue".into(), blue), ("green".into(), green)]
+}
+
+#[tokio::test]
+async fn admin_weights_are_checked_and_last_until_the_file_changes_them() {
+    let b = pools_of_backends().await;
+    let t = Tether::start(&split_config(Sticky::Table, &b, (50, 50)));
+    let admin = t.admin();
+    let path = "/api/splits/release/weights";
+    for (method, path, body, status) in [
+        ("PUT", "/api/splits/nope/weights", "{\"weights\": {\"blue\": 1}}", 404),
+        ("DELETE", "/api/splits/nope/weights", "", 404),
+        ("PUT", path, "{\"weights\": {\"red\": 1}}", 400),
+        ("PUT", path, "{\"weights\": {\"blue\": 1001}}", 400),
+        ("PUT", path, "{\"weights\": {\"blue\": -1}}", 400),
+        ("PUT", path, "{\"weights\": {}}", 400),
+        ("PUT", path, "{\"weight\": 3}", 400),
+        ("PUT", path, "not json", 400),
+        ("PUT", path, "{\"weights\": {\"blue\": 0, \"green\": 0}}", 409),
+    ] {
+        let (got, v) = call(admin, method, path, body).await;
+        assert_eq!(got, status, "{method} {path} {body}: {v}");
+        assert!(v["error"].is_string(), "{v}");
+    }
+    // Nothing of those changed anything.
+    assert_eq!(weights(admin).await, pair(50, 50));
+    // One pool's weight alone; the other keeps its own.
+    let (status, v) = call(admin, "PUT", path, "{\"weights\": {\"green\": 0}}").await;
+    assert_eq!((status, &v["weights"]), (200, &serde_json::json!({ "blue": 50, "green": 0 })));
+    // Blue to 0 as well would leave no pool for a new session.
+    let (status, _) = call(admin, "PUT", path, "{\"weights\": {\"blue\": 0}}").await;
+    assert_eq!(status, 409);
+    assert_eq!(weights(admin).await, pair(50, 0));
+
+    // A reload that does not change the split keeps the API's weights...
+    let unchanged = split_config(Sticky::Table, &b, (50, 50))
+        .replace("[pools.blue]", "[timeouts]\nconnect = \"2s\"\n\n[pools.blue]");
+    reload(&t, &unchanged, "config reloaded").await;
+    assert_eq!(weights(admin).await, pair(50, 0));
+    // ... a config with errors changes nothing ...
+    let broken = split_config(Sticky::Table, &b, (50, 50)).replace("weight = 50 }]", "weight = 5000 }]");
+    reload(&t, &broken, "reload rejected").await;
+    assert!(t.log().contains("pool \"green\" weight 5000 is out of range"), "{}", t.log());
+    assert_eq!(weights(admin).await, pair(50, 0));
+    // ... and one that changes blue's weight keeps green's, which the file did not change.
+    reload(&t, &split_config(Sticky::Table, &b, (70, 50)), "config reloaded").await;
+    assert_eq!(weights(admin).await, pair(70, 0));
+    // The file changes green: the file wins.
+    reload(&t, &split_config(Sticky::Table, &b, (70, 30)), "config reloaded").await;
+    assert_eq!(weights(admin).await, pair(70, 30));
+    // DELETE gives the file's weights back.
+    call(admin, "PUT", path, "{\"weights\": {\"blue\": 1, \"green\": 2}}").await;
+    assert_eq!(weights(admin).await, pair(1, 2));
+    let (status, v) = call(admin, "DELETE", path, "").await;
+    assert_eq!((status, &v["weights"]), (200, &serde_json::json!({ "blue": 70, "green": 30 })));
+    assert_eq!(weights(admin).await, pair(70, 30));
+}
+
+#[tokio::test]
+async fn a_session_whose_pool_leaves_the_split_is_a_new_one() {
+    let b = pools_of_backends().await;
+    let t = Tether::start(&split_config(Sticky::Cookie, &b, (1, 1)));
+    let addr = t.addr();
+    let mut sessions = open(addr, Sticky::Cookie, "a", 40).await;
+    let green: Vec<usize> = (0..sessions.len()).filter(|i| sessions[*i].pool() == "green").collect();
+    assert!(!green.is_empty() && green.len() < sessions.len(), "both pools have sessions");
+    // Green leaves the split (the pool itself stays configured).
+    let without_green = split_config(Sticky::Cookie, &b, (1, 1)).replace(", { pool = \"green\", weight = 1 }", "");
+    assert_ne!(without_green, split_config(Sticky::Cookie, &b, (1, 1)));
+    reload(&t, &without_green, "config reloaded").await;
+    let moved = revisit(addr, Sticky::Cookie, &mut sessions).await;
+    let mut expected: Vec<String> = green.iter().map(|i| sessions[*i].user.clone()).collect();
+    let mut got: Vec<String> = moved.iter().map(|m| m.split(':').next().unwrap().to_string()).collect();
+    expected.sort();
+    got.sort();
+    assert_eq!(got, expected, "exactly green's sessions moved");
+    assert!(sessions.iter().all(|s| s.pool() == "blue"));
+    // They are blue's now, and stay when green comes back.
+    reload(&t, &split_config(Sticky::Cookie, &b, (1, 1)), "config reloaded").await;
+    assert_eq!(revisit(addr, Sticky::Cookie, &mut sessions).await, Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn a_version_1_token_from_before_the_split_finds_its_pool_by_its_backend() {
+    let b = pools_of_backends().await;
+    // Before: the route goes to green alone, whose tokens are version 1.
+    let split = split_config(Sticky::Cookie, &b, (100, 0));
+    let before = split
+        .replace("split = [{ pool = \"blue\", weight = 100 }, { pool = \"green\", weight = 0 }]", "pool = \"green\"")
+        .replace("name = \"release\"\n", "")
+        .replace("token_version = 2", "token_version = 1");
+    let t = Tether::start(&before);
+    let addr = t.addr();
+    let mut sessions = open(addr, Sticky::Cookie, "v1", 10).await;
+    assert!(sessions.iter().all(|s| s.pool() == "green"));
+    // After: a split that gives green no new session; the version 1 tokens still go there.
+    reload(&t, &split, "config reloaded").await;
+    assert_eq!(revisit(addr, Sticky::Cookie, &mut sessions).await, Vec::<String>::new());
+    assert_eq!(share_of(&open(addr, Sticky::Cookie, "new", 20).await, "green"), 0);
+}
+
+#[tokio::test]
+async fn http2_requests_are_split_and_stay_in_their_pool() {
+    use http_body_util::BodyExt;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let b = pools_of_backends().await;
+    let t = Tether::start(&split_config(Sticky::Cookie, &b, (1, 1)));
+    let (addr, admin) = (t.addr(), t.admin());
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut h2, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(conn);
+    let mut send = async |cookie: Option<&str>| -> (String, Option<String>) {
+        let mut r = Request::get(format!("http://{addr}/"));
+        if let Some(c) = cookie {
+            r = r.header("cookie", format!("tether={c}"));
+        }
+        h2.ready().await.unwrap();
+        let resp = h2.send_request(r.body(Full::<Bytes>::default()).unwrap()).await.unwrap();
+        let backend = resp.headers().get("x-backend").unwrap().to_str().unwrap().to_string();
+        let cookie = resp
+            .headers()
+            .get_all("set-cookie")
+            .iter()
+            .filter_map(|v| v.to_str().ok()?.strip_prefix("tether="))
+            .map(|v| v.split(';').next().unwrap().to_string())
+            .next_back();
+        resp.into_body().collect().await.unwrap();
+        (backend, cookie)
+    };
+    let mut clients = Vec::new();
+    for _ in 0..40 {
+        let (backend, cookie) = send(None).await;
+        clients.push((backend, cookie.expect("a new session gets Tether's cookie")));
+    }
+    let greens = clients.iter().filter(|(b, _)| b.starts_with("green")).count();
+    assert!(within(greens, 40, 0.5), "green took {greens} of 40");
+    set_weights(admin, 0, 1).await;
+    for (backend, cookie) in &clients {
+        assert_eq!(&send(Some(cookie)).await.0, backend, "an HTTP/2 session changed backend");
+    }
+    for _ in 0..20 {
+        assert!(send(None).await.0.starts_with("green"), "a new HTTP/2 session went to blue at weight 0");
+    }
+}
