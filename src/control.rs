@@ -183,6 +183,15 @@ pub struct SavedOverride {
     pub file_weight: u32,
 }
 
+/// An admin API split weight as a warm restart saves it (`warm`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SavedSplitOverride {
+    pub split: String,
+    pub pool: String,
+    pub weight: u32,
+    pub file_weight: u32,
+}
+
 /// What the admin API can do to a backend.
 #[derive(Debug, Clone, Copy)]
 pub enum BackendAction {
@@ -632,6 +641,47 @@ impl Control {
         self.shared.snapshot.store(Arc::new(Snapshot::build(Arc::new(effective), Some(&old))));
         tracing::info!(split, "admin: split weights back to the file's {now:?}");
         Ok(now)
+    }
+
+    /// The admin API's split weights in force, for a warm restart to save.
+    pub fn saved_split_overrides(&self) -> Vec<SavedSplitOverride> {
+        let mut out: Vec<SavedSplitOverride> = lock(&self.split_overrides)
+            .iter()
+            .map(|((split, pool), o)| SavedSplitOverride {
+                split: split.clone(),
+                pool: pool.clone(),
+                weight: o.weight,
+                file_weight: o.file_weight,
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.split, &a.pool).cmp(&(&b.split, &b.pool)));
+        out
+    }
+
+    /// Re-applies split weights a warm restart saved, by the rule reloads keep them by
+    /// (the file still has the pool in the split at the weight they were set over, and
+    /// they leave some weight above 0). Returns how many apply; the snapshot is rebuilt
+    /// once if any does.
+    pub fn restore_split_overrides(&self, saved: Vec<SavedSplitOverride>) -> usize {
+        if saved.is_empty() {
+            return 0;
+        }
+        let _one_at_a_time = lock(&self.changing);
+        let file = lock(&self.file_config).clone();
+        let applied = {
+            let mut overrides = lock(&self.split_overrides);
+            for s in saved {
+                overrides.insert((s.split, s.pool), SplitOverride { weight: s.weight, file_weight: s.file_weight });
+            }
+            retain_split_overrides(&file, &mut overrides);
+            overrides.len()
+        };
+        if applied > 0 {
+            let old = self.shared.snapshot.load_full();
+            let snapshot = Snapshot::build(Arc::new(self.effective(&file)), Some(&old));
+            self.shared.snapshot.store(Arc::new(snapshot));
+        }
+        applied
     }
 
     /// The admin overrides in force, for a warm restart to save.

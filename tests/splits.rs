@@ -8,6 +8,7 @@ mod common;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
@@ -433,4 +434,33 @@ async fn http2_requests_are_split_and_stay_in_their_pool() {
     for _ in 0..20 {
         assert!(send(None).await.0.starts_with("green"), "a new HTTP/2 session went to blue at weight 0");
     }
+}
+
+#[tokio::test]
+async fn a_warm_restart_keeps_the_split_table_and_the_admin_weights() {
+    let b = pools_of_backends().await;
+    let scratch = Scratch::new();
+    let config = format!(
+        "[runtime]\nstate_dir = \"{}\"\n{}",
+        scratch.0.join("state").display(),
+        split_config(Sticky::Table, &b, (50, 50))
+    );
+    let mut t = Tether::start(&config);
+    let mut sessions = open(t.addr(), Sticky::Table, "a", 60).await;
+    let greens = share_of(&sessions, "green");
+    assert!(greens > 0 && greens < sessions.len(), "both pools have sessions");
+    set_weights(t.admin(), 50, 0).await;
+    t.signal("TERM");
+    t.wait_log("warm restart: saved").await;
+    assert!(t.wait_exit(Duration::from_secs(20)).success(), "{}", t.log());
+
+    // Started again: the API's weights are back, green keeps its sessions at weight 0 (a
+    // split that had forgotten its table would place them all in blue), and takes no
+    // new one.
+    let t = Tether::start(&config);
+    assert!(t.log().contains("warm restart: restored"), "{}", t.log());
+    assert_eq!(weights(t.admin()).await, pair(50, 0));
+    assert_eq!(revisit(t.addr(), Sticky::Table, &mut sessions).await, Vec::<String>::new());
+    assert_eq!(share_of(&sessions, "green"), greens);
+    assert_eq!(share_of(&open(t.addr(), Sticky::Table, "b", 40).await, "green"), 0);
 }
