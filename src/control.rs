@@ -850,6 +850,7 @@ pub fn diff(old: &Config, new: &Config) -> Vec<String> {
             out.push(format!("listener \"{}\" removed", o.name));
         }
     }
+    diff_splits(old, new, &mut out);
     for p in &new.pools {
         match old.pools.iter().find(|o| o.name == p.name) {
             None => out.push(format!("pool \"{}\" added with {} backends", p.name, p.backends.len())),
@@ -871,6 +872,32 @@ pub fn diff(old: &Config, new: &Config) -> Vec<String> {
         out.push("runtime.threads and access_log changes take effect at the next restart".into());
     }
     out
+}
+
+/// Splits added, removed, or whose pools or weights changed.
+fn diff_splits(old: &Config, new: &Config, out: &mut Vec<String>) {
+    let weights = |c: &Config, s: &config::Split| {
+        let each: Vec<String> = s
+            .members
+            .iter()
+            .map(|m| format!("{} {}", c.pools.get(m.pool).map_or("?", |p| p.name.as_str()), m.weight))
+            .collect();
+        each.join(", ")
+    };
+    for (listener, s) in new.splits() {
+        match old.splits().find(|(_, o)| o.name == s.name) {
+            None => out.push(format!("split \"{}\" added on listener \"{listener}\": {}", s.name, weights(new, s))),
+            Some((_, o)) if weights(old, o) != weights(new, s) => {
+                out.push(format!("split \"{}\": {} (was {})", s.name, weights(new, s), weights(old, o)))
+            }
+            Some(_) => {}
+        }
+    }
+    for (_, o) in old.splits() {
+        if !new.splits().any(|(_, s)| s.name == o.name) {
+            out.push(format!("split \"{}\" removed", o.name));
+        }
+    }
 }
 
 /// What changed in the admin listener. The token itself is never written out.

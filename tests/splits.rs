@@ -8,6 +8,7 @@ mod common;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -27,6 +28,11 @@ enum Sticky {
     Table,
     /// `X-User`, hashed.
     Hashed,
+    /// The demo app's own session cookie, learned from its `Set-Cookie`.
+    AppCookie,
+    /// The client's address (from `X-Forwarded-For`, the test being a trusted proxy),
+    /// table-mapped.
+    ClientIp,
 }
 
 impl Sticky {
@@ -35,6 +41,8 @@ impl Sticky {
             Sticky::Cookie => format!("keys = [\"cookie\"]\n[AFF.cookie]\nkeys = [\"{KEY}\"]\ntoken_version = 2\n"),
             Sticky::Table => "keys = [\"header:x-user\"]\n".into(),
             Sticky::Hashed => "keys = [\"header:x-user\"]\nmapping = \"hash\"\n".into(),
+            Sticky::AppCookie => "keys = [\"app_cookie:demo_visitor\"]\n".into(),
+            Sticky::ClientIp => "keys = [\"client_ip\"]\n".into(),
         }
     }
 }
@@ -42,7 +50,8 @@ impl Sticky {
 /// Two pools of two demo backends each, split by `weights` (blue, green) on the one route.
 fn split_config(sticky: Sticky, b: &[DemoBackend], weights: (u32, u32)) -> String {
     let mut s = format!(
-        "{ADMIN}\n[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\n\n[[listeners.routes]]\nname = \"release\"\n\
+        "{ADMIN}\n[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\ntrusted_proxies = [\"127.0.0.0/8\"]\n\n\
+         [[listeners.routes]]\nname = \"release\"\n\
          split = [{{ pool = \"blue\", weight = {} }}, {{ pool = \"green\", weight = {} }}]\n",
         weights.0, weights.1
     );
@@ -69,13 +78,17 @@ async fn pools_of_backends() -> Vec<DemoBackend> {
 #[derive(Debug, Clone)]
 struct Session {
     user: String,
+    /// The client's address, for `Sticky::ClientIp`.
+    ip: String,
     cookie: Option<String>,
     backend: String,
 }
 
 impl Session {
     fn new(user: String) -> Session {
-        Session { user, cookie: None, backend: String::new() }
+        static NEXT: AtomicU32 = AtomicU32::new(1);
+        let ip = std::net::Ipv4Addr::from(0x0a00_0000 + NEXT.fetch_add(1, Ordering::Relaxed)).to_string();
+        Session { user, ip, cookie: None, backend: String::new() }
     }
 
     fn pool(&self) -> &str {
@@ -87,18 +100,22 @@ impl Session {
 /// cookie Tether sets and where the request was served.
 async fn visit(addr: SocketAddr, sticky: Sticky, s: &mut Session) {
     let mut r = Request::get("/").header("host", addr.to_string());
-    match sticky {
-        Sticky::Cookie => {
-            if let Some(c) = &s.cookie {
-                r = r.header("cookie", format!("tether={c}"));
-            }
-        }
-        Sticky::Table | Sticky::Hashed => r = r.header("x-user", &s.user),
+    let cookie = match sticky {
+        Sticky::Cookie => "tether",
+        Sticky::AppCookie => "demo_visitor",
+        _ => "",
+    };
+    match (sticky, &s.cookie) {
+        (Sticky::Cookie | Sticky::AppCookie, Some(c)) => r = r.header("cookie", format!("{cookie}={c}")),
+        (Sticky::Cookie | Sticky::AppCookie, None) => {}
+        (Sticky::Table | Sticky::Hashed, _) => r = r.header("x-user", &s.user),
+        (Sticky::ClientIp, _) => r = r.header("x-forwarded-for", &s.ip),
     }
     let resp = Client::connect(addr).await.request(r.body(Full::default()).unwrap()).await;
     assert_eq!(resp.status, 200, "{}", resp.text());
-    let mut ours = resp.headers.get_all("set-cookie").iter().filter_map(|v| v.to_str().ok()?.strip_prefix("tether="));
-    if let Some(v) = ours.next_back() {
+    let prefix = format!("{cookie}=");
+    let mut ours = resp.headers.get_all("set-cookie").iter().filter_map(|v| v.to_str().ok()?.strip_prefix(&*prefix));
+    if let Some(v) = ours.next_back().filter(|_| !cookie.is_empty()) {
         s.cookie = Some(v.split(';').next().unwrap().to_string());
     }
     s.backend = resp.backend();
@@ -111,8 +128,8 @@ async fn open(addr: SocketAddr, sticky: Sticky, tag: &str, n: usize) -> Vec<Sess
     for i in 0..n {
         let mut s = Session::new(format!("{tag}-{i}"));
         visit(addr, sticky, &mut s).await;
-        if sticky == Sticky::Cookie {
-            assert!(s.cookie.is_some(), "a new session gets Tether's cookie");
+        if sticky == Sticky::Cookie || sticky == Sticky::AppCookie {
+            assert!(s.cookie.is_some(), "a new session gets its cookie");
         }
         out.push(s);
     }
@@ -219,6 +236,7 @@ async fn weights_move_under_live_sessions(sticky: Sticky) {
     // The file changes green's weight (the admin API's 0 was set over 50, so the file's
     // new value wins): 0 for blue, 100 for green. Every session stays in its pool.
     reload(&t, &split_config(sticky, &b, (0, 100)), "config reloaded").await;
+    assert!(t.log().contains("reload: split \"release\": blue 0, green 100 (was blue 50, green 50)"), "{}", t.log());
     let mut all: Vec<Session> = sessions.into_iter().chain(fresh).collect();
     let moved = revisit(addr, sticky, &mut all).await;
     count(&all, &mut served);
@@ -276,6 +294,16 @@ async fn table_mapped_sessions_keep_their_pool_while_weights_move() {
 #[tokio::test]
 async fn hashed_keys_move_only_the_share_a_weight_change_must() {
     weights_move_under_live_sessions(Sticky::Hashed).await;
+}
+
+#[tokio::test]
+async fn app_cookie_sessions_keep_their_pool_while_weights_move() {
+    weights_move_under_live_sessions(Sticky::AppCookie).await;
+}
+
+#[tokio::test]
+async fn client_ip_sessions_keep_their_pool_while_weights_move() {
+    weights_move_under_live_sessions(Sticky::ClientIp).await;
 }
 
 /// The split's weights as the admin API shows them, by pool.
