@@ -1,7 +1,8 @@
 //! Once a second, off the request path: each part's periodic bookkeeping, called in one
 //! place. Expired affinity entries go and every backend's live sessions are recounted
-//! (what bounded load and drains go by), traffic splits' expired keys go, request rates are sampled, retry budgets are
-//! topped up, and the progress of every drain is logged when it changes.
+//! (what bounded load and drains go by), traffic splits' expired keys go, request rates
+//! are sampled, retry budgets are topped up, and the progress of every drain is logged
+//! when it changes.
 
 use std::collections::HashMap;
 use std::sync::Arc;
