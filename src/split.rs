@@ -370,6 +370,64 @@ mod tests {
         }
     }
 
+    /// A request that carries only Tether's cookie.
+    struct WithCookie(String);
+
+    impl RequestKeys for WithCookie {
+        fn cookie(&self, name: &str) -> Option<&str> {
+            (name == "tether").then_some(self.0.as_str())
+        }
+        fn header(&self, _: &str) -> Option<&[u8]> {
+            None
+        }
+        fn path(&self) -> &str {
+            "/"
+        }
+        fn query(&self) -> Option<&str> {
+            None
+        }
+    }
+
+    #[test]
+    fn a_token_goes_to_its_pool_even_at_weight_0_until_it_expires() {
+        use crate::affinity::token::{KeyRing, Token, Version};
+        const KEY: &str = "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=";
+        let cfg = config::Affinity {
+            cookie: config::CookieConfig {
+                keys: vec![config::Secret::new(KEY)],
+                token_version: Version::V2,
+                idle_timeout: Duration::from_secs(60),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let affinities: Vec<PoolAffinity> =
+            (0..2).map(|i| PoolAffinity::build(&format!("pool-{i}"), &[("b", 1)], &cfg, None)).collect();
+        let mut s = split(&[1, 0]);
+        s.keys = vec![KeySource::Cookie];
+        s.cookie = Some("tether".into());
+        let ring = KeyRing::from_base64([KEY]).unwrap();
+        let now_ms = 1_800_000_000_000u64;
+        let token = |pool: &str, version: Version| {
+            let mut t = Token::issue(hash::backend_id(pool, "b"), now_ms / 1000).unwrap();
+            t.pool = (version == Version::V2).then(|| affinity::pool_id(pool));
+            WithCookie(ring.seal_as(version, &t).as_str().to_string())
+        };
+        let choose = |r: &WithCookie, at: u64| s.choose(|p| affinities.get(p), r, || IpAddr::from([127, 0, 0, 1]), at);
+        // Pool 1 is at weight 0: only a session already there goes there.
+        assert_eq!(choose(&token("pool-1", Version::V2), now_ms), 1);
+        assert_eq!(choose(&token("pool-0", Version::V2), now_ms), 0);
+        // A version 1 token records no pool: its backend's identity names it.
+        assert_eq!(choose(&token("pool-1", Version::V1), now_ms), 1);
+        // Expired, of a pool not in the split, or not a token: a new session, by weight.
+        assert_eq!(choose(&token("pool-1", Version::V2), now_ms + 61_000), 0);
+        assert_eq!(choose(&token("pool-9", Version::V2), now_ms), 0);
+        assert_eq!(choose(&WithCookie("not-a-token".into()), now_ms), 0);
+        let requests: Vec<u64> = s.members.iter().map(|m| m.stats.requests.load(Ordering::Relaxed)).collect();
+        let sessions: Vec<u64> = s.members.iter().map(|m| m.stats.sessions.load(Ordering::Relaxed)).collect();
+        assert_eq!((requests, sessions), (vec![4, 2], vec![3, 0]));
+    }
+
     #[test]
     fn by_weight_never_picks_a_zero_weight() {
         let s = split(&[0, 3, 0, 1]);
