@@ -380,7 +380,7 @@ fn split_reply(r: Result<Vec<(String, u32)>, SplitError>) -> Reply {
 }
 
 /// Every split: where it is (listener, host, path prefix), and per pool its weight,
-/// requests and the sessions it placed there.
+/// requests, the sessions it placed there, and the pool's live sessions.
 fn splits_json(snap: &Snapshot) -> Vec<Value> {
     let mut out = Vec::new();
     for l in &snap.config.listeners {
@@ -391,11 +391,16 @@ fn splits_json(snap: &Snapshot) -> Vec<Value> {
                 .members
                 .iter()
                 .map(|m| {
+                    // The pool's live sessions as its backends count them (from every
+                    // route to it): what a pool at weight 0 still holds.
+                    let live: u64 =
+                        snap.pools.get(m.pool).map_or(0, |p| p.backends.iter().map(|b| u64::from(b.sessions())).sum());
                     json!({
                         "pool": &*m.name,
                         "weight": m.weight,
                         "requests": m.stats.requests.load(std::sync::atomic::Ordering::Relaxed),
                         "sessions": m.stats.sessions.load(std::sync::atomic::Ordering::Relaxed),
+                        "live_sessions": live,
                     })
                 })
                 .collect();
