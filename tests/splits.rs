@@ -508,3 +508,29 @@ async fn a_warm_restart_keeps_the_split_table_and_the_admin_weights() {
     assert_eq!(share_of(&sessions, "green"), greens);
     assert_eq!(share_of(&open(t.addr(), Sticky::Table, "b", 40).await, "green"), 0);
 }
+
+#[tokio::test]
+async fn tether_check_counts_splits_and_locates_their_errors() {
+    let b = pools_of_backends().await;
+    let scratch = Scratch::new();
+    let check = |text: &str| {
+        let path = scratch.write("tether.toml", text);
+        let out = std::process::Command::new(bin()).arg("check").arg("-c").arg(&path).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (ok, out) = check(&split_config(Sticky::Cookie, &b, (90, 10)));
+    assert!(ok && out.contains("ok (1 listeners, 2 pools, 4 backends, 1 splits)"), "{out}");
+    // Version 1 tokens in a split pool: refused, at the pool's place in the split.
+    let v1 = split_config(Sticky::Cookie, &b, (90, 10)).replacen("token_version = 2", "token_version = 1", 1);
+    let (ok, out) = check(&v1);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("tether.toml:11:19: listener \"web\": split \"release\": pool \"blue\" issues version 1 tokens, which record no pool: set token_version = 2 in [pools.blue.affinity.cookie]"),
+        "{out}"
+    );
+    let (ok, out) = check(&split_config(Sticky::Table, &b, (0, 0)));
+    assert!(!ok && out.contains("split \"release\": every weight is 0"), "{out}");
+}

@@ -671,7 +671,7 @@ impl Resolver<'_> {
                         a.keys.contains(&KeySource::Cookie) && a.cookie.token_version == super::types::TokenVersion::V1
                     });
                     if v1 {
-                        self.error(&fm.pool, format!("{label}: pool \"{}\" issues version 1 tokens, which record no pool: set cookie.token_version = 2 in [pools.{}.affinity]", p.name, p.name));
+                        self.error(&fm.pool, format!("{label}: pool \"{}\" issues version 1 tokens, which record no pool: set token_version = 2 in [pools.{}.affinity.cookie]", p.name, p.name));
                     }
                 }
             }
