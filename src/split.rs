@@ -28,6 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::affinity::explain::KeyError;
 use crate::affinity::stick_table::StickTable;
 use crate::affinity::{self, cookies, hash, PinKind, PoolAffinity, RequestKeys};
 use crate::config::{self, KeySource, Mapping};
@@ -96,6 +97,51 @@ pub struct Split {
     ipv4_prefix: u8,
     ipv6_prefix: u8,
     pub store: Arc<SplitStore>,
+}
+
+/// Where a raw key value leads in a split, for the admin API.
+#[derive(Debug)]
+pub struct Explained {
+    /// The kind of key that decided (`"none"` when none did).
+    pub kind: &'static str,
+    pub pool: Option<Arc<str>>,
+    pub why: String,
+}
+
+/// A raw key value as a request carrying it as one key of the chain (and nothing else).
+struct Raw<'v> {
+    cookie: Option<(&'v str, &'v str)>,
+    header: Option<(&'v str, &'v str)>,
+    query: Option<String>,
+}
+
+impl<'v> Raw<'v> {
+    fn new(key: &'v KeySource, token_cookie: Option<&'v str>, value: &'v str) -> Raw<'v> {
+        let mut raw = Raw { cookie: None, header: None, query: None };
+        match key {
+            KeySource::Cookie => raw.cookie = token_cookie.map(|name| (name, value)),
+            KeySource::AppCookie(name) => raw.cookie = Some((name, value)),
+            KeySource::Header(name) => raw.header = Some((name, value)),
+            KeySource::Query(name) => raw.query = Some(format!("{name}={value}")),
+            KeySource::ClientIp => {}
+        }
+        raw
+    }
+}
+
+impl RequestKeys for Raw<'_> {
+    fn cookie(&self, name: &str) -> Option<&str> {
+        self.cookie.filter(|(n, _)| *n == name).map(|(_, v)| v)
+    }
+    fn header(&self, name: &str) -> Option<&[u8]> {
+        self.header.filter(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_bytes())
+    }
+    fn path(&self) -> &str {
+        "/"
+    }
+    fn query(&self) -> Option<&str> {
+        self.query.as_deref()
+    }
 }
 
 /// Where a request's session is, as far as the split can tell before it picks a pool.
@@ -199,54 +245,127 @@ impl Split {
     ) -> Found {
         let mut client_ip = Some(client_ip);
         for key in &self.keys {
-            match key {
-                KeySource::Cookie => {
-                    if let Some(m) = self.by_token(affinity, request, now_ms) {
-                        return Found::Member(m);
-                    }
-                }
-                KeySource::AppCookie(name) => {
-                    let Some(value) = affinity::app_session(request, name) else { continue };
-                    let learned = self.members.iter().position(|m| {
-                        let Some(a) = affinity(m.pool) else { return false };
-                        let t = a.store.table(PinKind::AppCookie);
-                        t.get(hash::key_hash128(&m.name, "app_cookie", value.as_bytes()), t.now()).is_some()
-                    });
-                    if let Some(m) = learned {
-                        return Found::Member(m);
-                    }
-                }
-                _ => {
-                    let mut ip_buf = [0u8; 16];
-                    let value: &[u8] = match key {
-                        KeySource::Header(name) => match request.header(name) {
-                            Some(v) if !v.is_empty() => v,
-                            _ => continue,
-                        },
-                        KeySource::Query(name) => {
-                            match request.query().and_then(|q| cookies::find_query_param(q, name)) {
-                                Some(v) if !v.is_empty() => v.as_bytes(),
-                                _ => continue,
-                            }
-                        }
-                        _ => {
-                            let Some(ip) = client_ip.take() else { continue };
-                            affinity::masked_ip(ip(), self.ipv4_prefix, self.ipv6_prefix, &mut ip_buf)
-                        }
-                    };
-                    if self.mapping == Mapping::Hash {
-                        return Found::Hashed(hash::key_hash(&self.name, key.kind(), value));
-                    }
-                    let pin = hash::key_hash128(&self.name, key.kind(), value);
-                    let t = &self.store.table;
-                    return match t.get(pin, t.now()).and_then(|id| self.members.iter().position(|m| m.id == id)) {
-                        Some(m) => Found::Member(m),
-                        None => Found::Learn(pin),
-                    };
-                }
+            if let Some(found) = self.find_key(key, affinity, request, &mut client_ip, now_ms) {
+                return found;
             }
         }
         Found::Nothing
+    }
+
+    /// What one key of the chain says of the request: `None` when the request does not
+    /// carry it, or carries a token or application cookie that leads to no member.
+    fn find_key<'a, R: RequestKeys + ?Sized>(
+        &self,
+        key: &KeySource,
+        affinity: &impl Fn(usize) -> Option<&'a PoolAffinity>,
+        request: &R,
+        client_ip: &mut Option<impl FnOnce() -> IpAddr>,
+        now_ms: u64,
+    ) -> Option<Found> {
+        let mut ip_buf = [0u8; 16];
+        let value: &[u8] = match key {
+            KeySource::Cookie => return self.by_token(affinity, request, now_ms).map(Found::Member),
+            KeySource::AppCookie(name) => {
+                let value = affinity::app_session(request, name)?;
+                let learned = self.members.iter().position(|m| {
+                    let Some(a) = affinity(m.pool) else { return false };
+                    let t = a.store.table(PinKind::AppCookie);
+                    t.get(hash::key_hash128(&m.name, "app_cookie", value.as_bytes()), t.now()).is_some()
+                });
+                return learned.map(Found::Member);
+            }
+            KeySource::Header(name) => request.header(name).filter(|v| !v.is_empty())?,
+            KeySource::Query(name) => {
+                let v = request.query().and_then(|q| cookies::find_query_param(q, name))?;
+                Some(v.as_bytes()).filter(|v| !v.is_empty())?
+            }
+            KeySource::ClientIp => {
+                let ip = client_ip.take()?;
+                affinity::masked_ip(ip(), self.ipv4_prefix, self.ipv6_prefix, &mut ip_buf)
+            }
+        };
+        if self.mapping == Mapping::Hash {
+            return Some(Found::Hashed(hash::key_hash(&self.name, key.kind(), value)));
+        }
+        let pin = hash::key_hash128(&self.name, key.kind(), value);
+        let t = &self.store.table;
+        Some(match t.get(pin, t.now()).and_then(|id| self.members.iter().position(|m| m.id == id)) {
+            Some(m) => Found::Member(m),
+            None => Found::Learn(pin),
+        })
+    }
+
+    /// Where a raw key value leads in this split now, and why, for the admin API; `kind`
+    /// narrows the key chain (without it, the value is tried as each key in turn).
+    /// Changes nothing: a key the split has not seen is not learned.
+    pub fn explain<'a>(
+        &self,
+        affinity: impl Fn(usize) -> Option<&'a PoolAffinity>,
+        kind: Option<&str>,
+        value: &str,
+        now_ms: u64,
+    ) -> Result<Explained, KeyError> {
+        if let Some(k) = kind {
+            if !self.keys.iter().any(|key| key.kind() == k) {
+                return Err(KeyError::NoSuchKind(k.to_string()));
+            }
+        }
+        for key in self.keys.iter().filter(|key| kind.is_none_or(|k| key.kind() == k)) {
+            let raw = Raw::new(key, self.cookie.as_deref(), value);
+            let ip = match key {
+                KeySource::ClientIp => match value.parse::<IpAddr>() {
+                    Ok(ip) => Some(ip),
+                    Err(_) if kind.is_some() => return Err(KeyError::NotAnIp(value.to_string())),
+                    Err(_) => continue,
+                },
+                _ => None,
+            };
+            let mut client_ip = ip.map(|ip| move || ip);
+            let pool = |m: usize| Some(self.members[m].name.clone());
+            let explained = match self.find_key(key, &affinity, &raw, &mut client_ip, now_ms) {
+                Some(Found::Member(m)) => {
+                    let how = match key {
+                        KeySource::Cookie => "the token records",
+                        KeySource::AppCookie(_) => "it was learned in",
+                        _ => "the split's table keeps it in",
+                    };
+                    let weight = self.members[m].weight;
+                    Explained {
+                        kind: key.kind(),
+                        pool: pool(m),
+                        why: format!("{how} pool \"{}\" (weight {weight})", self.members[m].name),
+                    }
+                }
+                Some(Found::Hashed(h)) => {
+                    let m = self.rendezvous(h);
+                    let why = format!("it hashes to pool \"{}\" at the weights now", self.members[m].name);
+                    Explained { kind: key.kind(), pool: pool(m), why }
+                }
+                Some(Found::Learn(_)) => Explained {
+                    kind: key.kind(),
+                    pool: None,
+                    why: "the split has not seen it: its next request picks a pool by weight".into(),
+                },
+                Some(Found::Nothing) | None if kind.is_some() => Explained {
+                    kind: key.kind(),
+                    pool: None,
+                    why: match key {
+                        KeySource::Cookie => {
+                            "not a live token of a pool in this split: its next request is a new session"
+                        }
+                        _ => "no pool of the split has learned it",
+                    }
+                    .into(),
+                },
+                Some(Found::Nothing) | None => continue,
+            };
+            return Ok(explained);
+        }
+        Ok(Explained {
+            kind: "none",
+            pool: None,
+            why: "no key of the split's chain leads anywhere with it: its next request picks a pool by weight".into(),
+        })
     }
 
     /// The member whose pool the request's token belongs to: the pool a version 2 token

@@ -534,3 +534,43 @@ async fn tether_check_counts_splits_and_locates_their_errors() {
     let (ok, out) = check(&split_config(Sticky::Table, &b, (0, 0)));
     assert!(!ok && out.contains("split \"release\": every weight is 0"), "{out}");
 }
+
+#[tokio::test]
+async fn the_admin_api_explains_where_a_key_goes_without_learning_it() {
+    let b = pools_of_backends().await;
+    let config = split_config(Sticky::Cookie, &b, (1, 1))
+        .replace("keys = [\"cookie\"]", "keys = [\"cookie\", \"header:x-user\"]");
+    let t = Tether::start(&config);
+    let (addr, admin) = (t.addr(), t.admin());
+    // A session that sent its header first, and got Tether's cookie.
+    let r = Request::get("/").header("host", addr.to_string()).header("x-user", "ada");
+    let resp = Client::connect(addr).await.request(r.body(Full::default()).unwrap()).await;
+    let token = resp.headers.get_all("set-cookie").iter().find_map(|v| {
+        let v = v.to_str().ok()?.strip_prefix("tether=")?;
+        Some(v.split(';').next()?.to_string())
+    });
+    let token = token.expect("Tether's cookie");
+    let pool = resp.backend().split('-').next().unwrap().to_string();
+    let explain = async |query: &str| call(admin, "GET", &format!("/api/splits/release/sessions?{query}"), "").await;
+
+    let (status, v) = explain("key=ada&kind=header").await;
+    assert_eq!((status, v["pool"].as_str(), v["kind"].as_str()), (200, Some(&*pool), Some("header")), "{v}");
+    assert!(v["why"].as_str().unwrap().contains("the split's table keeps it in"), "{v}");
+    for query in [format!("key={token}&kind=cookie"), format!("key={token}")] {
+        let (status, v) = explain(&query).await;
+        assert_eq!((status, v["pool"].as_str(), v["kind"].as_str()), (200, Some(&*pool), Some("cookie")), "{v}");
+        assert!(v["why"].as_str().unwrap().contains("the token records"), "{v}");
+    }
+    // Unknown keys lead nowhere yet, and asking does not learn them.
+    let learned = admin_json(admin, "/api/splits").await["splits"][0]["learned_keys"].clone();
+    let (status, v) = explain("key=bob&kind=header").await;
+    assert_eq!((status, &v["pool"]), (200, &Value::Null), "{v}");
+    assert!(v["why"].as_str().unwrap().contains("has not seen it"), "{v}");
+    let (status, v) = explain("key=not-a-token&kind=cookie").await;
+    assert_eq!((status, &v["pool"]), (200, &Value::Null), "{v}");
+    assert_eq!(admin_json(admin, "/api/splits").await["splits"][0]["learned_keys"], learned);
+    // Errors: a kind the chain lacks, no key, no such split.
+    assert_eq!(explain("key=10.0.0.1&kind=client_ip").await.0, 400);
+    assert_eq!(explain("kind=header").await.0, 400);
+    assert_eq!(call(admin, "GET", "/api/splits/nope/sessions?key=ada", "").await.0, 404);
+}

@@ -299,6 +299,7 @@ async fn handle(req: Request<Incoming>, control: &Control, local: Option<SocketA
             set_split_weights(control, &split, req).await
         }
         (&Method::DELETE, ["api", "splits", split, "weights"]) => split_reply(control.split_reset(split)),
+        (&Method::GET, ["api", "splits", split, "sessions"]) => split_session(control, &req, split),
         (&Method::POST, ["api", "reload"]) => reload(control),
         (_, ["api", ..]) | (_, ["metrics"]) => {
             error(StatusCode::NOT_FOUND, format!("no such endpoint: {} {}", method, req.uri().path()))
@@ -376,6 +377,30 @@ fn split_reply(r: Result<Vec<(String, u32)>, SplitError>) -> Reply {
             };
             error(status, e.to_string())
         }
+    }
+}
+
+/// `GET /api/splits/NAME/sessions?key=VALUE[&kind=KIND]`: the pool a session key leads to
+/// in the split now, and why.
+fn split_session(control: &Control, req: &Request<Incoming>, split: &str) -> Reply {
+    let Some(key) = query_param(req, "key") else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "give the affinity key as ?key=VALUE (and optionally &kind=cookie|app_cookie|header|query|client_ip)",
+        );
+    };
+    let kind = query_param(req, "kind");
+    let snap = control.shared.snapshot.load_full();
+    let Some(s) = snap.split(split) else {
+        return error(StatusCode::NOT_FOUND, format!("no split \"{split}\""));
+    };
+    let affinity = |p: usize| snap.pools.get(p)?.affinity.as_ref();
+    match s.explain(affinity, kind.as_deref(), &key, crate::time::unix_millis()) {
+        Ok(found) => json_reply(
+            StatusCode::OK,
+            &json!({ "split": split, "key": key, "kind": found.kind, "pool": found.pool.as_deref(), "why": found.why }),
+        ),
+        Err(e) => key_error(&e),
     }
 }
 
