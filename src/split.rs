@@ -297,7 +297,8 @@ impl Split {
 
     /// Where a raw key value leads in this split now, and why, for the admin API; `kind`
     /// narrows the key chain (without it, the value is tried as each key in turn).
-    /// Changes nothing: a key the split has not seen is not learned.
+    /// Learns nothing: a key the split has not seen stays unseen (a known key's idle time
+    /// is refreshed by the lookup, as by a request).
     pub fn explain<'a>(
         &self,
         affinity: impl Fn(usize) -> Option<&'a PoolAffinity>,
