@@ -549,6 +549,25 @@ mod tests {
     }
 
     #[test]
+    fn a_lower_weight_moves_only_the_share_it_must() {
+        // 50/50 to 50/25: green's share goes from 1/2 to 1/3, so 1/6 of all keys move, all
+        // from green to blue.
+        let keys: Vec<u64> = (0..30_000u64).map(|k| hash::key_hash("s", "query", &k.to_le_bytes())).collect();
+        let (before, after) = (split(&[50, 50]), split(&[50, 25]));
+        let mut moved = 0usize;
+        for &k in &keys {
+            let (b, a) = (before.rendezvous(k), after.rendezvous(k));
+            if a != b {
+                assert_eq!((b, a), (1, 0), "a key moved the wrong way");
+                moved += 1;
+            }
+        }
+        let (n, p) = (keys.len() as f64, 1.0 / 6.0);
+        let sd = (p * (1.0 - p) / n).sqrt();
+        assert!((moved as f64 / n - p).abs() <= 4.5 * sd, "{moved} of {n} keys moved");
+    }
+
+    #[test]
     fn by_weight_never_picks_a_zero_weight() {
         let s = split(&[0, 3, 0, 1]);
         let mut counts = [0usize; 4];
