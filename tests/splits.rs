@@ -574,3 +574,67 @@ async fn the_admin_api_explains_where_a_key_goes_without_learning_it() {
     assert_eq!(explain("kind=header").await.0, 400);
     assert_eq!(call(admin, "GET", "/api/splits/nope/sessions?key=ada", "").await.0, 404);
 }
+
+/// Clients that keep sending requests, each on its own session, while the weights flip
+/// under them (by the admin API and by reloads): none of them ever changes pool.
+async fn clients_keep_their_pool_while_weights_flip_under_them(sticky: Sticky) {
+    use std::sync::atomic::{AtomicBool, AtomicU64};
+    use std::sync::Arc;
+    let b = pools_of_backends().await;
+    let t = Tether::start(&split_config(sticky, &b, (50, 50)));
+    let (addr, admin) = (t.addr(), t.admin());
+    let sessions = open(addr, sticky, "live", 24).await;
+    assert!(share_of(&sessions, "green") > 0 && share_of(&sessions, "blue") > 0);
+    let stop = Arc::new(AtomicBool::new(false));
+    let served: Arc<Vec<AtomicU64>> = Arc::new(sessions.iter().map(|_| AtomicU64::new(0)).collect());
+    let mut clients = Vec::new();
+    for (i, mut s) in sessions.into_iter().enumerate() {
+        let (stop, served) = (stop.clone(), served.clone());
+        clients.push(tokio::spawn(async move {
+            let first = s.backend.clone();
+            while !stop.load(Ordering::Relaxed) {
+                visit(addr, sticky, &mut s).await;
+                if s.backend != first {
+                    return Some(format!("{}: {first} -> {}", s.user, s.backend));
+                }
+                served[i].fetch_add(1, Ordering::Relaxed);
+            }
+            None
+        }));
+    }
+    // Each step waits until every client has been served twice since it (or one has
+    // stopped, having seen its session move: the assertion below says which).
+    let every_client_served = async |clients: &[tokio::task::JoinHandle<Option<String>>]| {
+        let since: Vec<u64> = served.iter().map(|n| n.load(Ordering::Relaxed)).collect();
+        wait_until("every client was served twice more", Duration::from_secs(20), || {
+            clients.iter().any(|c| c.is_finished())
+                || served.iter().zip(&since).all(|(n, s)| n.load(Ordering::Relaxed) >= s + 2)
+        })
+        .await;
+    };
+    every_client_served(&clients).await;
+    set_weights(admin, 0, 100).await;
+    every_client_served(&clients).await;
+    set_weights(admin, 100, 0).await;
+    every_client_served(&clients).await;
+    reload(&t, &split_config(sticky, &b, (0, 100)), "config reloaded").await;
+    every_client_served(&clients).await;
+    reload(&t, &split_config(sticky, &b, (50, 50)), "config reloaded").await;
+    every_client_served(&clients).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut moved = Vec::new();
+    for c in clients {
+        moved.extend(c.await.expect("a client failed"));
+    }
+    assert_eq!(moved, Vec::<String>::new(), "sessions changed backend while the weights flipped");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_cookie_clients_keep_their_pool_while_weights_flip() {
+    clients_keep_their_pool_while_weights_flip_under_them(Sticky::Cookie).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_table_mapped_clients_keep_their_pool_while_weights_flip() {
+    clients_keep_their_pool_while_weights_flip_under_them(Sticky::Table).await;
+}
