@@ -104,8 +104,12 @@ fn run_command(cli: Cli) -> ExitCode {
                 let sources: usize = c.pools.iter().map(|p| p.dns.len()).sum();
                 // DNS sources are counted, never looked up, by a check.
                 let dns = if sources > 0 { format!(", {sources} dns sources") } else { String::new() };
+                let splits = match c.splits().count() {
+                    0 => String::new(),
+                    n => format!(", {n} splits"),
+                };
                 println!(
-                    "{}: ok ({} listeners, {} pools, {} backends{dns})",
+                    "{}: ok ({} listeners, {} pools, {} backends{dns}{splits})",
                     config.display(),
                     c.listeners.len(),
                     c.pools.len(),

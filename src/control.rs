@@ -94,6 +94,9 @@ pub struct Control {
     /// Admin API changes by (pool, backend), kept across reloads until the file changes
     /// that backend.
     overrides: Mutex<HashMap<(String, String), Override>>,
+    /// Admin API changes to split weights by (split, pool), kept across reloads until the
+    /// file changes that pool's weight in that split.
+    split_overrides: Mutex<HashMap<(String, String), SplitOverride>>,
     /// The backends the pools' DNS sources name now, vanished ones (draining) included;
     /// snapshots are built from the file's config plus these plus `overrides`.
     dns: Mutex<crate::dns::Members>,
@@ -123,6 +126,51 @@ struct Override {
     file_weight: u32,
 }
 
+/// An admin API weight for one pool of a split, with the file's weight it was set over.
+#[derive(Debug, Clone, Copy)]
+struct SplitOverride {
+    weight: u32,
+    file_weight: u32,
+}
+
+/// Why split weights could not be set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SplitError {
+    NoSplit(String),
+    NotInSplit {
+        split: String,
+        pool: String,
+    },
+    /// Every weight of the split would be 0: new sessions would have no pool.
+    AllZero(String),
+    /// Above [`config::MAX_SPLIT_WEIGHT`].
+    TooHeavy {
+        pool: String,
+        weight: u32,
+    },
+}
+
+impl fmt::Display for SplitError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SplitError::NoSplit(s) => write!(f, "no split \"{s}\""),
+            SplitError::NotInSplit { split, pool } => write!(f, "split \"{split}\" has no pool \"{pool}\""),
+            SplitError::AllZero(s) => {
+                write!(f, "split \"{s}\": every weight would be 0, so a new session would have no pool to go to")
+            }
+            SplitError::TooHeavy { pool, weight } => {
+                write!(
+                    f,
+                    "pool \"{pool}\": weight {weight} is out of range: expected 0 to {}",
+                    config::MAX_SPLIT_WEIGHT
+                )
+            }
+        }
+    }
+}
+
+impl std::error::Error for SplitError {}
+
 /// An admin override as a warm restart saves it (`warm`): the backend by pool and name,
 /// what the admin API set, and the file's values it was set over.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -132,6 +180,15 @@ pub struct SavedOverride {
     pub state: Option<AdminState>,
     pub weight: Option<u32>,
     pub file_state: AdminState,
+    pub file_weight: u32,
+}
+
+/// An admin API split weight as a warm restart saves it (`warm`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SavedSplitOverride {
+    pub split: String,
+    pub pool: String,
+    pub weight: u32,
     pub file_weight: u32,
 }
 
@@ -178,6 +235,7 @@ impl Control {
             listeners: Default::default(),
             file_config: Mutex::new(config),
             overrides: Default::default(),
+            split_overrides: Default::default(),
             dns: Default::default(),
             dns_reloads: watch::channel(0).0,
             changing: Mutex::new(()),
@@ -284,6 +342,8 @@ impl Control {
                 }
             }
         }
+        drop(overrides);
+        apply_split_overrides(&mut c, &lock(&self.split_overrides));
         c
     }
 
@@ -396,6 +456,7 @@ impl Control {
                 .and_then(|p| p.backends.iter().find(|b| &b.name == backend));
             now.is_some_and(|b| b.state == o.file_state && b.weight == o.file_weight)
         });
+        retain_split_overrides(file, &mut lock(&self.split_overrides));
     }
 
     /// The config as the file says it (without DNS backends or admin changes).
@@ -524,6 +585,105 @@ impl Control {
         Ok(changed)
     }
 
+    /// Sets weights of a split's pools at once (each `(pool, weight)`); they outlive
+    /// reloads until the file changes that pool's weight in the split. Returns the
+    /// split's weights now, by pool.
+    pub fn split_weights(&self, split: &str, weights: &[(String, u32)]) -> Result<Vec<(String, u32)>, SplitError> {
+        let _one_at_a_time = lock(&self.changing);
+        let file = lock(&self.file_config).clone();
+        let (_, s) = file.splits().find(|(_, s)| s.name == split).ok_or_else(|| SplitError::NoSplit(split.into()))?;
+        let pool_name = |m: &config::SplitMember| file.pools.get(m.pool).map_or("", |p| p.name.as_str());
+        for (pool, weight) in weights {
+            if !s.members.iter().any(|m| pool_name(m) == pool) {
+                return Err(SplitError::NotInSplit { split: split.into(), pool: pool.clone() });
+            }
+            if *weight > config::MAX_SPLIT_WEIGHT {
+                return Err(SplitError::TooHeavy { pool: pool.clone(), weight: *weight });
+            }
+        }
+        {
+            let mut overrides = lock(&self.split_overrides);
+            let mut after = overrides.clone();
+            for (pool, weight) in weights {
+                let file_weight = s.members.iter().find(|m| pool_name(m) == pool).map_or(0, |m| m.weight);
+                after.insert((split.to_string(), pool.clone()), SplitOverride { weight: *weight, file_weight });
+            }
+            let total: u32 = s
+                .members
+                .iter()
+                .map(|m| after.get(&(split.to_string(), pool_name(m).to_string())).map_or(m.weight, |o| o.weight))
+                .sum();
+            if total == 0 {
+                return Err(SplitError::AllZero(split.into()));
+            }
+            *overrides = after;
+        }
+        let effective = self.effective(&file);
+        let now = split_weights_of(&effective, split);
+        let old = self.shared.snapshot.load_full();
+        self.shared.snapshot.store(Arc::new(Snapshot::build(Arc::new(effective), Some(&old))));
+        tracing::info!(split, "admin: split weights {now:?}");
+        Ok(now)
+    }
+
+    /// Drops the admin API's weights of a split: the file's apply again. Returns the
+    /// split's weights now, by pool.
+    pub fn split_reset(&self, split: &str) -> Result<Vec<(String, u32)>, SplitError> {
+        let _one_at_a_time = lock(&self.changing);
+        let file = lock(&self.file_config).clone();
+        if !file.splits().any(|(_, s)| s.name == split) {
+            return Err(SplitError::NoSplit(split.into()));
+        }
+        lock(&self.split_overrides).retain(|(s, _), _| s != split);
+        let effective = self.effective(&file);
+        let now = split_weights_of(&effective, split);
+        let old = self.shared.snapshot.load_full();
+        self.shared.snapshot.store(Arc::new(Snapshot::build(Arc::new(effective), Some(&old))));
+        tracing::info!(split, "admin: split weights back to the file's {now:?}");
+        Ok(now)
+    }
+
+    /// The admin API's split weights in force, for a warm restart to save.
+    pub fn saved_split_overrides(&self) -> Vec<SavedSplitOverride> {
+        let mut out: Vec<SavedSplitOverride> = lock(&self.split_overrides)
+            .iter()
+            .map(|((split, pool), o)| SavedSplitOverride {
+                split: split.clone(),
+                pool: pool.clone(),
+                weight: o.weight,
+                file_weight: o.file_weight,
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.split, &a.pool).cmp(&(&b.split, &b.pool)));
+        out
+    }
+
+    /// Re-applies split weights a warm restart saved, by the rule reloads keep them by
+    /// (the file still has the pool in the split at the weight they were set over, and
+    /// they leave some weight above 0). Returns how many apply; the snapshot is rebuilt
+    /// once if any does.
+    pub fn restore_split_overrides(&self, saved: Vec<SavedSplitOverride>) -> usize {
+        if saved.is_empty() {
+            return 0;
+        }
+        let _one_at_a_time = lock(&self.changing);
+        let file = lock(&self.file_config).clone();
+        let applied = {
+            let mut overrides = lock(&self.split_overrides);
+            for s in saved {
+                overrides.insert((s.split, s.pool), SplitOverride { weight: s.weight, file_weight: s.file_weight });
+            }
+            retain_split_overrides(&file, &mut overrides);
+            overrides.len()
+        };
+        if applied > 0 {
+            let old = self.shared.snapshot.load_full();
+            let snapshot = Snapshot::build(Arc::new(self.effective(&file)), Some(&old));
+            self.shared.snapshot.store(Arc::new(snapshot));
+        }
+        applied
+    }
+
     /// The admin overrides in force, for a warm restart to save.
     pub fn saved_overrides(&self) -> Vec<SavedOverride> {
         let mut out: Vec<SavedOverride> = lock(&self.overrides)
@@ -612,6 +772,58 @@ fn bind_admin(bind: SocketAddr) -> anyhow::Result<TcpListener> {
     listener::bind(bind).with_context(|| format!("admin: cannot bind {bind}"))
 }
 
+/// Sets the weights the admin API gave splits' pools.
+fn apply_split_overrides(c: &mut Config, overrides: &HashMap<(String, String), SplitOverride>) {
+    if overrides.is_empty() {
+        return;
+    }
+    let names: Vec<String> = c.pools.iter().map(|p| p.name.clone()).collect();
+    for l in &mut c.listeners {
+        for r in &mut l.routes {
+            let config::RouteTo::Split(s) = &mut r.to else { continue };
+            for m in &mut s.members {
+                let pool = names.get(m.pool).cloned().unwrap_or_default();
+                if let Some(o) = overrides.get(&(s.name.clone(), pool)) {
+                    m.weight = o.weight;
+                }
+            }
+        }
+    }
+}
+
+/// Keeps the split weights the admin API set whose split still has the pool at the weight
+/// they were set over; drops a split's when they would leave it with every weight 0 (the
+/// file moved the other pools to 0), so the file's weights apply.
+fn retain_split_overrides(file: &Config, overrides: &mut HashMap<(String, String), SplitOverride>) {
+    let file_weight = |split: &str, pool: &str| {
+        let (_, s) = file.splits().find(|(_, s)| s.name == split)?;
+        s.members.iter().find(|m| file.pools.get(m.pool).is_some_and(|p| p.name == pool)).map(|m| m.weight)
+    };
+    overrides.retain(|(split, pool), o| file_weight(split, pool) == Some(o.file_weight));
+    for (_, s) in file.splits() {
+        let total: u32 = s
+            .members
+            .iter()
+            .map(|m| {
+                let pool = file.pools.get(m.pool).map_or("", |p| p.name.as_str());
+                overrides.get(&(s.name.clone(), pool.to_string())).map_or(m.weight, |o| o.weight)
+            })
+            .sum();
+        if total == 0 {
+            tracing::warn!(split = %s.name, "the admin API's split weights would leave every weight at 0; the file's apply");
+            overrides.retain(|(split, _), _| *split != s.name);
+        }
+    }
+}
+
+/// The weights of split `name` in `c`, by pool.
+pub fn split_weights_of(c: &Config, name: &str) -> Vec<(String, u32)> {
+    c.splits()
+        .find(|(_, s)| s.name == name)
+        .map(|(_, s)| s.members.iter().filter_map(|m| Some((c.pools.get(m.pool)?.name.clone(), m.weight))).collect())
+        .unwrap_or_default()
+}
+
 /// What a reload changes, one line per listener, pool or backend, in words.
 pub fn diff(old: &Config, new: &Config) -> Vec<String> {
     let mut out = Vec::new();
@@ -638,6 +850,7 @@ pub fn diff(old: &Config, new: &Config) -> Vec<String> {
             out.push(format!("listener \"{}\" removed", o.name));
         }
     }
+    diff_splits(old, new, &mut out);
     for p in &new.pools {
         match old.pools.iter().find(|o| o.name == p.name) {
             None => out.push(format!("pool \"{}\" added with {} backends", p.name, p.backends.len())),
@@ -659,6 +872,32 @@ pub fn diff(old: &Config, new: &Config) -> Vec<String> {
         out.push("runtime.threads and access_log changes take effect at the next restart".into());
     }
     out
+}
+
+/// Splits added, removed, or whose pools or weights changed.
+fn diff_splits(old: &Config, new: &Config, out: &mut Vec<String>) {
+    let weights = |c: &Config, s: &config::Split| {
+        let each: Vec<String> = s
+            .members
+            .iter()
+            .map(|m| format!("{} {}", c.pools.get(m.pool).map_or("?", |p| p.name.as_str()), m.weight))
+            .collect();
+        each.join(", ")
+    };
+    for (listener, s) in new.splits() {
+        match old.splits().find(|(_, o)| o.name == s.name) {
+            None => out.push(format!("split \"{}\" added on listener \"{listener}\": {}", s.name, weights(new, s))),
+            Some((_, o)) if weights(old, o) != weights(new, s) => {
+                out.push(format!("split \"{}\": {} (was {})", s.name, weights(new, s), weights(old, o)))
+            }
+            Some(_) => {}
+        }
+    }
+    for (_, o) in old.splits() {
+        if !new.splits().any(|(_, s)| s.name == o.name) {
+            out.push(format!("split \"{}\" removed", o.name));
+        }
+    }
 }
 
 /// What changed in the admin listener. The token itself is never written out.

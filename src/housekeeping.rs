@@ -1,8 +1,9 @@
 //! Once a second, off the request path: each part's periodic bookkeeping, called in one
 //! place. Expired affinity entries go and every backend's live sessions are recounted
-//! (what bounded load and drains go by), request rates are sampled, retry budgets are
-//! topped up, the progress of every drain is logged when it changes, and relays to a
-//! backend whose drain is over (`drain_timeout`) are told to close.
+//! (what bounded load and drains go by), traffic splits' expired keys go, request rates
+//! are sampled, retry budgets are topped up, the progress of every drain is logged when
+//! it changes, and relays to a backend whose drain is over (`drain_timeout`) are told to
+//! close.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -47,6 +48,9 @@ pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
                     }
                 }
             }
+        }
+        for split in snapshot.listeners.iter().flat_map(|l| l.splits()) {
+            split.sweep();
         }
     }
 }

@@ -28,6 +28,7 @@ pub mod affinity;
 pub(crate) mod health;
 pub(crate) mod housekeeping;
 pub(crate) mod pool;
+pub(crate) mod split;
 pub(crate) mod state;
 
 // The data path.

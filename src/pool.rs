@@ -13,16 +13,18 @@
 //! two steps shared by both data paths (`move_from`, `slot`) ask the pool's affinity or
 //! balancer and its backends' limits.
 
+use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::affinity::{Decision, PoolAffinity};
+use crate::affinity::{Decision, PoolAffinity, RequestKeys};
 use crate::backend::{Backend, Group};
 use crate::balance::Balancer;
 use crate::config::{self, Config};
 use crate::retry::RetryBudget;
+use crate::split::Split;
 use crate::upstream::Upstream;
 
 /// Why a request got no `max_connections` slot of its backend.
@@ -144,18 +146,52 @@ pub struct Routes {
     pub redirect_to_https: Option<u16>,
     /// `Strict-Transport-Security` for responses that have none.
     pub hsts: Option<Box<str>>,
-    routes: Vec<config::Route>,
+    routes: Vec<Route>,
+}
+
+/// One route as a snapshot holds it.
+#[derive(Debug)]
+struct Route {
+    host: Option<String>,
+    path_prefix: String,
+    to: To,
+}
+
+/// Where a route goes, as a snapshot holds it.
+#[derive(Debug)]
+enum To {
+    Pool(usize),
+    Split(Split),
+}
+
+/// Where a request's route sends it: one pool (by index), or a split that chooses one
+/// ([`Snapshot::pool_of`]).
+#[derive(Debug, Clone, Copy)]
+pub enum Routed<'s> {
+    Pool(usize),
+    Split(&'s Split),
 }
 
 impl Routes {
-    /// The pool index for a request's host (lower-case, no port) and path.
-    pub fn route(&self, host: &str, path: &str) -> Option<usize> {
+    /// Where a request for a host (lower-case, no port) and path goes.
+    pub fn route(&self, host: &str, path: &str) -> Option<Routed<'_>> {
         self.routes
             .iter()
             .find(|r| {
                 r.host.as_deref().is_none_or(|h| h.eq_ignore_ascii_case(host)) && path.starts_with(&r.path_prefix)
             })
-            .map(|r| r.pool)
+            .map(|r| match &r.to {
+                To::Pool(p) => Routed::Pool(*p),
+                To::Split(s) => Routed::Split(s),
+            })
+    }
+
+    /// The listener's splits.
+    pub fn splits(&self) -> impl Iterator<Item = &Split> {
+        self.routes.iter().filter_map(|r| match &r.to {
+            To::Split(s) => Some(s),
+            To::Pool(_) => None,
+        })
     }
 }
 
@@ -176,7 +212,21 @@ impl Snapshot {
             .listeners
             .iter()
             .map(|l| {
-                let mut routes = l.routes.clone();
+                let mut routes: Vec<Route> = l
+                    .routes
+                    .iter()
+                    .map(|r| Route {
+                        host: r.host.clone(),
+                        path_prefix: r.path_prefix.clone(),
+                        to: match &r.to {
+                            config::RouteTo::Pool(p) => To::Pool(*p),
+                            config::RouteTo::Split(s) => {
+                                let old = previous.and_then(|p| p.split(&s.name));
+                                To::Split(Split::build(s, &config.pools, old))
+                            }
+                        },
+                    })
+                    .collect();
                 // Host-specific routes before catch-alls, longer prefixes before shorter;
                 // the sort is stable so equal routes keep the order they were written in.
                 routes.sort_by_key(|r| (r.host.is_none(), std::cmp::Reverse(r.path_prefix.len())));
@@ -202,5 +252,28 @@ impl Snapshot {
 
     pub fn listener(&self, name: &str) -> Option<&Routes> {
         self.listeners.iter().find(|l| l.listener == name)
+    }
+
+    /// The split named `name`, on any listener.
+    pub fn split(&self, name: &str) -> Option<&Split> {
+        self.listeners.iter().flat_map(Routes::splits).find(|s| &*s.name == name)
+    }
+
+    /// The pool a routed request goes to: the route's, or the one its split chooses
+    /// for the request's session (see `split`). `client_ip` is asked only when the
+    /// split's key chain reads the client's address.
+    pub fn pool_of<R: RequestKeys + ?Sized>(
+        &self,
+        to: Routed<'_>,
+        request: &R,
+        client_ip: impl FnOnce() -> IpAddr,
+    ) -> &Pool {
+        let i = match to {
+            Routed::Pool(i) => i,
+            Routed::Split(s) => {
+                s.choose(|p| self.pools.get(p)?.affinity.as_ref(), request, client_ip, crate::time::unix_millis())
+            }
+        };
+        &self.pools[i]
     }
 }

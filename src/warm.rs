@@ -1,6 +1,7 @@
 //! Warm restarts without Redis: with `runtime.state_dir`, graceful shutdown saves what a
 //! Tether learned (every pool's stick tables: app-cookie, header, query and client-IP pins
-//! and the token sessions) and the admin API's overrides (drain, enable, disable, weight)
+//! and the token sessions; every traffic split's table of table-mapped keys) and the admin
+//! API's overrides (drain, enable, disable, weight; split weights)
 //! to one file, and start-up reads them back, so restarting or upgrading one instance
 //! loses no learned session and no drain.
 //!
@@ -31,7 +32,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::affinity::{self, hash};
 use crate::config::AdminState;
-use crate::control::{Control, SavedOverride};
+use crate::control::{Control, SavedOverride, SavedSplitOverride};
 use crate::pool::Snapshot;
 
 /// The file's name in `state_dir`.
@@ -51,6 +52,32 @@ struct StateFile {
     written_unix_ms: u64,
     pools: Vec<SavedPool>,
     overrides: Vec<OverrideRecord>,
+    /// Traffic splits' key tables (left out when there is none, so a file of a config
+    /// without splits is what it was before splits).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    splits: Vec<SavedSplit>,
+    /// The admin API's split weights.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    split_overrides: Vec<SplitOverrideRecord>,
+}
+
+/// A split's table of table-mapped keys: each entry's "backend" is the index of its pool
+/// in `pools`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SavedSplit {
+    name: String,
+    pools: Vec<String>,
+    entries: Vec<SavedEntry>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SplitOverrideRecord {
+    split: String,
+    pool: String,
+    weight: u32,
+    file_weight: u32,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -158,9 +185,16 @@ pub fn set_aside(dir: &Path) {
 /// Logs the outcome; a failure is logged, never fatal (the process is stopping anyway).
 pub fn save(control: &Control, dir: &Path) {
     let snapshot = control.shared.snapshot.load_full();
-    let file = collect(&snapshot, control.saved_overrides());
-    let entries: usize = file.pools.iter().flat_map(|p| p.tables.values()).map(Vec::len).sum();
-    let overrides = file.overrides.len();
+    let mut file = collect(&snapshot, control.saved_overrides());
+    file.splits = collect_splits(&snapshot);
+    file.split_overrides = control
+        .saved_split_overrides()
+        .into_iter()
+        .map(|o| SplitOverrideRecord { split: o.split, pool: o.pool, weight: o.weight, file_weight: o.file_weight })
+        .collect();
+    let entries: usize = file.pools.iter().flat_map(|p| p.tables.values()).map(Vec::len).sum::<usize>()
+        + file.splits.iter().map(|s| s.entries.len()).sum::<usize>();
+    let overrides = file.overrides.len() + file.split_overrides.len();
     let target = path(dir);
     match write_atomically(&target, &file) {
         Ok(()) => tracing::info!(
@@ -224,7 +258,39 @@ fn collect(snapshot: &Snapshot, overrides: Vec<SavedOverride>) -> StateFile {
             }
         })
         .collect();
-    StateFile { format: FORMAT.into(), version: VERSION, written_unix_ms: now_ms, pools, overrides }
+    StateFile {
+        format: FORMAT.into(),
+        version: VERSION,
+        written_unix_ms: now_ms,
+        pools,
+        overrides,
+        splits: Vec::new(),
+        split_overrides: Vec::new(),
+    }
+}
+
+/// Every split's key table, entries naming their pool by place in the split's list.
+fn collect_splits(snapshot: &Snapshot) -> Vec<SavedSplit> {
+    let now_secs = crate::time::unix_millis() / 1000;
+    let mut out = Vec::new();
+    for s in snapshot.listeners.iter().flat_map(|l| l.splits()) {
+        let entries: Vec<SavedEntry> = s
+            .store
+            .table
+            .export()
+            .iter()
+            .filter_map(|e| {
+                let i = s.members.iter().position(|m| m.id == e.backend)?;
+                let last_seen = now_secs.saturating_sub(u64::from(e.idle_secs));
+                Some(SavedEntry(format!("{:032x}", e.key), i, last_seen, e.established))
+            })
+            .collect();
+        if !entries.is_empty() {
+            let pools = s.members.iter().map(|m| m.name.to_string()).collect();
+            out.push(SavedSplit { name: s.name.to_string(), pools, entries });
+        }
+    }
+    out
 }
 
 /// Writes `file` to a temporary file beside `target`, flushes it to disk, renames it over
@@ -371,6 +437,38 @@ fn apply(control: &Control, file: &StateFile) -> Restored {
             }
         }
     }
+    for saved in &file.splits {
+        let Some(split) = snapshot.split(&saved.name) else {
+            restored.dropped += saved.entries.len();
+            continue;
+        };
+        // Each saved pool's identity, if the split still has it.
+        let ids: Vec<Option<u64>> =
+            saved.pools.iter().map(|p| split.members.iter().find(|m| &*m.name == p).map(|m| m.id)).collect();
+        for SavedEntry(key, pool, last_seen, established) in &saved.entries {
+            let (Ok(key), Some(Some(pool))) = (u128::from_str_radix(key, 16), ids.get(*pool)) else {
+                restored.dropped += 1;
+                continue;
+            };
+            let idle = u32::try_from(now_secs.saturating_sub(*last_seen)).unwrap_or(u32::MAX);
+            if split.store.table.import(key, *pool, idle, *established) {
+                restored.entries += 1;
+            } else {
+                restored.expired += 1;
+            }
+        }
+    }
+    let split_overrides = file
+        .split_overrides
+        .iter()
+        .map(|o| SavedSplitOverride {
+            split: o.split.clone(),
+            pool: o.pool.clone(),
+            weight: o.weight,
+            file_weight: o.file_weight,
+        })
+        .collect();
+    restored.overrides += control.restore_split_overrides(split_overrides);
     let wanted: Vec<(SavedOverride, Option<u64>)> = file
         .overrides
         .iter()
@@ -392,7 +490,7 @@ fn apply(control: &Control, file: &StateFile) -> Restored {
     let since: HashMap<(String, String), u64> =
         wanted.iter().filter_map(|(o, since)| Some(((o.pool.clone(), o.backend.clone()), (*since)?))).collect();
     let applied = control.restore_overrides(wanted.into_iter().map(|(o, _)| o).collect());
-    restored.overrides = applied.len();
+    restored.overrides += applied.len();
     // A drain keeps the start it had: its `drain_timeout` runs from then.
     let snapshot = control.shared.snapshot.load_full();
     for o in &applied {

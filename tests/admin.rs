@@ -241,11 +241,18 @@ async fn metrics_count_what_happened() {
 async fn the_documented_curl_examples_work() {
     let b = backends(2).await;
     let t = Tether::start(
-        &sticky(&b, &format!("token = \"{TOKEN}\"\n"))
+        &(sticky(&b, &format!("token = \"{TOKEN}\"\n"))
             .replace("app-1", "shop-1")
             .replace("app-2", "shop-2")
             .replace("[pools.web", "[pools.shop")
-            .replace("pool = \"web\"", "pool = \"shop\""),
+            .replace("pool = \"web\"", "pool = \"shop\"")
+            + &format!(
+                "[[listeners.routes]]\npath_prefix = \"/release\"\nname = \"release\"\n\
+                 split = [{{ pool = \"blue\", weight = 90 }}, {{ pool = \"green\", weight = 10 }}]\n\
+                 [pools.blue]\nbackends = [{{ name = \"blue-1\", address = \"{}\" }}]\n\
+                 [pools.green]\nbackends = [{{ name = \"green-1\", address = \"{}\" }}]\n",
+                b[0].address, b[1].address
+            )),
     );
     get(t.addr(), "/").await;
     let mut c = Client::connect(t.addr()).await;

@@ -1,6 +1,7 @@
 //! The dashboard in a real browser: headless Chromium driven by Playwright
-//! (`tests/dashboard/check.mjs`) opens the admin page, finds the backends, clicks Drain
-//! and sees the state change through the API, and saves a screenshot.
+//! (`tests/dashboard/check.mjs`) opens the admin page, finds the backends and the traffic
+//! splits, clicks Drain and sees the state change through the API, and saves a
+//! screenshot.
 //!
 //! Needs `/usr/bin/chromium` and `playwright-core` under `target/pw/node_modules`, which
 //! `.ci/setup` installs.
@@ -22,13 +23,24 @@ async fn the_dashboard_shows_backends_and_drains_one() {
     );
     let b = backends(3).await;
     let refs: Vec<&DemoBackend> = b.iter().collect();
+    // A traffic split on /release between pool web and a canary pool of the same
+    // backends, for the splits table.
+    let affinity = "keys = [\"cookie\"]\n[AFF.cookie]\nkeys = [\"AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=\"]\ntoken_version = 2\n";
     let cfg = format!(
-        "{}\n[pools.web.affinity]\nkeys = [\"cookie\"]\n[pools.web.affinity.cookie]\nkeys = [\"AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=\"]\n",
-        config("round_robin", &refs, &[], "[admin]\nbind = \"127.0.0.1:0\"\n")
+        "{}\n[pools.web.affinity]\n{}\n[[listeners.routes]]\npath_prefix = \"/release\"\nname = \"release\"\n\
+         split = [{{ pool = \"web\", weight = 90 }}, {{ pool = \"web-canary\", weight = 10 }}]\n\
+         [pools.web-canary]\nbackends = [{{ name = \"canary-1\", address = \"{}\" }}]\n[pools.web-canary.affinity]\n{}",
+        config("round_robin", &refs, &[], "[admin]\nbind = \"127.0.0.1:0\"\n"),
+        affinity.replace("AFF", "pools.web.affinity"),
+        b[0].address,
+        affinity.replace("AFF", "pools.web-canary.affinity"),
     );
     let t = Tether::start(&cfg);
     for _ in 0..9 {
         get(t.addr(), "/").await;
+    }
+    for _ in 0..5 {
+        get(t.addr(), "/release/").await;
     }
     let screenshot = root.join("target/dashboard.png");
     let _ = std::fs::remove_file(&screenshot);
@@ -50,6 +62,12 @@ async fn the_dashboard_shows_backends_and_drains_one() {
     for name in ["app-1", "app-2", "app-3"] {
         assert!(found.contains(name), "{name} missing from {found}");
     }
+    let splits = stdout.lines().find_map(|l| l.strip_prefix("SPLITS ")).expect("the page listed the splits");
+    let rows: Vec<Vec<String>> = serde_json::from_str(splits).unwrap();
+    let requests: u64 = rows.iter().map(|r| r[5].replace(',', "").parse::<u64>().unwrap()).sum();
+    assert_eq!(rows[0][..5], ["release", "web */release", "web", "90", "90%"], "{rows:?}");
+    assert_eq!(rows[1][2..5], ["web-canary", "10", "10%"], "{rows:?}");
+    assert_eq!(requests, 5, "{rows:?}");
     let drained =
         stdout.lines().find_map(|l| l.strip_prefix("DRAINED ")).expect("a backend was drained").trim().to_string();
     // The click went through the API: the backend really is draining.

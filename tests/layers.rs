@@ -34,6 +34,7 @@ const LAYERS: &[(&str, u8, &str)] = &[
     ("dns", 2, "building blocks"),
     ("affinity", 3, "policy: decide where a request goes, keep state right"),
     ("pool", 3, "policy: decide where a request goes, keep state right"),
+    ("split", 3, "policy: decide where a request goes, keep state right"),
     ("health", 3, "policy: decide where a request goes, keep state right"),
     ("state", 3, "policy: decide where a request goes, keep state right"),
     ("housekeeping", 3, "policy: decide where a request goes, keep state right"),

@@ -56,6 +56,7 @@ impl Collector for Scrape {
         backends(&mut e, &snap)?;
         latency(&mut e, &snap)?;
         pools(&mut e, &snap)?;
+        splits(&mut e, &snap)?;
         dns(&mut e, &self.0)?;
         {
             // No labels: `tether_access_log_dropped_total 0`, not `..._total{} 0`.
@@ -218,6 +219,26 @@ fn dns(e: &mut DescriptorEncoder<'_>, shared: &Shared) -> std::fmt::Result {
     )?;
     gauge(e, "tether_dns_up", "1 when the last lookup of a DNS source succeeded (else the last good set stays).", &up)?;
     gauge(e, "tether_dns_backends", "Backends a DNS source gives its pool, draining ones included.", &backends)?;
+    Ok(())
+}
+
+/// Per pool of each traffic split (`route` is the split's name): requests, sessions the
+/// split placed there, and the weight.
+fn splits(e: &mut DescriptorEncoder<'_>, snap: &Snapshot) -> std::fmt::Result {
+    let (mut requests, mut sessions, mut weights) = (Vec::new(), Vec::new(), Vec::new());
+    for l in &snap.listeners {
+        for s in l.splits() {
+            for m in &s.members {
+                let labels = vec![("listener", l.listener.as_str()), ("route", &*s.name), ("pool", &*m.name)];
+                requests.push((labels.clone(), m.stats.requests.load(Ordering::Relaxed)));
+                sessions.push((labels.clone(), m.stats.sessions.load(Ordering::Relaxed)));
+                weights.push((labels, i64::from(m.weight)));
+            }
+        }
+    }
+    counter(e, "tether_split_requests", "Requests a traffic split sent to a pool.", &requests)?;
+    counter(e, "tether_split_sessions", "New sessions a traffic split placed in a pool by weight.", &sessions)?;
+    gauge(e, "tether_split_weight", "A pool's weight in a traffic split.", &weights)?;
     Ok(())
 }
 

@@ -34,9 +34,9 @@ use crate::affinity::explain::KeyError;
 use crate::affinity::verdict::Verdict;
 use crate::backend::Backend;
 use crate::config::{self, AdminState};
-use crate::control::{BackendAction, Control, ReloadError};
+use crate::control::{BackendAction, Control, ReloadError, SplitError};
 use crate::net;
-use crate::pool::Pool;
+use crate::pool::{Pool, Snapshot};
 
 const DASHBOARD: &str = include_str!("dashboard.html");
 
@@ -290,6 +290,16 @@ async fn handle(req: Request<Incoming>, control: &Control, local: Option<SocketA
         (&Method::GET | &Method::DELETE, ["api", "pools", pool, "sessions"]) => {
             sessions(control, &req, pool, method == Method::DELETE)
         }
+        (&Method::GET, ["api", "splits"]) => {
+            let snap = control.shared.snapshot.load_full();
+            json_reply(StatusCode::OK, &json!({ "time_ms": crate::time::unix_millis(), "splits": splits_json(&snap) }))
+        }
+        (&Method::PUT, ["api", "splits", split, "weights"]) => {
+            let split = split.to_string();
+            set_split_weights(control, &split, req).await
+        }
+        (&Method::DELETE, ["api", "splits", split, "weights"]) => split_reply(control.split_reset(split)),
+        (&Method::GET, ["api", "splits", split, "sessions"]) => split_session(control, &req, split),
         (&Method::POST, ["api", "reload"]) => reload(control),
         (_, ["api", ..]) | (_, ["metrics"]) => {
             error(StatusCode::NOT_FOUND, format!("no such endpoint: {} {}", method, req.uri().path()))
@@ -320,6 +330,112 @@ async fn set_weight(control: &Control, pool: &str, backend: &str, req: Request<I
             format!("expected a JSON body like {{\"weight\": 3}} with a weight from 1 to {}", config::MAX_WEIGHT),
         ),
     }
+}
+
+/// `PUT /api/splits/NAME/weights` with `{"weights": {"POOL": N, ...}}`: the pools named
+/// take those weights, the others keep theirs.
+async fn set_split_weights(control: &Control, split: &str, req: Request<Incoming>) -> Reply {
+    let body = match Limited::new(req.into_body(), 4096).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return error(StatusCode::BAD_REQUEST, "the body must be at most 4 KiB of JSON"),
+    };
+    let usage = format!(
+        "expected a JSON body like {{\"weights\": {{\"blue\": 90, \"green\": 10}}}} with weights from 0 to {}",
+        config::MAX_SPLIT_WEIGHT
+    );
+    let Some(given) = serde_json::from_slice::<Value>(&body).ok().and_then(|v| v.get("weights")?.as_object().cloned())
+    else {
+        return error(StatusCode::BAD_REQUEST, usage);
+    };
+    let mut weights = Vec::new();
+    for (pool, w) in given {
+        match w.as_u64().filter(|w| *w <= u64::from(config::MAX_SPLIT_WEIGHT)) {
+            Some(w) => weights.push((pool, w as u32)),
+            None => return error(StatusCode::BAD_REQUEST, format!("pool \"{pool}\": {usage}")),
+        }
+    }
+    if weights.is_empty() {
+        return error(StatusCode::BAD_REQUEST, usage);
+    }
+    split_reply(control.split_weights(split, &weights))
+}
+
+/// The split's weights after a change, or why there was none: a split that does not exist
+/// is 404, a pool it does not have or a weight out of range 400, weights that would all be
+/// 0 a conflict (409).
+fn split_reply(r: Result<Vec<(String, u32)>, SplitError>) -> Reply {
+    match r {
+        Ok(weights) => {
+            let weights: serde_json::Map<String, Value> = weights.into_iter().map(|(p, w)| (p, json!(w))).collect();
+            json_reply(StatusCode::OK, &json!({ "weights": weights }))
+        }
+        Err(e) => {
+            let status = match e {
+                SplitError::NoSplit(_) => StatusCode::NOT_FOUND,
+                SplitError::NotInSplit { .. } | SplitError::TooHeavy { .. } => StatusCode::BAD_REQUEST,
+                SplitError::AllZero(_) => StatusCode::CONFLICT,
+            };
+            error(status, e.to_string())
+        }
+    }
+}
+
+/// `GET /api/splits/NAME/sessions?key=VALUE[&kind=KIND]`: the pool a session key leads to
+/// in the split now, and why.
+fn split_session(control: &Control, req: &Request<Incoming>, split: &str) -> Reply {
+    let Some(key) = query_param(req, "key") else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "give the affinity key as ?key=VALUE (and optionally &kind=cookie|app_cookie|header|query|client_ip)",
+        );
+    };
+    let kind = query_param(req, "kind");
+    let snap = control.shared.snapshot.load_full();
+    let Some(s) = snap.split(split) else {
+        return error(StatusCode::NOT_FOUND, format!("no split \"{split}\""));
+    };
+    let affinity = |p: usize| snap.pools.get(p)?.affinity.as_ref();
+    match s.explain(affinity, kind.as_deref(), &key, crate::time::unix_millis()) {
+        Ok(found) => json_reply(
+            StatusCode::OK,
+            &json!({ "split": split, "key": key, "kind": found.kind, "pool": found.pool.as_deref(), "why": found.why }),
+        ),
+        Err(e) => key_error(&e),
+    }
+}
+
+/// Every split: where it is (listener, host, path prefix), and per pool its weight,
+/// requests, the sessions it placed there, and the pool's live sessions.
+fn splits_json(snap: &Snapshot) -> Vec<Value> {
+    let mut out = Vec::new();
+    for l in &snap.config.listeners {
+        for r in &l.routes {
+            let config::RouteTo::Split(s) = &r.to else { continue };
+            let Some(live) = snap.split(&s.name) else { continue };
+            let pools: Vec<Value> = live
+                .members
+                .iter()
+                .map(|m| {
+                    // The pool's live sessions as its backends count them (from every
+                    // route to it): what a pool at weight 0 still holds.
+                    let live: u64 =
+                        snap.pools.get(m.pool).map_or(0, |p| p.backends.iter().map(|b| u64::from(b.sessions())).sum());
+                    json!({
+                        "pool": &*m.name,
+                        "weight": m.weight,
+                        "requests": m.stats.requests.load(std::sync::atomic::Ordering::Relaxed),
+                        "sessions": m.stats.sessions.load(std::sync::atomic::Ordering::Relaxed),
+                        "live_sessions": live,
+                    })
+                })
+                .collect();
+            out.push(json!({
+                "name": s.name, "listener": l.name, "host": r.host, "path_prefix": r.path_prefix,
+                "learned_keys": live.store.table.len(), "pools": pools,
+            }));
+        }
+    }
+    out
 }
 
 /// `GET` explains where a session key leads; `DELETE` forgets a learned pin.

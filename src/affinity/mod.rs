@@ -441,8 +441,8 @@ impl PoolAffinity {
     ///
     /// A version 2 token records the pool its session belongs to; one whose pool is not
     /// this one counts as absent, like a token that does not open (verdict `invalid`).
-    /// Version 1 tokens record no pool and are taken as this pool's. (Traffic splits
-    /// between pools will route by the recorded pool instead.)
+    /// Version 1 tokens record no pool and are taken as this pool's. (A traffic split
+    /// routes by the recorded pool before this runs: `split`.)
     ///
     /// The three key lookups stay out of line: inlined into `decide`, their loop-invariant
     /// setup (IP masks, timeout divisions) is hoisted above the key loop and paid on every
@@ -685,6 +685,16 @@ impl PoolAffinity {
         }
     }
 
+    /// The token `value` holds if it opens with this pool's key ring and has not expired
+    /// by this pool's cookie timeouts: what a traffic split reads to find a session's pool
+    /// before a pool is chosen (`split`). Whether its pool is this one is not asked.
+    pub fn open_token(&self, value: &str, now_ms: u64) -> Option<Token> {
+        let token = self.keyring.as_ref()?.open(value).ok()?;
+        let (now, c) = (now_ms / 1000, &self.cfg.cookie);
+        token.check(now, secs(c.idle_timeout), c.absolute_timeout.map(secs), c.clock_skew.as_secs()).ok()?;
+        Some(token)
+    }
+
     /// Whether responses need [`learn`](Self::learn).
     pub fn learns(&self) -> bool {
         self.cfg.keys.iter().any(|k| matches!(k, KeySource::AppCookie(_)))
@@ -707,7 +717,7 @@ pub fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 
 /// An application session id: its cookie, a `;name=` path parameter (as servlet
 /// containers write `;jsessionid=`), or a query parameter of the same name.
-fn app_session<'a, R: RequestKeys + ?Sized>(request: &'a R, name: &str) -> Option<&'a str> {
+pub(crate) fn app_session<'a, R: RequestKeys + ?Sized>(request: &'a R, name: &str) -> Option<&'a str> {
     request
         .cookie(name)
         .or_else(|| cookies::find_path_param(request.path(), name))
@@ -716,7 +726,7 @@ fn app_session<'a, R: RequestKeys + ?Sized>(request: &'a R, name: &str) -> Optio
 }
 
 /// The client address with the configured prefix kept, as bytes to hash.
-fn masked_ip(ip: IpAddr, v4: u8, v6: u8, buf: &mut [u8; 16]) -> &[u8] {
+pub(crate) fn masked_ip(ip: IpAddr, v4: u8, v6: u8, buf: &mut [u8; 16]) -> &[u8] {
     match crate::net::canonical(ip) {
         IpAddr::V4(a) => {
             let mask = u32::MAX.checked_shl(32 - u32::from(v4)).unwrap_or(0);

@@ -122,7 +122,7 @@ pub struct Listener {
     #[serde(default)]
     pub trusted_proxies: Vec<Spanned<String>>,
     #[serde(default)]
-    pub routes: Vec<Route>,
+    pub routes: Vec<Spanned<Route>>,
     /// Answer every request with a redirect to HTTPS on this port (an `http` listener).
     pub redirect_to_https: Option<Spanned<u16>>,
     /// `Strict-Transport-Security` for every response (an `https` listener).
@@ -168,7 +168,20 @@ pub struct CertificateFiles {
 pub struct Route {
     pub host: Option<Spanned<String>>,
     pub path_prefix: Option<Spanned<String>>,
+    /// The one pool this route goes to; or else `split`.
+    pub pool: Option<Spanned<String>>,
+    /// A traffic split: pools and their weights.
+    pub split: Option<Spanned<Vec<Spanned<SplitMember>>>>,
+    /// A split's name (the admin API's and metrics'); default `LISTENER-N`.
+    pub name: Option<Spanned<String>>,
+}
+
+/// One pool of a split: `{ pool = "blue", weight = 90 }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SplitMember {
     pub pool: Spanned<String>,
+    pub weight: Spanned<i64>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -17,8 +17,8 @@ use toml::Spanned;
 use super::file;
 use super::types::{
     AccessLog, Admin, AdminState, Affinity, Algorithm, Backend, CheckKind, Config, CookieConfig, Dns, DnsKind,
-    DnsSource, Health, KeySource, Limits, Listener, LogFormat, Mapping, OnUnavailable, Pool, Route, SameSite, Secret,
-    SniRoute, TableConfig, TcpListener, Timeouts, MAX_WEIGHT,
+    DnsSource, Health, KeySource, Limits, Listener, LogFormat, Mapping, OnUnavailable, Pool, Route, RouteTo, SameSite,
+    Secret, SniRoute, Split, SplitMember, TableConfig, TcpListener, Timeouts, MAX_SPLIT_WEIGHT, MAX_WEIGHT,
 };
 use super::{locate, parse_duration, Located};
 use crate::net::{strip_port, Cidr};
@@ -170,6 +170,7 @@ impl Resolver<'_> {
         let pool_names: Vec<&String> = f.pools.keys().collect();
         let listeners = self.listeners(&f.listeners, &pool_names);
         self.tcp_pools(&f.listeners, &listeners, &pools);
+        self.split_pools(&f.listeners, &listeners, &pools);
         Config { threads, shutdown_grace, state_dir, timeouts, access_log, limits, admin, dns, listeners, pools }
     }
 
@@ -466,7 +467,7 @@ impl Resolver<'_> {
         let not_tcp = |key: &str| format!("listener \"{name}\": {key} is not for protocol = \"tcp\"");
         if let Some(r) = l.routes.first() {
             let message = format!("{} (route by server name with [[listeners.sni_routes]])", not_tcp("routes"));
-            self.error(&r.pool, message);
+            self.error(r, message);
         }
         if let Some(t) = l.trusted_proxies.first() {
             self.error(t, not_tcp("trusted_proxies"));
@@ -651,10 +652,10 @@ impl Resolver<'_> {
 
     /// The routes of listener `name`: its `[[listeners.routes]]`, then its `pool` shorthand.
     fn routes(&mut self, name: &str, l: &file::Listener, pools: &[&String]) -> Vec<Route> {
-        let mut routes: Vec<Route> = l.routes.iter().map(|r| self.route(name, r, pools)).collect();
+        let mut routes: Vec<Route> = l.routes.iter().enumerate().map(|(i, r)| self.route(name, i, r, pools)).collect();
         if let Some(p) = &l.pool {
             let pool = self.pool_ref(name, p, pools);
-            routes.push(Route { host: None, path_prefix: "/".into(), pool });
+            routes.push(Route { host: None, path_prefix: "/".into(), to: RouteTo::Pool(pool) });
         }
         if routes.is_empty() {
             self.error(
@@ -665,8 +666,32 @@ impl Resolver<'_> {
         routes
     }
 
-    fn route(&mut self, name: &str, r: &file::Route, pools: &[&String]) -> Route {
-        let pool = self.pool_ref(name, &r.pool, pools);
+    /// Route `i` (from 0) of listener `name`.
+    fn route(&mut self, name: &str, i: usize, route: &Spanned<file::Route>, pools: &[&String]) -> Route {
+        let r = route.get_ref();
+        let to = match (&r.pool, &r.split) {
+            (Some(p), None) => {
+                if let Some(n) = &r.name {
+                    self.error(
+                        n,
+                        format!("listener \"{name}\": a route's name is for a split (this route has one pool)"),
+                    );
+                }
+                RouteTo::Pool(self.pool_ref(name, p, pools))
+            }
+            (None, Some(split)) => RouteTo::Split(self.split(name, i, r, split, pools)),
+            (Some(p), Some(_)) => {
+                self.error(p, format!("listener \"{name}\": a route has either pool or split, not both"));
+                RouteTo::Pool(0)
+            }
+            (None, None) => {
+                self.error(
+                    route,
+                    format!("listener \"{name}\": a route needs pool = \"NAME\" or split = [{{ pool = \"NAME\", weight = N }}, ...]"),
+                );
+                RouteTo::Pool(0)
+            }
+        };
         let host = r.host.as_ref().map(|h| h.get_ref().trim().to_ascii_lowercase());
         if let (Some(h), Some(raw)) = (&host, &r.host) {
             if h.is_empty() || h.contains(['/', ' ']) {
@@ -681,7 +706,89 @@ impl Resolver<'_> {
                 "/".to_string()
             }
         };
-        Route { host: host.map(|h| strip_port(&h).to_string()), path_prefix, pool }
+        Route { host: host.map(|h| strip_port(&h).to_string()), path_prefix, to }
+    }
+
+    /// A route's `split`: each pool known and named once, weights in range, not all 0.
+    /// Whether its pools can share sessions is checked once every pool is resolved
+    /// ([`Self::split_pools`]).
+    fn split(
+        &mut self,
+        listener: &str,
+        i: usize,
+        r: &file::Route,
+        split: &Spanned<Vec<Spanned<file::SplitMember>>>,
+        pools: &[&String],
+    ) -> Split {
+        let name = match &r.name {
+            Some(n) if n.get_ref().is_empty() || !n.get_ref().bytes().all(|b| b.is_ascii_graphic() && b != b'/') => {
+                self.error(
+                    n,
+                    format!(
+                        "listener \"{listener}\": split name \"{}\" must be printable ASCII without spaces or /",
+                        n.get_ref()
+                    ),
+                );
+                format!("{listener}-{}", i + 1)
+            }
+            Some(n) => n.get_ref().clone(),
+            None => format!("{listener}-{}", i + 1),
+        };
+        let label = format!("listener \"{listener}\": split \"{name}\"");
+        let mut members: Vec<SplitMember> = Vec::new();
+        for m in split.get_ref() {
+            let m = m.get_ref();
+            let pool = self.pool_ref(listener, &m.pool, pools);
+            let weight = self.in_range(
+                &m.weight,
+                &format!("{label}: pool \"{}\" weight", m.pool.get_ref()),
+                0..=i64::from(MAX_SPLIT_WEIGHT),
+            );
+            if members.iter().any(|x| x.pool == pool) && pools.contains(&m.pool.get_ref()) {
+                self.error(&m.pool, format!("{label}: pool \"{}\" is named twice", m.pool.get_ref()));
+                continue;
+            }
+            members.push(SplitMember { pool, weight: weight.unwrap_or(1) as u32 });
+        }
+        if split.get_ref().is_empty() {
+            self.error(split, format!("{label}: lists no pool"));
+        } else if split.get_ref().iter().all(|m| *m.get_ref().weight.get_ref() == 0) {
+            self.error(split, format!("{label}: every weight is 0, so a new session has no pool to go to"));
+        }
+        Split { name, members }
+    }
+
+    /// The splits' pools must find a session's pool with one key chain: the same
+    /// affinity keys, mapping, client-IP prefixes and cookie name in each (or no affinity
+    /// in any), and a cookie key issues version 2 tokens, which record their pool. Split
+    /// names are unique.
+    fn split_pools(&mut self, ls: &[file::Listener], listeners: &[Listener], pools: &[Pool]) {
+        let mut names = HashSet::new();
+        for (fl, l) in ls.iter().zip(listeners) {
+            for (fr, r) in fl.routes.iter().zip(&l.routes) {
+                let (RouteTo::Split(split), Some(fsplit)) = (&r.to, &fr.get_ref().split) else { continue };
+                let at = fr.get_ref().name.as_ref().map_or(fr.span(), |n| n.span());
+                if !names.insert(split.name.clone()) {
+                    let message = format!("listener \"{}\": split name \"{}\" is used twice", l.name, split.name);
+                    self.errors.push(locate(self.src, at, message));
+                }
+                let label = format!("listener \"{}\": split \"{}\"", l.name, split.name);
+                let Some(first) = split.members.first().and_then(|m| pools.get(m.pool)) else { continue };
+                for (m, fm) in split.members.iter().zip(fsplit.get_ref()) {
+                    let Some(p) = pools.get(m.pool) else { continue };
+                    let fm = fm.get_ref();
+                    if let Some(why) = split_mismatch(first, p) {
+                        self.error(&fm.pool, format!("{label}: pool \"{}\" {why} pool \"{}\"'s: the pools of a split must share one key chain", p.name, first.name));
+                    }
+                    let v1 = p.affinity.as_ref().is_some_and(|a| {
+                        a.keys.contains(&KeySource::Cookie) && a.cookie.token_version == super::types::TokenVersion::V1
+                    });
+                    if v1 {
+                        self.error(&fm.pool, format!("{label}: pool \"{}\" issues version 1 tokens, which record no pool: set token_version = 2 in [pools.{}.affinity.cookie]", p.name, p.name));
+                    }
+                }
+            }
+        }
     }
 
     /// The index of the pool a listener names.
@@ -701,6 +808,25 @@ impl Resolver<'_> {
                 0
             }
         }
+    }
+}
+
+/// How pool `p`'s affinity differs from `first`'s in what a split reads to find a
+/// session's pool, in words (`None`: it does not).
+fn split_mismatch(first: &Pool, p: &Pool) -> Option<&'static str> {
+    match (&first.affinity, &p.affinity) {
+        (None, None) => None,
+        (Some(_), None) => Some("has no affinity, unlike"),
+        (None, Some(_)) => Some("has affinity, unlike"),
+        (Some(a), Some(b)) if a.keys != b.keys => Some("has other affinity keys than"),
+        (Some(a), Some(b)) if a.mapping != b.mapping => Some("has another affinity mapping than"),
+        (Some(a), Some(b)) if (a.ipv4_prefix, a.ipv6_prefix) != (b.ipv4_prefix, b.ipv6_prefix) => {
+            Some("has other client IP prefixes than")
+        }
+        (Some(a), Some(b)) if a.keys.contains(&KeySource::Cookie) && a.cookie.name != b.cookie.name => {
+            Some("has another cookie name than")
+        }
+        _ => None,
     }
 }
 

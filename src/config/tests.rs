@@ -62,7 +62,7 @@ fn resolves_a_full_config() {
     assert_eq!(c.pools[0].backends[0].name, "127.0.0.1:9101");
     let l = &c.listeners[0];
     assert_eq!(l.routes[0].host.as_deref(), Some("shop.example"));
-    assert_eq!(l.routes[0].pool, 1);
+    assert_eq!(l.routes[0].to, crate::config::RouteTo::Pool(1));
     assert_eq!(l.routes[1].path_prefix, "/api");
     assert!(l.trusted_proxies[0].contains("10.1.2.3".parse().unwrap()));
     assert!(!l.trusted_proxies[0].contains("11.1.2.3".parse().unwrap()));
@@ -554,7 +554,7 @@ fn tcp_listener_errors_are_located() {
     );
     let e = errors(&src);
     let expected = [
-        "t.toml:7:8: listener \"edge\": routes is not for protocol = \"tcp\" (route by server name with [[listeners.sni_routes]])",
+        "t.toml:6:1: listener \"edge\": routes is not for protocol = \"tcp\" (route by server name with [[listeners.sni_routes]])",
         "t.toml:5:20: listener \"edge\": trusted_proxies is not for protocol = \"tcp\"",
         "t.toml:9:10: listener \"edge\": sni_routes name \"bad name\" is not a DNS name or a *. wildcard",
         "t.toml:9:35: listener \"edge\": sni_routes name \"a.example\" is routed twice",
@@ -596,4 +596,135 @@ fn tcp_listener_errors_are_located() {
         "t.toml",
     );
     assert!(c.is_ok(), "{c:?}");
+}
+
+/// Two pools with the same cookie chain (v2 tokens) and a third without affinity; the
+/// listener's routes are `ROUTES`.
+const SPLIT: &str = r#"
+[[listeners]]
+name = "web"
+bind = "127.0.0.1:8080"
+ROUTES
+
+[pools.blue]
+backends = [{ address = "127.0.0.1:9001" }]
+[pools.blue.affinity]
+keys = ["cookie", "header:x-user"]
+[pools.blue.affinity.cookie]
+token_version = 2
+
+[pools.green]
+backends = [{ address = "127.0.0.1:9002" }]
+[pools.green.affinity]
+keys = ["cookie", "header:x-user"]
+[pools.green.affinity.cookie]
+token_version = 2
+
+[pools.plain]
+backends = [{ address = "127.0.0.1:9003" }]
+"#;
+
+fn split_config(routes: &str) -> String {
+    SPLIT.replace("ROUTES", routes)
+}
+
+#[test]
+fn a_route_may_split_between_pools() {
+    let src = split_config(
+        "[[listeners.routes]]\npath_prefix = \"/shop\"\nsplit = [{ pool = \"blue\", weight = 90 }, { pool = \"green\", weight = 0 }]\n\
+         [[listeners.routes]]\nname = \"canary\"\nsplit = [{ pool = \"green\", weight = 1000 }]",
+    );
+    let c = parse(&src, "t.toml").unwrap();
+    let names: Vec<&str> = c.pools.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["blue", "green", "plain"]);
+    let routes = &c.listeners[0].routes;
+    let RouteTo::Split(s) = &routes[0].to else { panic!("{routes:?}") };
+    assert_eq!(s.name, "web-1");
+    assert_eq!(s.members, [SplitMember { pool: 0, weight: 90 }, SplitMember { pool: 1, weight: 0 }]);
+    let RouteTo::Split(s) = &routes[1].to else { panic!("{routes:?}") };
+    assert_eq!(s.name, "canary");
+    assert_eq!(
+        c.splits().map(|(l, s)| (l, s.name.as_str())).collect::<Vec<_>>(),
+        [("web", "web-1"), ("web", "canary")]
+    );
+}
+
+#[test]
+fn split_errors_are_located() {
+    let cases = [
+        // Unknown pool, duplicate, weight out of range.
+        (
+            "[[listeners.routes]]\nsplit = [{ pool = \"blue\", weight = 1 }, { pool = \"blue\", weight = 2 }, { pool = \"red\", weight = 1 }, { pool = \"green\", weight = 1001 }]",
+            vec![
+                "t.toml:6:50: listener \"web\": split \"web-1\": pool \"blue\" is named twice",
+                "t.toml:6:81: listener \"web\": pool \"red\" is not defined",
+                "t.toml:6:129: listener \"web\": split \"web-1\": pool \"green\" weight 1001 is out of range: expected 0 to 1000",
+            ],
+        ),
+        ("[[listeners.routes]]\npath_prefix = \"/\"", vec!["t.toml:5:1: listener \"web\": a route needs pool = \"NAME\" or split"]),
+        (
+            "[[listeners.routes]]\npool = \"blue\"\nsplit = [{ pool = \"green\", weight = 1 }]",
+            vec!["t.toml:6:8: listener \"web\": a route has either pool or split, not both"],
+        ),
+        (
+            "[[listeners.routes]]\nsplit = [{ pool = \"blue\", weight = 0 }, { pool = \"green\", weight = 0 }]",
+            vec!["t.toml:6:9: listener \"web\": split \"web-1\": every weight is 0"],
+        ),
+        ("[[listeners.routes]]\nsplit = []", vec!["t.toml:6:9: listener \"web\": split \"web-1\": lists no pool"]),
+        (
+            "[[listeners.routes]]\nsplit = [{ pool = \"blue\", weight = 1 }, { pool = \"plain\", weight = 1 }]",
+            vec!["t.toml:6:50: listener \"web\": split \"web-1\": pool \"plain\" has no affinity, unlike pool \"blue\"'s"],
+        ),
+        (
+            "[[listeners.routes]]\nname = \"a\"\nsplit = [{ pool = \"blue\", weight = 1 }]\n[[listeners.routes]]\nname = \"a\"\npath_prefix = \"/x\"\nsplit = [{ pool = \"green\", weight = 1 }]",
+            vec!["t.toml:9:8: listener \"web\": split name \"a\" is used twice"],
+        ),
+        (
+            "[[listeners.routes]]\nname = \"a b\"\nsplit = [{ pool = \"blue\", weight = 1 }]",
+            vec!["t.toml:6:8: listener \"web\": split name \"a b\" must be printable ASCII"],
+        ),
+        (
+            "[[listeners.routes]]\nname = \"a\"\npool = \"blue\"",
+            vec!["t.toml:6:8: listener \"web\": a route's name is for a split"],
+        ),
+        (
+            "[[listeners.routes]]\nsplit = [{ pool = \"blue\" }]",
+            vec!["t.toml:6:10: key `split`: missing field `weight`"],
+        ),
+    ];
+    for (routes, expected) in cases {
+        let e = errors(&split_config(routes));
+        for want in expected {
+            assert!(e.iter().any(|l| l.starts_with(want)), "{routes}\nwanted {want}\n{e:#?}");
+        }
+    }
+    // The pools must share the key chain, the cookie name, and issue version 2 tokens.
+    let routes = "[[listeners.routes]]\nsplit = [{ pool = \"blue\", weight = 1 }, { pool = \"green\", weight = 1 }]";
+    for (change, want) in [
+        (
+            (
+                "keys = [\"cookie\", \"header:x-user\"]\n[pools.green.affinity.cookie]",
+                "keys = [\"cookie\"]\n[pools.green.affinity.cookie]",
+            ),
+            "pool \"green\" has other affinity keys than pool \"blue\"'s",
+        ),
+        (
+            ("[pools.green.affinity.cookie]\n", "[pools.green.affinity.cookie]\nname = \"other\"\n"),
+            "pool \"green\" has another cookie name than pool \"blue\"'s",
+        ),
+        (
+            ("[pools.green.affinity.cookie]\ntoken_version = 2", "[pools.green.affinity.cookie]\ntoken_version = 1"),
+            "pool \"green\" issues version 1 tokens, which record no pool",
+        ),
+        (
+            ("[pools.green.affinity]\n", "[pools.green.affinity]\nmapping = \"hash\"\n"),
+            "pool \"green\" has another affinity mapping than pool \"blue\"'s",
+        ),
+    ] {
+        let src = split_config(routes).replace(change.0, change.1);
+        assert_ne!(src, split_config(routes), "{change:?} changed nothing");
+        let e = errors(&src);
+        let want = format!("t.toml:6:50: listener \"web\": split \"web-1\": {want}");
+        assert!(e.iter().any(|l| l.starts_with(&want)), "wanted {want}\n{e:#?}");
+    }
 }

@@ -262,8 +262,48 @@ pub struct Route {
     /// Lower-case host without port; `None` matches any host.
     pub host: Option<String>,
     pub path_prefix: String,
+    pub to: RouteTo,
+}
+
+/// Where a route sends its requests.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RouteTo {
+    /// One pool, by index into [`Config::pools`].
+    Pool(usize),
+    /// A traffic split between pools (see `split`).
+    Split(Split),
+}
+
+/// A traffic split: a new session picks one of the pools by weight; a session stays in
+/// the pool it was given while the weights change (see `split`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Split {
+    /// Unique among the config's splits: what the admin API and the metrics call it.
+    pub name: String,
+    /// At least one, each pool once, weights 0 to [`MAX_SPLIT_WEIGHT`], not all 0.
+    pub members: Vec<SplitMember>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SplitMember {
     /// Index into [`Config::pools`].
     pub pool: usize,
+    pub weight: u32,
+}
+
+/// The largest weight of a split's pool (weights are shares: 0 takes no new session).
+pub const MAX_SPLIT_WEIGHT: u32 = 1000;
+
+impl Config {
+    /// Every split of every listener's routes, with its listener's name.
+    pub fn splits(&self) -> impl Iterator<Item = (&str, &Split)> {
+        self.listeners.iter().flat_map(|l| {
+            l.routes.iter().filter_map(move |r| match &r.to {
+                RouteTo::Split(s) => Some((l.name.as_str(), s)),
+                RouteTo::Pool(_) => None,
+            })
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

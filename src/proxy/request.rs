@@ -157,10 +157,15 @@ fn route<'s>(
     let host_name = host.as_ref().and_then(|h| h.to_str().ok()).map_or("", crate::net::strip_port);
     // `OPTIONS *` asks about the server as a whole: it goes where `/` goes.
     let path = if asterisk { "/" } else { uri.path() };
-    let Some(pool) = routes.route(host_name, path) else {
+    let Some(to) = routes.route(host_name, path) else {
         return Err(Refusal::NoRoute { host: host_name.to_string(), path: path.to_string() });
     };
-    Ok((routes, &snap.pools[pool], host))
+    let client_ip = || {
+        let trusted = routes.trusted_proxies.iter().any(|c| c.contains(crate::net::canonical(cx.peer.ip())));
+        rewrite::client_ip(cx.peer.ip(), req.headers(), &routes.trusted_proxies, trusted)
+    };
+    let pool = snap.pool_of(to, &HttpKeys::new(req.headers(), req.uri()), client_ip);
+    Ok((routes, pool, host))
 }
 
 /// The length of the request target as the client sent it (for HTTP/2, of its scheme,

@@ -3,6 +3,7 @@
 //   NODE_PATH=target/pw/node_modules node tests/dashboard/check.mjs URL SCREENSHOT
 //
 // Waits for the backend rows (`tr[data-backend]`), prints `BACKENDS ["a","b",...]`,
+// then the traffic splits' rows (`#splits-body tr`) as `SPLITS [[cell, ...], ...]`,
 // clicks the Drain button (`button[data-action="drain"]`) of the first row, waits until
 // that row's `.admin-state` cell reads `draining`, lets the charts gather a little data,
 // saves a full-page screenshot to SCREENSHOT and prints `DRAINED <name>`. Exit 0 on
@@ -28,6 +29,10 @@ await inChromium({ profile: "tether-dashboard", timeoutMs: 90_000, viewport: { w
   await page.waitForSelector("tr[data-backend]", { timeout: 15_000 });
   const names = await page.$$eval("tr[data-backend]", rows => rows.map(r => r.getAttribute("data-backend")));
   console.log("BACKENDS " + JSON.stringify(names));
+
+  await page.waitForSelector("#splits-body tr", { timeout: 15_000 });
+  const splits = await page.$$eval("#splits-body tr", rows => rows.map(r => [...r.cells].map(c => c.textContent.trim())));
+  console.log("SPLITS " + JSON.stringify(splits));
 
   const first = names[0];
   const row = page.locator("tr[data-backend]").first();

@@ -343,7 +343,7 @@ impl<'c, S: ClientIo> Exchange<'c, S> {
         let head = &work.request;
         let data = buf.bytes();
         self.note(data, head);
-        let (routes, pool) = route(snap, &self.client.listener, data, head)?;
+        let (routes, pool) = route(snap, &self.client.listener, data, head, self.client.peer.ip())?;
         self.pool = Some(pool.name.clone());
         if let (Some(max), Body::Length(n)) = (limits.max_request_body, head.body) {
             if n > max {
@@ -718,6 +718,7 @@ fn route<'s>(
     listener: &str,
     data: &[u8],
     head: &RequestHead,
+    peer: std::net::IpAddr,
 ) -> Result<(&'s Routes, &'s Pool), Refusal> {
     if head.method == Method::Connect {
         return Err(Refusal::ConnectUnsupported);
@@ -740,7 +741,14 @@ fn route<'s>(
     let host = crate::net::strip_port(host);
     let path = path_of(data, head);
     match routes.route(host, path) {
-        Some(p) => Ok((routes, &snap.pools[p])),
+        Some(to) => {
+            let client_ip = || {
+                let trusted = routes.trusted_proxies.iter().any(|c| c.contains(crate::net::canonical(peer)));
+                let xff = head.fields.values(data, Known::XForwardedFor);
+                rewrite::client_ip_from(peer, xff, &routes.trusted_proxies, trusted)
+            };
+            Ok((routes, snap.pool_of(to, &H1Keys::new(data, head), client_ip)))
+        }
         None => Err(Refusal::NoRoute { host: host.to_string(), path: path.to_string() }),
     }
 }
