@@ -29,6 +29,7 @@ pub(crate) mod health;
 pub(crate) mod housekeeping;
 pub(crate) mod pool;
 pub(crate) mod state;
+pub(crate) mod store;
 
 // The data path.
 pub(crate) mod listener;

@@ -64,7 +64,17 @@ pub enum PinKind {
 }
 
 impl PinKind {
-    const ALL: [PinKind; 4] = [PinKind::AppCookie, PinKind::Header, PinKind::Query, PinKind::ClientIp];
+    pub const ALL: [PinKind; 4] = [PinKind::AppCookie, PinKind::Header, PinKind::Query, PinKind::ClientIp];
+
+    /// Its table's name (as in [`Store::TABLES`]).
+    pub fn name(self) -> &'static str {
+        Store::TABLES[self as usize]
+    }
+
+    /// The kind whose table is named `name`.
+    pub fn named(name: &str) -> Option<PinKind> {
+        PinKind::ALL.into_iter().find(|k| k.name() == name)
+    }
 
     /// The table kind of a key source, if it is ever table-mapped.
     fn of(key: &KeySource) -> Option<PinKind> {
@@ -683,6 +693,67 @@ impl PoolAffinity {
                 }
             }
         }
+    }
+
+    /// [`learn`](Self::learn), giving back the pins that were not already pinned to
+    /// `backend`: what a shared store must hear of (a backend that sets its cookie again on
+    /// every response costs it nothing).
+    pub fn learn_new<'v>(&self, set_cookies: impl IntoIterator<Item = &'v [u8]>, backend: usize) -> Vec<Pin> {
+        let mut new = Vec::new();
+        let id = self.ids[backend];
+        let t = self.store.table(PinKind::AppCookie);
+        for v in set_cookies {
+            let Some((n, value)) = keys::header_text(v).and_then(cookies::set_cookie_name_value) else { continue };
+            if value.is_empty() || !self.cfg.keys.iter().any(|k| matches!(k, KeySource::AppCookie(name) if name == n)) {
+                continue;
+            }
+            let pin =
+                Pin { key: hash::key_hash128(&self.pool, "app_cookie", value.as_bytes()), kind: PinKind::AppCookie };
+            if t.peek(pin.key, t.now()) != Some(id) {
+                self.store.insert(pin, id);
+                new.push(pin);
+            }
+        }
+        new
+    }
+
+    /// The table pins a request carries, in the order of the key chain (at most one of
+    /// each kind): what a shared store looks up before [`decide`](Self::decide) when they
+    /// are not known here. Hash-mapped keys have no pin.
+    pub fn table_pins<R: RequestKeys + ?Sized>(&self, request: &R, client_ip: IpAddr) -> [Option<Pin>; 4] {
+        let mut pins = [None; 4];
+        let mut n = 0;
+        for key in &self.cfg.keys {
+            let mut ip_buf = [0u8; 16];
+            let value: Option<&[u8]> = match key {
+                KeySource::Cookie => None,
+                KeySource::AppCookie(name) => app_session(request, name).map(str::as_bytes),
+                _ if self.maglev.is_some() => None,
+                KeySource::Header(name) => request.header(name).filter(|v| !v.is_empty()),
+                KeySource::Query(name) => {
+                    request.query().and_then(|q| cookies::find_query_param(q, name)).map(str::as_bytes)
+                }
+                KeySource::ClientIp => {
+                    Some(masked_ip(client_ip, self.cfg.ipv4_prefix, self.cfg.ipv6_prefix, &mut ip_buf))
+                }
+            };
+            let (Some(value), Some(kind)) = (value.filter(|v| !v.is_empty()), PinKind::of(key)) else { continue };
+            if n < pins.len() {
+                pins[n] = Some(Pin { key: hash::key_hash128(&self.pool, key.kind(), value), kind });
+                n += 1;
+            }
+        }
+        pins
+    }
+
+    /// The index of the backend with identity `id` in this snapshot.
+    pub fn index_of(&self, id: u64) -> Option<usize> {
+        self.by_id.get(&id).copied()
+    }
+
+    /// The pool's name.
+    pub fn pool_name(&self) -> &str {
+        &self.pool
     }
 
     /// Whether responses need [`learn`](Self::learn).
