@@ -258,6 +258,8 @@ async fn redis_killed_and_back_costs_no_request_and_no_session() {
         })
         .await;
     }
+    let pool = admin_json(f.tethers[1].admin(), "/api/pools/header").await;
+    assert_eq!(pool["store"]["up"], false, "{pool}");
     // Every request is answered, every session learned before stays where it was.
     stays(&f, &mut before, 4, false).await;
     // Sessions learned while Redis is away, each on instance 0.
@@ -276,7 +278,9 @@ async fn redis_killed_and_back_costs_no_request_and_no_session() {
         metric(admin, "tether_store_queued_writes{store=\"fleet\"}").await == Some(0.0)
     })
     .await;
-    // New instances would know them: the others drop nothing they knew, and a session
+    let pool = admin_json(f.tethers[1].admin(), "/api/pools/header").await;
+    assert_eq!((&pool["store"]["name"], &pool["store"]["up"]), (&"fleet".into(), &true.into()), "{pool}");
+    // The others dropped nothing they knew, and a session
     // only instance 0 had learned while Redis was away is found by the others.
     stays(&f, &mut meanwhile, 6, false).await;
     stays(&f, &mut before, 3, false).await;
@@ -298,16 +302,7 @@ async fn an_unpin_on_one_instance_is_dropped_by_the_others_within_a_second() {
     for t in &f.tethers {
         assert_eq!(pinned(t.admin()).await.as_deref(), Some(home.as_str()));
     }
-    let admin = f.tethers[1].admin();
-    let mut del = Client::connect(admin).await;
-    let r = del
-        .request(
-            Request::delete("/api/pools/header/sessions?key=unpin-me&kind=header")
-                .header("host", admin.to_string())
-                .body(Full::default())
-                .unwrap(),
-        )
-        .await;
+    let r = admin_call(f.tethers[1].admin(), "DELETE", "/api/pools/header/sessions?key=unpin-me&kind=header").await;
     assert_eq!(r.status, 200, "{}", r.text());
     let start = Instant::now();
     for t in [&f.tethers[0], &f.tethers[2]] {
@@ -318,4 +313,42 @@ async fn an_unpin_on_one_instance_is_dropped_by_the_others_within_a_second() {
         .await;
     }
     assert!(start.elapsed() < Duration::from_secs(1), "{:?}", start.elapsed());
+}
+
+async fn admin_call(admin: SocketAddr, method: &str, path: &str) -> Resp {
+    let req = Request::builder().method(method).uri(path).header("host", admin.to_string());
+    Client::connect(admin).await.request(req.body(Full::default()).unwrap()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_moved_by_one_instance_moves_on_all_of_them() {
+    let Some(f) = Fleet::start().await else { return };
+    let mut c = Visitor::Header("mover".into());
+    let home = visit(&f.tethers[0], &mut c).await;
+    for t in &f.tethers[1..] {
+        assert_eq!(visit(t, &mut c).await, home);
+    }
+    // Only instance 0 is told: its next request for the session moves it (repin), and
+    // the move reaches the others through Redis.
+    let r = admin_call(f.tethers[0].admin(), "POST", &format!("/api/pools/header/backends/{home}/disable")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let moved = visit(&f.tethers[0], &mut c).await;
+    assert_ne!(moved, home);
+    for t in &f.tethers[1..] {
+        // Where the backend is still enabled, only the shared move can take the session off it.
+        let mut c = c.clone();
+        let start = Instant::now();
+        let mut last = String::new();
+        while start.elapsed() < Duration::from_secs(1) {
+            last = visit(t, &mut c).await;
+            if last == moved {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(last, moved, "instance {} still sends the moved session to its old backend", t.addr());
+    }
+    let received =
+        metric(f.tethers[2].admin(), "tether_store_moves_total{store=\"fleet\",direction=\"received\"}").await;
+    assert!(received >= Some(1.0), "{received:?}");
 }

@@ -434,6 +434,10 @@ fn pool_json(p: &Pool, dns: &[((String, String), crate::dns::SourceStats)]) -> V
         "algorithm": p.config.algorithm.as_str(),
         "affinity": affinity,
         "dns": sources,
+        // The shared store this pool's pins go through, and whether Redis answers.
+        "store": p.shared.as_ref().map(|l| json!({
+            "name": l.fleet.cfg.name, "up": l.fleet.is_up(), "queued_writes": l.fleet.queued(),
+        })),
         "backends": p.backends.iter().map(|b| backend_json(Some(p), b)).collect::<Vec<_>>(),
     })
 }
