@@ -128,7 +128,7 @@ impl Pool {
         });
         let shared = affinity.as_ref().and_then(|a: &PoolAffinity| {
             let fleet = stores.iter().find(|f| Some(&f.cfg.name) == a.cfg.store.as_ref())?;
-            Some(fleet.link(&p.name, &a.store, a.cfg.table.idle_timeout))
+            Some(fleet.link(&p.name, &a.store, &a.cfg.table))
         });
         Pool {
             name: Arc::from(p.name.as_str()),

@@ -2,7 +2,8 @@
 //! three Tether processes sharing it, in front of the same three demo backends. Clients
 //! whose every request goes to a random instance stay on one backend; Redis killed mid-run
 //! costs no request and no session; what was learned while it was away reaches the other
-//! instances once it is back; an unpin on one instance is dropped by the others.
+//! instances once it is back; an unpin on one instance is dropped by the others. Requests
+//! go over HTTP/1.1 or HTTP/2 at random, so both data paths are exercised.
 //!
 //! Without `redis-server` on the PATH these tests fail under CI (`CI` set) and are skipped,
 //! saying so, elsewhere (`.ci/setup` installs it).
@@ -107,7 +108,10 @@ impl Fleet {
         let scratch = Scratch::new();
         let key = scratch.write("store.key", "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\n");
         let cfg = fleet_config(&backends, redis.port, &key);
-        let tethers: Vec<Tether> = (0..3).map(|_| Tether::start(&cfg)).collect();
+        // The third runs two worker threads: requests on workers, Redis on the control plane.
+        let tethers: Vec<Tether> = (0..3)
+            .map(|i| if i == 2 { Tether::start_with(&cfg, &["--threads", "2"]) } else { Tether::start(&cfg) })
+            .collect();
         let f = Fleet { redis, tethers, _backends: backends, _scratch: scratch };
         for t in &f.tethers {
             wait_until_async("every instance reports its store up", Duration::from_secs(10), || store_up(t.admin()))
@@ -170,6 +174,22 @@ impl Visitor {
     }
 }
 
+/// `req` over an HTTP/2 prior-knowledge connection, its host as the URI's authority.
+async fn h2(addr: SocketAddr, req: Request<Full<Bytes>>) -> Resp {
+    use http_body_util::BodyExt;
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let io = hyper_util::rt::TokioIo::new(stream);
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io).await.unwrap();
+    tokio::spawn(conn);
+    let (mut parts, body) = req.into_parts();
+    let host = parts.headers.remove("host").unwrap();
+    parts.uri = format!("http://{}/", host.to_str().unwrap()).parse().unwrap();
+    let r = sender.send_request(Request::from_parts(parts, body)).await.unwrap();
+    let (parts, body) = r.into_parts();
+    Resp { status: parts.status, headers: parts.headers, body: body.collect().await.unwrap().to_bytes() }
+}
+
 fn visitor_of(r: &Resp) -> Option<String> {
     r.headers
         .get_all("set-cookie")
@@ -178,9 +198,15 @@ fn visitor_of(r: &Resp) -> Option<String> {
         .next()
 }
 
-/// One request of `c` to `t`: the backend that served it. Fails the test on any error.
+/// One request of `c` to `t`, over HTTP/1.1 or (one time in two) HTTP/2: the backend
+/// that served it. Fails the test on any error.
 async fn visit(t: &Tether, c: &mut Visitor) -> String {
-    let r = Client::connect(t.addr()).await.request(request(c.pool(), c)).await;
+    let req = request(c.pool(), c);
+    let r = if rand().is_multiple_of(2) {
+        Client::connect(t.addr()).await.request(req).await
+    } else {
+        h2(t.addr(), req).await
+    };
     assert_eq!(r.status, 200, "{}", r.text());
     if let (Visitor::Cookie(None), Some(v)) = (&*c, visitor_of(&r)) {
         *c = Visitor::Cookie(Some(v));

@@ -47,7 +47,9 @@ pub type Wait = Pinned<Box<dyn Future<Output = ()> + Send>>;
 const SHARDS: usize = 16;
 /// At most this many writes wait for Redis (per shard); more are dropped and counted.
 const MAX_QUEUED: usize = 50_000 / SHARDS;
-/// At most this many refresh stamps and misses are remembered (per shard).
+/// At most this many misses are remembered (per shard). Refresh stamps are bounded by
+/// the tables of the pools linked (`Fleet::stamps_cap`): a key without a stamp is never
+/// refreshed, so there must be room for every live pin.
 const MAX_REMEMBERED: usize = 400_000 / SHARDS;
 /// How long a flush or a health check may take.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(1);
@@ -129,6 +131,9 @@ pub struct Fleet {
     conn: ArcSwapOption<MultiplexedConnection>,
     up: AtomicBool,
     shards: [Mutex<Shard>; SHARDS],
+    /// Refresh stamps kept per shard at most: room for every pin the linked pools' tables
+    /// can hold.
+    stamps_cap: std::sync::atomic::AtomicUsize,
     /// The pools sharing through this store, by name: where `moved` messages land.
     pools: Mutex<HashMap<String, Weak<affinity::Store>>>,
     /// Woken when a request sees Redis fail, so the health check runs at once.
@@ -158,6 +163,7 @@ impl Fleet {
             conn: ArcSwapOption::empty(),
             up: AtomicBool::new(false),
             shards: std::array::from_fn(|_| Mutex::new(Shard::default())),
+            stamps_cap: std::sync::atomic::AtomicUsize::new(MAX_REMEMBERED),
             pools: Mutex::new(HashMap::new()),
             suspect: Arc::new(tokio::sync::Notify::new()),
             stats: Stats::default(),
@@ -188,11 +194,14 @@ impl Fleet {
         self.shards.iter().map(|s| lock(s).writes.len()).sum()
     }
 
-    /// The pool `pool`'s link to this store, its pins kept in `store`, each expiring after
-    /// `idle` in Redis.
-    pub fn link(self: &Arc<Fleet>, pool: &str, store: &Arc<affinity::Store>, idle: Duration) -> Link {
+    /// The pool `pool`'s link to this store, its pins kept in `store` (whose tables `table`
+    /// sizes), each expiring after the table's idle timeout in Redis.
+    pub fn link(self: &Arc<Fleet>, pool: &str, store: &Arc<affinity::Store>, table: &config::TableConfig) -> Link {
         lock(&self.pools).insert(pool.to_string(), Arc::downgrade(store));
-        let ttl_ms = idle.as_millis().max(1000) as u64;
+        // Room for a stamp for every pin of the pool's tables (one per kind of key).
+        let pins = table.capacity.saturating_mul(PinKind::ALL.len());
+        self.stamps_cap.fetch_max(pins / SHARDS + 1024, Relaxed);
+        let ttl_ms = table.idle_timeout.as_millis().max(1000) as u64;
         Link { fleet: self.clone(), pool: Arc::from(pool), ttl_ms, refresh_ms: (ttl_ms / 4).max(1000) }
     }
 
@@ -232,6 +241,17 @@ impl Fleet {
             self.stats.errors.fetch_add(1, Relaxed);
         }
         self.suspect.notify_one();
+    }
+
+    /// Notes that `key`'s expiry in Redis is fresh until `due`; `false` when there is no
+    /// room (the stamp table is full: the key's refresh waits for room).
+    fn stamp(&self, key: u128, due: u64) -> bool {
+        let mut s = self.shard(key);
+        if s.refreshed.len() >= self.stamps_cap.load(Relaxed) && !s.refreshed.contains_key(&key) {
+            return false;
+        }
+        s.refreshed.insert(key, due);
+        true
     }
 
     fn queue(&self, w: Write) {
@@ -338,10 +358,7 @@ impl Link {
                         let t = store.table(pin.kind);
                         t.insert(pin.key, id, t.now());
                         // Its expiry was just set by the instance that wrote it.
-                        let mut s = fleet.shard(pin.key);
-                        if s.refreshed.len() < MAX_REMEMBERED {
-                            s.refreshed.insert(pin.key, now + refresh_ms);
-                        }
+                        fleet.stamp(pin.key, now + refresh_ms);
                     }
                     None => {
                         fleet.stats.lookup_misses.fetch_add(1, Relaxed);
@@ -357,15 +374,12 @@ impl Link {
 
     /// Queues a known key's refresh if none went out within a quarter of its idle timeout.
     fn refresh(&self, a: &PoolAffinity, backends: &[Arc<Backend>], pin: Pin, id: u64, now: u64) {
-        let mut s = self.fleet.shard(pin.key);
-        if s.refreshed.get(&pin.key).is_some_and(|due| *due > now) {
+        if self.fleet.shard(pin.key).refreshed.get(&pin.key).is_some_and(|due| *due > now) {
             return;
         }
-        if s.refreshed.len() >= MAX_REMEMBERED {
+        if !self.fleet.stamp(pin.key, now + self.refresh_ms) {
             return;
         }
-        s.refreshed.insert(pin.key, now + self.refresh_ms);
-        drop(s);
         let Some(i) = a.index_of(id) else { return };
         self.fleet.queue(self.write(pin, &backends[i].name, false));
     }
@@ -401,11 +415,8 @@ impl Link {
         let fleet = &self.fleet;
         let now = fleet.now_ms();
         for w in &writes {
-            let mut s = fleet.shard(w.key);
-            s.misses.remove(&w.key);
-            if s.refreshed.len() < MAX_REMEMBERED {
-                s.refreshed.insert(w.key, now + self.refresh_ms);
-            }
+            fleet.shard(w.key).misses.remove(&w.key);
+            fleet.stamp(w.key, now + self.refresh_ms);
         }
         let Some(conn) = fleet.conn.load_full().filter(|_| fleet.is_up()) else {
             for w in writes {
