@@ -58,6 +58,12 @@ impl Redis {
         s.write_all(b"PING\r\n").await.is_ok() && s.read_exact(&mut buf).await.is_ok() && &buf == b"+PONG\r\n"
     }
 
+    /// Freezes (`STOP`) or thaws (`CONT`) the server: its sockets stay open, nothing answers.
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill").arg(format!("-{sig}")).arg(self.child.id().to_string()).status().unwrap();
+        assert!(ok.success());
+    }
+
     fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -377,4 +383,56 @@ async fn a_session_moved_by_one_instance_moves_on_all_of_them() {
     let received =
         metric(f.tethers[2].admin(), "tether_store_moves_total{store=\"fleet\",direction=\"received\"}").await;
     assert!(received >= Some(1.0), "{received:?}");
+}
+
+/// The number of requests that waited on Redis, summed over the instances.
+async fn waits(f: &Fleet) -> f64 {
+    let mut n = 0.0;
+    for t in &f.tethers {
+        n += metric(t.admin(), "tether_store_wait_duration_seconds_count{store=\"fleet\"}").await.unwrap();
+    }
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_redis_makes_no_known_session_wait_and_fails_nothing() {
+    let Some(f) = Fleet::start().await else { return };
+    let mut known = new_clients(&f, 5, "c", None).await;
+    stays(&f, &mut known, 3, true).await;
+
+    // Frozen: connections stay open and nothing answers.
+    f.redis.signal("STOP");
+    let before = waits(&f).await;
+    stays(&f, &mut known, 3, false).await;
+    assert_eq!(waits(&f).await, before, "a request for a known session waited on Redis");
+    // New sessions wait at most the store's timeout, then are placed here; every request
+    // is answered.
+    let mut fresh = new_clients(&f, 3, "frozen", Some(1)).await;
+    assert!(waits(&f).await > before);
+    let admin = f.tethers[1].admin();
+    wait_until_async("instance 1 counts Redis timeouts", Duration::from_secs(5), || async move {
+        metric(admin, "tether_store_errors_total{store=\"fleet\",kind=\"timeout\"}").await > Some(0.0)
+    })
+    .await;
+    wait_until_async("instance 1 sees its store down", Duration::from_secs(10), || async move {
+        metric(admin, "tether_store_up{store=\"fleet\"}").await == Some(0.0)
+    })
+    .await;
+    // Down: new keys no longer wait at all.
+    let down = metric(admin, "tether_store_wait_duration_seconds_count{store=\"fleet\"}").await;
+    let mut later = new_clients(&f, 3, "later", Some(1)).await;
+    assert_eq!(metric(admin, "tether_store_wait_duration_seconds_count{store=\"fleet\"}").await, down);
+
+    f.redis.signal("CONT");
+    for t in &f.tethers {
+        wait_until_async("every instance reports its store up again", Duration::from_secs(15), || store_up(t.admin()))
+            .await;
+    }
+    wait_until_async("instance 1's write-back is done", Duration::from_secs(10), || async move {
+        metric(admin, "tether_store_queued_writes{store=\"fleet\"}").await == Some(0.0)
+    })
+    .await;
+    stays(&f, &mut later, 4, false).await;
+    stays(&f, &mut fresh, 4, false).await;
+    stays(&f, &mut known, 2, false).await;
 }
