@@ -328,8 +328,8 @@ impl Link {
             return None;
         };
         let (fleet, store, pool, refresh_ms) = (fleet.clone(), a.store.clone(), self.pool.clone(), self.refresh_ms);
-        let known: Vec<(u64, Arc<str>)> =
-            a.ids.iter().zip(backends).map(|(id, b)| (*id, Arc::from(b.name.as_str()))).collect();
+        let known: Vec<u64> = a.ids.clone();
+
         Some(Box::pin(async move {
             let mut pipe = redis::pipe();
             for pin in &ask {
@@ -350,7 +350,7 @@ impl Link {
             for (pin, name) in ask.iter().zip(names) {
                 let found = name.and_then(|n| {
                     let id = hash::backend_id(&pool, &n);
-                    known.iter().any(|(k, _)| *k == id).then_some(id)
+                    known.contains(&id).then_some(id)
                 });
                 match found {
                     Some(id) => {
