@@ -51,6 +51,8 @@ const MAX_QUEUED: usize = 50_000 / SHARDS;
 /// the tables of the pools linked (`Fleet::stamps_cap`): a key without a stamp is never
 /// refreshed, so there must be room for every live pin.
 const MAX_REMEMBERED: usize = 400_000 / SHARDS;
+/// At most this many writes go out in one flush.
+const MAX_PER_FLUSH: usize = 4096;
 /// How long a flush or a health check may take.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(1);
 /// Reconnection backoff.
@@ -627,9 +629,13 @@ impl Fleet {
 /// are queued again.
 async fn flush(f: &Arc<Fleet>) {
     let Some(conn) = f.conn.load_full() else { return };
+    // At most MAX_PER_FLUSH writes a flush: what Redis gets from one instance is bounded
+    // (16,384 writes a second at the default interval); the rest waits for the next.
     let mut writes = Vec::new();
     for s in &f.shards {
-        writes.extend(lock(s).writes.drain().map(|(_, w)| w));
+        let mut s = lock(s);
+        let keys: Vec<u128> = s.writes.keys().take(MAX_PER_FLUSH / SHARDS).copied().collect();
+        writes.extend(keys.iter().filter_map(|k| s.writes.remove(k)));
     }
     if writes.is_empty() {
         return;
@@ -783,6 +789,37 @@ mod tests {
         assert_eq!(f.pin_of_hex(hex), Some(pin));
         assert_eq!(f.pin_of_hex("zz"), None);
         assert_eq!(f.pin_of_hex(&hex[1..]), None);
+    }
+
+    #[test]
+    fn the_write_queue_and_the_refresh_stamps_are_bounded() {
+        let f = fleet();
+        let write = |key: u128, moved: bool| Write {
+            pool: Arc::from("web"),
+            kind: PinKind::Header,
+            key,
+            backend: Arc::from("a"),
+            ttl_ms: 1000,
+            moved,
+        };
+        // Keys of one shard (the shard is the key modulo SHARDS).
+        for i in 0..=MAX_QUEUED as u128 {
+            f.queue(write(i * SHARDS as u128, false));
+        }
+        assert_eq!(f.queued(), MAX_QUEUED);
+        assert_eq!(f.stats.dropped.load(Relaxed), 1);
+        // A key already queued is updated in place, even when full; a refresh does not undo
+        // a queued move.
+        f.queue(write(0, true));
+        f.queue(write(0, false));
+        assert!(f.shard(0).writes[&0].moved);
+        assert_eq!(f.stats.dropped.load(Relaxed), 1);
+        let cap = f.stamps_cap.load(Relaxed);
+        for i in 0..cap as u128 {
+            assert!(f.stamp(i * SHARDS as u128, 1));
+        }
+        assert!(!f.stamp(cap as u128 * SHARDS as u128, 1));
+        assert!(f.stamp(0, 2), "a key with a stamp gets a new one");
     }
 
     #[test]
