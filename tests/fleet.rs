@@ -436,3 +436,33 @@ async fn a_hung_redis_makes_no_known_session_wait_and_fails_nothing() {
     stays(&f, &mut fresh, 4, false).await;
     stays(&f, &mut known, 2, false).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_bring_the_store_in_and_out_and_a_bad_one_changes_nothing() {
+    let Some(f) = Fleet::start().await else { return };
+    let t = &f.tethers[2];
+    let shared = std::fs::read_to_string(&t.config).unwrap();
+    let store_of = || async { admin_json(t.admin(), "/api/pools/header").await["store"].clone() };
+
+    // Without the top-level `store`, the pools share nothing (the store stays configured).
+    let alone = shared.replacen("store = \"fleet\"\n", "", 1);
+    assert_ne!(alone, shared);
+    reload(t, &alone, "config reloaded").await;
+    assert!(store_of().await.is_null(), "{}", store_of().await);
+
+    // Sessions learned elsewhere meanwhile are found once the store is back.
+    let mut clients = new_clients(&f, 5, "reload", Some(0)).await;
+    reload(t, &shared, "config reloaded").await;
+    assert_eq!(store_of().await["up"], true);
+    for (c, home) in clients.iter_mut() {
+        assert_eq!(&visit(t, c).await, home, "{c:?}");
+    }
+
+    // A config the resolver refuses leaves the running one, store and all.
+    let bad = shared.replacen("prefix = \"test\"\n", "prefix = \"test\"\ntls = true\n", 1);
+    assert_ne!(bad, shared);
+    reload(t, &bad, "reload rejected, the running config stays in force").await;
+    assert!(t.log().contains("plain TCP only"), "{}", t.log());
+    assert_eq!(store_of().await["up"], true);
+    stays(&f, &mut clients, 2, false).await;
+}
