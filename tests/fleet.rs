@@ -283,13 +283,27 @@ async fn redis_killed_and_back_costs_no_request_and_no_session() {
     // Every client seen by every instance before Redis goes.
     stays(&f, &mut before, 3, true).await;
 
+    // Killed while clients keep coming: no request fails, none moves.
+    let noticed = std::sync::atomic::AtomicBool::new(false);
+    let load = async {
+        let mut rounds = 0;
+        while !noticed.load(std::sync::atomic::Ordering::Relaxed) || rounds < 2 {
+            stays(&f, &mut before, 1, false).await;
+            rounds += 1;
+        }
+    };
+    let outage = async {
+        f.redis.signal("KILL");
+        for t in &f.tethers {
+            wait_until_async("every instance sees its store down", Duration::from_secs(10), || async {
+                metric(t.admin(), "tether_store_up{store=\"fleet\"}").await == Some(0.0)
+            })
+            .await;
+        }
+        noticed.store(true, std::sync::atomic::Ordering::Relaxed);
+    };
+    tokio::join!(load, outage);
     f.redis.kill();
-    for t in &f.tethers {
-        wait_until_async("every instance sees its store down", Duration::from_secs(10), || async {
-            metric(t.admin(), "tether_store_up{store=\"fleet\"}").await == Some(0.0)
-        })
-        .await;
-    }
     let pool = admin_json(f.tethers[1].admin(), "/api/pools/header").await;
     assert_eq!(pool["store"]["up"], false, "{pool}");
     // Every request is answered, every session learned before stays where it was.
