@@ -71,6 +71,8 @@ struct Write {
     ttl_ms: u64,
     /// A move (overwrite and tell the others), else a pin that only fills in a gap.
     moved: bool,
+    /// An unpin (delete and tell the others; a move with no backend).
+    forget: bool,
 }
 
 #[derive(Debug, Default)]
@@ -262,10 +264,15 @@ impl Fleet {
             self.stats.dropped.fetch_add(1, Relaxed);
             return;
         }
-        // A move queued for a key is not undone by a later refresh of it.
+        // A move queued for a key is not undone by a later refresh of it; a pin placed
+        // after a queued unpin is a move (a `SET NX` would find the unpinned one).
+        let mut w = w;
         if let Some(old) = s.writes.get(&w.key) {
-            if old.moved && !w.moved && *old.backend == *w.backend {
+            if old.moved && !old.forget && !w.moved && *old.backend == *w.backend {
                 return;
+            }
+            if old.forget && !w.moved {
+                w.moved = true;
             }
         }
         s.writes.insert(w.key, w);
@@ -394,6 +401,7 @@ impl Link {
             backend: Arc::from(backend),
             ttl_ms: self.ttl_ms,
             moved,
+            forget: false,
         }
     }
 
@@ -416,8 +424,15 @@ impl Link {
         writes.extend(learned.iter().map(|pin| self.write(*pin, &backends[backend].name, false)));
         let fleet = &self.fleet;
         let now = fleet.now_ms();
-        for w in &writes {
-            fleet.shard(w.key).misses.remove(&w.key);
+        for w in &mut writes {
+            let mut s = fleet.shard(w.key);
+            s.misses.remove(&w.key);
+            // An unpin of the key still queued: this pin replaces it, told to the others.
+            if s.writes.get(&w.key).is_some_and(|q| q.forget) {
+                s.writes.remove(&w.key);
+                w.moved = true;
+            }
+            drop(s);
             fleet.stamp(w.key, now + self.refresh_ms);
         }
         let Some(conn) = fleet.conn.load_full().filter(|_| fleet.is_up()) else {
@@ -475,15 +490,17 @@ impl Link {
     }
 
     /// An unpin through the admin API: the key is deleted from Redis and every instance
-    /// drops its copy. Sent from a task of its own (on the caller's runtime); queued as
-    /// nothing when Redis is down (the others keep their copy until it expires).
+    /// drops its copy. Sent from a task of its own (on the caller's runtime), or queued
+    /// while Redis is down (or when sending it fails).
     pub fn forget(&self, pin: Pin) {
         let fleet = self.fleet.clone();
-        let pool = self.pool.clone();
-        let Some(conn) = fleet.conn.load_full().filter(|_| fleet.is_up()) else { return };
-        if tokio::runtime::Handle::try_current().is_err() {
+        let unpin = Write { forget: true, ..self.write(pin, "", true) };
+        let conn = fleet.conn.load_full().filter(|_| fleet.is_up());
+        let Some(conn) = conn.filter(|_| tokio::runtime::Handle::try_current().is_ok()) else {
+            fleet.queue(unpin);
             return;
-        }
+        };
+        let pool = self.pool.clone();
         tokio::spawn(async move {
             let key = fleet.redis_key(&pool, pin.kind, pin.key);
             let mut pipe = redis::pipe();
@@ -495,7 +512,10 @@ impl Link {
                 Ok(Ok(())) => {
                     fleet.stats.moves_sent.fetch_add(1, Relaxed);
                 }
-                r => fleet.failed(r.is_err()),
+                r => {
+                    fleet.failed(r.is_err());
+                    fleet.queue(unpin);
+                }
             }
         });
     }
@@ -644,7 +664,10 @@ async fn flush(f: &Arc<Fleet>) {
     let mut ops = 0;
     for w in &writes {
         let key = f.redis_key(&w.pool, w.kind, w.key);
-        if w.moved {
+        if w.forget {
+            pipe.cmd("DEL").arg(&key).ignore();
+            pipe.cmd("PUBLISH").arg(f.channel()).arg(moved_message(f.instance, &w.pool, w.kind, &key)).ignore();
+        } else if w.moved {
             pipe.cmd("SET").arg(&key).arg(&*w.backend).arg("PX").arg(w.ttl_ms).ignore();
             pipe.cmd("PUBLISH").arg(f.channel()).arg(moved_message(f.instance, &w.pool, w.kind, &key)).ignore();
         } else {
@@ -801,6 +824,7 @@ mod tests {
             backend: Arc::from("a"),
             ttl_ms: 1000,
             moved,
+            forget: false,
         };
         // Keys of one shard (the shard is the key modulo SHARDS).
         for i in 0..=MAX_QUEUED as u128 {
@@ -814,6 +838,11 @@ mod tests {
         f.queue(write(0, false));
         assert!(f.shard(0).writes[&0].moved);
         assert_eq!(f.stats.dropped.load(Relaxed), 1);
+        // A pin placed after a queued unpin goes out as a move.
+        f.queue(Write { forget: true, ..write(16, true) });
+        f.queue(write(16, false));
+        let w = f.shard(16).writes[&16].clone();
+        assert!(w.moved && !w.forget, "{w:?}");
         let cap = f.stamps_cap.load(Relaxed);
         for i in 0..cap as u128 {
             assert!(f.stamp(i * SHARDS as u128, 1));
