@@ -12,6 +12,10 @@
 #               the pool then keeps sessions with Tether's own cookie (a fixed bench key)
 #   LB_TLS      1 when clients speak TLS (run.sh's TLS=1): the listener is https, with the
 #               certificate and key run.sh made (TLS_CERT, TLS_KEY, PEM paths)
+# And two of Tether's own, for the shared store's bench (issue 13):
+#   LB_KEYS     the sticky pool's key chain instead of Tether's cookie, e.g. "query:u"
+#               (table-mapped: the harness's clients send ?u=USER)
+#   LB_REDIS    HOST:PORT of a Redis the pool shares its pins through ([stores.bench])
 # This script writes a config for those values under $TMPDIR and execs the release build of
 # Tether with it (building it first if it is missing). The access log is off, as it is for
 # the HAProxy and NGINX the harness runs.
@@ -39,9 +43,16 @@ conf="${TMPDIR:-/tmp}/tether-bench-$LB_PORT.toml"
     printf '  { name = "b%s", address = "%s" },\n' "$i" "$a"
   done
   printf ']\n'
-  if [ "${LB_STICKY:-0}" = 1 ]; then
+  if [ "${LB_STICKY:-0}" = 1 ] && [ -n "${LB_KEYS:-}" ]; then
+    printf '\n[pools.bench.affinity]\nkeys = ["%s"]\nmapping = "table"\n' "$LB_KEYS"
+    [ -n "${LB_REDIS:-}" ] && printf 'store = "bench"\n'
+  elif [ "${LB_STICKY:-0}" = 1 ]; then
     printf '\n[pools.bench.affinity]\nkeys = ["cookie"]\n\n[pools.bench.affinity.cookie]\n'
     printf 'keys = ["YmVuY2gta2V5LWJlbmNoLWtleS1iZW5jaC1rZXktMzI="]\n'
   fi
+  if [ -n "${LB_REDIS:-}" ]; then
+    printf '\n[stores.bench]\naddress = "%s"\nprefix = "bench"\nkey_env = "TETHER_BENCH_STORE_KEY"\n' "$LB_REDIS"
+  fi
 } >"$conf"
+export TETHER_BENCH_STORE_KEY="YmVuY2gta2V5LWJlbmNoLWtleS1iZW5jaC1rZXktMzI="
 exec "$bin" run -c "$conf"

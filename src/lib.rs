@@ -30,6 +30,7 @@ pub(crate) mod housekeeping;
 pub(crate) mod pool;
 pub(crate) mod split;
 pub(crate) mod state;
+pub(crate) mod store;
 
 // The data path.
 pub(crate) mod listener;

@@ -25,6 +25,7 @@ use crate::balance::Balancer;
 use crate::config::{self, Config};
 use crate::retry::RetryBudget;
 use crate::split::Split;
+use crate::store::{Fleet, Link};
 use crate::upstream::Upstream;
 
 /// Why a request got no `max_connections` slot of its backend.
@@ -48,6 +49,8 @@ pub struct Pool {
     pub config: config::Pool,
     /// Shared by every snapshot of this pool, so the budget survives reloads.
     pub retry_budget: Arc<RetryBudget>,
+    /// The store this pool shares its learned pins through (`affinity.store`).
+    pub shared: Option<Link>,
 }
 
 impl Pool {
@@ -93,7 +96,7 @@ impl Pool {
         }
     }
 
-    fn build(p: &config::Pool, config: &Config, previous: Option<&Snapshot>) -> Pool {
+    fn build(p: &config::Pool, config: &Config, previous: Option<&Snapshot>, stores: &[Arc<Fleet>]) -> Pool {
         let old_pool = previous.and_then(|s| s.pool(&p.name));
         let same_timeouts = previous.is_some_and(|s| s.config.timeouts == config.timeouts);
         let (backends, upstreams) = p
@@ -125,6 +128,10 @@ impl Pool {
             let members: Vec<(&str, u32)> = p.backends.iter().map(|b| (b.name.as_str(), b.weight)).collect();
             PoolAffinity::build(&p.name, &members, a, old_pool.and_then(|o| o.affinity.as_ref()))
         });
+        let shared = affinity.as_ref().and_then(|a: &PoolAffinity| {
+            let fleet = stores.iter().find(|f| Some(&f.cfg.name) == a.cfg.store.as_ref())?;
+            Some(fleet.link(&p.name, &a.store, &a.cfg.table))
+        });
         Pool {
             name: Arc::from(p.name.as_str()),
             backends,
@@ -133,6 +140,7 @@ impl Pool {
             affinity,
             config: p.clone(),
             retry_budget: old_pool.map_or_else(Default::default, |o| o.retry_budget.clone()),
+            shared,
         }
     }
 }
@@ -199,6 +207,9 @@ impl Routes {
 #[derive(Debug)]
 pub struct Snapshot {
     pub config: Arc<Config>,
+    /// The shared stores (`[stores.NAME]`), kept from snapshot to snapshot while their
+    /// settings stay.
+    pub stores: Vec<Arc<Fleet>>,
     pub pools: Vec<Pool>,
     pub listeners: Vec<Routes>,
 }
@@ -207,7 +218,9 @@ impl Snapshot {
     /// Builds a snapshot, reusing from `previous` every backend whose pool, name and address
     /// are unchanged so that its state carries over.
     pub fn build(config: Arc<Config>, previous: Option<&Snapshot>) -> Snapshot {
-        let pools = config.pools.iter().map(|p| Pool::build(p, &config, previous)).collect();
+        let old_stores = previous.map_or(&[][..], |s| &s.stores[..]);
+        let stores: Vec<Arc<Fleet>> = config.stores.iter().map(|s| Fleet::reuse_or_start(s, old_stores)).collect();
+        let pools = config.pools.iter().map(|p| Pool::build(p, &config, previous, &stores)).collect();
         let listeners = config
             .listeners
             .iter()
@@ -239,7 +252,7 @@ impl Snapshot {
                 }
             })
             .collect();
-        Snapshot { config, pools, listeners }
+        Snapshot { config, stores, pools, listeners }
     }
 
     pub fn pool(&self, name: &str) -> Option<&Pool> {

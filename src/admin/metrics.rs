@@ -58,6 +58,7 @@ impl Collector for Scrape {
         pools(&mut e, &snap)?;
         splits(&mut e, &snap)?;
         dns(&mut e, &self.0)?;
+        stores(&mut e, &snap)?;
         {
             // No labels: `tether_access_log_dropped_total 0`, not `..._total{} 0`.
             let m = e.encode_descriptor(
@@ -190,6 +191,76 @@ fn latency(e: &mut DescriptorEncoder<'_>, snap: &Snapshot) -> std::fmt::Result {
             let labels = vec![("pool", &*pool.name), ("backend", b.name.as_str())];
             m.encode_family(&labels)?.encode_histogram::<NoLabelSet>(sum, cumulative, &buckets, None)?;
         }
+    }
+    Ok(())
+}
+
+/// The shared stores (`[stores.NAME]`): whether Redis answers, what was sent and what
+/// came of it, and how long requests waited on it.
+fn stores(e: &mut DescriptorEncoder<'_>, snap: &Snapshot) -> std::fmt::Result {
+    let n = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    let mut up = Vec::new();
+    let mut queued = Vec::new();
+    let mut ops = Vec::new();
+    let mut lookups = Vec::new();
+    let mut errors = Vec::new();
+    let mut pins = Vec::new();
+    let mut moves = Vec::new();
+    let mut flushed = Vec::new();
+    let mut dropped = Vec::new();
+    for f in &snap.stores {
+        let name = f.cfg.name.as_str();
+        let s = &f.stats;
+        up.push((vec![("store", name)], i64::from(f.is_up())));
+        queued.push((vec![("store", name)], f.queued() as i64));
+        ops.push((vec![("store", name)], n(&s.operations)));
+        for (result, c) in [("hit", &s.lookup_hits), ("miss", &s.lookup_misses), ("skipped", &s.lookups_skipped)] {
+            lookups.push((vec![("store", name), ("result", result)], n(c)));
+        }
+        for (kind, c) in [("error", &s.errors), ("timeout", &s.timeouts)] {
+            errors.push((vec![("store", name), ("kind", kind)], n(c)));
+        }
+        for (result, c) in [("written", &s.pins_written), ("lost", &s.pins_lost)] {
+            pins.push((vec![("store", name), ("result", result)], n(c)));
+        }
+        for (way, c) in [("sent", &s.moves_sent), ("received", &s.moves_received)] {
+            moves.push((vec![("store", name), ("direction", way)], n(c)));
+        }
+        flushed.push((vec![("store", name)], n(&s.flushed)));
+        dropped.push((vec![("store", name)], n(&s.dropped)));
+    }
+    gauge(e, "tether_store_up", "1 while the shared store's Redis answers.", &up)?;
+    gauge(e, "tether_store_queued_writes", "Pins and refreshes waiting to be written to Redis.", &queued)?;
+    counter(e, "tether_store_operations", "Redis commands sent (each command of a pipeline counts).", &ops)?;
+    counter(e, "tether_store_lookups", "Keys unknown here looked up in Redis before decide, by result.", &lookups)?;
+    counter(e, "tether_store_errors", "Redis commands or pipelines that failed or ran out of time.", &errors)?;
+    counter(
+        e,
+        "tether_store_new_pins",
+        "New pins written with SET NX; lost: another instance's pin was first.",
+        &pins,
+    )?;
+    counter(e, "tether_store_moves", "Pins moved or unpinned, told to or heard from the other instances.", &moves)?;
+    counter(e, "tether_store_flushed", "Refreshes and write-backs sent by the periodic flush.", &flushed)?;
+    counter(e, "tether_store_dropped", "Writes dropped because the queue for Redis was full.", &dropped)?;
+    let mut m = e.encode_descriptor(
+        "tether_store_wait_duration_seconds",
+        "How long requests waited on Redis (lookups before decide, new pins before the response).",
+        None,
+        MetricType::Histogram,
+    )?;
+    for f in &snap.stores {
+        let mut cumulative = 0;
+        let mut buckets = Vec::new();
+        for (i, bound) in crate::store::LATENCY_BUCKETS_US.iter().enumerate() {
+            cumulative += n(&f.stats.latency[i]);
+            buckets.push((*bound as f64 / 1e6, cumulative));
+        }
+        cumulative += n(&f.stats.latency[crate::store::LATENCY_BUCKETS_US.len()]);
+        buckets.push((f64::MAX, cumulative));
+        let sum = n(&f.stats.latency_sum_us) as f64 / 1e6;
+        let labels = vec![("store", f.cfg.name.as_str())];
+        m.encode_family(&labels)?.encode_histogram::<NoLabelSet>(sum, cumulative, &buckets, None)?;
     }
     Ok(())
 }

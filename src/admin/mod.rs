@@ -459,9 +459,19 @@ fn sessions(control: &Control, req: &Request<Incoming>, pool: &str, unpin: bool)
         Err(e) => return key_error(&e),
     };
     if unpin {
-        return match a.unpin(found.kind, &key) {
-            Ok(true) => json_reply(StatusCode::OK, &json!({ "unpinned": true, "kind": found.kind, "key": key })),
-            Ok(false) => error(StatusCode::NOT_FOUND, format!("no {} session for that key", found.kind)),
+        return match a.unpin_pin(found.kind, &key) {
+            Ok((pin, here)) => {
+                // A shared pin is forgotten by the whole fleet, even when this instance
+                // had no copy of it.
+                if let (Some(link), Some(pin)) = (&p.shared, pin) {
+                    link.forget(pin);
+                }
+                if here {
+                    json_reply(StatusCode::OK, &json!({ "unpinned": true, "kind": found.kind, "key": key }))
+                } else {
+                    error(StatusCode::NOT_FOUND, format!("no {} session for that key", found.kind))
+                }
+            }
             Err(e) => key_error(&e),
         };
     }
@@ -540,6 +550,10 @@ fn pool_json(p: &Pool, dns: &[((String, String), crate::dns::SourceStats)]) -> V
         "algorithm": p.config.algorithm.as_str(),
         "affinity": affinity,
         "dns": sources,
+        // The shared store this pool's pins go through, and whether Redis answers.
+        "store": p.shared.as_ref().map(|l| json!({
+            "name": l.fleet.cfg.name, "up": l.fleet.is_up(), "queued_writes": l.fleet.queued(),
+        })),
         "backends": p.backends.iter().map(|b| backend_json(Some(p), b)).collect::<Vec<_>>(),
     })
 }

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use super::verdict::Verdict;
-use super::{hash, masked_ip, secs, token, PinKind, PoolAffinity};
+use super::{hash, masked_ip, secs, token, Pin, PinKind, PoolAffinity};
 use crate::backend::Backend;
 use crate::config::KeySource;
 
@@ -179,16 +179,23 @@ impl PoolAffinity {
 
     /// Forgets a learned session. Tokens and hashed keys hold no state to forget.
     pub fn unpin(&self, kind: &str, value: &str) -> Result<bool, KeyError> {
+        Ok(self.unpin_pin(kind, value)?.1)
+    }
+
+    /// [`unpin`](Self::unpin), also giving the pin the key is stored under (for a shared
+    /// store to forget it too), whether or not it was pinned here.
+    pub fn unpin_pin(&self, kind: &str, value: &str) -> Result<(Option<Pin>, bool), KeyError> {
         if kind == "cookie" {
             return Err(KeyError::TokenPin);
         }
         let Some(k) = self.cfg.keys.iter().find(|k| k.kind() == kind) else {
-            return Ok(false);
+            return Ok((None, false));
         };
         if self.maglev.is_some() && !matches!(k, KeySource::AppCookie(_)) {
             return Err(KeyError::Stateless);
         }
-        let Some(kind) = PinKind::of(k) else { return Ok(false) };
-        Ok(self.store.table(kind).remove(self.table_key(k, value)?).is_some())
+        let Some(kind) = PinKind::of(k) else { return Ok((None, false)) };
+        let pin = Pin { key: self.table_key(k, value)?, kind };
+        Ok((Some(pin), self.store.table(kind).remove(pin.key).is_some()))
     }
 }

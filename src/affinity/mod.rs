@@ -64,7 +64,17 @@ pub enum PinKind {
 }
 
 impl PinKind {
-    const ALL: [PinKind; 4] = [PinKind::AppCookie, PinKind::Header, PinKind::Query, PinKind::ClientIp];
+    pub const ALL: [PinKind; 4] = [PinKind::AppCookie, PinKind::Header, PinKind::Query, PinKind::ClientIp];
+
+    /// Its table's name (as in [`Store::TABLES`]).
+    pub fn name(self) -> &'static str {
+        Store::TABLES[self as usize]
+    }
+
+    /// The kind whose table is named `name`.
+    pub fn named(name: &str) -> Option<PinKind> {
+        PinKind::ALL.into_iter().find(|k| k.name() == name)
+    }
 
     /// The table kind of a key source, if it is ever table-mapped.
     fn of(key: &KeySource) -> Option<PinKind> {
@@ -695,6 +705,77 @@ impl PoolAffinity {
         Some(token)
     }
 
+    /// [`learn`](Self::learn), giving back the pins that were not already pinned to
+    /// `backend`: what a shared store must hear of (a backend that sets its cookie again on
+    /// every response costs it nothing).
+    pub fn learn_new<'v>(&self, set_cookies: impl IntoIterator<Item = &'v [u8]>, backend: usize) -> Vec<Pin> {
+        let mut new = Vec::new();
+        let id = self.ids[backend];
+        let t = self.store.table(PinKind::AppCookie);
+        for v in set_cookies {
+            let Some((n, value)) = keys::header_text(v).and_then(cookies::set_cookie_name_value) else { continue };
+            if value.is_empty() || !self.cfg.keys.iter().any(|k| matches!(k, KeySource::AppCookie(name) if name == n)) {
+                continue;
+            }
+            let pin =
+                Pin { key: hash::key_hash128(&self.pool, "app_cookie", value.as_bytes()), kind: PinKind::AppCookie };
+            if t.peek(pin.key, t.now()) != Some(id) {
+                self.store.insert(pin, id);
+                new.push(pin);
+            }
+        }
+        new
+    }
+
+    /// The table pins a request carries, in the order of the key chain, up to the first key
+    /// that decides whether or not a table knows it (Tether's cookie or a hash-mapped key
+    /// the request carries, or a table-mapped header, query or client IP, which is placed
+    /// when unknown; an unknown application cookie lets the chain go on): what a shared
+    /// store looks up before [`decide`](Self::decide) when this instance does not know
+    /// them. No allocation.
+    pub fn table_pins<R: RequestKeys + ?Sized>(&self, request: &R, client_ip: IpAddr) -> [Option<Pin>; 4] {
+        let mut pins = [None; 4];
+        let mut n = 0;
+        for key in &self.cfg.keys {
+            let mut ip_buf = [0u8; 16];
+            let value: Option<&[u8]> = match key {
+                KeySource::Cookie if self.keyring.is_some() && request.cookie(&self.attrs.name).is_some() => break,
+                KeySource::Cookie => None,
+                KeySource::AppCookie(name) => app_session(request, name).map(str::as_bytes),
+                KeySource::Header(name) => request.header(name),
+                KeySource::Query(name) => {
+                    request.query().and_then(|q| cookies::find_query_param(q, name)).map(str::as_bytes)
+                }
+                KeySource::ClientIp => {
+                    Some(masked_ip(client_ip, self.cfg.ipv4_prefix, self.cfg.ipv6_prefix, &mut ip_buf))
+                }
+            };
+            let Some(value) = value.filter(|v| !v.is_empty()) else { continue };
+            if self.maglev.is_some() && !matches!(key, KeySource::AppCookie(_)) {
+                break;
+            }
+            let Some(kind) = PinKind::of(key) else { continue };
+            if n < pins.len() {
+                pins[n] = Some(Pin { key: hash::key_hash128(&self.pool, key.kind(), value), kind });
+                n += 1;
+            }
+            if kind != PinKind::AppCookie {
+                break;
+            }
+        }
+        pins
+    }
+
+    /// The index of the backend with identity `id` in this snapshot.
+    pub fn index_of(&self, id: u64) -> Option<usize> {
+        self.by_id.get(&id).copied()
+    }
+
+    /// The pool's name.
+    pub fn pool_name(&self) -> &str {
+        &self.pool
+    }
+
     /// Whether responses need [`learn`](Self::learn).
     pub fn learns(&self) -> bool {
         self.cfg.keys.iter().any(|k| matches!(k, KeySource::AppCookie(_)))
@@ -754,6 +835,36 @@ mod tests {
         }
         assert_eq!(index.get(&1), None);
         assert_eq!(IdIndex::new(&[]).get(&0), None);
+    }
+
+    #[test]
+    fn table_pins_stop_at_the_key_that_decides() {
+        let pins_of = |keys: Vec<KeySource>, mapping: Mapping, headers: &[(&str, &str)]| {
+            let cfg = config::Affinity { keys, mapping, ..config::Affinity::default() };
+            let a = PoolAffinity::build("web", &[("a", 1), ("b", 1)], &cfg, None);
+            let mut h = HeaderMap::new();
+            for (n, v) in headers {
+                h.append(http::HeaderName::from_bytes(n.as_bytes()).unwrap(), v.parse().unwrap());
+            }
+            let uri: http::Uri = "/?q=1".parse().unwrap();
+            let pins = a.table_pins(&HttpKeys::new(&h, &uri), "10.0.0.1".parse().unwrap());
+            pins.iter().flatten().map(|p| p.kind).collect::<Vec<_>>()
+        };
+        let (app, header, ip) =
+            (KeySource::AppCookie("sid".into()), KeySource::Header("x-user".into()), KeySource::ClientIp);
+        let chain = vec![app.clone(), header.clone(), ip.clone()];
+        // An application cookie lets the chain go on (unknown, it decides nothing); a
+        // table-mapped header decides: the client IP after it is not looked up.
+        let all = [("cookie", "sid=s1"), ("x-user", "u1")];
+        assert_eq!(pins_of(chain.clone(), Mapping::Table, &all), [PinKind::AppCookie, PinKind::Header]);
+        assert_eq!(pins_of(chain.clone(), Mapping::Table, &[("x-user", "u1")]), [PinKind::Header]);
+        assert_eq!(pins_of(chain.clone(), Mapping::Table, &[]), [PinKind::ClientIp]);
+        // Hash-mapped keys have no pin and decide.
+        assert_eq!(pins_of(chain, Mapping::Hash, &all), [PinKind::AppCookie]);
+        // Tether's cookie, when the request carries one, decides before any table.
+        let with_token = vec![KeySource::Cookie, header];
+        assert_eq!(pins_of(with_token.clone(), Mapping::Table, &[("cookie", "tether=x"), ("x-user", "u1")]), []);
+        assert_eq!(pins_of(with_token, Mapping::Table, &[("x-user", "u1")]), [PinKind::Header]);
     }
 
     #[test]

@@ -501,6 +501,16 @@ impl StickTable {
         Some(backend)
     }
 
+    /// The backend of a live `key` at `now`, without refreshing it or counting a hit or a
+    /// miss: for a look that is not a request's (the shared store checking whether a key is
+    /// known before `decide` looks it up).
+    pub fn peek(&self, key: u128, now: Tick) -> Option<u64> {
+        let g = self.shard(key).lock();
+        let slot = g.find(key)?;
+        let e = &g.slab[slot as usize];
+        (!self.expired(e.last_seen, now)).then_some(e.backend)
+    }
+
     /// Maps `key` to `backend` at time `now` (replacing any existing
     /// mapping) and makes it most recently used. When the key's shard is
     /// full, its least recently used entry is dropped first.

@@ -13,6 +13,9 @@ use toml::Spanned;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct File {
+    /// The `[stores.NAME]` every pool with table-mapped keys shares its pins through,
+    /// unless its affinity names another (or `"none"`).
+    pub store: Option<Spanned<String>>,
     #[serde(default)]
     pub runtime: Runtime,
     #[serde(default)]
@@ -25,6 +28,9 @@ pub struct File {
     /// `[dns]`: the name servers backends from DNS are resolved through.
     #[serde(default)]
     pub dns: Dns,
+    /// `[stores.NAME]`: Redis servers that share learned pins across a fleet.
+    #[serde(default)]
+    pub stores: BTreeMap<String, Spanned<Store>>,
     #[serde(default)]
     pub listeners: Vec<Listener>,
     /// Keyed by pool name; a `BTreeMap` so that iteration (and so error order) is stable.
@@ -86,6 +92,32 @@ pub struct Dns {
     pub resolvers: Option<Spanned<Vec<Spanned<String>>>>,
     /// The wait for one server's answer.
     pub timeout: Option<Spanned<String>>,
+}
+
+/// `[stores.NAME]`: a Redis server sharing learned pins between the instances of a fleet.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Store {
+    /// `HOST:PORT`.
+    pub address: Spanned<String>,
+    pub tls: Option<Spanned<bool>>,
+    pub user: Option<Spanned<String>>,
+    /// A file holding the password (never inline).
+    pub password_file: Option<Spanned<String>>,
+    /// An environment variable holding the password.
+    pub password_env: Option<Spanned<String>>,
+    pub database: Option<Spanned<i64>>,
+    /// The start of every Redis key and channel of this fleet.
+    pub prefix: Option<Spanned<String>>,
+    /// The key (32 bytes, base64) that keys the hashes naming sessions in Redis.
+    pub key_file: Option<Spanned<String>>,
+    pub key_env: Option<Spanned<String>>,
+    /// How long a request waits for Redis to answer a lookup or a new pin.
+    pub timeout: Option<Spanned<String>>,
+    /// How often refreshes and write-backs go out, as one pipeline.
+    pub flush_interval: Option<Spanned<String>>,
+    /// How long a key Redis does not know is not asked for again.
+    pub miss_ttl: Option<Spanned<String>>,
 }
 
 /// `[[pools.NAME.dns]]`: backends named by a DNS name.
@@ -253,6 +285,8 @@ pub struct Affinity {
     pub ipv6_prefix: Option<Spanned<i64>>,
     pub cookie: Option<Spanned<Cookie>>,
     pub table: Option<Spanned<Table>>,
+    /// The `[stores.NAME]` to share learned pins through, or `"none"`.
+    pub store: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

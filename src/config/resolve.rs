@@ -18,7 +18,7 @@ use super::file;
 use super::types::{
     AccessLog, Admin, AdminState, Affinity, Algorithm, Backend, CheckKind, Config, CookieConfig, Dns, DnsKind,
     DnsSource, Health, KeySource, Limits, Listener, LogFormat, Mapping, OnUnavailable, Pool, Route, RouteTo, SameSite,
-    Secret, SniRoute, Split, SplitMember, TableConfig, TcpListener, Timeouts, MAX_SPLIT_WEIGHT, MAX_WEIGHT,
+    Secret, SniRoute, Split, SplitMember, Store, TableConfig, TcpListener, Timeouts, MAX_SPLIT_WEIGHT, MAX_WEIGHT,
 };
 use super::{locate, parse_duration, Located};
 use crate::net::{strip_port, Cidr};
@@ -160,7 +160,9 @@ impl Resolver<'_> {
         let limits = self.limits(&f.limits);
         let admin = f.admin.as_ref().map(|a| self.admin(a));
         let dns = self.dns(&f.dns);
-        let pools: Vec<Pool> = f.pools.iter().map(|(name, pool)| self.pool(name, pool)).collect();
+        let stores: Vec<Store> = f.stores.iter().map(|(name, s)| self.store(name, s)).collect();
+        let mut pools: Vec<Pool> = f.pools.iter().map(|(name, pool)| self.pool(name, pool)).collect();
+        self.pool_stores(f, &mut pools);
         if f.pools.is_empty() {
             self.missing("no pools: add at least one [pools.NAME] with backends");
         }
@@ -171,7 +173,174 @@ impl Resolver<'_> {
         let listeners = self.listeners(&f.listeners, &pool_names);
         self.tcp_pools(&f.listeners, &listeners, &pools);
         self.split_pools(&f.listeners, &listeners, &pools);
-        Config { threads, shutdown_grace, state_dir, timeouts, access_log, limits, admin, dns, listeners, pools }
+        Config {
+            threads,
+            shutdown_grace,
+            state_dir,
+            timeouts,
+            access_log,
+            limits,
+            admin,
+            dns,
+            stores,
+            listeners,
+            pools,
+        }
+    }
+
+    /// `[stores.NAME]`: a Redis server. The password and the hashing key come from a file
+    /// or an environment variable, never from the config itself.
+    fn store(&mut self, name: &str, s: &Spanned<file::Store>) -> Store {
+        let at = format!("stores.{name}");
+        let f = s.get_ref();
+        let address = f.address.get_ref().trim().to_string();
+        let port_ok = address
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0));
+        if !port_ok {
+            self.error(&f.address, format!("{at}: address \"{address}\" is not HOST:PORT, like 127.0.0.1:6379"));
+        }
+        if let Some(tls) = f.tls.as_ref().filter(|t| *t.get_ref()) {
+            self.error(
+                tls,
+                format!("{at}: tls: this build speaks to Redis in plain TCP only; reach a TLS Redis through a local tunnel (stunnel, a sidecar)"),
+            );
+        }
+        let user = f.user.as_ref().map(|u| u.get_ref().clone());
+        if let Some(u) = f.user.as_ref().filter(|u| u.get_ref().is_empty() || u.get_ref().contains(char::is_whitespace))
+        {
+            self.error(u, format!("{at}: user: must be a name without spaces"));
+        }
+        let password = self.store_secret(s, &at, "password", &f.password_file, &f.password_env);
+        if password.is_none() && user.is_some() {
+            self.error(s, format!("{at}: user is set without password_file or password_env"));
+        }
+        let key = match self.store_secret(s, &at, "key", &f.key_file, &f.key_env) {
+            Some(k) => match crate::affinity::token::Key::from_base64(&k) {
+                Ok(_) => k,
+                Err(e) => {
+                    let place = f.key_file.as_ref().or(f.key_env.as_ref()).expect("a key was read from one");
+                    self.error(place, format!("{at}: key: {e}"));
+                    k
+                }
+            },
+            None => {
+                if f.key_file.is_none() && f.key_env.is_none() {
+                    self.error(
+                        s,
+                        format!("{at}: set key_file or key_env: the key (32 bytes, base64) that hashes session keys before they reach Redis"),
+                    );
+                }
+                Secret::new(String::new())
+            }
+        };
+        let database = self.ranged(&f.database, &format!("{at}: database"), 0..=1_000_000, 0);
+        let prefix = match &f.prefix {
+            None => "tether".to_string(),
+            Some(p)
+                if p.get_ref().is_empty() || p.get_ref().contains(|c: char| c.is_whitespace() || c.is_control()) =>
+            {
+                self.error(p, format!("{at}: prefix: must be a word without spaces"));
+                String::new()
+            }
+            Some(p) => p.get_ref().clone(),
+        };
+        let timeout = self.duration(&f.timeout, &format!("{at}: timeout"), Duration::from_millis(25));
+        let flush_interval =
+            self.duration(&f.flush_interval, &format!("{at}: flush_interval"), Duration::from_millis(250));
+        let miss_ttl = self.duration(&f.miss_ttl, &format!("{at}: miss_ttl"), Duration::from_secs(2));
+        Store {
+            name: name.to_string(),
+            address,
+            user,
+            password,
+            database,
+            prefix,
+            key,
+            timeout,
+            flush_interval,
+            miss_ttl,
+        }
+    }
+
+    /// A store's secret from its `_file` or its `_env`, not both; `None` when neither is set
+    /// (or it cannot be read, reported).
+    fn store_secret(
+        &mut self,
+        s: &Spanned<file::Store>,
+        at: &str,
+        what: &str,
+        file: &Option<Spanned<String>>,
+        env: &Option<Spanned<String>>,
+    ) -> Option<Secret> {
+        match (file, env) {
+            (Some(_), Some(_)) => {
+                self.error(s, format!("{at}: set only one of {what}_file and {what}_env"));
+                None
+            }
+            (Some(path), None) => match std::fs::read_to_string(path.get_ref()) {
+                Ok(text) if !text.trim().is_empty() => Some(Secret::new(text.trim())),
+                Ok(_) => {
+                    self.error(path, format!("{at}: {what}_file: {} is empty", path.get_ref()));
+                    None
+                }
+                Err(e) => {
+                    self.error(path, format!("{at}: {what}_file: cannot read {}: {}", path.get_ref(), e.kind()));
+                    None
+                }
+            },
+            (None, Some(var)) => match std::env::var(var.get_ref()) {
+                Ok(text) if !text.trim().is_empty() => Some(Secret::new(text.trim())),
+                _ => {
+                    self.error(var, format!("{at}: {what}_env: the environment variable {} is not set", var.get_ref()));
+                    None
+                }
+            },
+            (None, None) => None,
+        }
+    }
+
+    /// Which store each pool shares its pins through: its affinity's `store` (a name, or
+    /// `"none"`), else the file's top-level `store` when the pool has table-mapped keys.
+    fn pool_stores(&mut self, f: &file::File, pools: &mut [Pool]) {
+        let known = |name: &str| f.stores.contains_key(name);
+        let default = match &f.store {
+            Some(s) if known(s.get_ref()) => Some(s.get_ref().clone()),
+            Some(s) => {
+                self.error(s, format!("store \"{}\" is not a [stores.NAME] of this file", s.get_ref()));
+                None
+            }
+            None => None,
+        };
+        for (pool, (_, file_pool)) in pools.iter_mut().zip(&f.pools) {
+            let Some(a) = pool.affinity.as_mut() else { continue };
+            let shares = a.keys.iter().any(|k| match k {
+                KeySource::Cookie => false,
+                KeySource::AppCookie(_) => true,
+                _ => a.mapping == Mapping::Table,
+            });
+            let named = file_pool.get_ref().affinity.as_ref().and_then(|fa| fa.get_ref().store.as_ref());
+            a.store = match named {
+                Some(n) if n.get_ref() == "none" => None,
+                Some(n) if !known(n.get_ref()) => {
+                    self.error(
+                        n,
+                        format!(
+                            "pool \"{}\": affinity: store \"{}\" is not a [stores.NAME] of this file",
+                            pool.name,
+                            n.get_ref()
+                        ),
+                    );
+                    None
+                }
+                Some(n) if !shares => {
+                    self.error(n, format!("pool \"{}\": affinity: store: the pool has no table-mapped key to share (app_cookie, or header, query or client_ip with mapping = \"table\")", pool.name));
+                    None
+                }
+                Some(n) => Some(n.get_ref().clone()),
+                None => default.clone().filter(|_| shares),
+            };
+        }
     }
 
     /// `[dns]`: resolvers as `IP` (port 53) or `IP:PORT`, and the timeout.
@@ -1120,6 +1289,7 @@ impl Resolver<'_> {
             ipv6_prefix: ipv6_prefix as u8,
             cookie,
             table,
+            store: None,
         }
     }
 

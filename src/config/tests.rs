@@ -728,3 +728,84 @@ fn split_errors_are_located() {
         assert!(e.iter().any(|l| l.starts_with(&want)), "wanted {want}\n{e:#?}");
     }
 }
+
+/// A config with `[stores.fleet]` (its body `store`), and pools `tab` (a table-mapped
+/// header) and `tok` (Tether's cookie only), each affinity with `tab_extra`/`tok_extra`.
+fn with_store(top: &str, store: &str, tab_extra: &str, tok_extra: &str) -> String {
+    format!(
+        "{top}\n[stores.fleet]\n{store}\n[[listeners]]\nbind = \"127.0.0.1:8080\"\npool = \"tab\"\n\n\
+         [pools.tab]\nbackends = [{{ address = \"127.0.0.1:9001\" }}]\n[pools.tab.affinity]\nkeys = [\"header:x-user\"]\n{tab_extra}\n\
+         [pools.tok]\nbackends = [{{ address = \"127.0.0.1:9002\" }}]\n[pools.tok.affinity]\nkeys = [\"cookie\"]\n{tok_extra}\n"
+    )
+}
+
+#[test]
+fn stores_resolve_and_pools_share_through_them() {
+    std::env::set_var("TETHER_TEST_STORE_KEY", KEY_1);
+    std::env::set_var("TETHER_TEST_STORE_PASSWORD", " secret \n");
+    let store = "address = \"redis.internal:6380\"\nuser = \"tether\"\npassword_env = \"TETHER_TEST_STORE_PASSWORD\"\n\
+                 key_env = \"TETHER_TEST_STORE_KEY\"\ndatabase = 3\nprefix = \"prod\"\ntimeout = \"10ms\"\n";
+    let c = parse(&with_store("store = \"fleet\"", store, "", ""), "t.toml").unwrap();
+    let s = &c.stores[0];
+    assert_eq!(
+        (s.name.as_str(), s.address.as_str(), s.database, s.prefix.as_str()),
+        ("fleet", "redis.internal:6380", 3, "prod")
+    );
+    assert_eq!(s.password.as_deref(), Some("secret"));
+    assert_eq!(s.user.as_deref(), Some("tether"));
+    assert_eq!(s.timeout, Duration::from_millis(10));
+    assert_eq!((s.flush_interval, s.miss_ttl), (Duration::from_millis(250), Duration::from_secs(2)));
+    assert!(!format!("{s:?}").contains("secret"), "{s:?}");
+    let store_of = |c: &Config, pool: &str| {
+        c.pools.iter().find(|p| p.name == pool).unwrap().affinity.as_ref().unwrap().store.clone()
+    };
+    // The top-level store goes to pools with table-mapped keys only.
+    assert_eq!(store_of(&c, "tab").as_deref(), Some("fleet"));
+    assert_eq!(store_of(&c, "tok"), None);
+    // Without it, only a pool that names the store uses it; "none" opts out.
+    let key = "address = \"127.0.0.1:6379\"\nkey_env = \"TETHER_TEST_STORE_KEY\"\n";
+    let c = parse(&with_store("", key, "store = \"fleet\"\n", ""), "t.toml").unwrap();
+    assert_eq!(store_of(&c, "tab").as_deref(), Some("fleet"));
+    let c = parse(&with_store("store = \"fleet\"", key, "store = \"none\"\n", ""), "t.toml").unwrap();
+    assert_eq!(store_of(&c, "tab"), None);
+}
+
+#[test]
+fn store_mistakes_are_located_errors() {
+    std::env::set_var("TETHER_TEST_STORE_KEY2", KEY_1);
+    let key = "key_env = \"TETHER_TEST_STORE_KEY2\"\n";
+    let cases: Vec<(String, &str)> = vec![
+        (with_store("", &format!("address = \"nohost\"\n{key}"), "", ""), "is not HOST:PORT"),
+        (with_store("", &format!("address = \"h:0\"\n{key}"), "", ""), "is not HOST:PORT"),
+        (with_store("", &format!("address = \"h:1\"\ntls = true\n{key}"), "", ""), "plain TCP only"),
+        (with_store("", "address = \"h:1\"\n", "", ""), "set key_file or key_env"),
+        (with_store("", "address = \"h:1\"\nkey_env = \"TETHER_TEST_NO_SUCH_VARIABLE\"\n", "", ""), "is not set"),
+        (with_store("", "address = \"h:1\"\nkey_file = \"/no/such/file\"\n", "", ""), "cannot read /no/such/file"),
+        (with_store("", &format!("address = \"h:1\"\nuser = \"u\"\n{key}"), "", ""), "user is set without"),
+        (
+            with_store("", &format!("address = \"h:1\"\npassword = \"inline\"\n{key}"), "", ""),
+            "unknown field `password`",
+        ),
+        (with_store("", &format!("address = \"h:1\"\nprefix = \"a b\"\n{key}"), "", ""), "prefix: must be a word"),
+        (
+            with_store("", &format!("address = \"h:1\"\ntimeout = \"0s\"\n{key}"), "", ""),
+            "timeout: must be greater than zero",
+        ),
+        (
+            with_store("store = \"other\"", &format!("address = \"h:1\"\n{key}"), "", ""),
+            "store \"other\" is not a [stores.NAME]",
+        ),
+        (with_store("", &format!("address = \"h:1\"\n{key}"), "store = \"other\"\n", ""), "is not a [stores.NAME]"),
+        (
+            with_store("", &format!("address = \"h:1\"\n{key}"), "", "store = \"fleet\"\n"),
+            "no table-mapped key to share",
+        ),
+    ];
+    for (src, want) in cases {
+        let e = errors(&src);
+        assert!(e.iter().any(|l| l.contains(want) && l.starts_with("t.toml:")), "{want}: {e:?}\n{src}");
+    }
+    std::env::set_var("TETHER_TEST_STORE_BADKEY", "not base64!");
+    let e = errors(&with_store("", "address = \"h:1\"\nkey_env = \"TETHER_TEST_STORE_BADKEY\"\n", "", ""));
+    assert!(e.iter().any(|l| l.contains("stores.fleet: key:") && !l.contains("not base64!")), "{e:?}");
+}

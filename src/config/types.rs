@@ -29,8 +29,32 @@ pub struct Config {
     pub admin: Option<Admin>,
     /// How backends from DNS are looked up (`[dns]`).
     pub dns: Dns,
+    /// Redis servers that share learned pins (`[stores.NAME]`), by name.
+    pub stores: Vec<Store>,
     pub listeners: Vec<Listener>,
     pub pools: Vec<Pool>,
+}
+
+/// `[stores.NAME]`: a Redis server through which the instances of a fleet share the pins
+/// they learn (see `store`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Store {
+    pub name: String,
+    /// `HOST:PORT`, resolved when connecting.
+    pub address: String,
+    pub user: Option<String>,
+    pub password: Option<Secret>,
+    pub database: i64,
+    /// The start of every key and channel (`PREFIX:pool:kind:HASH`, `PREFIX:moved`).
+    pub prefix: String,
+    /// 32 bytes, base64: the AES-256 key turning a pin's hash into its name in Redis.
+    pub key: Secret,
+    /// The longest a request waits for a lookup or a new pin.
+    pub timeout: Duration,
+    /// Refreshes and write-backs go out this often, in one pipeline.
+    pub flush_interval: Duration,
+    /// A key Redis did not know is not asked for again for this long.
+    pub miss_ttl: Duration,
 }
 
 /// `[dns]`: the name servers `[[pools.NAME.dns]]` sources are resolved through.
@@ -374,6 +398,8 @@ pub struct Affinity {
     pub ipv6_prefix: u8,
     pub cookie: CookieConfig,
     pub table: TableConfig,
+    /// The `[stores.NAME]` this pool shares its learned pins through.
+    pub store: Option<String>,
 }
 
 impl Default for Affinity {
@@ -390,6 +416,7 @@ impl Default for Affinity {
             ipv6_prefix: 64,
             cookie: CookieConfig::default(),
             table: TableConfig::default(),
+            store: None,
         }
     }
 }

@@ -72,6 +72,9 @@ async fn forward(
     }
     let trusted = routes.trusted_proxies.iter().any(|c| c.contains(crate::net::canonical(cx.peer.ip())));
     let now_ms = if pool.affinity.is_some() { crate::time::unix_millis() } else { 0 };
+    if let Some(wait) = shared_lookup(pool, routes, cx, &req, trusted) {
+        wait.await;
+    }
     let mut decision = decide(pool, routes, cx, &req, trusted, now_ms);
     out.verdict = decision.verdict;
     out.session = cx.shared.access_log.pseudonym(decision.identity());
@@ -114,6 +117,16 @@ async fn forward(
         return Err(Refusal::BackendFailed { backend: pool.backends[index].name.clone() });
     };
     if let Some(a) = &pool.affinity {
+        if let Some(link) = &pool.shared {
+            let learned = if a.learns() {
+                a.learn_new(crate::affinity::keys::http_set_cookies(response.headers()), index)
+            } else {
+                Vec::new()
+            };
+            if let Some(wait) = link.after(&pool.backends, &decision, &learned, index) {
+                wait.await;
+            }
+        }
         rewrite::persist(response.headers_mut(), a, &decision, index, https);
     }
     if let Some(hsts) = routes.hsts.as_deref().and_then(|v| HeaderValue::from_str(v).ok()) {
@@ -200,6 +213,20 @@ fn transfer_coding(headers: &HeaderMap) -> Result<(), Refusal> {
         return Err(Refusal::UnsupportedTransferCoding);
     }
     Ok(())
+}
+
+/// Step 2, first half, for a pool that shares its pins (`store`): the table keys the
+/// request carries that this instance does not know, looked up in the shared store.
+fn shared_lookup(
+    pool: &Pool,
+    routes: &Routes,
+    cx: &ConnCx,
+    req: &Request<Incoming>,
+    trusted: bool,
+) -> Option<crate::store::Wait> {
+    let (link, a) = (pool.shared.as_ref()?, pool.affinity.as_ref()?);
+    let client = rewrite::client_ip(cx.peer.ip(), req.headers(), &routes.trusted_proxies, trusted);
+    link.before(a, &pool.backends, &a.table_pins(&HttpKeys::new(req.headers(), req.uri()), client))
 }
 
 /// Step 2: the backend, by the pool's affinity or, without one, its balancer.

@@ -271,6 +271,12 @@ pub fn parse(src: &str, file: &str, dir: Option<&Path>) -> Result<Scenario, Conf
             config::parse(&text, file)?
         }
     };
+    // A simulated Tether is one process: nothing is shared, and no Redis is ever reached.
+    let mut config = config;
+    config.stores.clear();
+    for a in config.pools.iter_mut().filter_map(|p| p.affinity.as_mut()) {
+        a.store = None;
+    }
 
     // A replayed log is read (its first and last times) before the duration, which it
     // gives when the scenario does not.

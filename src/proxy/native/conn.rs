@@ -356,6 +356,12 @@ impl<'c, S: ClientIo> Exchange<'c, S> {
             Some(a) => {
                 let xff = head.fields.values(data, Known::XForwardedFor);
                 let ip = rewrite::client_ip_from(self.client.peer.ip(), xff, &routes.trusted_proxies, trusted);
+                if let Some(link) = &pool.shared {
+                    // Keys this instance does not know are asked of the shared store first.
+                    if let Some(wait) = link.before(a, &pool.backends, &a.table_pins(&H1Keys::new(data, head), ip)) {
+                        wait.await;
+                    }
+                }
                 a.decide(&pool.group(), &H1Keys::new(data, head), ip, now_ms)
             }
             None => Decision::plain(pool.group().pick(None)),
@@ -555,8 +561,20 @@ impl<'c, S: ClientIo> Exchange<'c, S> {
                 let rdata = rbuf.bytes();
                 let mut set_cookie = None;
                 if let Some(a) = &pool.affinity {
-                    if a.learns() {
-                        a.learn(res.fields.values(rdata, Known::SetCookie), attempt.index);
+                    match &pool.shared {
+                        None if a.learns() => a.learn(res.fields.values(rdata, Known::SetCookie), attempt.index),
+                        None => {}
+                        // New pins reach the shared store before the response does.
+                        Some(link) => {
+                            let learned = if a.learns() {
+                                a.learn_new(res.fields.values(rdata, Known::SetCookie), attempt.index)
+                            } else {
+                                Vec::new()
+                            };
+                            if let Some(wait) = link.after(&pool.backends, &decision, &learned, attempt.index) {
+                                wait.await;
+                            }
+                        }
                     }
                     set_cookie = issued_cookie(a, &decision, https);
                 }

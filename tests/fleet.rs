@@ -1,0 +1,482 @@
+//! Sessions shared through Redis (`[stores.NAME]`): a real `redis-server` on loopback and
+//! three Tether processes sharing it, in front of the same three demo backends. Clients
+//! whose every request goes to a random instance stay on one backend; Redis killed mid-run
+//! costs no request and no session; what was learned while it was away reaches the other
+//! instances once it is back; an unpin on one instance is dropped by the others. Requests
+//! go over HTTP/1.1 or HTTP/2 at random, so both data paths are exercised.
+//!
+//! Without `redis-server` on the PATH these tests fail under CI (`CI` set) and are skipped,
+//! saying so, elsewhere (`.ci/setup` installs it).
+
+mod common;
+
+use std::net::{SocketAddr, TcpListener};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use http::Request;
+use http_body_util::Full;
+
+/// A `redis-server` on a loopback port, without persistence.
+struct Redis {
+    child: Child,
+    port: u16,
+}
+
+impl Redis {
+    /// Starts one on a free port, or `None` (outside CI) when none is installed.
+    async fn start() -> Option<Redis> {
+        let installed = Command::new("redis-server").arg("--version").stdout(Stdio::null()).status().is_ok();
+        if !installed {
+            assert!(std::env::var_os("CI").is_none(), "redis-server is not installed: .ci/setup installs it");
+            eprintln!("SKIPPED: redis-server is not installed (apt-get install redis-server; CI installs it)");
+            return None;
+        }
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        Some(Redis::on(port).await)
+    }
+
+    /// Starts one on `port` and waits until it answers PING.
+    async fn on(port: u16) -> Redis {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server");
+        let r = Redis { child, port };
+        wait_until_async("redis-server answers PING", Duration::from_secs(10), || r.pings()).await;
+        r
+    }
+
+    async fn pings(&self) -> bool {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await else { return false };
+        let mut buf = [0u8; 7];
+        s.write_all(b"PING\r\n").await.is_ok() && s.read_exact(&mut buf).await.is_ok() && &buf == b"+PONG\r\n"
+    }
+
+    /// Freezes (`STOP`) or thaws (`CONT`) the server: its sockets stay open, nothing answers.
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill").arg(format!("-{sig}")).arg(self.child.id().to_string()).status().unwrap();
+        assert!(ok.success());
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Three pools, one per kind of key, each placing new sessions at random (so an instance
+/// that did not know a session would most often place it elsewhere), all sharing through
+/// the store `fleet`; chosen by host.
+fn fleet_config(b: &[DemoBackend], redis_port: u16, key_file: &std::path::Path) -> String {
+    let mut s = format!(
+        "store = \"fleet\"\n\n[stores.fleet]\naddress = \"127.0.0.1:{redis_port}\"\nprefix = \"test\"\nkey_file = \"{}\"\n\
+         timeout = \"200ms\"\nflush_interval = \"100ms\"\n\n{ADMIN}\n\
+         [[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\ntrusted_proxies = [\"127.0.0.0/8\"]\n",
+        key_file.display()
+    );
+    for pool in ["cookie", "header", "ip"] {
+        s.push_str(&format!("[[listeners.routes]]\nhost = \"{pool}.test\"\npool = \"{pool}\"\n"));
+    }
+    for (pool, key) in [("cookie", "app_cookie:demo_visitor"), ("header", "header:x-user"), ("ip", "client_ip")] {
+        s.push_str(&format!("\n[pools.{pool}]\nalgorithm = \"random\"\nbackends = [\n"));
+        for d in b {
+            s.push_str(&format!("  {{ name = \"{}\", address = \"{}\" }},\n", d.name, d.address));
+        }
+        s.push_str(&format!("]\n[pools.{pool}.affinity]\nkeys = [\"{key}\"]\nmapping = \"table\"\n"));
+    }
+    s
+}
+
+/// Three instances, the demo backends and Redis, or `None` when the test is skipped.
+struct Fleet {
+    redis: Redis,
+    tethers: Vec<Tether>,
+    _backends: Vec<DemoBackend>,
+    _scratch: Scratch,
+}
+
+impl Fleet {
+    async fn start() -> Option<Fleet> {
+        let redis = Redis::start().await?;
+        let backends = backends(3).await;
+        let scratch = Scratch::new();
+        let key = scratch.write("store.key", "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\n");
+        let cfg = fleet_config(&backends, redis.port, &key);
+        // The third runs two worker threads: requests on workers, Redis on the control plane.
+        let tethers: Vec<Tether> = (0..3)
+            .map(|i| if i == 2 { Tether::start_with(&cfg, &["--threads", "2"]) } else { Tether::start(&cfg) })
+            .collect();
+        let f = Fleet { redis, tethers, _backends: backends, _scratch: scratch };
+        for t in &f.tethers {
+            wait_until_async("every instance reports its store up", Duration::from_secs(10), || store_up(t.admin()))
+                .await;
+        }
+        Some(f)
+    }
+
+    fn random(&self) -> &Tether {
+        &self.tethers[(rand() % 3) as usize]
+    }
+}
+
+fn rand() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    // Each `RandomState` of a thread is keyed anew: a fresh draw per call.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u8(0);
+    h.finish()
+}
+
+/// The value of metric `name` (with its labels written as in the text) on `admin`.
+async fn metric(admin: SocketAddr, name: &str) -> Option<f64> {
+    let text = get(admin, "/metrics").await.text();
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+async fn store_up(admin: SocketAddr) -> bool {
+    metric(admin, "tether_store_up{store=\"fleet\"}").await == Some(1.0)
+}
+
+/// A request to pool `pool` (by host) as one client of that pool's kind of key.
+fn request(pool: &str, client: &Visitor) -> Request<Full<Bytes>> {
+    let mut r = Request::get("/").header("host", format!("{pool}.test"));
+    match client {
+        Visitor::Cookie(Some(v)) => r = r.header("cookie", format!("demo_visitor={v}")),
+        Visitor::Cookie(None) => {}
+        Visitor::Header(u) => r = r.header("x-user", u.as_str()),
+        Visitor::Ip(ip) => r = r.header("x-forwarded-for", ip.as_str()),
+    }
+    r.body(Full::default()).unwrap()
+}
+
+/// A client, by the key it carries.
+#[derive(Debug, Clone)]
+enum Visitor {
+    /// The demo app's session cookie, once it has one.
+    Cookie(Option<String>),
+    Header(String),
+    Ip(String),
+}
+
+impl Visitor {
+    fn pool(&self) -> &'static str {
+        match self {
+            Visitor::Cookie(_) => "cookie",
+            Visitor::Header(_) => "header",
+            Visitor::Ip(_) => "ip",
+        }
+    }
+}
+
+/// `req` over an HTTP/2 prior-knowledge connection, its host as the URI's authority.
+async fn h2(addr: SocketAddr, req: Request<Full<Bytes>>) -> Resp {
+    use http_body_util::BodyExt;
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let io = hyper_util::rt::TokioIo::new(stream);
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io).await.unwrap();
+    tokio::spawn(conn);
+    let (mut parts, body) = req.into_parts();
+    let host = parts.headers.remove("host").unwrap();
+    parts.uri = format!("http://{}/", host.to_str().unwrap()).parse().unwrap();
+    let r = sender.send_request(Request::from_parts(parts, body)).await.unwrap();
+    let (parts, body) = r.into_parts();
+    Resp { status: parts.status, headers: parts.headers, body: body.collect().await.unwrap().to_bytes() }
+}
+
+fn visitor_of(r: &Resp) -> Option<String> {
+    r.headers
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok()?.strip_prefix("demo_visitor=")?.split(';').next().map(str::to_string))
+        .next()
+}
+
+/// One request of `c` to `t`, over HTTP/1.1 or (one time in two) HTTP/2: the backend
+/// that served it. Fails the test on any error.
+async fn visit(t: &Tether, c: &mut Visitor) -> String {
+    let req = request(c.pool(), c);
+    let r = if rand().is_multiple_of(2) {
+        Client::connect(t.addr()).await.request(req).await
+    } else {
+        h2(t.addr(), req).await
+    };
+    assert_eq!(r.status, 200, "{}", r.text());
+    if let (Visitor::Cookie(None), Some(v)) = (&*c, visitor_of(&r)) {
+        *c = Visitor::Cookie(Some(v));
+    }
+    r.backend()
+}
+
+/// `n` clients of each kind, each with its first request sent to instance `first` (or a
+/// random one), with the backend that served it.
+async fn new_clients(f: &Fleet, n: usize, tag: &str, first: Option<usize>) -> Vec<(Visitor, String)> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        for mut c in [
+            Visitor::Cookie(None),
+            Visitor::Header(format!("{tag}-user-{i}")),
+            Visitor::Ip(format!("10.{}.{}.{}", tag.len(), i / 250, i % 250 + 1)),
+        ] {
+            let t = first.map_or_else(|| f.random(), |k| &f.tethers[k]);
+            let home = visit(t, &mut c).await;
+            assert!(!home.is_empty());
+            out.push((c, home));
+        }
+    }
+    out
+}
+
+/// Sends each client's next `rounds` requests, each to a random instance (or every
+/// instance in turn with `each_instance`), and checks each stays on its backend.
+async fn stays(f: &Fleet, clients: &mut [(Visitor, String)], rounds: usize, each_instance: bool) {
+    for round in 0..rounds {
+        for (c, home) in clients.iter_mut() {
+            let t = if each_instance { &f.tethers[round % 3] } else { f.random() };
+            let got = visit(t, c).await;
+            assert_eq!(&got, home, "{c:?} moved, on round {round} (instance {})", t.addr());
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_on_random_instances_keep_their_backend() {
+    let Some(f) = Fleet::start().await else { return };
+    let mut clients = new_clients(&f, 20, "a", None).await;
+    stays(&f, &mut clients, 8, false).await;
+    // The sessions went through Redis: lookups that found them, and new pins written.
+    let mut hits = 0.0;
+    let mut ops = 0.0;
+    for t in &f.tethers {
+        hits += metric(t.admin(), "tether_store_lookups_total{store=\"fleet\",result=\"hit\"}").await.unwrap();
+        ops += metric(t.admin(), "tether_store_operations_total{store=\"fleet\"}").await.unwrap();
+    }
+    // Every client's key is found in Redis by at least one other instance (each visited
+    // all three, most likely; at least one other for sure over 8 random rounds is not
+    // certain, so the bound is loose but not zero).
+    assert!(hits >= clients.len() as f64 / 2.0, "lookup hits {hits}");
+    eprintln!(
+        "{} sessions, {} requests: {ops} Redis operations in all ({:.2} per session, {:.3} per request, health checks not counted)",
+        clients.len(),
+        clients.len() * 9,
+        ops / clients.len() as f64,
+        ops / (clients.len() * 9) as f64
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_and_back_costs_no_request_and_no_session() {
+    let Some(mut f) = Fleet::start().await else { return };
+    let mut before = new_clients(&f, 10, "b", None).await;
+    // Every client seen by every instance before Redis goes.
+    stays(&f, &mut before, 3, true).await;
+
+    // Killed while clients keep coming: no request fails, none moves.
+    let noticed = std::sync::atomic::AtomicBool::new(false);
+    let load = async {
+        let mut rounds = 0;
+        while !noticed.load(std::sync::atomic::Ordering::Relaxed) || rounds < 2 {
+            stays(&f, &mut before, 1, false).await;
+            rounds += 1;
+        }
+    };
+    let outage = async {
+        f.redis.signal("KILL");
+        for t in &f.tethers {
+            wait_until_async("every instance sees its store down", Duration::from_secs(10), || async {
+                metric(t.admin(), "tether_store_up{store=\"fleet\"}").await == Some(0.0)
+            })
+            .await;
+        }
+        noticed.store(true, std::sync::atomic::Ordering::Relaxed);
+    };
+    tokio::join!(load, outage);
+    f.redis.kill();
+    let pool = admin_json(f.tethers[1].admin(), "/api/pools/header").await;
+    assert_eq!(pool["store"]["up"], false, "{pool}");
+    // Every request is answered, every session learned before stays where it was.
+    stays(&f, &mut before, 4, false).await;
+    // Sessions learned while Redis is away, each on instance 0.
+    let mut meanwhile = new_clients(&f, 10, "meanwhile", Some(0)).await;
+    let down = f.tethers[0].log();
+    assert_eq!(down.matches("stopped answering").count() + down.matches("is down").count(), 1, "{down}");
+
+    f.redis = Redis::on(f.redis.port).await;
+    for t in &f.tethers {
+        wait_until_async("every instance reports its store up again", Duration::from_secs(15), || store_up(t.admin()))
+            .await;
+    }
+    // Instance 0 wrote back what it learned meanwhile.
+    let admin = f.tethers[0].admin();
+    wait_until_async("instance 0's write-back is done", Duration::from_secs(10), || async {
+        metric(admin, "tether_store_queued_writes{store=\"fleet\"}").await == Some(0.0)
+    })
+    .await;
+    let pool = admin_json(f.tethers[1].admin(), "/api/pools/header").await;
+    assert_eq!((&pool["store"]["name"], &pool["store"]["up"]), (&"fleet".into(), &true.into()), "{pool}");
+    // The others dropped nothing they knew, and a session
+    // only instance 0 had learned while Redis was away is found by the others.
+    stays(&f, &mut meanwhile, 6, false).await;
+    stays(&f, &mut before, 3, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unpin_on_one_instance_is_dropped_by_the_others_within_a_second() {
+    let Some(f) = Fleet::start().await else { return };
+    let mut c = Visitor::Header("unpin-me".into());
+    let home = visit(&f.tethers[0], &mut c).await;
+    for t in &f.tethers[1..] {
+        assert_eq!(visit(t, &mut c).await, home);
+    }
+    let pinned = |admin: SocketAddr| async move {
+        admin_json(admin, "/api/pools/header/sessions?key=unpin-me&kind=header").await["backend"]
+            .as_str()
+            .map(String::from)
+    };
+    for t in &f.tethers {
+        assert_eq!(pinned(t.admin()).await.as_deref(), Some(home.as_str()));
+    }
+    let r = admin_call(f.tethers[1].admin(), "DELETE", "/api/pools/header/sessions?key=unpin-me&kind=header").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let start = Instant::now();
+    for t in [&f.tethers[0], &f.tethers[2]] {
+        let admin = t.admin();
+        wait_until_async("the other instances drop the unpinned key", Duration::from_secs(1), || async move {
+            pinned(admin).await.is_none()
+        })
+        .await;
+    }
+    assert!(start.elapsed() < Duration::from_secs(1), "{:?}", start.elapsed());
+}
+
+async fn admin_call(admin: SocketAddr, method: &str, path: &str) -> Resp {
+    let req = Request::builder().method(method).uri(path).header("host", admin.to_string());
+    Client::connect(admin).await.request(req.body(Full::default()).unwrap()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_moved_by_one_instance_moves_on_all_of_them() {
+    let Some(f) = Fleet::start().await else { return };
+    let mut c = Visitor::Header("mover".into());
+    let home = visit(&f.tethers[0], &mut c).await;
+    for t in &f.tethers[1..] {
+        assert_eq!(visit(t, &mut c).await, home);
+    }
+    // Only instance 0 is told: its next request for the session moves it (repin), and
+    // the move reaches the others through Redis.
+    let r = admin_call(f.tethers[0].admin(), "POST", &format!("/api/pools/header/backends/{home}/disable")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let moved = visit(&f.tethers[0], &mut c).await;
+    assert_ne!(moved, home);
+    for t in &f.tethers[1..] {
+        // Where the backend is still enabled, only the shared move can take the session off it.
+        let mut c = c.clone();
+        let start = Instant::now();
+        let mut last = String::new();
+        while start.elapsed() < Duration::from_secs(1) {
+            last = visit(t, &mut c).await;
+            if last == moved {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(last, moved, "instance {} still sends the moved session to its old backend", t.addr());
+    }
+    let received =
+        metric(f.tethers[2].admin(), "tether_store_moves_total{store=\"fleet\",direction=\"received\"}").await;
+    assert!(received >= Some(1.0), "{received:?}");
+}
+
+/// The number of requests that waited on Redis, summed over the instances.
+async fn waits(f: &Fleet) -> f64 {
+    let mut n = 0.0;
+    for t in &f.tethers {
+        n += metric(t.admin(), "tether_store_wait_duration_seconds_count{store=\"fleet\"}").await.unwrap();
+    }
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_redis_makes_no_known_session_wait_and_fails_nothing() {
+    let Some(f) = Fleet::start().await else { return };
+    let mut known = new_clients(&f, 5, "c", None).await;
+    stays(&f, &mut known, 3, true).await;
+
+    // Frozen: connections stay open and nothing answers.
+    f.redis.signal("STOP");
+    let before = waits(&f).await;
+    stays(&f, &mut known, 3, false).await;
+    assert_eq!(waits(&f).await, before, "a request for a known session waited on Redis");
+    // New sessions wait at most the store's timeout, then are placed here; every request
+    // is answered.
+    let mut fresh = new_clients(&f, 3, "frozen", Some(1)).await;
+    assert!(waits(&f).await > before);
+    let admin = f.tethers[1].admin();
+    wait_until_async("instance 1 counts Redis timeouts", Duration::from_secs(5), || async move {
+        metric(admin, "tether_store_errors_total{store=\"fleet\",kind=\"timeout\"}").await > Some(0.0)
+    })
+    .await;
+    wait_until_async("instance 1 sees its store down", Duration::from_secs(10), || async move {
+        metric(admin, "tether_store_up{store=\"fleet\"}").await == Some(0.0)
+    })
+    .await;
+    // Down: new keys no longer wait at all.
+    let down = metric(admin, "tether_store_wait_duration_seconds_count{store=\"fleet\"}").await;
+    let mut later = new_clients(&f, 3, "later", Some(1)).await;
+    assert_eq!(metric(admin, "tether_store_wait_duration_seconds_count{store=\"fleet\"}").await, down);
+
+    f.redis.signal("CONT");
+    for t in &f.tethers {
+        wait_until_async("every instance reports its store up again", Duration::from_secs(15), || store_up(t.admin()))
+            .await;
+    }
+    wait_until_async("instance 1's write-back is done", Duration::from_secs(10), || async move {
+        metric(admin, "tether_store_queued_writes{store=\"fleet\"}").await == Some(0.0)
+    })
+    .await;
+    stays(&f, &mut later, 4, false).await;
+    stays(&f, &mut fresh, 4, false).await;
+    stays(&f, &mut known, 2, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_bring_the_store_in_and_out_and_a_bad_one_changes_nothing() {
+    let Some(f) = Fleet::start().await else { return };
+    let t = &f.tethers[2];
+    let shared = std::fs::read_to_string(&t.config).unwrap();
+    let store_of = || async { admin_json(t.admin(), "/api/pools/header").await["store"].clone() };
+
+    // Without the top-level `store`, the pools share nothing (the store stays configured).
+    let alone = shared.replacen("store = \"fleet\"\n", "", 1);
+    assert_ne!(alone, shared);
+    reload(t, &alone, "config reloaded").await;
+    assert!(store_of().await.is_null(), "{}", store_of().await);
+
+    // Sessions learned elsewhere meanwhile are found once the store is back.
+    let mut clients = new_clients(&f, 5, "reload", Some(0)).await;
+    reload(t, &shared, "config reloaded").await;
+    assert_eq!(store_of().await["up"], true);
+    for (c, home) in clients.iter_mut() {
+        assert_eq!(&visit(t, c).await, home, "{c:?}");
+    }
+
+    // A config the resolver refuses leaves the running one, store and all.
+    let bad = shared.replacen("prefix = \"test\"\n", "prefix = \"test\"\ntls = true\n", 1);
+    assert_ne!(bad, shared);
+    reload(t, &bad, "reload rejected, the running config stays in force").await;
+    assert!(t.log().contains("plain TCP only"), "{}", t.log());
+    assert_eq!(store_of().await["up"], true);
+    stays(&f, &mut clients, 2, false).await;
+}
