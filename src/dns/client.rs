@@ -337,9 +337,17 @@ mod tests {
     #[tokio::test]
     async fn a_truncated_answer_is_asked_again_over_tcp() {
         // UDP answers with TC set and no records; TCP on the same port has the records.
-        let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let addr = udp.local_addr().unwrap();
-        let tcp = tokio::net::TcpListener::bind(addr).await.unwrap();
+        // The kernel's UDP port may be taken for TCP (by another test's socket): try others.
+        let mut tries = 0;
+        let (udp, addr, tcp) = loop {
+            let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let addr = udp.local_addr().unwrap();
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(tcp) => break (udp, addr, tcp),
+                Err(_) if tries < 50 => tries += 1,
+                Err(e) => panic!("no port free for both UDP and TCP: {e}"),
+            }
+        };
         let reply = |q: &[u8], tc: bool| {
             let mut p = q.to_vec();
             p[2..4].copy_from_slice(&[if tc { 0x83 } else { 0x81 }, 0x80]);
