@@ -387,23 +387,7 @@ async fn tls_backend(name: &'static str, names: &[&str]) -> TlsBackend {
 /// Connects through `via` with TLS for `server_name`, trusting only `trusted`, and
 /// returns what the server says.
 async fn tls_hello(via: SocketAddr, server_name: &str, trusted: &[&CertificateDer<'static>]) -> String {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in trusted {
-        roots.add((*c).clone()).unwrap();
-    }
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let s = TcpStream::connect(via).await.unwrap();
-    let name = ServerName::try_from(server_name.to_string()).unwrap();
-    let mut tls = tokio::time::timeout(LIMIT, connector.connect(name, s)).await.unwrap().expect("handshake end to end");
-    let mut out = String::new();
-    let _ = tokio::time::timeout(LIMIT, tls.read_to_string(&mut out)).await.unwrap();
-    out
+    tls_over(TcpStream::connect(via).await.unwrap(), server_name, trusted).await
 }
 
 #[tokio::test]
