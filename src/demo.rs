@@ -43,12 +43,30 @@ pub struct DemoBackend {
 impl DemoBackend {
     /// Starts a demo backend on `address` (port 0 picks a free one).
     pub async fn start(name: &str, address: SocketAddr) -> std::io::Result<DemoBackend> {
+        DemoBackend::start_with(name, address, None).await
+    }
+
+    /// Starts a demo backend that serves over TLS with `tls` (the tests' backends for
+    /// pools that reach their backends over TLS).
+    pub async fn start_tls(
+        name: &str,
+        address: SocketAddr,
+        tls: Arc<rustls::ServerConfig>,
+    ) -> std::io::Result<DemoBackend> {
+        DemoBackend::start_with(name, address, Some(tokio_rustls::TlsAcceptor::from(tls))).await
+    }
+
+    async fn start_with(
+        name: &str,
+        address: SocketAddr,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> std::io::Result<DemoBackend> {
         let listener = TcpListener::bind(address).await?;
         let address = listener.local_addr()?;
         let (stop, stopped) = watch::channel(false);
         let app =
             Arc::new(App { name: name.to_string(), visitors: Mutex::new(HashMap::new()), ids: AtomicU64::new(1) });
-        tokio::spawn(accept(listener, app, stopped));
+        tokio::spawn(accept(listener, app, tls, stopped));
         Ok(DemoBackend { name: name.to_string(), address, stop })
     }
 
@@ -70,7 +88,12 @@ struct App {
     ids: AtomicU64,
 }
 
-async fn accept(listener: TcpListener, app: Arc<App>, mut stopped: watch::Receiver<bool>) {
+async fn accept(
+    listener: TcpListener,
+    app: Arc<App>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    mut stopped: watch::Receiver<bool>,
+) {
     loop {
         let (stream, peer) = tokio::select! {
             _ = stopped.changed() => return,
@@ -85,11 +108,23 @@ async fn accept(listener: TcpListener, app: Arc<App>, mut stopped: watch::Receiv
         let _ = stream.set_nodelay(true);
         let app = app.clone();
         let mut stopped = stopped.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| serve(req, app.clone(), peer));
-            let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+            let http = hyper::server::conn::http1::Builder::new();
+            let served = async {
+                match tls {
+                    None => {
+                        let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                    }
+                    Some(tls) => {
+                        let Ok(stream) = tls.accept(stream).await else { return };
+                        let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                    }
+                }
+            };
             tokio::select! {
-                _ = conn => {}
+                _ = served => {}
                 _ = stopped.changed() => {}
             }
         });

@@ -9,18 +9,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::backend::Backend;
 use crate::config::{CheckKind, Health};
 use crate::state::Shared;
 use crate::time::unix_millis;
+use crate::upstream::{ConnectError, Upstream};
 
 /// Why an active check failed.
 #[derive(Debug)]
 pub enum ProbeError {
-    Connect(io::Error),
+    Connect(ConnectError),
     Send(io::Error),
     Read(io::Error),
     Timeout(Duration),
@@ -33,7 +33,7 @@ pub enum ProbeError {
 impl fmt::Display for ProbeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ProbeError::Connect(e) => write!(f, "connect: {e}"),
+            ProbeError::Connect(e) => write!(f, "{e}"),
             ProbeError::Send(e) => write!(f, "send: {e}"),
             ProbeError::Read(e) => write!(f, "read: {e}"),
             ProbeError::Timeout(d) => write!(f, "no answer within {d:?}"),
@@ -63,10 +63,10 @@ pub async fn supervise(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>)
                 pool.backends.iter().for_each(|b| b.forget_checks());
                 continue;
             };
-            for b in pool.backends.iter().filter(|b| b.health.claim_check(now)) {
-                let (b, cfg) = (b.clone(), cfg.clone());
+            for (b, upstream) in pool.backends.iter().zip(&pool.upstreams).filter(|(b, _)| b.health.claim_check(now)) {
+                let (b, upstream, cfg) = (b.clone(), upstream.clone(), cfg.clone());
                 tokio::spawn(async move {
-                    let result = probe(&b, &cfg).await;
+                    let result = probe(&b, &upstream, &cfg).await;
                     b.record_check(&cfg, result);
                     // ±10% jitter so checks of many backends do not march in step.
                     let base = cfg.interval.as_millis() as u64;
@@ -78,16 +78,17 @@ pub async fn supervise(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>)
     }
 }
 
-/// One check on its own connection.
-async fn probe(b: &Backend, cfg: &Health) -> Result<(), ProbeError> {
-    match tokio::time::timeout(cfg.timeout, probe_inner(b, cfg)).await {
+/// One check on its own connection, made the way the pool's requests reach the backend
+/// (over TLS when the pool's are).
+async fn probe(b: &Backend, upstream: &Upstream, cfg: &Health) -> Result<(), ProbeError> {
+    match tokio::time::timeout(cfg.timeout, probe_inner(b, upstream, cfg)).await {
         Ok(r) => r,
         Err(_) => Err(ProbeError::Timeout(cfg.timeout)),
     }
 }
 
-async fn probe_inner(b: &Backend, cfg: &Health) -> Result<(), ProbeError> {
-    let mut stream = TcpStream::connect(b.address).await.map_err(ProbeError::Connect)?;
+async fn probe_inner(b: &Backend, upstream: &Upstream, cfg: &Health) -> Result<(), ProbeError> {
+    let mut stream = upstream.connect().await.map_err(ProbeError::Connect)?;
     let CheckKind::Http { method, path, host, expect_status, expect_body } = &cfg.check else {
         return Ok(());
     };
@@ -100,7 +101,12 @@ async fn probe_inner(b: &Backend, cfg: &Health) -> Result<(), ProbeError> {
     let mut answer = Vec::with_capacity(1024);
     let mut buf = [0u8; 4096];
     loop {
-        let n = stream.read(&mut buf).await.map_err(ProbeError::Read)?;
+        let n = match stream.read(&mut buf).await {
+            Ok(n) => n,
+            // A TLS backend that closes without `close_notify`: what it sent is its answer.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof && !answer.is_empty() => 0,
+            Err(e) => return Err(ProbeError::Read(e)),
+        };
         if n == 0 || answer.len() > 64 * 1024 {
             break;
         }

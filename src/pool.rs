@@ -98,7 +98,9 @@ impl Pool {
 
     fn build(p: &config::Pool, config: &Config, previous: Option<&Snapshot>, stores: &[Arc<Fleet>]) -> Pool {
         let old_pool = previous.and_then(|s| s.pool(&p.name));
-        let same_timeouts = previous.is_some_and(|s| s.config.timeouts == config.timeouts);
+        // Connections follow the timeouts and the pool's TLS: when either changes, new ones.
+        let same_timeouts = previous.is_some_and(|s| s.config.timeouts == config.timeouts)
+            && old_pool.is_some_and(|o| o.config.tls == p.tls);
         let (backends, upstreams) = p
             .backends
             .iter()
@@ -115,11 +117,14 @@ impl Pool {
                         let upstream = if same_timeouts {
                             upstream.clone()
                         } else {
-                            Arc::new(Upstream::new(b.address, &config.timeouts))
+                            Arc::new(Upstream::new(b.address, &config.timeouts, p.tls.clone()))
                         };
                         (backend.clone(), upstream)
                     }
-                    None => (Arc::new(Backend::new(&p.name, b)), Arc::new(Upstream::new(b.address, &config.timeouts))),
+                    None => (
+                        Arc::new(Backend::new(&p.name, b)),
+                        Arc::new(Upstream::new(b.address, &config.timeouts, p.tls.clone())),
+                    ),
                 }
             })
             .unzip();

@@ -20,10 +20,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{tcp, TcpStream};
 use tokio::time::{Instant, Sleep};
+use tokio_rustls::client::TlsStream;
 
 use crate::config::Timeouts;
+use crate::tls::backend::BackendTls;
 
 /// Idle connections kept per backend and worker. Beyond
 /// this a finished connection is closed. It is sized for a few hundred concurrent clients
@@ -40,6 +43,8 @@ pub struct Upstream {
     address: SocketAddr,
     connect_timeout: Duration,
     idle_timeout: Duration,
+    /// The pool's TLS to its backends (`None`: plain TCP).
+    tls: Option<Arc<BackendTls>>,
     /// Idle connections: plain sockets, most recent last, one
     /// stack per worker (`worker::index`). A socket is registered with the reactor of the
     /// runtime that opened it, so it goes back to, and is taken again from, its own
@@ -51,7 +56,7 @@ pub struct Upstream {
 /// taking and putting back connections to the same backend do not share one.
 #[derive(Debug, Default)]
 #[repr(align(64))]
-struct IdleStack(Mutex<Vec<(TcpStream, Instant)>>);
+struct IdleStack(Mutex<Vec<(BackendConn, Instant)>>);
 
 /// Why a connection to a backend could not be made. No byte of the request was sent, so
 /// the request may always go to another backend.
@@ -59,6 +64,8 @@ struct IdleStack(Mutex<Vec<(TcpStream, Instant)>>);
 pub enum ConnectError {
     Timeout(Duration),
     Io(io::Error),
+    /// The TLS handshake failed (the certificate did not verify, no protocol in common).
+    Tls(io::Error),
 }
 
 impl ConnectError {
@@ -67,7 +74,7 @@ impl ConnectError {
     /// count against the backend's health.
     pub fn is_backend_fault(&self) -> bool {
         match self {
-            ConnectError::Timeout(_) => true,
+            ConnectError::Timeout(_) | ConnectError::Tls(_) => true,
             ConnectError::Io(e) => matches!(
                 e.kind(),
                 io::ErrorKind::ConnectionRefused
@@ -87,6 +94,7 @@ impl std::fmt::Display for ConnectError {
         match self {
             ConnectError::Timeout(d) => write!(f, "connect timed out after {d:?}"),
             ConnectError::Io(e) => write!(f, "connect failed: {e}"),
+            ConnectError::Tls(e) => write!(f, "TLS handshake failed: {e}"),
         }
     }
 }
@@ -94,11 +102,12 @@ impl std::fmt::Display for ConnectError {
 // === impl Upstream ===
 
 impl Upstream {
-    pub fn new(address: SocketAddr, timeouts: &Timeouts) -> Upstream {
+    pub fn new(address: SocketAddr, timeouts: &Timeouts, tls: Option<Arc<BackendTls>>) -> Upstream {
         Upstream {
             address,
             connect_timeout: timeouts.connect,
             idle_timeout: timeouts.backend_idle,
+            tls,
             idle: (0..crate::worker::count()).map(|_| IdleStack::default()).collect(),
         }
     }
@@ -106,18 +115,23 @@ impl Upstream {
     /// An idle socket that is still open and has nothing unread, most
     /// recently used first. One the backend closed, or that it sent something on while
     /// idle, or that has been idle for `backend_idle`, is dropped.
-    pub fn take_idle(&self) -> Option<TcpStream> {
+    pub fn take_idle(&self) -> Option<BackendConn> {
         let now = Instant::now();
         loop {
-            let (stream, since) = self.idle_stack().lock().unwrap_or_else(|e| e.into_inner()).pop()?;
-            if now.duration_since(since) < self.idle_timeout && quiet(&stream) {
+            let (mut stream, since) = self.idle_stack().lock().unwrap_or_else(|e| e.into_inner()).pop()?;
+            if now.duration_since(since) < self.idle_timeout && stream.quiet() {
                 return Some(stream);
             }
         }
     }
 
+    /// Whether connections are TLS (and so cannot be handed to anything that needs a plain socket).
+    pub fn tls(&self) -> Option<&Arc<BackendTls>> {
+        self.tls.as_ref()
+    }
+
     /// Keeps a socket whose last response was read to the end.
-    pub fn put_back(&self, stream: TcpStream) {
+    pub fn put_back(&self, stream: BackendConn) {
         let mut idle = self.idle_stack().lock().unwrap_or_else(|e| e.into_inner());
         if idle.len() < MAX_IDLE {
             idle.push((stream, Instant::now()));
@@ -125,22 +139,140 @@ impl Upstream {
     }
 
     /// The idle stack of the worker this runs on (the first one off the workers).
-    fn idle_stack(&self) -> &Mutex<Vec<(TcpStream, Instant)>> {
+    fn idle_stack(&self) -> &Mutex<Vec<(BackendConn, Instant)>> {
         let stacks = &self.idle;
         &stacks.get(crate::worker::index()).unwrap_or(&stacks[0]).0
     }
 
-    /// Opens a new socket to the backend within the connect timeout.
-    pub async fn connect(&self) -> Result<TcpStream, ConnectError> {
-        let stream = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.address)).await {
+    /// Opens a new connection to the backend within the connect timeout, its TLS
+    /// handshake included.
+    pub async fn connect(&self) -> Result<BackendConn, ConnectError> {
+        let deadline = Instant::now() + self.connect_timeout;
+        let stream = match tokio::time::timeout_at(deadline, TcpStream::connect(self.address)).await {
             Err(_) => return Err(ConnectError::Timeout(self.connect_timeout)),
             Ok(Err(e)) => return Err(ConnectError::Io(e)),
             Ok(Ok(s)) => s,
         };
         let _ = stream.set_nodelay(true);
-        Ok(stream)
+        let Some(tls) = &self.tls else { return Ok(BackendConn::Plain(stream)) };
+        let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+        match tokio::time::timeout_at(deadline, connector.connect(tls.name_for(self.address.ip()), stream)).await {
+            Err(_) => Err(ConnectError::Timeout(self.connect_timeout)),
+            Ok(Err(e)) => Err(ConnectError::Tls(e)),
+            Ok(Ok(s)) => Ok(BackendConn::Tls(Box::new(s))),
+        }
     }
 }
+
+/// A connection to a backend: a plain socket, or TLS over one (boxed: the TLS state is
+/// large, and plain connections should not carry its size).
+#[derive(Debug)]
+pub enum BackendConn {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+/// The reading half of a [`BackendConn`], borrowed.
+pub enum ReadHalf<'a> {
+    Plain(tcp::ReadHalf<'a>),
+    Tls(tokio::io::ReadHalf<&'a mut TlsStream<TcpStream>>),
+}
+
+/// The writing half of a [`BackendConn`], borrowed.
+pub enum WriteHalf<'a> {
+    Plain(tcp::WriteHalf<'a>),
+    Tls(tokio::io::WriteHalf<&'a mut TlsStream<TcpStream>>),
+}
+
+impl BackendConn {
+    /// Both directions at once (a request body may stream up while the response streams down).
+    pub fn split(&mut self) -> (ReadHalf<'_>, WriteHalf<'_>) {
+        match self {
+            BackendConn::Plain(s) => {
+                let (r, w) = s.split();
+                (ReadHalf::Plain(r), WriteHalf::Plain(w))
+            }
+            BackendConn::Tls(s) => {
+                let (r, w) = tokio::io::split(&mut **s);
+                (ReadHalf::Tls(r), WriteHalf::Tls(w))
+            }
+        }
+    }
+
+    /// Whether the connection is usable for another request: see [`quiet`]. A TLS one is
+    /// also read once without waiting, so records that arrived while it was idle (a TLS
+    /// 1.3 session ticket is harmless; `close_notify` or data is not) are taken in.
+    fn quiet(&mut self) -> bool {
+        match self {
+            BackendConn::Plain(s) => quiet(s),
+            BackendConn::Tls(s) => {
+                let mut byte = [0u8; 1];
+                let mut buf = tokio::io::ReadBuf::new(&mut byte);
+                let mut cx = Context::from_waker(std::task::Waker::noop());
+                matches!(Pin::new(&mut **s).poll_read(&mut cx, &mut buf), Poll::Pending)
+            }
+        }
+    }
+}
+
+macro_rules! delegate_io {
+    ($ty:ident $(<$lt:lifetime>)?) => {
+        impl$(<$lt>)? AsyncRead for $ty$(<$lt>)? {
+            fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> Poll<io::Result<()>> {
+                match self.get_mut() {
+                    $ty::Plain(s) => Pin::new(s).poll_read(cx, buf),
+                    $ty::Tls(s) => Pin::new(s).poll_read(cx, buf),
+                }
+            }
+        }
+    };
+}
+
+macro_rules! delegate_write {
+    ($ty:ident $(<$lt:lifetime>)?) => {
+        impl$(<$lt>)? AsyncWrite for $ty$(<$lt>)? {
+            fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+                match self.get_mut() {
+                    $ty::Plain(s) => Pin::new(s).poll_write(cx, buf),
+                    $ty::Tls(s) => Pin::new(s).poll_write(cx, buf),
+                }
+            }
+
+            fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+                match self.get_mut() {
+                    $ty::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+                    $ty::Tls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+                }
+            }
+
+            fn is_write_vectored(&self) -> bool {
+                match self {
+                    $ty::Plain(s) => s.is_write_vectored(),
+                    $ty::Tls(s) => s.is_write_vectored(),
+                }
+            }
+
+            fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                match self.get_mut() {
+                    $ty::Plain(s) => Pin::new(s).poll_flush(cx),
+                    $ty::Tls(s) => Pin::new(s).poll_flush(cx),
+                }
+            }
+
+            fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                match self.get_mut() {
+                    $ty::Plain(s) => Pin::new(s).poll_shutdown(cx),
+                    $ty::Tls(s) => Pin::new(s).poll_shutdown(cx),
+                }
+            }
+        }
+    };
+}
+
+delegate_io!(BackendConn);
+delegate_io!(ReadHalf<'a>);
+delegate_write!(BackendConn);
+delegate_write!(WriteHalf<'a>);
 
 /// An idle socket is usable when reading it would block: it is neither closed nor holding
 /// bytes nobody asked for.
@@ -400,7 +532,7 @@ mod tests {
         // More workers than one only ever add stacks, so other tests may see this too.
         crate::worker::set_count(2);
         let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let upstream = Upstream::new(backend.local_addr().unwrap(), &Timeouts::default());
+        let upstream = Upstream::new(backend.local_addr().unwrap(), &Timeouts::default(), None);
         let stream = upstream.connect().await.unwrap();
         let _accepted = backend.accept().await.unwrap();
         // This test's thread plays worker 1, then worker 0 (the index is the thread's own).

@@ -243,6 +243,21 @@ pub struct Pool {
     pub panic_mode: Option<Spanned<bool>>,
     /// Protocols a client may upgrade to (`Upgrade:` tokens); default `["websocket"]`.
     pub upgrades: Option<Vec<Spanned<String>>>,
+    /// TLS to the backends (`[pools.NAME.tls]`).
+    pub tls: Option<Spanned<PoolTls>>,
+}
+
+/// `[pools.NAME.tls]`: the pool reaches its backends over TLS.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolTls {
+    /// The name sent as SNI and verified in the backends' certificates (default: each
+    /// backend's IP address is verified).
+    pub server_name: Option<Spanned<String>>,
+    /// PEM CA certificates to verify against (default: the system's).
+    pub ca_file: Option<Spanned<String>>,
+    /// Take any certificate.
+    pub insecure_skip_verify: Option<Spanned<bool>>,
 }
 
 /// `[pools.NAME.health]`: active and passive health checks.

@@ -707,6 +707,14 @@ impl Resolver<'_> {
             used.sort_unstable();
             used.dedup();
             for p in used.into_iter().filter_map(|i| pools.get(i)) {
+                if p.tls.is_some() {
+                    let at = f.pool.as_ref().unwrap_or(&f.bind);
+                    let message = format!(
+                        "listener \"{}\": pool \"{}\" has [pools.{}.tls]: a tcp listener passes bytes through as they are, so its pools reach backends in plain TCP",
+                        l.name, p.name, p.name
+                    );
+                    self.error(at, message);
+                }
                 let Some(a) = &p.affinity else { continue };
                 if let Some(k) = a.keys.iter().find(|k| **k != KeySource::ClientIp) {
                     let at = f.pool.as_ref().unwrap_or(&f.bind);
@@ -1031,6 +1039,7 @@ impl Resolver<'_> {
         let max_queue = self.ranged(&f.max_queue, &format!("pool \"{name}\": max_queue"), 0..=1_000_000, 1000) as u32;
         let panic_mode = f.panic_mode.as_ref().is_some_and(|p| *p.get_ref());
         let upgrades = self.upgrades(name, f.upgrades.as_deref());
+        let tls = f.tls.as_ref().and_then(|t| self.pool_tls(name, t));
         Pool {
             name: name.to_string(),
             algorithm,
@@ -1046,6 +1055,80 @@ impl Resolver<'_> {
             slow_start,
             panic_mode,
             upgrades,
+            tls,
+        }
+    }
+
+    /// A pool's TLS to its backends: the CA file read (or the system's bundle), the server
+    /// name checked. `None` when a setting is wrong (the error reported).
+    fn pool_tls(&mut self, name: &str, t: &Spanned<file::PoolTls>) -> Option<Arc<crate::tls::backend::BackendTls>> {
+        use crate::tls::backend::{self, Verify};
+        let f = t.get_ref();
+        let skip = f.insecure_skip_verify.as_ref().filter(|s| *s.get_ref());
+        let verify = match (&f.ca_file, skip) {
+            (Some(_), Some(s)) => {
+                self.error(s, format!("pool \"{name}\": tls: insecure_skip_verify and ca_file exclude each other"));
+                return None;
+            }
+            (None, Some(_)) => {
+                tracing::warn!(pool = %name, "tls: insecure_skip_verify: backend certificates are not verified");
+                Verify::Nothing
+            }
+            (Some(ca), None) => {
+                let pem = match std::fs::read(ca.get_ref()) {
+                    Ok(pem) => pem,
+                    Err(e) => {
+                        self.error(ca, format!("pool \"{name}\": tls: cannot read {}: {}", ca.get_ref(), e.kind()));
+                        return None;
+                    }
+                };
+                match backend::roots(&pem) {
+                    Ok(cas) => Verify::Roots(cas),
+                    Err(e) => {
+                        self.error(ca, format!("pool \"{name}\": tls: ca_file {} {e}", ca.get_ref()));
+                        return None;
+                    }
+                }
+            }
+            (None, None) => {
+                let from_env = std::env::var("SSL_CERT_FILE").ok();
+                let found = from_env
+                    .iter()
+                    .map(String::as_str)
+                    .chain(backend::SYSTEM_ROOTS)
+                    .find_map(|path| Some((path, std::fs::read(path).ok()?)));
+                match found.map(|(path, pem)| (path, backend::roots(&pem))) {
+                    Some((_, Ok(cas))) => Verify::Roots(cas),
+                    Some((path, Err(e))) => {
+                        self.error(
+                            t,
+                            format!("pool \"{name}\": tls: the system's CA bundle {path} {e}; name a ca_file"),
+                        );
+                        return None;
+                    }
+                    None => {
+                        let message = format!(
+                            "pool \"{name}\": tls: no system CA bundle found (looked in {}); name a ca_file",
+                            backend::SYSTEM_ROOTS.join(", ")
+                        );
+                        self.error(t, message);
+                        return None;
+                    }
+                }
+            }
+        };
+        let server_name = f.server_name.as_ref();
+        match backend::BackendTls::new(server_name.map(|s| s.get_ref().as_str()), verify, &[b"http/1.1"]) {
+            Ok(tls) => Some(Arc::new(tls)),
+            Err(e) => {
+                match server_name {
+                    Some(s) if e.contains("is not a DNS name") => {
+                        self.error(s, format!("pool \"{name}\": tls: server_name {e}"))
+                    }
+                    _ => self.error(t, format!("pool \"{name}\": tls: {e}")),
+                }
+                None
+            }
         }
     }
 

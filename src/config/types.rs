@@ -352,6 +352,8 @@ pub struct Pool {
     pub panic_mode: bool,
     /// Lower-case `Upgrade` protocol tokens a client may switch to (default: `websocket`).
     pub upgrades: Vec<String>,
+    /// TLS to the backends (`None`: plain TCP).
+    pub tls: Option<std::sync::Arc<crate::tls::backend::BackendTls>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

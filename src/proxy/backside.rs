@@ -24,7 +24,6 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
 use http_body::Body;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 
 use super::native::buffers::{Buf, Work};
 use super::native::conn::{poll_response_head, ReadFail};
@@ -32,7 +31,7 @@ use super::native::head::line;
 use crate::h1::chunked::Decoder;
 use crate::h1::response::{self, ResponseHead};
 use crate::h1::Known;
-use crate::upstream::{RequestBody, Upstream};
+use crate::upstream::{BackendConn, RequestBody, Upstream};
 
 /// How a request body goes to the backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -154,7 +153,7 @@ impl Upload {
 
     /// Writes what is pending and takes the body's next frames while the backend takes
     /// them: `Ready(Ok)` once everything is written.
-    pub fn poll(&mut self, cx: &mut Context<'_>, conn: &mut TcpStream) -> Poll<Result<(), UploadError>> {
+    pub fn poll(&mut self, cx: &mut Context<'_>, conn: &mut BackendConn) -> Poll<Result<(), UploadError>> {
         loop {
             while self.at < self.pending.len() {
                 match ready!(Pin::new(&mut *conn).poll_write(cx, &self.pending[self.at..])) {
@@ -162,6 +161,10 @@ impl Upload {
                     Ok(n) => self.at += n,
                     Err(e) => return Poll::Ready(Err(UploadError::Backend(e))),
                 }
+            }
+            // Over TLS, records may still wait in the TLS state after a write met a full socket.
+            if let Err(e) = ready!(Pin::new(&mut *conn).poll_flush(cx)) {
+                return Poll::Ready(Err(UploadError::Backend(e)));
             }
             self.pending.clear();
             self.at = 0;
@@ -238,7 +241,7 @@ impl HeadFail {
 /// before it has read the whole body.
 pub fn poll_exchange(
     cx: &mut Context<'_>,
-    conn: &mut TcpStream,
+    conn: &mut BackendConn,
     upload: &mut Upload,
     rbuf: &mut Buf,
     head: &mut ResponseHead,
@@ -265,7 +268,7 @@ enum Rest {
 /// A backend connection whose response head has been read.
 #[derive(Debug)]
 pub struct Backside {
-    pub conn: TcpStream,
+    pub conn: BackendConn,
     /// The response head (in `work.response`), and the bytes read after it in `rbuf`.
     pub work: Work,
     pub rbuf: Buf,
@@ -276,7 +279,7 @@ pub struct Backside {
 }
 
 impl Backside {
-    pub fn new(conn: TcpStream, work: Work, mut rbuf: Buf, upload: Upload, upstream: Arc<Upstream>) -> Backside {
+    pub fn new(conn: BackendConn, work: Work, mut rbuf: Buf, upload: Upload, upstream: Arc<Upstream>) -> Backside {
         let head = &work.response;
         rbuf.start += head.len;
         let rest = match head.body {

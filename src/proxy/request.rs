@@ -16,7 +16,6 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body::Body as _;
 use hyper::body::Incoming;
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::backside::{poll_exchange, write_head, Backside, Framing, HeadFail, Upload, UploadError};
@@ -30,7 +29,7 @@ use crate::backend::health::passive_failure;
 use crate::backend::Backend;
 use crate::config::Timeouts;
 use crate::pool::{Pool, Routes, Snapshot};
-use crate::upstream::{BodyState, ConnectError, RequestBody};
+use crate::upstream::{BackendConn, BodyState, ConnectError, RequestBody};
 
 /// Set on every response Tether writes itself, so a client can tell it from the backend's.
 pub static TETHER_ERROR: HeaderName = HeaderName::from_static("tether-error");
@@ -457,7 +456,7 @@ fn broke(
 
 /// A pooled native connection to backend `i` (`true`: reused), or a new one when there is
 /// none or `fresh`.
-async fn connection(pool: &Pool, i: usize, fresh: bool) -> Result<(TcpStream, bool), ConnectError> {
+async fn connection(pool: &Pool, i: usize, fresh: bool) -> Result<(BackendConn, bool), ConnectError> {
     let upstream = &pool.upstreams[i];
     if !fresh {
         if let Some(s) = upstream.take_idle() {

@@ -44,6 +44,7 @@ use crate::config::TcpListener;
 use crate::pool::{NoSlot, Pool};
 use crate::state::{ConnPermit, Shared};
 use crate::tls::client_hello::{self, Hello};
+use crate::upstream::BackendConn;
 
 /// A connection accepted on a `tcp` listener.
 pub struct TcpConn {
@@ -313,7 +314,7 @@ pub struct Relayed {
 /// before the relay began) goes to the backend first.
 pub async fn relay<C: ClientIo>(
     client: &mut C,
-    backend: &mut TcpStream,
+    backend: &mut BackendConn,
     early: &[u8],
     idle: Duration,
     cut: &Notify,
@@ -332,7 +333,7 @@ pub async fn relay<C: ClientIo>(
         let upward = async {
             if !early.is_empty() {
                 let mut w = backend_write;
-                if w.write_all(early).await.is_err() {
+                if w.write_all(early).await.is_err() || w.flush().await.is_err() {
                     return Err(End::BackendFailed);
                 }
                 up.fetch_add(early.len() as u64, Ordering::Relaxed);
@@ -385,7 +386,7 @@ async fn pipe<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             Err(_) => return Err(faults.0),
         };
         last.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
-        if to.write_all(&buf.spare()[..n]).await.is_err() {
+        if to.write_all(&buf.spare()[..n]).await.is_err() || to.flush().await.is_err() {
             return Err(faults.1);
         }
         count.fetch_add(n as u64, Ordering::Relaxed);

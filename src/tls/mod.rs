@@ -10,6 +10,7 @@
 //! and 1.2, ALPN `h2` and `http/1.1`, and resume sessions both ways: stateful (a cache of
 //! 256 sessions per listener config) and by tickets whose keys rotate.
 
+pub mod backend;
 pub mod client_hello;
 pub mod der;
 

@@ -41,7 +41,7 @@ use crate::proxy::refusal::Refusal;
 use crate::proxy::rewrite;
 use crate::proxy::tcp::relay;
 use crate::state::{ConnPermit, ListenerStats, Shared};
-use crate::upstream::ConnectError;
+use crate::upstream::{BackendConn, ConnectError};
 
 /// What a connection carries from request to request: its stream (a plain socket, or TLS
 /// that Tether terminates) and what requests need of it.
@@ -201,7 +201,11 @@ async fn refuse<S: ClientIo>(
         refusal.location(),
         close,
     );
-    let _ = tokio::time::timeout(timeouts.client_send, client.stream.write_all(&work.out)).await;
+    let send = async {
+        client.stream.write_all(&work.out).await?;
+        client.stream.flush().await
+    };
+    let _ = tokio::time::timeout(timeouts.client_send, send).await;
 }
 
 /// One request in flight: what it owes when it ends (the backend's in-flight count, its
@@ -423,7 +427,11 @@ impl<'c, S: ClientIo> Exchange<'c, S> {
                     return Err(Refusal::Connect { backend: backend.name.clone(), error });
                 }
             };
-            if let Err(e) = conn.write_all(&work.out).await {
+            let sent = async {
+                conn.write_all(&work.out).await?;
+                conn.flush().await
+            };
+            if let Err(e) = sent.await {
                 if reused {
                     attempt.stale += 1;
                     continue;
@@ -720,7 +728,7 @@ impl Attempt {
 }
 
 /// A pooled connection to backend `i` (`true`: reused), or a new one.
-async fn connection(pool: &Pool, i: usize, fresh: bool) -> Result<(TcpStream, bool), ConnectError> {
+async fn connection(pool: &Pool, i: usize, fresh: bool) -> Result<(BackendConn, bool), ConnectError> {
     let upstream = &pool.upstreams[i];
     if !fresh {
         if let Some(s) = upstream.take_idle() {
@@ -891,7 +899,7 @@ async fn copy_length<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         let room = buf.spare();
         let want = room.len().min(usize::try_from(left).unwrap_or(usize::MAX));
         let n = read_body(from, &mut room[..want], idle, waiting).await?;
-        if to.write_all(&buf.spare()[..n]).await.is_err() {
+        if to.write_all(&buf.spare()[..n]).await.is_err() || to.flush().await.is_err() {
             return Err(Refusal::BackendFailed { backend: String::new() });
         }
         left -= n as u64;
@@ -926,7 +934,7 @@ async fn copy_chunked<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                 return Err(Refusal::BodyTooLarge { limit: max });
             }
         }
-        if to.write_all(&buf.bytes()[buf.start..at]).await.is_err() {
+        if to.write_all(&buf.bytes()[buf.start..at]).await.is_err() || to.flush().await.is_err() {
             return Err(Refusal::BackendFailed { backend: String::new() });
         }
         buf.start = at;
@@ -1058,7 +1066,13 @@ async fn write_counted<W: AsyncWrite + Unpin>(
 }
 
 async fn write<W: AsyncWrite + Unpin>(stream: &mut W, bytes: &[u8], limit: Duration) -> Result<(), &'static str> {
-    match tokio::time::timeout(limit, stream.write_all(bytes)).await {
+    // Flushed: over TLS, the last records of a write that met a full socket wait in
+    // the TLS state until a flush (or the next write) sends them.
+    let send = async {
+        stream.write_all(bytes).await?;
+        stream.flush().await
+    };
+    match tokio::time::timeout(limit, send).await {
         Ok(Ok(())) => Ok(()),
         _ => Err("client-gone"),
     }
