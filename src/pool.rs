@@ -100,7 +100,7 @@ impl Pool {
         let old_pool = previous.and_then(|s| s.pool(&p.name));
         // Connections follow the timeouts and the pool's TLS: when either changes, new ones.
         let same_timeouts = previous.is_some_and(|s| s.config.timeouts == config.timeouts)
-            && old_pool.is_some_and(|o| o.config.tls == p.tls);
+            && old_pool.is_some_and(|o| o.config.tls == p.tls && o.config.protocol == p.protocol);
         let (backends, upstreams) = p
             .backends
             .iter()
@@ -114,17 +114,11 @@ impl Pool {
                 match old {
                     Some((backend, upstream)) => {
                         backend.set_admin_state(b.state);
-                        let upstream = if same_timeouts {
-                            upstream.clone()
-                        } else {
-                            Arc::new(Upstream::new(b.address, &config.timeouts, p.tls.clone()))
-                        };
+                        let upstream =
+                            if same_timeouts { upstream.clone() } else { Arc::new(new_upstream(b.address, config, p)) };
                         (backend.clone(), upstream)
                     }
-                    None => (
-                        Arc::new(Backend::new(&p.name, b)),
-                        Arc::new(Upstream::new(b.address, &config.timeouts, p.tls.clone())),
-                    ),
+                    None => (Arc::new(Backend::new(&p.name, b)), Arc::new(new_upstream(b.address, config, p))),
                 }
             })
             .unzip();
@@ -293,5 +287,14 @@ impl Snapshot {
             }
         };
         &self.pools[i]
+    }
+}
+
+/// The connections of one backend of pool `p`, as its settings say to make them.
+fn new_upstream(address: std::net::SocketAddr, config: &Config, p: &config::Pool) -> Upstream {
+    let upstream = Upstream::new(address, &config.timeouts, p.tls.clone());
+    match p.protocol {
+        config::BackendProtocol::Http1 => upstream,
+        config::BackendProtocol::Http2 { max_streams } => upstream.with_http2(max_streams),
     }
 }

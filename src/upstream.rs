@@ -12,7 +12,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -20,6 +20,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use hyper::client::conn::http2;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{tcp, TcpStream};
 use tokio::time::{Instant, Sleep};
@@ -45,6 +46,10 @@ pub struct Upstream {
     idle_timeout: Duration,
     /// The pool's TLS to its backends (`None`: plain TCP).
     tls: Option<Arc<BackendTls>>,
+    /// Shared HTTP/2 connections, for a pool that speaks HTTP/2 to its backends: at most
+    /// this many streams each (`None`: the pool speaks HTTP/1.1).
+    h2_streams: Option<u32>,
+    h2: Mutex<Vec<H2Conn>>,
     /// Idle connections: plain sockets, most recent last, one
     /// stack per worker (`worker::index`). A socket is registered with the reactor of the
     /// runtime that opened it, so it goes back to, and is taken again from, its own
@@ -108,6 +113,8 @@ impl Upstream {
             connect_timeout: timeouts.connect,
             idle_timeout: timeouts.backend_idle,
             tls,
+            h2_streams: None,
+            h2: Mutex::new(Vec::new()),
             idle: (0..crate::worker::count()).map(|_| IdleStack::default()).collect(),
         }
     }
@@ -161,6 +168,107 @@ impl Upstream {
             Ok(Err(e)) => Err(ConnectError::Tls(e)),
             Ok(Ok(s)) => Ok(BackendConn::Tls(Box::new(s))),
         }
+    }
+}
+
+/// A request body as an HTTP/2 backend connection takes it.
+pub type H2Body = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+
+/// One shared HTTP/2 connection to a backend.
+#[derive(Debug)]
+struct H2Conn {
+    sender: http2::SendRequest<H2Body>,
+    /// Streams open on it now.
+    streams: Arc<AtomicU32>,
+    /// When its last stream ended (or it was opened).
+    since: Instant,
+}
+
+/// A stream's place on a shared HTTP/2 connection, given back when dropped (when the
+/// response has been read to its end, or abandoned).
+#[derive(Debug)]
+pub struct H2Stream(Arc<AtomicU32>);
+
+impl Drop for H2Stream {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Release);
+    }
+}
+
+impl Upstream {
+    /// This upstream speaks HTTP/2 to its backend, `max_streams` streams per connection.
+    pub fn with_http2(mut self, max_streams: u32) -> Upstream {
+        self.h2_streams = Some(max_streams.max(1));
+        self
+    }
+
+    /// Whether requests go to the backend over HTTP/2.
+    pub fn is_http2(&self) -> bool {
+        self.h2_streams.is_some()
+    }
+
+    /// A stream on a shared HTTP/2 connection: the open connection with the fewest streams
+    /// that has room for one more (`true`: reused), else a new connection. Connections
+    /// closed by the backend (or after a GOAWAY) and ones idle for `backend_idle` are
+    /// dropped on the way.
+    pub async fn h2_stream(&self, fresh: bool) -> Result<(http2::SendRequest<H2Body>, H2Stream, bool), ConnectError> {
+        let max = self.h2_streams.unwrap_or(1);
+        if !fresh {
+            let now = Instant::now();
+            let mut conns = self.h2.lock().unwrap_or_else(|e| e.into_inner());
+            conns.retain(|c| {
+                !c.sender.is_closed()
+                    && (c.streams.load(Ordering::Acquire) > 0 || now.duration_since(c.since) < self.idle_timeout)
+            });
+            let best = conns
+                .iter_mut()
+                .filter(|c| c.streams.load(Ordering::Acquire) < max)
+                .min_by_key(|c| c.streams.load(Ordering::Acquire));
+            if let Some(c) = best {
+                c.streams.fetch_add(1, Ordering::AcqRel);
+                c.since = now;
+                return Ok((c.sender.clone(), H2Stream(c.streams.clone()), true));
+            }
+        }
+        let sender = self.h2_connect().await?;
+        let streams = Arc::new(AtomicU32::new(1));
+        let kept = H2Conn { sender: sender.clone(), streams: streams.clone(), since: Instant::now() };
+        self.h2.lock().unwrap_or_else(|e| e.into_inner()).push(kept);
+        Ok((sender, H2Stream(streams), false))
+    }
+
+    /// A new HTTP/2 connection of its own (a health check's, or one to share): connected,
+    /// `h2` agreed by ALPN over TLS, the connection's task spawned. It closes when the
+    /// last clone of its sender is dropped.
+    pub async fn h2_connect(&self) -> Result<http2::SendRequest<H2Body>, ConnectError> {
+        let conn = self.connect().await?;
+        if let BackendConn::Tls(s) = &conn {
+            if s.get_ref().1.alpn_protocol() != Some(b"h2") {
+                return Err(ConnectError::Tls(io::Error::other("the backend did not agree to HTTP/2 (ALPN h2)")));
+            }
+        }
+        let mut builder = http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+        builder
+            .timer(hyper_util::rt::TokioTimer::new())
+            .initial_stream_window_size(1 << 20)
+            .initial_connection_window_size(4 << 20)
+            // A connection that stops answering pings is closed, so requests stop going to it.
+            .keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_timeout(Duration::from_secs(10));
+        let (sender, connection) =
+            match tokio::time::timeout(self.connect_timeout, builder.handshake(hyper_util::rt::TokioIo::new(conn)))
+                .await
+            {
+                Err(_) => return Err(ConnectError::Timeout(self.connect_timeout)),
+                Ok(Err(e)) => return Err(ConnectError::Io(io::Error::other(e))),
+                Ok(Ok(c)) => c,
+            };
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!("HTTP/2 backend connection ended: {e}");
+            }
+        });
+        Ok(sender)
     }
 }
 

@@ -245,6 +245,10 @@ pub struct Pool {
     pub upgrades: Option<Vec<Spanned<String>>>,
     /// TLS to the backends (`[pools.NAME.tls]`).
     pub tls: Option<Spanned<PoolTls>>,
+    /// What the pool speaks to its backends: "http1" (default) or "http2".
+    pub protocol: Option<Spanned<String>>,
+    /// Streams per HTTP/2 backend connection before another is opened.
+    pub max_streams: Option<Spanned<i64>>,
 }
 
 /// `[pools.NAME.tls]`: the pool reaches its backends over TLS.
@@ -272,6 +276,8 @@ pub struct Health {
     /// Status codes and ranges, like "200-399" or "200,204".
     pub expect_status: Option<Spanned<String>>,
     pub expect_body: Option<Spanned<String>>,
+    /// The service a gRPC health check asks about (default "": the server as a whole).
+    pub service: Option<Spanned<String>>,
     pub interval: Option<Spanned<String>>,
     pub timeout: Option<Spanned<String>>,
     pub rise: Option<Spanned<i64>>,

@@ -16,9 +16,10 @@ use toml::Spanned;
 
 use super::file;
 use super::types::{
-    AccessLog, Admin, AdminState, Affinity, Algorithm, Backend, CheckKind, Config, CookieConfig, Dns, DnsKind,
-    DnsSource, Health, KeySource, Limits, Listener, LogFormat, Mapping, OnUnavailable, Pool, Route, RouteTo, SameSite,
-    Secret, SniRoute, Split, SplitMember, Store, TableConfig, TcpListener, Timeouts, MAX_SPLIT_WEIGHT, MAX_WEIGHT,
+    AccessLog, Admin, AdminState, Affinity, Algorithm, Backend, BackendProtocol, CheckKind, Config, CookieConfig, Dns,
+    DnsKind, DnsSource, Health, KeySource, Limits, Listener, LogFormat, Mapping, OnUnavailable, Pool, Route, RouteTo,
+    SameSite, Secret, SniRoute, Split, SplitMember, Store, TableConfig, TcpListener, Timeouts, MAX_SPLIT_WEIGHT,
+    MAX_WEIGHT,
 };
 use super::{locate, parse_duration, Located};
 use crate::net::{strip_port, Cidr};
@@ -34,7 +35,15 @@ const ALGORITHMS: &[(&str, Algorithm)] = &[
 const ADMIN_STATES: &[(&str, AdminState)] =
     &[("enabled", AdminState::Enabled), ("draining", AdminState::Draining), ("disabled", AdminState::Disabled)];
 /// Health check kinds: whether the check is HTTP.
-const CHECKS: &[(&str, bool)] = &[("http", true), ("tcp", false)];
+const CHECKS: &[(&str, Check)] = &[("http", Check::Http), ("tcp", Check::Tcp), ("grpc", Check::Grpc)];
+
+/// The kinds of active check, as `check` names them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Check {
+    Http,
+    Tcp,
+    Grpc,
+}
 const DNS_KINDS: &[(&str, DnsKind)] =
     &[("a", DnsKind::A), ("aaaa", DnsKind::Aaaa), ("a+aaaa", DnsKind::Both), ("srv", DnsKind::Srv)];
 const MAPPINGS: &[(&str, Mapping)] = &[("table", Mapping::Table), ("hash", Mapping::Hash)];
@@ -707,6 +716,14 @@ impl Resolver<'_> {
             used.sort_unstable();
             used.dedup();
             for p in used.into_iter().filter_map(|i| pools.get(i)) {
+                if p.protocol != BackendProtocol::Http1 {
+                    let at = f.pool.as_ref().unwrap_or(&f.bind);
+                    let message = format!(
+                        "listener \"{}\": pool \"{}\" speaks protocol = \"http2\": a tcp listener passes bytes through, so its pools speak no HTTP",
+                        l.name, p.name
+                    );
+                    self.error(at, message);
+                }
                 if p.tls.is_some() {
                     let at = f.pool.as_ref().unwrap_or(&f.bind);
                     let message = format!(
@@ -1039,7 +1056,33 @@ impl Resolver<'_> {
         let max_queue = self.ranged(&f.max_queue, &format!("pool \"{name}\": max_queue"), 0..=1_000_000, 1000) as u32;
         let panic_mode = f.panic_mode.as_ref().is_some_and(|p| *p.get_ref());
         let upgrades = self.upgrades(name, f.upgrades.as_deref());
-        let tls = f.tls.as_ref().and_then(|t| self.pool_tls(name, t));
+        let http2 = self.choice(
+            &f.protocol,
+            &format!("pool \"{name}\": protocol"),
+            &[("http1", false), ("http2", true)],
+            false,
+        );
+        let protocol = if http2 {
+            let max_streams =
+                self.ranged(&f.max_streams, &format!("pool \"{name}\": max_streams"), 1..=10_000, 100) as u32;
+            BackendProtocol::Http2 { max_streams }
+        } else {
+            if let Some(m) = &f.max_streams {
+                self.error(m, format!("pool \"{name}\": max_streams is for protocol = \"http2\""));
+            }
+            BackendProtocol::Http1
+        };
+        if let (false, Some(Health { check: CheckKind::Grpc { .. }, .. })) = (http2, &health) {
+            let at = f.health.as_ref().and_then(|h| h.get_ref().check.as_ref());
+            let message =
+                format!("pool \"{name}\": health: check = \"grpc\" needs protocol = \"http2\" (gRPC is HTTP/2)");
+            match at {
+                Some(c) => self.error(c, message),
+                None => self.error(p, message),
+            }
+        }
+        let alpn: &[&[u8]] = if http2 { &[b"h2"] } else { &[b"http/1.1"] };
+        let tls = f.tls.as_ref().and_then(|t| self.pool_tls(name, t, alpn));
         Pool {
             name: name.to_string(),
             algorithm,
@@ -1056,12 +1099,18 @@ impl Resolver<'_> {
             panic_mode,
             upgrades,
             tls,
+            protocol,
         }
     }
 
     /// A pool's TLS to its backends: the CA file read (or the system's bundle), the server
     /// name checked. `None` when a setting is wrong (the error reported).
-    fn pool_tls(&mut self, name: &str, t: &Spanned<file::PoolTls>) -> Option<Arc<crate::tls::backend::BackendTls>> {
+    fn pool_tls(
+        &mut self,
+        name: &str,
+        t: &Spanned<file::PoolTls>,
+        alpn: &[&[u8]],
+    ) -> Option<Arc<crate::tls::backend::BackendTls>> {
         use crate::tls::backend::{self, Verify};
         let f = t.get_ref();
         let skip = f.insecure_skip_verify.as_ref().filter(|s| *s.get_ref());
@@ -1118,7 +1167,7 @@ impl Resolver<'_> {
             }
         };
         let server_name = f.server_name.as_ref();
-        match backend::BackendTls::new(server_name.map(|s| s.get_ref().as_str()), verify, &[b"http/1.1"]) {
+        match backend::BackendTls::new(server_name.map(|s| s.get_ref().as_str()), verify, alpn) {
             Ok(tls) => Some(Arc::new(tls)),
             Err(e) => {
                 match server_name {
@@ -1274,18 +1323,23 @@ impl Resolver<'_> {
 
     /// The active check; HTTP unless the file says otherwise.
     fn check(&mut self, at: &str, f: &file::Health) -> CheckKind {
-        let http = match &f.check {
-            None => true,
+        let kind = match &f.check {
+            None => Check::Http,
             // An unknown kind falls back to tcp, so that the HTTP settings are not checked too.
             Some(c) => {
                 let complaint = |v: &str, list: &str| format!("{at}: check \"{v}\" is not known: expected {list}");
-                self.lookup(c, CHECKS, |a, b| a == b, complaint).unwrap_or(false)
+                self.lookup(c, CHECKS, |a, b| a == b, complaint).unwrap_or(Check::Tcp)
             }
         };
-        if http {
-            self.http_check(at, f)
-        } else {
-            CheckKind::Tcp
+        if let Some(s) = f.service.as_ref().filter(|_| kind != Check::Grpc) {
+            self.error(s, format!("{at}: service is for check = \"grpc\""));
+        }
+        match kind {
+            Check::Http => self.http_check(at, f),
+            Check::Tcp => CheckKind::Tcp,
+            Check::Grpc => {
+                CheckKind::Grpc { service: f.service.as_ref().map(|s| s.get_ref().clone()).unwrap_or_default() }
+            }
         }
     }
 

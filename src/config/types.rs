@@ -354,6 +354,19 @@ pub struct Pool {
     pub upgrades: Vec<String>,
     /// TLS to the backends (`None`: plain TCP).
     pub tls: Option<std::sync::Arc<crate::tls::backend::BackendTls>>,
+    /// What the pool speaks to its backends.
+    pub protocol: BackendProtocol,
+}
+
+/// What a pool speaks to its backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendProtocol {
+    Http1,
+    /// HTTP/2 (`h2` by ALPN over TLS, `h2c` with prior knowledge without), on connections
+    /// shared by requests, at most `max_streams` at once each.
+    Http2 {
+        max_streams: u32,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -373,6 +386,11 @@ pub struct Health {
 #[derive(Debug, Clone, PartialEq)]
 pub enum CheckKind {
     Tcp,
+    /// The gRPC health-checking protocol (`grpc.health.v1.Health/Check`) for `service`,
+    /// over the pool's HTTP/2.
+    Grpc {
+        service: String,
+    },
     Http {
         method: String,
         path: String,

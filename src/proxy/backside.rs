@@ -292,10 +292,6 @@ impl Backside {
         Backside { conn, work, rbuf, upload, rest, upstream }
     }
 
-    pub fn status(&self) -> u16 {
-        self.work.response.status
-    }
-
     /// The client's response head (see [`client_head`]).
     pub fn response_head(&self, client: Version) -> Option<http::Response<()>> {
         client_head(self.rbuf.bytes(), &self.work.response, client)

@@ -27,7 +27,8 @@ use super::refusal::LateFailure;
 use crate::access_log::Record;
 use crate::affinity::verdict::Verdict;
 use crate::backend::Backend;
-use crate::upstream::{BodyTimeout, BoxError, Stall};
+use crate::upstream::{BodyTimeout, BoxError, H2Stream, Stall};
+use hyper::body::Incoming;
 
 /// What is known about a request while it is served; settled on drop.
 #[derive(Debug)]
@@ -132,6 +133,13 @@ pub struct ProxyBody {
 enum Inner {
     /// The backend's body, each wait for its next piece bounded by `backend_body`.
     Backend(Box<Backside>, Stall),
+    /// An HTTP/2 backend's body (trailers included), and the stream's place on its
+    /// shared connection, given back when the body ends.
+    H2 {
+        body: Incoming,
+        _stream: H2Stream,
+        stall: Stall,
+    },
     Full(Option<Bytes>),
 }
 
@@ -142,6 +150,14 @@ impl ProxyBody {
             ProxyBody { inner: Inner::Backend(Box::new(back), Stall::new(backend_body)), outcome: Some(outcome) };
         b.settle_if_read();
         b
+    }
+
+    /// An HTTP/2 backend's body, each wait for its next frame lasting at most `backend_body`.
+    pub fn h2(body: Incoming, stream: H2Stream, outcome: Outcome, backend_body: Duration) -> ProxyBody {
+        ProxyBody {
+            inner: Inner::H2 { body, _stream: stream, stall: Stall::new(backend_body) },
+            outcome: Some(outcome),
+        }
     }
 
     pub fn full(data: Bytes, outcome: Option<Outcome>) -> ProxyBody {
@@ -215,6 +231,31 @@ impl Body for ProxyBody {
                 }
                 Poll::Ready(Err(label)) => Poll::Ready(Some(Err(this.failed(label, label.into())))),
             },
+            Inner::H2 { body, stall, .. } => match Pin::new(body).poll_frame(cx) {
+                Poll::Pending => {
+                    if stall.poll_expired(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    let e = BodyTimeout { from: "backend's response", after: stall.limit() };
+                    Poll::Ready(Some(Err(this.failed(LateFailure::BackendBody.label(), e.into()))))
+                }
+                Poll::Ready(Some(Ok(frame))) => {
+                    stall.arrived();
+                    if let (Some(d), Some(o)) = (frame.data_ref(), &mut this.outcome) {
+                        o.bytes_out += d.len() as u64;
+                    }
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                Poll::Ready(None) => {
+                    this.inner = Inner::Full(None);
+                    this.outcome = None;
+                    Poll::Ready(None)
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    let label = LateFailure::BackendBody.label();
+                    Poll::Ready(Some(Err(this.failed(label, e.into()))))
+                }
+            },
         }
     }
 
@@ -222,6 +263,7 @@ impl Body for ProxyBody {
         match &self.inner {
             Inner::Full(d) => d.is_none(),
             Inner::Backend(b, _) => b.is_end(),
+            Inner::H2 { body, .. } => body.is_end_stream(),
         }
     }
 
@@ -230,6 +272,7 @@ impl Body for ProxyBody {
             Inner::Full(Some(d)) => SizeHint::with_exact(d.len() as u64),
             Inner::Full(None) => SizeHint::with_exact(0),
             Inner::Backend(b, _) => b.remaining().map_or_else(SizeHint::default, SizeHint::with_exact),
+            Inner::H2 { body, .. } => body.size_hint(),
         }
     }
 }

@@ -29,7 +29,7 @@ use crate::backend::health::passive_failure;
 use crate::backend::Backend;
 use crate::config::Timeouts;
 use crate::pool::{Pool, Routes, Snapshot};
-use crate::upstream::{BackendConn, BodyState, ConnectError, RequestBody};
+use crate::upstream::{BackendConn, BodyState, ConnectError, H2Body, H2Stream, RequestBody};
 
 /// Set on every response Tether writes itself, so a client can tell it from the backend's.
 pub static TETHER_ERROR: HeaderName = HeaderName::from_static("tether-error");
@@ -47,10 +47,18 @@ pub async fn handle(req: Request<Incoming>, cx: Arc<ConnCx>) -> Result<Response<
     })
 }
 
-/// A backend's response head, with what it takes to stream or upgrade it.
+/// A backend's response head, with what it takes to stream it.
 struct Forwarded {
     response: Response<()>,
-    back: Backside,
+    back: Back,
+}
+
+/// Where the rest of a backend's response comes from.
+enum Back {
+    /// An HTTP/1.1 backend connection.
+    H1(Backside),
+    /// A stream on a shared HTTP/2 backend connection.
+    H2(Incoming, H2Stream),
 }
 
 /// Route, decide, rewrite, send; on the response, passive health and persistence.
@@ -79,6 +87,9 @@ async fn forward(
     out.session = cx.shared.access_log.pseudonym(decision.identity());
     // Read before the rewrite replaces an untrusted client's X-Forwarded-Proto.
     let https = cx.tls || rewrite::forwarded_https(req.headers(), trusted);
+    // `TE: trailers` is hop-by-hop, but an HTTP/2 backend needs to know the client takes
+    // trailers (gRPC servers insist on it), so it is passed on to one.
+    let te_trailers = rewrite::asks_for_trailers(req.headers());
     rewrite::request(&mut req, cx, host, trusted);
     if let Some(a) = &pool.affinity {
         rewrite::for_affinity(req.headers_mut(), a, decision.verdict);
@@ -90,6 +101,23 @@ async fn forward(
         Target::NoBackend => return Err(Refusal::NoBackend),
     };
     pool.retry_budget.deposit(pool.config.retry_budget);
+    if pool.upstreams[index].is_http2() {
+        if te_trailers {
+            req.headers_mut().insert(header::TE, HeaderValue::from_static("trailers"));
+        }
+        let (parts, body) = req.into_parts();
+        let replay = pool.config.retries > 0 && is_idempotent(&parts.method) && body.is_end_stream();
+        let mut attempt = Attempt::new(pool, &parts, index, now_ms, replay);
+        let (body, body_state) =
+            RequestBody::client(body, snap.config.timeouts.client_body, snap.config.limits.max_request_body);
+        attempt.body = body_state;
+        attempt.max_body = snap.config.limits.max_request_body.unwrap_or(u64::MAX);
+        let (response, stream) = send_h2(parts, body, &mut attempt, &mut decision, out, &snap.config.timeouts).await?;
+        let (head, body) = response.into_parts();
+        let response = Response::from_parts(head, ());
+        let back = Back::H2(body, stream);
+        return finish(response, back, attempt.index, pool, routes, &decision, https).await;
+    }
     let (mut parts, body) = req.into_parts();
     let framing = Framing::of(&parts.method, &parts.headers, &body);
     // Only an idempotent request without a body can be sent again after a connection
@@ -106,15 +134,29 @@ async fn forward(
     let back =
         send(&mut parts, upload, framing, &mut attempt, &mut decision, out, &snap.config.timeouts, max_head).await?;
     let index = attempt.index;
-    if back.status() >= 500 {
-        let why = format!("status {}", back.status());
+    let Some(response) = back.response_head(out.version) else {
+        return Err(Refusal::BackendFailed { backend: pool.backends[index].name.clone() });
+    };
+    finish(response, Back::H1(back), index, pool, routes, &decision, https).await
+}
+
+/// The backend's response head: passive health, persistence, HSTS.
+async fn finish(
+    mut response: Response<()>,
+    back: Back,
+    index: usize,
+    pool: &Pool,
+    routes: &Routes,
+    decision: &Decision,
+    https: bool,
+) -> Result<Forwarded, Refusal> {
+    let status = response.status().as_u16();
+    if status >= 500 {
+        let why = format!("status {status}");
         passive_failure(&pool.backends, index, pool.config.health.as_ref(), &why);
     } else {
         pool.backends[index].passive_success();
     }
-    let Some(mut response) = back.response_head(out.version) else {
-        return Err(Refusal::BackendFailed { backend: pool.backends[index].name.clone() });
-    };
     if let Some(a) = &pool.affinity {
         if let Some(link) = &pool.shared {
             let learned = if a.learns() {
@@ -122,11 +164,11 @@ async fn forward(
             } else {
                 Vec::new()
             };
-            if let Some(wait) = link.after(&pool.backends, &decision, &learned, index) {
+            if let Some(wait) = link.after(&pool.backends, decision, &learned, index) {
                 wait.await;
             }
         }
-        rewrite::persist(response.headers_mut(), a, &decision, index, https);
+        rewrite::persist(response.headers_mut(), a, decision, index, https);
     }
     if let Some(hsts) = routes.hsts.as_deref().and_then(|v| HeaderValue::from_str(v).ok()) {
         response.headers_mut().entry(header::STRICT_TRANSPORT_SECURITY).or_insert(hsts);
@@ -393,6 +435,104 @@ async fn send(
     }
 }
 
+/// Step 3 for a pool that speaks HTTP/2 to its backends: the request goes as a stream on
+/// a shared connection (`Upstream::h2_stream`), with the same moves as over HTTP/1.1: a
+/// failed connect moves to another backend; a request the connection did not take (it
+/// was closing) goes again on a fresh one; one that broke before its response moves only
+/// when it can be sent again whole.
+async fn send_h2(
+    mut parts: http::request::Parts,
+    body: RequestBody,
+    attempt: &mut Attempt<'_>,
+    decision: &mut Decision,
+    out: &mut Outcome,
+    timeouts: &Timeouts,
+) -> Result<(Response<Incoming>, H2Stream), Refusal> {
+    use http_body_util::BodyExt;
+    let pool = attempt.pool;
+    let health = pool.config.health.as_ref();
+    let scheme = if pool.config.tls.is_some() { http::uri::Scheme::HTTPS } else { http::uri::Scheme::HTTP };
+    let host = parts.headers.remove(header::HOST);
+    let mut body: H2Body = body.boxed_unsync();
+    loop {
+        let backend = attempt.backend();
+        out.set_backend(backend);
+        if out.slot.is_none() {
+            out.slot = pool.slot(attempt.index).await.map_err(|e| Refusal::of_slot(e, pool, attempt.index))?;
+        }
+        let upstream = &pool.upstreams[attempt.index];
+        let (mut sender, stream, reused) = match upstream.h2_stream(attempt.stale >= STALE_RETRIES).await {
+            Ok(s) => s,
+            Err(error) => {
+                tracing::warn!(pool = %pool.name, backend = %backend.name, address = %backend.address_text, "{error}");
+                if error.is_backend_fault() {
+                    passive_failure(&pool.backends, attempt.index, health, &error.to_string());
+                }
+                if attempt.move_on(decision, out) {
+                    attempt.rewrite_moved(&mut parts.headers, decision);
+                    continue;
+                }
+                return Err(Refusal::Connect { backend: backend.name.clone(), error });
+            }
+        };
+        // HTTP/2 names the authority in `:authority`, not `Host`; without one from the
+        // client, the backend's address.
+        let authority = host.as_ref().and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok());
+        let authority = authority.or_else(|| http::uri::Authority::try_from(backend.address_text.as_str()).ok());
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = Some(scheme.clone());
+        uri.authority = authority;
+        uri.path_and_query =
+            parts.uri.path_and_query().cloned().or_else(|| Some(http::uri::PathAndQuery::from_static("/")));
+        let mut req = Request::new(std::mem::replace(&mut body, RequestBody::Empty.boxed_unsync()));
+        *req.method_mut() = parts.method.clone();
+        *req.uri_mut() =
+            Uri::from_parts(uri).map_err(|_| Refusal::BadRequest("the request target cannot be sent over HTTP/2"))?;
+        *req.version_mut() = http::Version::HTTP_2;
+        *req.headers_mut() = parts.headers.clone();
+        let sent = Instant::now();
+        let fail = match tokio::time::timeout(timeouts.backend_response, sender.try_send_request(req)).await {
+            Err(_) => return Err(timed_out(attempt, timeouts.backend_response)),
+            Ok(Ok(response)) => {
+                out.upstream = Some(sent.elapsed());
+                return Ok((response, stream));
+            }
+            Ok(Err(mut e)) => {
+                if let Some(req) = e.take_message() {
+                    // The connection did not take the request (it was closing): nothing
+                    // of it was sent, so it goes again, on a fresh connection if this was
+                    // a shared one.
+                    body = req.into_body();
+                    attempt.stale += usize::from(reused);
+                    if reused {
+                        continue;
+                    }
+                }
+                e.into_error()
+            }
+        };
+        drop(stream);
+        let body_state = attempt.body.as_deref();
+        if body_state.is_some_and(BodyState::too_large) {
+            return Err(Refusal::BodyTooLarge { limit: attempt.max_body });
+        }
+        if body_state.is_some_and(BodyState::failed) {
+            tracing::info!(pool = %pool.name, backend = %backend.name, "request body failed");
+            return Err(Refusal::BadRequestBody);
+        }
+        let why = format!("HTTP/2: {fail}");
+        tracing::warn!(pool = %pool.name, backend = %backend.name, "backend failed: {why}");
+        passive_failure(&pool.backends, attempt.index, health, &why);
+        if attempt.replay && attempt.move_on(decision, out) {
+            out.retried = true;
+            attempt.rewrite_moved(&mut parts.headers, decision);
+            body = RequestBody::Empty.boxed_unsync();
+            continue;
+        }
+        return Err(Refusal::BackendFailed { backend: backend.name.clone() });
+    }
+}
+
 /// No response head within `backend_response`: whose fault that is decides the answer,
 /// and whether it is a strike against the backend.
 fn timed_out(attempt: &Attempt<'_>, after: Duration) -> Refusal {
@@ -474,13 +614,17 @@ fn is_idempotent(m: &Method) -> bool {
 /// Step 4: the backend's response becomes the client's, streamed. HTTP/2 has no
 /// upgrades (Tether does not offer extended CONNECT), so a `101` answers a request that
 /// asked for none: a broken backend.
-fn respond(response: Response<()>, back: Backside, mut out: Outcome, timeouts: &Timeouts) -> Response<ProxyBody> {
+fn respond(response: Response<()>, back: Back, mut out: Outcome, timeouts: &Timeouts) -> Response<ProxyBody> {
     out.status = response.status().as_u16();
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         return reply(out, Refusal::UnaskedSwitch);
     }
     let (parts, ()) = response.into_parts();
-    Response::from_parts(parts, ProxyBody::backend(back, out, timeouts.backend_body))
+    let body = match back {
+        Back::H1(back) => ProxyBody::backend(back, out, timeouts.backend_body),
+        Back::H2(body, stream) => ProxyBody::h2(body, stream, out, timeouts.backend_body),
+    };
+    Response::from_parts(parts, body)
 }
 
 /// A response Tether writes itself: plain text naming what went wrong, marked with

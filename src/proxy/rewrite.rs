@@ -98,6 +98,13 @@ fn remove_names(headers: &mut HeaderMap, hit: impl Fn(&HeaderName) -> bool) {
     }
 }
 
+/// Whether the client's `TE` says it takes trailers.
+pub fn asks_for_trailers(headers: &HeaderMap) -> bool {
+    headers.get_all(header::TE).iter().flat_map(|v| v.as_bytes().split(|&b| b == b',')).any(|t| {
+        t.trim_ascii().split(|&b| b == b';').next().is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers"))
+    })
+}
+
 /// Prepares a client's request for the backend: HTTP/1.1 in origin-form, hop-by-hop
 /// headers removed, HTTP/2 cookie crumbs joined, `Host` kept, forwarding headers set.
 pub fn request(req: &mut Request<Incoming>, cx: &ConnCx, host: Option<HeaderValue>, trusted: bool) {

@@ -12,6 +12,8 @@
 //! body (`backend_body`), each write to the client (`client_send`) and a tunnel
 //! (`tunnel_idle`).
 
+mod h2;
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -383,6 +385,10 @@ impl<'c, S: ClientIo> Exchange<'c, S> {
         if head.expect_continue && head.body != Body::None {
             // Tether answers the expectation itself, as NGINX does.
             let _ = write(&mut self.client.stream, b"HTTP/1.1 100 Continue\r\n\r\n", timeouts.client_send).await;
+        }
+        if pool.upstreams[index].is_http2() {
+            // Boxed: its state is large, and HTTP/1.1 pools should not carry its size.
+            return Box::pin(self.forward_h2(buf, work, routes, pool, decision, index, trusted, https)).await;
         }
 
         let mut attempt = Attempt { index, moves_left: pool.config.retries.max(1), stale: 0 };
