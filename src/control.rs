@@ -104,6 +104,12 @@ pub struct Control {
     dns_reloads: watch::Sender<u64>,
     /// Serialises reloads and admin actions.
     changing: Mutex<()>,
+    /// Held while this instance's admin actions and the fleet's are brought together
+    /// (`fleet`): an action and its share are one step, and a read of the fleet's state
+    /// never lands between them.
+    pub fleet_step: tokio::sync::Mutex<()>,
+    /// Admin actions not yet shared with the fleet (Redis was down), by pool and backend.
+    pub fleet_pending: Mutex<Vec<(String, String)>>,
     /// The admin listener's settings as the file says them now. The admin API reads them
     /// for every request, so a token changed by a reload applies at once.
     admin: ArcSwapOption<config::Admin>,
@@ -239,6 +245,8 @@ impl Control {
             dns: Default::default(),
             dns_reloads: watch::channel(0).0,
             changing: Mutex::new(()),
+            fleet_step: tokio::sync::Mutex::new(()),
+            fleet_pending: Mutex::new(Vec::new()),
             admin,
             admin_listener: Mutex::new(None),
             admin_server: Mutex::new(None),
@@ -699,6 +707,41 @@ impl Control {
             .collect();
         out.sort_by(|a, b| (&a.pool, &a.backend).cmp(&(&b.pool, &b.backend)));
         out
+    }
+
+    /// The admin override on one backend, if any.
+    pub fn override_of(&self, pool: &str, backend: &str) -> Option<SavedOverride> {
+        self.saved_overrides().into_iter().find(|o| o.pool == pool && o.backend == backend)
+    }
+
+    /// Applies the fleet's overrides (each with the Unix milliseconds its drain began) by
+    /// the rule reloads keep them by, those that differ from this instance's only; a drain
+    /// keeps the start the instance that made it gave it, so its timeout ends at the same
+    /// moment everywhere. Returns those applied; the snapshot is rebuilt once if any was.
+    pub fn apply_shared_overrides(&self, shared: Vec<(SavedOverride, Option<u64>)>) -> Vec<SavedOverride> {
+        let current = self.saved_overrides();
+        let changed: Vec<(SavedOverride, Option<u64>)> = shared
+            .into_iter()
+            .filter(|(s, _)| {
+                let here = current.iter().find(|c| c.pool == s.pool && c.backend == s.backend);
+                here.is_none_or(|c| c.state != s.state || c.weight != s.weight)
+            })
+            .collect();
+        if changed.is_empty() {
+            return Vec::new();
+        }
+        let since: HashMap<(String, String), u64> =
+            changed.iter().filter_map(|(o, ms)| Some(((o.pool.clone(), o.backend.clone()), (*ms)?))).collect();
+        let applied = self.restore_overrides(changed.into_iter().map(|(o, _)| o).collect());
+        let snapshot = self.shared.snapshot.load_full();
+        for o in &applied {
+            if let (Some(ms), Some(b)) =
+                (since.get(&(o.pool.clone(), o.backend.clone())), snapshot.backend(&o.pool, &o.backend))
+            {
+                b.restamp_drain(*ms);
+            }
+        }
+        applied
     }
 
     /// Re-applies overrides a warm restart saved, by the rule reloads keep them by: only to

@@ -40,6 +40,7 @@ pub(crate) mod proxy;
 pub(crate) mod admin;
 pub(crate) mod control;
 pub(crate) mod discovery;
+pub(crate) mod fleet;
 pub(crate) mod warm;
 
 // Simulation of the policy code (above it, beside the data path, which it never uses).

@@ -177,6 +177,7 @@ impl Server {
         tokio::spawn(crate::housekeeping::run(shared.clone(), control.shutdown_signal()));
         tokio::spawn(crate::health::supervise(shared.clone(), control.shutdown_signal()));
         tokio::spawn(crate::discovery::run(control.clone(), control.shutdown_signal()));
+        tokio::spawn(crate::fleet::keep_in_step(control.clone(), control.shutdown_signal()));
         // Started: the state file has been used, and is set aside so that a crash (which
         // saves nothing) is not followed by a start that brings back what it said then.
         if let (Some(_), Some(dir)) = (restored, &config.state_dir) {

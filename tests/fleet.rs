@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::*;
-use http::Request;
+use http::{Request, StatusCode};
 use http_body_util::Full;
 
 /// A `redis-server` on a loopback port, without persistence.
@@ -479,4 +479,105 @@ async fn reloads_bring_the_store_in_and_out_and_a_bad_one_changes_nothing() {
     assert!(t.log().contains("plain TCP only"), "{}", t.log());
     assert_eq!(store_of().await["up"], true);
     stays(&f, &mut clients, 2, false).await;
+}
+
+/// Backend `name` of pool `pool` as instance `admin` reports it.
+async fn backend_state(admin: SocketAddr, pool: &str, name: &str) -> serde_json::Value {
+    let v = admin_json(admin, &format!("/api/pools/{pool}")).await;
+    v["backends"].as_array().unwrap().iter().find(|b| b["name"] == name).cloned().unwrap()
+}
+
+async fn admin_send(admin: SocketAddr, method: &str, path: &str, body: &str) -> (StatusCode, serde_json::Value) {
+    let req = Request::builder().method(method).uri(path).header("host", admin.to_string());
+    let r = Client::connect(admin).await.request(req.body(Full::new(Bytes::from(body.to_string()))).unwrap()).await;
+    (r.status, serde_json::from_slice(&r.body).unwrap_or(serde_json::Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_actions_reach_every_instance_and_outlive_restarts() {
+    let Some(mut f) = Fleet::start().await else { return };
+    let admins: Vec<SocketAddr> = f.tethers.iter().map(|t| t.admin()).collect();
+    // A drain through the first instance: the others drain it within a second, from the
+    // same moment (so its drain_timeout ends at the same time everywhere).
+    let (status, v) = admin_send(admins[0], "POST", "/api/pools/cookie/backends/app-2/drain", "").await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["fleet"], "shared");
+    let since = v["draining_since_ms"].as_u64().expect("a drain start");
+    let start = std::time::Instant::now();
+    for &a in &admins[1..] {
+        wait_until_async("the drain reaches every instance", Duration::from_secs(1), || async {
+            backend_state(a, "cookie", "app-2").await["admin_state"] == "draining"
+        })
+        .await;
+        assert_eq!(backend_state(a, "cookie", "app-2").await["draining_since_ms"].as_u64(), Some(since));
+    }
+    assert!(start.elapsed() < Duration::from_secs(2), "{:?}", start.elapsed());
+    // A weight through the second, a disable through the third.
+    let (status, v) = admin_send(admins[1], "PUT", "/api/pools/header/backends/app-3/weight", "{\"weight\": 7}").await;
+    assert_eq!((status, &v["fleet"]), (StatusCode::OK, &serde_json::json!("shared")), "{v}");
+    let (status, _) = admin_send(admins[2], "POST", "/api/pools/ip/backends/app-1/disable", "").await;
+    assert_eq!(status, 200);
+    for &a in &admins {
+        wait_until_async("every change reaches every instance", Duration::from_secs(2), || async {
+            backend_state(a, "header", "app-3").await["weight"] == 7
+                && backend_state(a, "ip", "app-1").await["admin_state"] == "disabled"
+                && backend_state(a, "cookie", "app-2").await["admin_state"] == "draining"
+        })
+        .await;
+    }
+    // The fleet lists its instances.
+    let v = admin_json(admins[0], "/api/fleet").await;
+    assert_eq!(v["store"], "fleet");
+    let listed = v["instances"].as_array().unwrap();
+    assert_eq!(listed.len(), 3, "{v}");
+    assert_eq!(listed.iter().filter(|i| i["this"] == true).count(), 1, "{v}");
+
+    // An instance started now, and one restarted, apply what the fleet did.
+    let cfg = std::fs::read_to_string(&f.tethers[0].config).unwrap();
+    let late = Tether::start(&cfg);
+    f.tethers[1].signal("KILL");
+    f.tethers[1] = Tether::start(&cfg);
+    for t in [&late, &f.tethers[1]] {
+        let a = t.admin();
+        wait_until_async("a new instance applies the fleet's actions", Duration::from_secs(5), || async {
+            backend_state(a, "cookie", "app-2").await["admin_state"] == "draining"
+                && backend_state(a, "header", "app-3").await["weight"] == 7
+                && backend_state(a, "ip", "app-1").await["admin_state"] == "disabled"
+        })
+        .await;
+        assert_eq!(backend_state(a, "cookie", "app-2").await["draining_since_ms"].as_u64(), Some(since));
+    }
+    // Enabled again through the late one: everyone follows.
+    let (status, v) = admin_send(late.admin(), "POST", "/api/pools/cookie/backends/app-2/enable", "").await;
+    assert_eq!((status, &v["fleet"]), (StatusCode::OK, &serde_json::json!("shared")));
+    let admins: Vec<SocketAddr> = f.tethers.iter().map(|t| t.admin()).collect();
+    for &a in &admins {
+        wait_until_async("the enable reaches every instance", Duration::from_secs(2), || async {
+            backend_state(a, "cookie", "app-2").await["admin_state"] == "enabled"
+        })
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_action_made_while_redis_is_down_is_shared_when_it_returns() {
+    let Some(mut f) = Fleet::start().await else { return };
+    let admins: Vec<SocketAddr> = f.tethers.iter().map(|t| t.admin()).collect();
+    let port = f.redis.port;
+    f.redis.kill();
+    wait_until_async("the instance sees Redis down", Duration::from_secs(10), || async { !store_up(admins[0]).await })
+        .await;
+    let (status, v) = admin_send(admins[0], "POST", "/api/pools/header/backends/app-1/drain", "").await;
+    assert_eq!(status, 200);
+    assert!(v["fleet"].as_str().unwrap().starts_with("pending: "), "{v}");
+    // Applied here at once, and nowhere else while Redis is away.
+    assert_eq!(backend_state(admins[0], "header", "app-1").await["admin_state"], "draining");
+    assert_eq!(backend_state(admins[1], "header", "app-1").await["admin_state"], "enabled");
+    f.redis = Redis::on(port).await;
+    for &a in &admins {
+        wait_until_async("the pending drain reaches every instance", Duration::from_secs(15), || async {
+            backend_state(a, "header", "app-1").await["admin_state"] == "draining"
+        })
+        .await;
+    }
 }

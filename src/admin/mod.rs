@@ -281,7 +281,7 @@ async fn handle(req: Request<Incoming>, control: &Control, local: Option<SocketA
                     return error(StatusCode::NOT_FOUND, msg);
                 }
             };
-            act(control, pool, backend, BackendAction::State(state))
+            act(control, pool, backend, BackendAction::State(state)).await
         }
         (&Method::PUT, ["api", "pools", pool, "backends", backend, "weight"]) => {
             let (pool, backend) = (pool.to_string(), backend.to_string());
@@ -301,11 +301,48 @@ async fn handle(req: Request<Incoming>, control: &Control, local: Option<SocketA
         (&Method::DELETE, ["api", "splits", split, "weights"]) => split_reply(control.split_reset(split)),
         (&Method::GET, ["api", "splits", split, "sessions"]) => split_session(control, &req, split),
         (&Method::POST, ["api", "reload"]) => reload(control),
+        (&Method::GET, ["api", "fleet"]) => fleet(control).await,
         (_, ["api", ..]) | (_, ["metrics"]) => {
             error(StatusCode::NOT_FOUND, format!("no such endpoint: {} {}", method, req.uri().path()))
         }
         _ => error(StatusCode::NOT_FOUND, "not found: the dashboard is at /, the API under /api/, metrics at /metrics"),
     }
+}
+
+/// `GET /api/fleet`: the fleet's store and the instances it has seen recently.
+async fn fleet(control: &Control) -> Reply {
+    let snap = control.shared.snapshot.load_full();
+    let Some(f) = crate::fleet::store(&snap) else {
+        return json_reply(StatusCode::OK, &json!({ "store": null, "instances": [] }));
+    };
+    let now = crate::time::unix_millis();
+    let (instances, error) = match f.instances().await {
+        Ok(list) => (list, None),
+        Err(e) => (Vec::new(), Some(e)),
+    };
+    let me = f.instance_id();
+    let instances: Vec<Value> = instances
+        .iter()
+        .map(|i| {
+            json!({
+                "id": i.id,
+                "host": i.host,
+                "pid": i.pid,
+                "seen_ms_ago": now.saturating_sub(i.seen_ms),
+                "this": i.id == me,
+            })
+        })
+        .collect();
+    json_reply(
+        StatusCode::OK,
+        &json!({
+            "store": f.cfg.name,
+            "up": f.is_up(),
+            "instance": me,
+            "instances": instances,
+            "error": error,
+        }),
+    )
 }
 
 fn page(body: impl Into<Bytes>, content_type: &'static str) -> Reply {
@@ -323,7 +360,7 @@ async fn set_weight(control: &Control, pool: &str, backend: &str, req: Request<I
     let weight = serde_json::from_slice::<Value>(&body).ok().and_then(|v| v.get("weight")?.as_u64());
     match weight {
         Some(w) if (1..=u64::from(config::MAX_WEIGHT)).contains(&w) => {
-            act(control, pool, backend, BackendAction::Weight(w as u32))
+            act(control, pool, backend, BackendAction::Weight(w as u32)).await
         }
         _ => error(
             StatusCode::BAD_REQUEST,
@@ -514,11 +551,15 @@ fn key_error(e: &KeyError) -> Reply {
     error(status, e.to_string())
 }
 
-fn act(control: &Control, pool: &str, backend: &str, action: BackendAction) -> Reply {
-    match control.backend_action(pool, backend, action) {
-        Ok(b) => {
+/// An admin action on a backend, applied here and shared with the fleet; the reply's
+/// `fleet` says which (`local`, `shared`, or `pending: WHY` while Redis does not answer).
+async fn act(control: &Control, pool: &str, backend: &str, action: BackendAction) -> Reply {
+    match crate::fleet::act(control, pool, backend, action).await {
+        Ok((b, shared)) => {
             let snap = control.shared.snapshot.load_full();
-            json_reply(StatusCode::OK, &backend_json(snap.pool(pool), &b))
+            let mut v = backend_json(snap.pool(pool), &b);
+            v["fleet"] = Value::String(shared.describe());
+            json_reply(StatusCode::OK, &v)
         }
         // Both errors say the pool or backend does not exist.
         Err(e) => error(StatusCode::NOT_FOUND, e.to_string()),

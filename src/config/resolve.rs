@@ -171,7 +171,7 @@ impl Resolver<'_> {
         let dns = self.dns(&f.dns);
         let stores: Vec<Store> = f.stores.iter().map(|(name, s)| self.store(name, s)).collect();
         let mut pools: Vec<Pool> = f.pools.iter().map(|(name, pool)| self.pool(name, pool)).collect();
-        self.pool_stores(f, &mut pools);
+        let store = self.pool_stores(f, &mut pools);
         if f.pools.is_empty() {
             self.missing("no pools: add at least one [pools.NAME] with backends");
         }
@@ -192,6 +192,7 @@ impl Resolver<'_> {
             admin,
             dns,
             stores,
+            store,
             listeners,
             pools,
         }
@@ -311,7 +312,8 @@ impl Resolver<'_> {
 
     /// Which store each pool shares its pins through: its affinity's `store` (a name, or
     /// `"none"`), else the file's top-level `store` when the pool has table-mapped keys.
-    fn pool_stores(&mut self, f: &file::File, pools: &mut [Pool]) {
+    /// Returns the top-level store, when it names one of the file's.
+    fn pool_stores(&mut self, f: &file::File, pools: &mut [Pool]) -> Option<String> {
         let known = |name: &str| f.stores.contains_key(name);
         let default = match &f.store {
             Some(s) if known(s.get_ref()) => Some(s.get_ref().clone()),
@@ -350,6 +352,7 @@ impl Resolver<'_> {
                 None => default.clone().filter(|_| shares),
             };
         }
+        default
     }
 
     /// `[dns]`: resolvers as `IP` (port 53) or `IP:PORT`, and the timeout.

@@ -31,6 +31,9 @@ pub struct Config {
     pub dns: Dns,
     /// Redis servers that share learned pins (`[stores.NAME]`), by name.
     pub stores: Vec<Store>,
+    /// The file's top-level `store`: the fleet's store, through which pools share their
+    /// pins by default and the instances share admin actions (`fleet`).
+    pub store: Option<String>,
     pub listeners: Vec<Listener>,
     pub pools: Vec<Pool>,
 }

@@ -22,6 +22,8 @@
 //! names, whose identity survives reloads. Every key carries the pool's table idle timeout
 //! as its expiry.
 
+mod admin;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin as Pinned;
@@ -142,6 +144,10 @@ pub struct Fleet {
     pools: Mutex<HashMap<String, Weak<affinity::Store>>>,
     /// Woken when a request sees Redis fail, so the health check runs at once.
     suspect: Arc<tokio::sync::Notify>,
+    /// Woken when the fleet's admin state may have changed (see `admin_changes`).
+    admin_changed: tokio::sync::Notify,
+    /// How this instance is listed in `PREFIX:instances`.
+    member: String,
     pub stats: Stats,
     /// Dropped with the fleet: its tasks end.
     _stop: tokio::sync::watch::Sender<()>,
@@ -159,10 +165,13 @@ impl Fleet {
     pub fn start(cfg: &config::Store) -> Arc<Fleet> {
         let key = affinity::token::Key::from_base64(&cfg.key).map(|k| k.bytes()).unwrap_or([0; 32]);
         let (stop, stopped) = tokio::sync::watch::channel(());
+        let instance = u64::from_le_bytes(rand_bytes());
         let fleet = Arc::new(Fleet {
             cfg: cfg.clone(),
             cipher: aes::Aes256::new(&key.into()),
-            instance: u64::from_le_bytes(rand_bytes()),
+            instance,
+            admin_changed: tokio::sync::Notify::new(),
+            member: admin::member(instance),
             epoch: Instant::now(),
             conn: ArcSwapOption::empty(),
             up: AtomicBool::new(false),
@@ -556,7 +565,14 @@ async fn keep_connected(fleet: Weak<Fleet>, mut stopped: tokio::sync::watch::Rec
             Some(conn) => {
                 let mut conn = (*conn).clone();
                 let ping = redis::cmd("PING");
-                matches!(tokio::time::timeout(CONTROL_TIMEOUT, ping.query_async::<String>(&mut conn)).await, Ok(Ok(_)))
+                let up = matches!(
+                    tokio::time::timeout(CONTROL_TIMEOUT, ping.query_async::<String>(&mut conn)).await,
+                    Ok(Ok(_))
+                );
+                if up {
+                    f.heartbeat(&mut conn).await;
+                }
+                up
             }
             None => {
                 let config = AsyncConnectionConfig::new()
@@ -567,7 +583,8 @@ async fn keep_connected(fleet: Weak<Fleet>, mut stopped: tokio::sync::watch::Rec
                     Err(e) => Err(e),
                 };
                 match connected {
-                    Ok(conn) => {
+                    Ok(mut conn) => {
+                        f.heartbeat(&mut conn).await;
                         f.conn.store(Some(Arc::new(conn)));
                         true
                     }
@@ -725,17 +742,20 @@ async fn listen_for_moves(fleet: Weak<Fleet>, mut stopped: tokio::sync::watch::R
     let mut backoff = BACKOFF_MIN;
     loop {
         let Some(f) = fleet.upgrade() else { return };
-        let channel = f.channel();
+        let (channel, admin) = (f.channel(), f.admin_channel());
         let subscribed = async {
             let client = f.open()?;
             let mut pubsub = client.get_async_pubsub().await?;
             pubsub.subscribe(&channel).await?;
+            pubsub.subscribe(&admin).await?;
             redis::RedisResult::Ok(pubsub)
         };
         let pubsub = tokio::time::timeout(CONTROL_TIMEOUT, subscribed).await;
-        drop(f);
         if let Ok(Ok(pubsub)) = pubsub {
             backoff = BACKOFF_MIN;
+            // Changes made while this instance was not listening are read now.
+            f.admin_changed.notify_one();
+            drop(f);
             let mut messages = pubsub.into_on_message();
             loop {
                 let msg = tokio::select! {
@@ -744,8 +764,17 @@ async fn listen_for_moves(fleet: Weak<Fleet>, mut stopped: tokio::sync::watch::R
                 };
                 let Some(msg) = msg else { break };
                 let Some(f) = fleet.upgrade() else { return };
-                f.moved(msg.get_payload_bytes());
+                if msg.get_channel_name() == admin {
+                    // From another instance (each message names its sender).
+                    if msg.get_payload_bytes() != f.instance_id().as_bytes() {
+                        f.admin_changed.notify_one();
+                    }
+                } else {
+                    f.moved(msg.get_payload_bytes());
+                }
             }
+        } else {
+            drop(f);
         }
         if !pause(&mut stopped, backoff).await {
             return;
