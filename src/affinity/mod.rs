@@ -303,6 +303,20 @@ impl Decision {
     }
 }
 
+/// A request [`PoolAffinity::begin_at`] counted in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Began {
+    id: u128,
+    recorded: bool,
+}
+
+/// The identity rebalancing tracks a decided session by: its token's session id or its
+/// table key (as [`Decision::identity`] gives them); `None` for a hashed key or no session.
+fn pinned_identity(d: &Decision) -> Option<u128> {
+    let id = d.issue.as_ref().map(|t| t.session).or(d.session).or(d.key.map(|pin| pin.key.to_le_bytes()))?;
+    Some(u128::from_le_bytes(id))
+}
+
 /// The key ring used when a pool configures none: made once per process.
 fn generated_ring() -> Arc<KeyRing> {
     static RING: OnceLock<Arc<KeyRing>> = OnceLock::new();
@@ -630,12 +644,25 @@ impl PoolAffinity {
     /// cost of one branch. Sessions of hashed keys are not tracked: they never move.
     pub fn begin(&self, d: &Decision, now_ms: u64) -> Option<Active> {
         let (r, rb) = (self.cfg.rebalance.as_ref()?, self.rebalancer.as_ref()?);
-        let id = d.issue.as_ref().map(|t| t.session).or(d.session).or(d.key.map(|pin| pin.key.to_le_bytes()))?;
-        Some(Active::begin(&rb.activity, u128::from_le_bytes(id), now_ms, r.idle))
+        Some(Active::begin(&rb.activity, pinned_identity(d)?, now_ms, r.idle))
     }
 
-    /// The pool's rebalancing state, when it rebalances: what the simulator records its
-    /// requests in (its time is simulated, so it cannot use [`begin`](Self::begin)'s guard).
+    /// [`begin`](Self::begin) without a guard, for the simulator, whose time is simulated:
+    /// give the answer back to [`end_at`](Self::end_at) when the request ends.
+    pub fn begin_at(&self, d: &Decision, now_ms: u64) -> Option<Began> {
+        let (r, rb) = (self.cfg.rebalance.as_ref()?, self.rebalancer.as_ref()?);
+        let id = pinned_identity(d)?;
+        Some(Began { id, recorded: rb.activity.begin(id, now_ms, r.idle) })
+    }
+
+    /// The request [`begin_at`](Self::begin_at) began has ended at `now_ms`.
+    pub fn end_at(&self, began: Began, now_ms: u64) {
+        if let Some(rb) = &self.rebalancer {
+            rb.activity.end(began.id, now_ms, began.recorded);
+        }
+    }
+
+    /// The pool's rebalancing state, when it rebalances.
     pub fn rebalancer(&self) -> Option<&Rebalancer> {
         self.rebalancer.as_deref()
     }
