@@ -3,6 +3,8 @@
 //! the test lets it go. Forty sticky sessions on two backends; a third is added by reload;
 //! idle sessions, and only idle ones, move to it until no backend holds more than the
 //! factor times the mean, each with the re-pin header saying `rebalance`, at a bounded rate.
+//! A session with a request in flight (HTTP/1 or HTTP/2) or an open tunnel is active
+//! however long ago its request began.
 
 mod common;
 
@@ -15,7 +17,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::*;
 use http::Request;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -23,7 +26,8 @@ use tokio::sync::watch;
 const KEY: &str = "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=";
 
 /// A backend that answers every request with its head as the body and `x-backend: NAME`,
-/// and holds a request for `/hold` until [`release`](Self::release).
+/// holds a request for `/hold` until [`release`](Self::release), and switches a request
+/// for `/tunnel` to a tunnel that echoes what it gets until the client closes it.
 struct EchoBackend {
     name: String,
     addr: SocketAddr,
@@ -67,6 +71,17 @@ async fn echo(mut s: TcpStream, name: String, held: Arc<AtomicUsize>, mut releas
             }
         };
         let head: Vec<u8> = buf.drain(..end).collect();
+        if head.starts_with(b"GET /tunnel") {
+            let switch = format!(
+                "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\nx-backend: {name}\r\n\r\n"
+            );
+            if s.write_all(switch.as_bytes()).await.is_err() {
+                return;
+            }
+            let (mut r, mut w) = s.split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+            return;
+        }
         if head.starts_with(b"GET /hold") {
             held.fetch_add(1, Ordering::SeqCst);
             let _ = release.wait_for(|go| *go).await;
@@ -120,6 +135,62 @@ struct Seen {
 }
 
 impl Session {
+    /// The field that carries the session, as a header line.
+    fn key_field(&self) -> String {
+        match (self.sticky, &self.cookie) {
+            (Sticky::Cookie, Some(cookie)) => format!("cookie: {cookie}\r\n"),
+            (Sticky::Cookie, None) => String::new(),
+            (Sticky::Table, _) => format!("x-user: user-{}\r\n", self.n),
+        }
+    }
+
+    /// Opens a WebSocket-style tunnel of the session through Tether, and the backend it
+    /// reached; the tunnel stays open while the stream does.
+    async fn tunnel(&self, addr: SocketAddr) -> (TcpStream, String) {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let req = format!(
+            "GET /tunnel HTTP/1.1\r\nhost: shop.example\r\nconnection: upgrade\r\nupgrade: websocket\r\n{}\r\n",
+            self.key_field()
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut byte = [0u8; 1];
+            assert_eq!(s.read(&mut byte).await.unwrap(), 1, "tunnel head: {}", String::from_utf8_lossy(&head));
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8(head).unwrap();
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        let backend = values(&head, "x-backend").pop().unwrap_or_default();
+        // The tunnel carries bytes both ways.
+        s.write_all(b"ping").await.unwrap();
+        let mut echo = [0u8; 4];
+        s.read_exact(&mut echo).await.unwrap();
+        assert_eq!(&echo, b"ping");
+        (s, backend)
+    }
+
+    /// A request of the session over HTTP/2 for `path`.
+    async fn visit_h2(&self, addr: SocketAddr, path: &str) -> Seen {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await.unwrap();
+        tokio::spawn(conn);
+        let mut req = Request::get(format!("http://shop.example{path}"));
+        match (self.sticky, &self.cookie) {
+            (Sticky::Cookie, Some(cookie)) => req = req.header("cookie", cookie),
+            (Sticky::Cookie, None) => {}
+            (Sticky::Table, _) => req = req.header("x-user", format!("user-{}", self.n)),
+        }
+        let r = sender.send_request(req.body(Full::<Bytes>::default()).unwrap()).await.unwrap();
+        let backend = r.headers().get("x-backend").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+        let text = String::from_utf8(r.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+        let repinned = text
+            .lines()
+            .find_map(|l| l.to_ascii_lowercase().strip_prefix("tether-session-repinned: ").map(str::to_string));
+        Seen { backend, repinned }
+    }
+
     async fn visit(&mut self, c: &mut Client, path: &str) -> Seen {
         let mut req = Request::get(path).header("host", "shop.example");
         match (self.sticky, &self.cookie) {
@@ -194,20 +265,33 @@ async fn idle_sessions_and_only_idle_ones_move_to_a_new_backend_until_the_factor
         let admin = t.admin();
         let mut all = forty_sessions(&t, sticky).await;
 
-        // Per old backend: one session holds a request in flight, four are active.
+        // Per old backend: one session holds an HTTP/1 request in flight, one an HTTP/2
+        // request, one an open tunnel; four are active.
         let mut by_home: HashMap<String, Vec<usize>> = HashMap::new();
         for s in &all {
             by_home.entry(s.home.clone()).or_default().push(s.n);
         }
         let holding: Vec<usize> = by_home.values().map(|v| v[0]).collect();
-        let active: Vec<usize> = by_home.values().flat_map(|v| v[1..5].to_vec()).collect();
+        let holding_h2: Vec<usize> = by_home.values().map(|v| v[1]).collect();
+        let tunneling: Vec<usize> = by_home.values().map(|v| v[2]).collect();
+        let active: Vec<usize> = by_home.values().flat_map(|v| v[3..7].to_vec()).collect();
         let mut holds = Vec::new();
         for &n in &holding {
             let (mut s, addr) = (all[n].clone(), t.addr());
             holds.push(tokio::spawn(async move { s.visit(&mut Client::connect(addr).await, "/hold").await }));
         }
-        wait_until("both held requests reached their backends", Duration::from_secs(10), || {
-            b[0].held.load(Ordering::SeqCst) == 1 && b[1].held.load(Ordering::SeqCst) == 1
+        for &n in &holding_h2 {
+            let (s, addr) = (all[n].clone(), t.addr());
+            holds.push(tokio::spawn(async move { s.visit_h2(addr, "/hold").await }));
+        }
+        let mut tunnels = Vec::new();
+        for &n in &tunneling {
+            let (stream, backend) = all[n].tunnel(t.addr()).await;
+            assert_eq!(backend, all[n].home, "{sticky:?}: tunnel {n}");
+            tunnels.push(stream);
+        }
+        wait_until("the held requests reached their backends", Duration::from_secs(10), || {
+            b[0].held.load(Ordering::SeqCst) == 2 && b[1].held.load(Ordering::SeqCst) == 2
         })
         .await;
         let stop = Arc::new(AtomicBool::new(false));
@@ -232,15 +316,17 @@ async fn idle_sessions_and_only_idle_ones_move_to_a_new_backend_until_the_factor
         // once this has passed.
         tokio::time::sleep(Duration::from_millis(1500)).await;
 
-        // A session whose request is still in flight stays, however long ago it began.
+        // A session whose request is still in flight, or whose tunnel is open, stays,
+        // however long ago it began.
         let mut c = Client::connect(t.addr()).await;
-        for &n in &holding {
+        for &n in holding.iter().chain(&holding_h2).chain(&tunneling) {
             let seen = all[n].visit(&mut c, "/").await;
-            assert_eq!((seen.backend.as_str(), seen.repinned), (all[n].home.as_str(), None), "{sticky:?}: held {n}");
+            assert_eq!((seen.backend.as_str(), seen.repinned), (all[n].home.as_str(), None), "{sticky:?}: busy {n}");
         }
         // The idle ones, one request each.
+        let busy: Vec<usize> = [&holding, &holding_h2, &tunneling, &active].into_iter().flatten().copied().collect();
         let mut moved = Vec::new();
-        for s in all.iter_mut().filter(|s| !holding.contains(&s.n) && !active.contains(&s.n)) {
+        for s in all.iter_mut().filter(|s| !busy.contains(&s.n)) {
             let seen = s.visit(&mut c, "/").await;
             if seen.backend == s.home {
                 assert_eq!(seen.repinned, None, "{sticky:?}: session {} stayed", s.n);
@@ -275,9 +361,10 @@ async fn idle_sessions_and_only_idle_ones_move_to_a_new_backend_until_the_factor
                 assert_eq!((r.backend.as_str(), r.repinned), (s.home.as_str(), None), "{sticky:?}: active {}", s.n);
             }
         }
+        drop(tunnels);
         b[0].release();
         b[1].release();
-        for (h, &n) in holds.into_iter().zip(&holding) {
+        for (h, &n) in holds.into_iter().zip(holding.iter().chain(&holding_h2)) {
             let seen = h.await.unwrap();
             assert_eq!((seen.backend.as_str(), seen.repinned), (all[n].home.as_str(), None), "{sticky:?}: held {n}");
         }
