@@ -1280,6 +1280,14 @@ impl Resolver<'_> {
         }
         let table = self.table(&at, f.table.as_ref());
         let rebalance = f.rebalance.as_ref().map(|r| self.rebalance(&at, r, &keys, mapping));
+        if let (Some(r), OnUnavailable::Strict) = (&f.rebalance, on_unavailable) {
+            // A strict pool is one whose application cannot take a session moved to
+            // another backend; moving idle ones would break it all the same.
+            self.error(
+                r,
+                format!("{at}: rebalance moves sessions, which a pool with on_unavailable = \"strict\" never does"),
+            );
+        }
         Affinity {
             keys,
             mapping,

@@ -855,6 +855,10 @@ fn rebalance_mistakes_are_located_errors() {
             with_rebalance("[\"header:x-user\", \"client_ip\"]", "hash", ""),
             "rebalance: the key chain has only hashed keys, which have no pin to move",
         ),
+        (
+            with_rebalance("[\"cookie\"]\non_unavailable = \"strict\"", "table", ""),
+            "rebalance moves sessions, which a pool with on_unavailable = \"strict\" never does",
+        ),
     ];
     for (src, want) in cases {
         let e = errors(&src);
