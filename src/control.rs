@@ -1006,6 +1006,17 @@ fn diff_pool(o: &config::Pool, p: &config::Pool, out: &mut Vec<String>) {
             Some(_) => {}
         }
     }
+    // Rebalancing said by name: turning it on is a decision an operator looks for.
+    let rebalance = |x: &config::Pool| x.affinity.as_ref().and_then(|a| a.rebalance);
+    let said = |r: config::Rebalance| {
+        format!("factor {}, idle {:?}, at most {} moves a second", r.factor, r.idle, r.max_per_second)
+    };
+    match (rebalance(o), rebalance(p)) {
+        (None, Some(r)) => out.push(format!("pool \"{}\": rebalancing idle sessions on ({})", p.name, said(r))),
+        (Some(_), None) => out.push(format!("pool \"{}\": rebalancing idle sessions off", p.name)),
+        (Some(a), Some(b)) if a != b => out.push(format!("pool \"{}\": rebalancing now {}", p.name, said(b))),
+        _ => {}
+    }
     // Everything but the backends, the DNS sources and the name.
     let settings =
         |x: &config::Pool| config::Pool { name: String::new(), backends: Vec::new(), dns: Vec::new(), ..x.clone() };
@@ -1046,5 +1057,28 @@ mod tests {
         assert_eq!(diff(&open, &on("127.0.0.1:9901", A)), ["admin token set"]);
         assert_eq!(diff(&on("127.0.0.1:9901", A), &open), ["admin token removed"]);
         assert!(diff(&open, &open).is_empty());
+    }
+
+    #[test]
+    fn diff_says_when_rebalancing_turns_on_off_or_changes() {
+        let with = |rebalance: &str| config(&format!("\n[pools.web.affinity]\nkeys = [\"cookie\"]\n{rebalance}"));
+        let off = with("");
+        let on = with("[pools.web.affinity.rebalance]\nfactor = 1.2\nidle = \"1s\"\n");
+        let faster = with("[pools.web.affinity.rebalance]\nfactor = 1.2\nidle = \"1s\"\nmax_per_second = 50\n");
+        let changes = diff(&off, &on);
+        assert!(
+            changes.contains(
+                &"pool \"web\": rebalancing idle sessions on (factor 1.2, idle 1s, at most 20 moves a second)"
+                    .to_string()
+            ),
+            "{changes:?}"
+        );
+        assert!(diff(&on, &off).contains(&"pool \"web\": rebalancing idle sessions off".to_string()));
+        let changes = diff(&on, &faster);
+        assert!(
+            changes.iter().any(|c| c.ends_with("rebalancing now factor 1.2, idle 1s, at most 50 moves a second")),
+            "{changes:?}"
+        );
+        assert!(diff(&on, &on).is_empty());
     }
 }

@@ -560,3 +560,93 @@ fn both_token_versions_hit_and_refresh_into_the_issued_one() {
         }
     }
 }
+
+/// A pool of three that rebalances (factor 1.2, idle 300 ms, `rate` moves a second), with
+/// app-3 disabled while 30 sessions of `key` are placed on app-1 and app-2 (about 15 each:
+/// round robin gives a disabled backend's turns to positions spread by a hash).
+/// Returns the pool and each session's request headers.
+fn rebalancing_pool(key: Key, rate: u32, now: u64) -> (Fixture, Vec<HeaderMap>) {
+    let mut cfg = pool_for(key, false).affinity.cfg.clone();
+    cfg.rebalance =
+        Some(tether::config::Rebalance { factor: 1.2, idle: Duration::from_millis(300), max_per_second: rate });
+    let f = Fixture::new(cfg);
+    f.backends[2].set_admin_state(AdminState::Disabled);
+    let sessions: Vec<HeaderMap> = (0..30)
+        .map(|n| {
+            let d = match key {
+                HeaderTable => f.decide(&header("x-user", &format!("user-{n}")), &Uri::from_static("/"), client(), now),
+                _ => f.decide(&HeaderMap::new(), &Uri::from_static("/"), client(), now),
+            };
+            assert_eq!(d.verdict, Verdict::New);
+            let activity = &f.affinity.rebalancer().expect("the pool rebalances").activity;
+            let id = u128::from_le_bytes(d.identity().unwrap());
+            activity.begin(id, now, Duration::from_millis(300));
+            activity.end(id, now + 5, true);
+            match key {
+                HeaderTable => header("x-user", &format!("user-{n}")),
+                _ => header("cookie", f.cookie_header(&d).to_str().unwrap()),
+            }
+        })
+        .collect();
+    f.affinity.recount_sessions(&f.backends);
+    let counts: Vec<u32> = f.backends.iter().map(|b| b.sessions()).collect();
+    assert!(counts[0] >= 13 && counts[1] >= 13 && counts[0] + counts[1] == 30 && counts[2] == 0, "{counts:?}");
+    f.backends[2].set_admin_state(AdminState::Enabled);
+    (f, sessions)
+}
+
+#[test]
+fn rebalancing_moves_idle_sessions_until_the_factor_holds_and_never_active_ones() {
+    for key in [Cookie, HeaderTable] {
+        let now = tether::time::unix_millis();
+        let (f, sessions) = rebalancing_pool(key, 1000, now);
+        let activity = &f.affinity.rebalancer().unwrap().activity;
+        let uri = Uri::from_static("/");
+        // Sessions 0 to 9 are active: 0 to 4 have a request in flight since long ago, 5 to
+        // 9 made one 100 ms ago. They must stay, however unbalanced the pool.
+        let homes: Vec<usize> = sessions.iter().map(|h| f.decide(h, &uri, client(), now).backend().unwrap()).collect();
+        for h in &sessions[..5] {
+            let d = f.decide(h, &uri, client(), now);
+            activity.begin(u128::from_le_bytes(d.identity().unwrap()), now + 10, Duration::from_millis(300));
+        }
+        let later = now + 1000;
+        for h in &sessions[5..10] {
+            let id = u128::from_le_bytes(f.decide(h, &uri, client(), now).identity().unwrap());
+            activity.begin(id, later - 100, Duration::from_millis(300));
+            activity.end(id, later - 100, true);
+        }
+        let mut moved = 0;
+        for (n, h) in sessions.iter().enumerate() {
+            let d = f.decide(h, &uri, client(), later);
+            if n < 10 {
+                assert_eq!((d.verdict, d.backend()), (Verdict::Hit, Some(homes[n])), "{key:?}: active session {n}");
+            } else if d.verdict == Verdict::Repin(Reason::Rebalance) {
+                assert_eq!(f.target_name(&d), Some("app-3"), "{key:?}: session {n}");
+                moved += 1;
+            } else {
+                assert_eq!((d.verdict, d.backend()), (Verdict::Hit, Some(homes[n])), "{key:?}: session {n}");
+            }
+        }
+        // The mean is 10, so 12 is the most a backend may hold: three move off each.
+        assert_eq!(moved, 6, "{key:?}");
+        assert_eq!(f.backends.iter().map(|b| b.sessions()).collect::<Vec<_>>(), [12, 12, 6], "{key:?}");
+        // The counts the next recount finds agree, and the moved sessions stay moved.
+        f.affinity.recount_sessions(&f.backends);
+        assert_eq!(f.backends.iter().map(|b| b.sessions()).collect::<Vec<_>>(), [12, 12, 6], "{key:?}");
+    }
+}
+
+#[test]
+fn rebalancing_moves_at_most_its_rate() {
+    let now = tether::time::unix_millis();
+    let (f, sessions) = rebalancing_pool(Cookie, 2, now);
+    let uri = Uri::from_static("/");
+    let moves_at = |t: u64| {
+        sessions.iter().filter(|h| f.decide(h, &uri, client(), t).verdict == Verdict::Repin(Reason::Rebalance)).count()
+    };
+    // A burst of two, then two a second.
+    assert_eq!(moves_at(now + 1000), 2);
+    assert_eq!(moves_at(now + 1100), 0);
+    assert_eq!(moves_at(now + 1600), 1);
+    assert_eq!(moves_at(now + 2600), 2);
+}

@@ -852,3 +852,62 @@ fn an_idle_session_is_forgotten_and_seeded_again_where_the_log_says() {
     assert_eq!(on(at(300_000)), [0, 0, 0]);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Worked by hand. Rebalancing on or off is a strategy like any other: three pools of the
+/// same config but for `[affinity.rebalance]`. Six clients send a request every 2 s (t = 0,
+/// 2, 4, 6, 8 s); round robin places them a, b, a, b, a, b (clients 0, 2, 4 on a; 1, 3, 5
+/// on b). Backend c is added at 500 ms. At t=2 s the mean is 6/3 = 2 and factor 1.2 makes
+/// 2.4 the most a backend may keep: a holds 3, so client 0, idle since t=0 (2 s, more than
+/// `idle` = 1 s), moves to c (0 sessions, 1 after, within the mean); then b holds 3, so
+/// client 1 moves to c (1, then 2: still within the mean). Now a and b hold 2 each, within
+/// 2.4: nobody else moves, then or later. So 30 requests: 6 new, 2 repin:rebalance, 22
+/// hit; two sessions moved, both told, by the sample at 3 s. Without rebalancing, or with
+/// `idle` = 3 s (every client asks every 2 s, and the simulator tells the pool of each
+/// request, so none is ever idle that long), nobody moves and c gets nothing.
+#[test]
+fn golden_rebalancing_moves_idle_sessions_to_an_added_backend() {
+    let pool = |name: &str, rebalance: &str| {
+        format!(
+            "[pools.{name}]\nbackends = [\n  {{ name = \"a\", address = \"10.0.0.1:80\" }},\n  {{ name = \"b\", address = \"10.0.0.2:80\" }},\n]\n[pools.{name}.affinity]\nkeys = [\"cookie\"]\n{rebalance}\n"
+        )
+    };
+    let src = format!(
+        r#"
+[simulate]
+duration = "9s"
+sample = "1s"
+[workload]
+clients = 6
+ramp = "0s"
+requests_per_session = 1000
+think_time = "2s"
+[[events]]
+at = "500ms"
+action = "add"
+backend = "c"
+address = "10.0.0.3:80"
+{}{}{}"#,
+        pool("sticky", ""),
+        pool("rebalanced", "[pools.rebalanced.affinity.rebalance]\nfactor = 1.2\nidle = \"1s\"\n"),
+        pool("busy", "[pools.busy.affinity.rebalance]\nfactor = 1.2\nidle = \"3s\"\n"),
+    );
+    let r = run(&src, None);
+    let at = |s: &StrategyReport, t_ms: u64| {
+        let sample = s.samples.iter().find(|x| x.t_ms == t_ms).unwrap();
+        let on = |b: &str| sample.sessions_per_backend.iter().find(|(n, _)| n == b).map_or(0, |(_, k)| *k);
+        (on("a"), on("b"), on("c"))
+    };
+    let rebalanced = r.strategies.iter().find(|s| s.name == "rebalanced").unwrap();
+    assert_eq!(rebalanced.requests, 30);
+    assert_eq!(
+        (verdict(rebalanced, "new"), verdict(rebalanced, "repin:rebalance"), verdict(rebalanced, "hit")),
+        (6, 2, 22)
+    );
+    assert_eq!((moves(rebalanced, "repin:rebalance"), rebalanced.broken, rebalanced.broken_silently), (2, 2, 0));
+    assert_eq!((at(rebalanced, 3000), at(rebalanced, 9000)), ((2, 2, 2), (2, 2, 2)));
+    for name in ["sticky", "busy"] {
+        let s = r.strategies.iter().find(|s| s.name == name).unwrap();
+        assert_eq!((verdict(s, "new"), verdict(s, "hit"), s.moved(), s.broken), (6, 24, 0, 0), "{name}");
+        assert_eq!(at(s, 9000), (3, 3, 0), "{name}");
+    }
+}

@@ -591,6 +591,10 @@ fn pool_json(p: &Pool, dns: &[((String, String), crate::dns::SourceStats)]) -> V
         "algorithm": p.config.algorithm.as_str(),
         "affinity": affinity,
         "dns": sources,
+        // Moving idle sessions off backends over `factor` times the mean; null when off.
+        "rebalance": p.affinity.as_ref().and_then(|a| a.cfg.rebalance).map(|r| json!({
+            "factor": r.factor, "idle_ms": r.idle.as_millis() as u64, "max_per_second": r.max_per_second,
+        })),
         // The shared store this pool's pins go through, and whether Redis answers.
         "store": p.shared.as_ref().map(|l| json!({
             "name": l.fleet.cfg.name, "up": l.fleet.is_up(), "queued_writes": l.fleet.queued(),

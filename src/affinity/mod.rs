@@ -8,7 +8,9 @@
 //! chosen backend fails ([`PoolAffinity::failover`]) and one step per response
 //! ([`PoolAffinity::learn`]). It works on a pool's [`Group`] of backends, not on the pool,
 //! so it can be tested with a few backends and no config file; [`explain`] answers the
-//! admin API's "where does this key go".
+//! admin API's "where does this key go". In a pool that rebalances, `decide` also moves an
+//! idle session off a backend holding more than its share ([`rebalance`] knows which
+//! sessions are idle, and bounds the rate).
 //!
 //! What must outlive a config snapshot (the stick table, the table of live token
 //! sessions) is a [`Store`], carried from snapshot to snapshot by pool name.
@@ -18,6 +20,7 @@ pub(crate) mod explain;
 pub mod hash;
 pub mod keys;
 pub(crate) mod maglev;
+pub mod rebalance;
 pub mod stick_table;
 pub mod token;
 pub mod verdict;
@@ -34,6 +37,7 @@ use crate::config::{self, AdminState, KeySource, Mapping, OnUnavailable};
 use cookies::CookieAttrs;
 pub use keys::{H1Keys, HttpKeys, RequestKeys};
 use maglev::Maglev;
+use rebalance::{Active, Rebalancer};
 use stick_table::StickTable;
 use token::{KeyRing, Token, TokenString, Version};
 use verdict::{Reason, Verdict};
@@ -207,6 +211,9 @@ pub struct PoolAffinity {
     by_id: IdIndex,
     maglev: Option<Maglev>,
     attrs: CookieAttrs,
+    /// `Some` exactly when `cfg.rebalance` is: the sessions' activity and the move budget,
+    /// carried from the previous snapshot while it had rebalancing on.
+    rebalancer: Option<Arc<Rebalancer>>,
 }
 
 /// Backend indexes by identity hash, for the lookup every hit makes: a sorted list
@@ -296,6 +303,20 @@ impl Decision {
     }
 }
 
+/// A request [`PoolAffinity::begin_at`] counted in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Began {
+    id: u128,
+    recorded: bool,
+}
+
+/// The identity rebalancing tracks a decided session by: its token's session id or its
+/// table key (as [`Decision::identity`] gives them); `None` for a hashed key or no session.
+fn pinned_identity(d: &Decision) -> Option<u128> {
+    let id = d.issue.as_ref().map(|t| t.session).or(d.session).or(d.key.map(|pin| pin.key.to_le_bytes()))?;
+    Some(u128::from_le_bytes(id))
+}
+
 /// The key ring used when a pool configures none: made once per process.
 fn generated_ring() -> Arc<KeyRing> {
     static RING: OnceLock<Arc<KeyRing>> = OnceLock::new();
@@ -363,6 +384,13 @@ impl PoolAffinity {
             http_only: c.http_only,
             max_age: c.max_age.map(|d| d.as_secs()),
         };
+        let rebalancer = cfg.rebalance.map(|_| {
+            match previous.and_then(|p| p.rebalancer.clone()) {
+                Some(r) => r,
+                // As many sessions as the token session table holds.
+                None => Arc::new(Rebalancer::new(cfg.table.capacity.max(100_000))),
+            }
+        });
         PoolAffinity {
             cfg: cfg.clone(),
             store,
@@ -374,6 +402,7 @@ impl PoolAffinity {
             by_id,
             maglev,
             attrs,
+            rebalancer,
         }
     }
 
@@ -480,6 +509,11 @@ impl PoolAffinity {
         }
         match self.available(group.backends, token.backend, now_ms) {
             Ok(i) => {
+                if let Some(j) = self.rebalanced(group, i, u128::from_le_bytes(token.session), now_ms) {
+                    let issue = self.issue_token(self.ids[j], now_ms, Some(token.session));
+                    let moved = Decision::to(Target::Use(j), Verdict::Repin(Reason::Rebalance));
+                    return Some(Decision { issue, session: Some(token.session), ..moved });
+                }
                 self.track(&token);
                 // Refresh the idle stamp once a quarter of the idle timeout has passed,
                 // so a busy client does not get a Set-Cookie on every response.
@@ -505,7 +539,7 @@ impl PoolAffinity {
         let value = app_session(request, name)?;
         let k = Pin { key: hash::key_hash128(&self.pool, "app_cookie", value.as_bytes()), kind: PinKind::AppCookie };
         match self.lookup_table(group.backends, k, now_ms)? {
-            Ok(i) => Some(Decision { key: Some(k), ..Decision::to(Target::Use(i), Verdict::Hit) }),
+            Ok(i) => Some(self.table_hit(group, i, k, now_ms)),
             Err(reason) => Some(self.gone(group, reason, None, Some(k), now_ms)),
         }
     }
@@ -541,11 +575,96 @@ impl PoolAffinity {
         let kind = PinKind::of(key).expect("by_key is for header, query and client-IP keys");
         let k = Pin { key: hash::key_hash128(&self.pool, key.kind(), value), kind };
         Some(match self.lookup_table(group.backends, k, now_ms) {
-            Some(Ok(i)) => Decision { key: Some(k), ..Decision::to(Target::Use(i), Verdict::Hit) },
+            Some(Ok(i)) => self.table_hit(group, i, k, now_ms),
             Some(Err(reason)) => self.gone(group, reason, None, Some(k), now_ms),
             // Seen for the first time: placed, and learned.
             None => self.place(group, why_new, None, Some(k), now_ms),
         })
+    }
+
+    /// A table key found pinned to backend `i`, which can serve it: a hit, or a move when
+    /// rebalancing moves it.
+    fn table_hit(&self, group: &Group<'_>, i: usize, k: Pin, now_ms: u64) -> Decision {
+        if let Some(j) = self.rebalanced(group, i, k.key, now_ms) {
+            self.store.insert(k, self.ids[j]);
+            return Decision { key: Some(k), ..Decision::to(Target::Use(j), Verdict::Repin(Reason::Rebalance)) };
+        }
+        Decision { key: Some(k), ..Decision::to(Target::Use(i), Verdict::Hit) }
+    }
+
+    /// Where session `session`, found on backend `from` (which can serve it), moves when
+    /// the pool rebalances and all of this holds: `from` is enabled and holds more than
+    /// `factor` times the mean of the sessions of backends that take new sessions; another
+    /// such backend would hold no more than the mean with one more (the least loaded is
+    /// chosen); the session is idle (nothing in flight, no request within `idle`); and the
+    /// pool's move budget has a token. The session counts follow at once, so moves stop as
+    /// soon as the factor holds, without waiting for the next recount.
+    fn rebalanced(&self, group: &Group<'_>, from: usize, session: u128, now_ms: u64) -> Option<usize> {
+        let rb = self.rebalancer.as_ref()?;
+        let r = self.cfg.rebalance.as_ref()?;
+        let backends = group.backends;
+        if backends[from].admin_state() != AdminState::Enabled {
+            return None;
+        }
+        let (mut total, mut eligible, mut least) = (0u64, 0u64, None::<(u32, usize)>);
+        for (i, b) in backends.iter().enumerate().filter(|(_, b)| b.accepts_new()) {
+            let n = b.sessions();
+            total += u64::from(n);
+            eligible += 1;
+            if i != from && least.is_none_or(|(m, _)| n < m) {
+                least = Some((n, i));
+            }
+        }
+        let mean = total as f64 / eligible.max(1) as f64;
+        let (least_sessions, to) = least?;
+        if f64::from(backends[from].sessions()) <= r.factor * mean || f64::from(least_sessions) + 1.0 > mean {
+            return None;
+        }
+        let idle_ms = rb.activity.idle_for(session, now_ms, r.idle)?;
+        if !rb.bucket.take(r.max_per_second, now_ms) {
+            return None;
+        }
+        backends[from].remove_session();
+        backends[to].add_session();
+        if rb.may_log(now_ms) {
+            tracing::info!(
+                pool = %self.pool,
+                from = %backends[from].name,
+                to = %backends[to].name,
+                "affinity: rebalance: moved a session idle for {:.1}s from a backend holding {} sessions (mean {mean:.1})",
+                idle_ms as f64 / 1000.0,
+                backends[from].sessions() + 1,
+            );
+        }
+        Some(to)
+    }
+
+    /// Counts a request of the decided session in flight, until the guard drops, when the
+    /// pool rebalances (so that an active session is never moved); `None` otherwise, at the
+    /// cost of one branch. Sessions of hashed keys are not tracked: they never move.
+    pub fn begin(&self, d: &Decision, now_ms: u64) -> Option<Active> {
+        let (r, rb) = (self.cfg.rebalance.as_ref()?, self.rebalancer.as_ref()?);
+        Some(Active::begin(&rb.activity, pinned_identity(d)?, now_ms, r.idle))
+    }
+
+    /// [`begin`](Self::begin) without a guard, for the simulator, whose time is simulated:
+    /// give the answer back to [`end_at`](Self::end_at) when the request ends.
+    pub fn begin_at(&self, d: &Decision, now_ms: u64) -> Option<Began> {
+        let (r, rb) = (self.cfg.rebalance.as_ref()?, self.rebalancer.as_ref()?);
+        let id = pinned_identity(d)?;
+        Some(Began { id, recorded: rb.activity.begin(id, now_ms, r.idle) })
+    }
+
+    /// The request [`begin_at`](Self::begin_at) began has ended at `now_ms`.
+    pub fn end_at(&self, began: Began, now_ms: u64) {
+        if let Some(rb) = &self.rebalancer {
+            rb.activity.end(began.id, now_ms, began.recorded);
+        }
+    }
+
+    /// The pool's rebalancing state, when it rebalances.
+    pub fn rebalancer(&self) -> Option<&Rebalancer> {
+        self.rebalancer.as_deref()
     }
 
     /// Places a session anew with the pool's algorithm, within the bounded-load cap: learns

@@ -12,7 +12,8 @@ pub enum Verdict {
     /// No session key: a new session was placed.
     New,
     /// The session's backend could not serve it; the session moved (or, in a strict pool,
-    /// was refused).
+    /// was refused). Or, with `Reason::Rebalance`, the idle session was moved off a backend
+    /// holding more than its share.
     Repin(Reason),
     /// A token was presented but had expired: a new session was placed.
     Expired,
@@ -29,6 +30,9 @@ pub enum Reason {
     Disabled,
     Removed,
     Drained,
+    /// It could have, but it was idle and its backend held more than its share of the
+    /// pool's sessions (`affinity.rebalance`).
+    Rebalance,
 }
 
 /// How many verdicts there are: the size of per-backend verdict counters.
@@ -36,7 +40,7 @@ pub const VERDICTS: usize = Verdict::ALL.len();
 
 impl Verdict {
     /// Every verdict with its label, in counter-index order.
-    pub const ALL: [(Verdict, &'static str); 10] = [
+    pub const ALL: [(Verdict, &'static str); 11] = [
         (Verdict::Off, "-"),
         (Verdict::Hit, "hit"),
         (Verdict::New, "new"),
@@ -47,6 +51,7 @@ impl Verdict {
         (Verdict::Expired, "expired"),
         (Verdict::Invalid, "invalid"),
         (Verdict::Overload, "overload"),
+        (Verdict::Repin(Reason::Rebalance), "repin:rebalance"),
     ];
 
     /// A dense index for per-backend counters: the verdict's place in [`Verdict::ALL`].
@@ -62,6 +67,7 @@ impl Verdict {
             Verdict::Expired => 7,
             Verdict::Invalid => 8,
             Verdict::Overload => 9,
+            Verdict::Repin(Reason::Rebalance) => 10,
         }
     }
 
@@ -90,6 +96,7 @@ mod tests {
         }
         assert_eq!(Verdict::Repin(Reason::Down).as_str(), "repin:down");
         assert_eq!(Verdict::Repin(Reason::Drained).reason(), Some("drained"));
+        assert_eq!(Verdict::Repin(Reason::Rebalance).reason(), Some("rebalance"));
         assert_eq!(Verdict::Hit.reason(), None);
     }
 }

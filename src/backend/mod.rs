@@ -132,6 +132,12 @@ impl Backend {
         self.sessions.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// A session moved away (counted at once so the next decision sees it; the recount
+    /// corrects any drift).
+    pub fn remove_session(&self) {
+        let _ = self.sessions.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+    }
+
     pub fn count(&self, v: Verdict) {
         self.verdicts[v.index()].fetch_add(1, Ordering::Relaxed);
     }

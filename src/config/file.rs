@@ -308,6 +308,19 @@ pub struct Affinity {
     pub table: Option<Spanned<Table>>,
     /// The `[stores.NAME]` to share learned pins through, or `"none"`.
     pub store: Option<Spanned<String>>,
+    pub rebalance: Option<Spanned<Rebalance>>,
+}
+
+/// `[pools.NAME.affinity.rebalance]`: moving idle sessions to backends with fewer.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rebalance {
+    /// A backend is over when its sessions exceed this factor times the mean.
+    pub factor: Option<Spanned<f64>>,
+    /// How long a session must have been idle to move.
+    pub idle: Option<Spanned<String>>,
+    /// Moves per second, at most.
+    pub max_per_second: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]

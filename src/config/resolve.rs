@@ -17,9 +17,9 @@ use toml::Spanned;
 use super::file;
 use super::types::{
     AccessLog, Admin, AdminState, Affinity, Algorithm, Backend, BackendProtocol, CheckKind, Config, CookieConfig, Dns,
-    DnsKind, DnsSource, Health, KeySource, Limits, Listener, LogFormat, Mapping, OnUnavailable, Pool, Route, RouteTo,
-    SameSite, Secret, SniRoute, Split, SplitMember, Store, TableConfig, TcpListener, Timeouts, MAX_SPLIT_WEIGHT,
-    MAX_WEIGHT,
+    DnsKind, DnsSource, Health, KeySource, Limits, Listener, LogFormat, Mapping, OnUnavailable, Pool, Rebalance, Route,
+    RouteTo, SameSite, Secret, SniRoute, Split, SplitMember, Store, TableConfig, TcpListener, Timeouts,
+    MAX_SPLIT_WEIGHT, MAX_WEIGHT,
 };
 use super::{locate, parse_duration, Located};
 use crate::net::{strip_port, Cidr};
@@ -1418,6 +1418,15 @@ impl Resolver<'_> {
             }
         }
         let table = self.table(&at, f.table.as_ref());
+        let rebalance = f.rebalance.as_ref().map(|r| self.rebalance(&at, r, &keys, mapping));
+        if let (Some(r), OnUnavailable::Strict) = (&f.rebalance, on_unavailable) {
+            // A strict pool is one whose application cannot take a session moved to
+            // another backend; moving idle ones would break it all the same.
+            self.error(
+                r,
+                format!("{at}: rebalance moves sessions, which a pool with on_unavailable = \"strict\" never does"),
+            );
+        }
         Affinity {
             keys,
             mapping,
@@ -1430,7 +1439,42 @@ impl Resolver<'_> {
             cookie,
             table,
             store: None,
+            rebalance,
         }
+    }
+
+    /// `[affinity.rebalance]`. Rebalancing moves a session by re-pinning it, so the chain
+    /// needs a key that is pinned: Tether's cookie or a table-mapped key (a hashed key has
+    /// no pin to move; its backend is wherever the hash says).
+    fn rebalance(&mut self, at: &str, r: &Spanned<file::Rebalance>, keys: &[KeySource], mapping: Mapping) -> Rebalance {
+        let at = format!("{at}: rebalance");
+        let f = r.get_ref();
+        let d = Rebalance::default();
+        let factor = match &f.factor {
+            None => d.factor,
+            Some(v) if v.get_ref().is_finite() && *v.get_ref() > 1.0 && *v.get_ref() <= 100.0 => *v.get_ref(),
+            Some(v) => {
+                let message = format!(
+                    "{at}: factor {} must be over 1.0 and at most 100 (1.5 moves sessions off a backend holding 50% more than the mean)",
+                    v.get_ref()
+                );
+                self.error(v, message);
+                d.factor
+            }
+        };
+        let idle = self.duration(&f.idle, &format!("{at}: idle"), d.idle);
+        let max_per_second = self.ranged(&f.max_per_second, &format!("{at}: max_per_second"), 1..=100_000, 20) as u32;
+        let pinned = keys.iter().any(|k| match k {
+            KeySource::Cookie | KeySource::AppCookie(_) => true,
+            KeySource::Header(_) | KeySource::Query(_) | KeySource::ClientIp => mapping == Mapping::Table,
+        });
+        if !pinned {
+            self.error(
+                r,
+                format!("{at}: the key chain has only hashed keys, which have no pin to move: add \"cookie\" or use mapping = \"table\""),
+            );
+        }
+        Rebalance { factor, idle, max_per_second }
     }
 
     /// The key chain, in order, without repeats; it must not be empty.

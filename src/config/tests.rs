@@ -809,3 +809,59 @@ fn store_mistakes_are_located_errors() {
     let e = errors(&with_store("", "address = \"h:1\"\nkey_env = \"TETHER_TEST_STORE_BADKEY\"\n", "", ""));
     assert!(e.iter().any(|l| l.contains("stores.fleet: key:") && !l.contains("not base64!")), "{e:?}");
 }
+
+/// A pool "x" with `keys` and `mapping` and the given `[pools.x.affinity.rebalance]` body.
+fn with_rebalance(keys: &str, mapping: &str, body: &str) -> String {
+    format!(
+        "[[listeners]]\nbind = \"127.0.0.1:8080\"\npool = \"x\"\n\n[pools.x]\nbackends = [{{ address = \"127.0.0.1:1\" }}]\n\n[pools.x.affinity]\nkeys = {keys}\nmapping = \"{mapping}\"\n\n[pools.x.affinity.rebalance]\n{body}"
+    )
+}
+
+#[test]
+fn rebalance_is_off_by_default_and_resolves_with_defaults() {
+    let rebalance_of = |src: &str| parse(src, "t.toml").unwrap().pools[0].affinity.as_ref().unwrap().rebalance;
+    let off = "[[listeners]]\nbind = \"127.0.0.1:8080\"\npool = \"x\"\n\n[pools.x]\nbackends = [{ address = \"127.0.0.1:1\" }]\n\n[pools.x.affinity]\nkeys = [\"cookie\"]\n";
+    assert_eq!(rebalance_of(off), None);
+    assert_eq!(rebalance_of(&with_rebalance("[\"cookie\"]", "table", "")), Some(Rebalance::default()));
+    let set = with_rebalance("[\"header:x-user\"]", "table", "factor = 1.2\nidle = \"300ms\"\nmax_per_second = 2\n");
+    assert_eq!(
+        rebalance_of(&set),
+        Some(Rebalance { factor: 1.2, idle: Duration::from_millis(300), max_per_second: 2 })
+    );
+    // A chain with a pinned key besides hashed ones rebalances the pinned sessions.
+    assert!(rebalance_of(&with_rebalance("[\"cookie\", \"client_ip\"]", "hash", "")).is_some());
+}
+
+#[test]
+fn rebalance_mistakes_are_located_errors() {
+    let cases = [
+        (
+            with_rebalance("[\"cookie\"]", "table", "factor = 1.0\n"),
+            "t.toml:13:10: pool \"x\": affinity: rebalance: factor 1 must be over 1.0",
+        ),
+        (with_rebalance("[\"cookie\"]", "table", "factor = 0.5\n"), "rebalance: factor 0.5 must be over 1.0"),
+        (with_rebalance("[\"cookie\"]", "table", "factor = nan\n"), "rebalance: factor NaN must be over 1.0"),
+        (
+            with_rebalance("[\"cookie\"]", "table", "idle = \"0s\"\n"),
+            "t.toml:13:8: pool \"x\": affinity: rebalance: idle: must be greater than zero",
+        ),
+        (with_rebalance("[\"cookie\"]", "table", "idle = \"soon\"\n"), "rebalance: idle:"),
+        (
+            with_rebalance("[\"cookie\"]", "table", "max_per_second = 0\n"),
+            "rebalance: max_per_second 0 is out of range: expected 1 to 100000",
+        ),
+        (with_rebalance("[\"cookie\"]", "table", "rate = 3\n"), "unknown field `rate`"),
+        (
+            with_rebalance("[\"header:x-user\", \"client_ip\"]", "hash", ""),
+            "rebalance: the key chain has only hashed keys, which have no pin to move",
+        ),
+        (
+            with_rebalance("[\"cookie\"]\non_unavailable = \"strict\"", "table", ""),
+            "rebalance moves sessions, which a pool with on_unavailable = \"strict\" never does",
+        ),
+    ];
+    for (src, want) in cases {
+        let e = errors(&src);
+        assert!(e.iter().any(|l| l.contains(want) && l.starts_with("t.toml:")), "{want}: {e:?}\n{src}");
+    }
+}

@@ -423,6 +423,26 @@ pub struct Affinity {
     pub table: TableConfig,
     /// The `[stores.NAME]` this pool shares its learned pins through.
     pub store: Option<String>,
+    /// Moving idle sessions off backends that hold more than their share; `None`: never.
+    pub rebalance: Option<Rebalance>,
+}
+
+/// `[pools.NAME.affinity.rebalance]`: when and how fast idle sessions move to the least
+/// loaded backend.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rebalance {
+    /// A backend is over when its sessions exceed this factor times the mean (over 1.0).
+    pub factor: f64,
+    /// A session with no request in flight and none for this long may move.
+    pub idle: Duration,
+    /// Moves per second in the pool, at most (a token bucket with a burst of as many).
+    pub max_per_second: u32,
+}
+
+impl Default for Rebalance {
+    fn default() -> Self {
+        Rebalance { factor: 1.5, idle: Duration::from_secs(30), max_per_second: 20 }
+    }
 }
 
 impl Default for Affinity {
@@ -440,6 +460,7 @@ impl Default for Affinity {
             cookie: CookieConfig::default(),
             table: TableConfig::default(),
             store: None,
+            rebalance: None,
         }
     }
 }

@@ -25,6 +25,7 @@ use super::backside::Backside;
 use super::client::ConnCx;
 use super::refusal::LateFailure;
 use crate::access_log::Record;
+use crate::affinity::rebalance::Active;
 use crate::affinity::verdict::Verdict;
 use crate::backend::Backend;
 use crate::upstream::{BodyTimeout, BoxError, H2Stream, Stall};
@@ -53,6 +54,8 @@ pub struct Outcome {
     pub retried: bool,
     /// A `max_connections` slot, held until the response ends.
     pub slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// The session's request in flight, for a pool that rebalances idle sessions.
+    pub active: Option<Active>,
 }
 
 impl Outcome {
@@ -78,6 +81,7 @@ impl Outcome {
             session: None,
             retried: false,
             slot: None,
+            active: None,
         }
     }
 

@@ -27,7 +27,7 @@ use std::sync::Arc;
 use crate::affinity::stick_table::Clock;
 use crate::affinity::token::Token;
 use crate::affinity::verdict::{Verdict, VERDICTS};
-use crate::affinity::{Decision, RequestKeys, Store, Target};
+use crate::affinity::{Began, Decision, RequestKeys, Store, Target};
 use crate::backend::{Backend, Group};
 use crate::config::{AdminState, Config};
 use crate::pool::Snapshot;
@@ -90,6 +90,8 @@ struct Client {
     broken: bool,
     /// The backend holding the client's request, while it is in flight.
     in_flight: Option<Arc<Backend>>,
+    /// The request in flight as a rebalancing pool counts it (`PoolAffinity::begin_at`).
+    began: Option<Began>,
 }
 
 /// What a simulated request shows `decide`: Tether's cookie and the app's, the id header.
@@ -172,7 +174,7 @@ struct Sim<'a> {
     pseudonyms: Vec<(u64, u64)>,
     free_slots: Vec<u32>,
     /// Replayed requests in flight, by slot, and the free slots.
-    flights: Vec<Option<Arc<Backend>>>,
+    flights: Vec<Option<(Arc<Backend>, Option<Began>)>>,
     free_flights: Vec<u32>,
     /// Requests of no session so far (each gets an address of its own).
     sessionless: u64,
@@ -254,7 +256,16 @@ impl<'a> Sim<'a> {
             .map(|c| {
                 let start = (rng.unit() * w.ramp_ms as f64) as u64;
                 heap.push(Reverse(pack(start, c, false)));
-                Client { token: None, app: None, left: 0, last: NONE, used: 0, broken: false, in_flight: None }
+                Client {
+                    token: None,
+                    app: None,
+                    left: 0,
+                    last: NONE,
+                    used: 0,
+                    broken: false,
+                    in_flight: None,
+                    began: None,
+                }
             })
             .collect();
         let header_values = match &w.header {
@@ -386,7 +397,7 @@ impl<'a> Sim<'a> {
                     let Reverse(x) = self.heap.pop().expect("peeked");
                     let (t, slot, done) = unpack_replay(x);
                     if done {
-                        self.flight_done(slot);
+                        self.flight_done(slot, t);
                     } else {
                         self.session_idle(slot, t);
                     }
@@ -537,7 +548,10 @@ impl<'a> Sim<'a> {
                 self.clients[c].app = Some((id.into(), b));
             }
         }
+        // A pool that rebalances sees the request in flight until it ends.
+        let began = pool.affinity.as_ref().and_then(|a| a.begin_at(&d, now_ms));
         self.account(c, b, d.verdict, left == 0);
+        self.clients[c].began = began;
         self.end_request(c, t, Some(backend), think);
     }
 
@@ -583,6 +597,8 @@ impl<'a> Sim<'a> {
                 if let Some(b) = other {
                     b.release();
                 }
+                let began = self.clients[c].began.take();
+                self.end_began(began, t);
                 let next = t + service + self.rng.draw(think) as u64;
                 self.heap.push(Reverse(pack(next, c, false)));
             }
@@ -594,6 +610,8 @@ impl<'a> Sim<'a> {
         if let Some(b) = self.clients[c].in_flight.take() {
             b.release();
         }
+        let began = self.clients[c].began.take();
+        self.end_began(began, t);
         let think = if self.clients[c].left == 0 { self.sc.workload.away_ms } else { self.sc.workload.think_ms };
         let next = t + self.rng.draw(think) as u64;
         self.heap.push(Reverse(pack(next, c, false)));
@@ -723,12 +741,14 @@ impl<'a> Sim<'a> {
                 }
             }
         }
+        let began = pool.affinity.as_ref().and_then(|a| a.begin_at(&d, now_ms));
         if let Some(c) = slot {
             self.account(c, b, d.verdict, false);
         }
         // In flight for as long as the log says it took.
         if q.service_ms == 0 {
             backend.release();
+            self.end_began(began, t);
             return;
         }
         let f = match self.free_flights.pop() {
@@ -739,10 +759,11 @@ impl<'a> Sim<'a> {
             }
             None => {
                 backend.release();
+                self.end_began(began, t);
                 return;
             }
         };
-        self.flights[f] = Some(backend);
+        self.flights[f] = Some((backend, began));
         self.heap.push(Reverse(pack_replay(t + u64::from(q.service_ms), f, true)));
     }
 
@@ -809,12 +830,20 @@ impl<'a> Sim<'a> {
         }
     }
 
-    /// A replayed request in flight ended.
-    fn flight_done(&mut self, f: usize) {
-        if let Some(b) = self.flights[f].take() {
+    /// A replayed request in flight ended at `t`.
+    fn flight_done(&mut self, f: usize, t: u64) {
+        if let Some((b, began)) = self.flights[f].take() {
             b.release();
+            self.end_began(began, t);
         }
         self.free_flights.push(f as u32);
+    }
+
+    /// A request a rebalancing pool counted in flight ended at `t`.
+    fn end_began(&self, began: Option<Began>, t: u64) {
+        if let (Some(began), Some(a)) = (began, &self.snapshot.pools[0].affinity) {
+            a.end_at(began, self.epoch_ms + t);
+        }
     }
 
     /// The session in `slot` may have gone idle at `t`: if so it is no longer in progress,
@@ -963,7 +992,7 @@ impl<'a> Sim<'a> {
 
 impl Client {
     fn empty() -> Client {
-        Client { token: None, app: None, left: 0, last: NONE, used: 0, broken: false, in_flight: None }
+        Client { token: None, app: None, left: 0, last: NONE, used: 0, broken: false, in_flight: None, began: None }
     }
 }
 

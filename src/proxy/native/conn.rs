@@ -29,6 +29,7 @@ use super::head::{self, RequestEdits, ResponseEdits};
 use super::io::ClientIo;
 use crate::access_log::Record;
 use crate::affinity::keys::H1Keys;
+use crate::affinity::rebalance::Active;
 use crate::affinity::verdict::Verdict;
 use crate::affinity::{cookies, Decision, PoolAffinity, Target};
 use crate::backend::health::passive_failure;
@@ -222,6 +223,8 @@ struct Exchange<'c, S> {
     verdict: Verdict,
     /// The session's pseudonym in the access log, when it is on.
     session: Option<u64>,
+    /// The session's request in flight, for a pool that rebalances idle sessions.
+    active: Option<Active>,
     slot: Option<tokio::sync::OwnedSemaphorePermit>,
     error: Option<&'static str>,
     /// For the access log, when it is on: when the request started, and its request line
@@ -247,6 +250,7 @@ impl<'c, S: ClientIo> Exchange<'c, S> {
             backend: None,
             verdict: Verdict::Off,
             session: None,
+            active: None,
             slot: None,
             error: None,
             log: None,
@@ -374,6 +378,7 @@ impl<'c, S: ClientIo> Exchange<'c, S> {
         };
         self.verdict = decision.verdict;
         self.session = self.client.shared.access_log.pseudonym(decision.identity());
+        self.active = pool.affinity.as_ref().and_then(|a| a.begin(&decision, now_ms));
         let index = match decision.target {
             Target::Use(i) => i,
             Target::Strict(reason) => return Err(Refusal::SessionUnavailable(reason)),
