@@ -51,10 +51,28 @@ pub struct Pool {
     pub retry_budget: Arc<RetryBudget>,
     /// The store this pool shares its learned pins through (`affinity.store`).
     pub shared: Option<Link>,
+    /// The fleet's store (the file's top-level `store`), for a pool with affinity: where
+    /// its sessions are counted over the whole fleet, within the window (the pool's
+    /// longest session idle timeout).
+    pub fleet: Option<(Arc<Fleet>, std::time::Duration)>,
 }
 
 impl Pool {
     /// The backends and the rules for choosing among them, for one decision.
+    /// A request whose session came back to its backend counts toward that backend's
+    /// sessions over the fleet (when the pool has a fleet store).
+    pub fn note_session(&self, d: &Decision) {
+        let Some((fleet, window)) = &self.fleet else { return };
+        if d.verdict != crate::affinity::verdict::Verdict::Hit {
+            return;
+        }
+        if let (Some(id), Some(i)) = (d.identity(), d.backend()) {
+            if let Some(b) = self.backends.get(i) {
+                fleet.seen(b, id, *window);
+            }
+        }
+    }
+
     pub fn group(&self) -> Group<'_> {
         Group {
             backends: &self.backends,
@@ -131,6 +149,12 @@ impl Pool {
             let fleet = stores.iter().find(|f| Some(&f.cfg.name) == a.cfg.store.as_ref())?;
             Some(fleet.link(&p.name, &a.store, &a.cfg.table))
         });
+        let fleet = affinity.as_ref().and_then(|a: &PoolAffinity| {
+            let fleet = stores.iter().find(|f| Some(&f.cfg.name) == config.store.as_ref())?;
+            let cookie = a.cfg.keys.contains(&config::KeySource::Cookie).then_some(a.cfg.cookie.idle_timeout);
+            let window = cookie.unwrap_or_default().max(a.cfg.table.idle_timeout);
+            Some((fleet.clone(), window))
+        });
         Pool {
             name: Arc::from(p.name.as_str()),
             backends,
@@ -140,6 +164,7 @@ impl Pool {
             config: p.clone(),
             retry_budget: old_pool.map_or_else(Default::default, |o| o.retry_budget.clone()),
             shared,
+            fleet,
         }
     }
 }

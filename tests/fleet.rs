@@ -581,3 +581,42 @@ async fn an_action_made_while_redis_is_down_is_shared_when_it_returns() {
         .await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_backends_sessions_are_counted_once_over_the_fleet_and_one_shot_clients_not_at_all() {
+    let Some(f) = Fleet::start().await else { return };
+    // Thirty clients (ten of each kind of key) that come back, each to every instance in
+    // turn; thirty more that make one request and are never seen again.
+    let mut returning = new_clients(&f, 10, "back", None).await;
+    stays(&f, &mut returning, 3, true).await;
+    let _one_shot = new_clients(&f, 10, "once", None).await;
+    let mut want: std::collections::HashMap<(String, String), u64> = Default::default();
+    for (c, home) in &returning {
+        *want.entry((c.pool().to_string(), home.clone())).or_default() += 1;
+    }
+    let counted = |v: &serde_json::Value| -> std::collections::HashMap<(String, String), u64> {
+        v["sessions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["sessions"].as_u64() != Some(0))
+            .map(|s| {
+                let key = (s["pool"].as_str().unwrap().to_string(), s["backend"].as_str().unwrap().to_string());
+                (key, s["sessions"].as_u64().unwrap())
+            })
+            .collect()
+    };
+    // Every instance reports the same fleet-wide counts: each returning client once.
+    for t in &f.tethers {
+        let admin = t.admin();
+        let last = std::sync::Mutex::new(serde_json::Value::Null);
+        let found = poll_until_async(Duration::from_secs(5), || async {
+            let v = admin_json(admin, "/api/fleet").await;
+            let ok = counted(&v) == want;
+            *last.lock().unwrap() = v;
+            ok
+        })
+        .await;
+        assert!(found, "want {want:?}, got {}", last.lock().unwrap());
+    }
+}

@@ -87,7 +87,13 @@ async fn two_workers_serve_connections_on_both_and_keep_sessions() {
     let t = Tether::start(&sticky_config(&b, "[runtime]\nthreads = 2\n"));
     let admin = t.admin();
 
-    // Two runtimes of their own, no work-stealing pool.
+    // Two runtimes of their own, no work-stealing pool. (A thread takes its name as it
+    // starts, which a loaded machine may not have got to yet when the listeners are up.)
+    let both = || {
+        let names = thread_names(t.child.id());
+        names.iter().filter(|n| n.starts_with("tether-w")).count() == 2
+    };
+    poll_until(Duration::from_secs(5), both).await;
     let names = thread_names(t.child.id());
     let workers: BTreeSet<&str> = names.iter().map(String::as_str).filter(|n| n.starts_with("tether-w")).collect();
     assert_eq!(workers, BTreeSet::from(["tether-w0", "tether-w1"]), "threads: {names:?}");

@@ -333,6 +333,17 @@ async fn fleet(control: &Control) -> Reply {
             })
         })
         .collect();
+    // Each backend's distinct sessions over the fleet, within its pool's window.
+    let mut sessions = Vec::new();
+    for p in &snap.pools {
+        let Some((_, window)) = &p.fleet else { continue };
+        let names: Vec<(String, String)> = p.backends.iter().map(|b| (p.name.to_string(), b.name.clone())).collect();
+        if let Ok(counts) = f.fleet_sessions(&names, *window).await {
+            for ((pool, backend), n) in names.into_iter().zip(counts) {
+                sessions.push(json!({ "pool": pool, "backend": backend, "sessions": n, "window_s": window.as_secs() }));
+            }
+        }
+    }
     json_reply(
         StatusCode::OK,
         &json!({
@@ -340,6 +351,7 @@ async fn fleet(control: &Control) -> Reply {
             "up": f.is_up(),
             "instance": me,
             "instances": instances,
+            "sessions": sessions,
             "error": error,
         }),
     )

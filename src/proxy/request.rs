@@ -86,6 +86,7 @@ async fn forward(
     out.verdict = decision.verdict;
     out.session = cx.shared.access_log.pseudonym(decision.identity());
     out.active = pool.affinity.as_ref().and_then(|a| a.begin(&decision, now_ms));
+    pool.note_session(&decision);
     // Read before the rewrite replaces an untrusted client's X-Forwarded-Proto.
     let https = cx.tls || rewrite::forwarded_https(req.headers(), trusted);
     // `TE: trailers` is hop-by-hop, but an HTTP/2 backend needs to know the client takes

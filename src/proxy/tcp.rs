@@ -150,6 +150,7 @@ async fn forward(conn: &mut TcpConn, tcp: &TcpListener, early: &mut Buf, line: &
     line.session = conn.shared.access_log.pseudonym(decision.identity());
     // The connection is its session's request in flight until it closes.
     let _active = pool.affinity.as_ref().and_then(|a| a.begin(&decision, now_ms));
+    pool.note_session(&decision);
     let mut index = match decision.target {
         Target::Use(i) => i,
         Target::Strict(_) => {

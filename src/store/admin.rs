@@ -1,15 +1,37 @@
 //! What a fleet shares besides pins: admin actions, in a hash every instance reads
 //! (`PREFIX:admin`, one field per backend, a message on the channel of the same name when
-//! one changes), and the instances themselves, in a sorted set of when each was last seen
-//! (`PREFIX:instances`). The values are opaque here: `fleet` (the control layer) writes
-//! and reads them.
+//! one changes); the instances themselves, in a sorted set of when each was last seen
+//! (`PREFIX:instances`); and the sessions each backend serves over the whole fleet, as
+//! HyperLogLogs of the sessions seen coming back, one per backend and minute
+//! (`PREFIX:seen:POOL:BACKEND:MINUTE`). The admin values are opaque here: `fleet` (the
+//! control layer) writes and reads them.
 
+use std::collections::HashSet;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
+use aes::cipher::BlockCipherEncrypt;
 use redis::Value;
 
-use super::{Fleet, CONTROL_TIMEOUT};
+use super::{lock, Fleet, CONTROL_TIMEOUT, SHARDS};
+use crate::backend::Backend;
+
+/// Sessions waiting for the next flush, per shard at most; more are left for their next
+/// request (a session that comes back once will come back again).
+const MAX_SEEN: usize = 100_000 / SHARDS;
+/// The longest window sessions are counted over: an hour of minute buckets.
+pub const MAX_WINDOW_MINUTES: u64 = 60;
+
+/// One backend's sessions seen coming back since the last flush.
+#[derive(Debug)]
+pub(super) struct Seen {
+    pool: String,
+    backend: String,
+    /// Minutes a bucket is kept (the window the pool counts sessions over).
+    window_minutes: u64,
+    /// The sessions' ids, encrypted (Redis never sees one).
+    ids: HashSet<u128>,
+}
 
 /// An instance not seen for this long is dropped from the set.
 pub const INSTANCE_TTL: Duration = Duration::from_secs(30);
@@ -106,6 +128,100 @@ impl Fleet {
         };
         Ok(instances_of(values))
     }
+}
+
+impl Fleet {
+    /// A session of `backend` came back with its key (`id`, its 16-byte identity): it
+    /// counts toward the backend's sessions over the fleet, within `window`. One-shot
+    /// clients never come back, so they count nowhere.
+    pub fn seen(&self, backend: &Backend, id: [u8; 16], window: Duration) {
+        let mut block = id.into();
+        self.cipher.encrypt_block(&mut block);
+        let id = u128::from_le_bytes(block.into());
+        let backend_id = crate::affinity::hash::backend_id(&backend.pool, &backend.name);
+        let mut s = self.shard(id);
+        let shard_len: usize = s.seen.values().map(|b| b.ids.len()).sum();
+        if shard_len >= MAX_SEEN {
+            return;
+        }
+        let entry = s.seen.entry(backend_id).or_insert_with(|| Seen {
+            pool: backend.pool.clone(),
+            backend: backend.name.clone(),
+            window_minutes: window_minutes(window),
+            ids: HashSet::new(),
+        });
+        entry.ids.insert(id);
+    }
+
+    fn seen_key(&self, pool: &str, backend: &str, minute: u64) -> String {
+        format!("{}:seen:{pool}:{backend}:{minute}", self.cfg.prefix)
+    }
+
+    /// Sends the sessions seen since the last flush: one `PFADD` per backend into the
+    /// bucket of this minute, kept for the pool's window.
+    pub(super) async fn flush_seen(&self, conn: &redis::aio::MultiplexedConnection) {
+        let mut all: Vec<Seen> = Vec::new();
+        for s in &self.shards {
+            let mut s = lock(s);
+            for (_, seen) in s.seen.drain() {
+                match all.iter_mut().find(|a| a.pool == seen.pool && a.backend == seen.backend) {
+                    Some(a) => a.ids.extend(seen.ids),
+                    None => all.push(seen),
+                }
+            }
+        }
+        if all.is_empty() {
+            return;
+        }
+        let minute = crate::time::unix_millis() / 60_000;
+        let mut pipe = redis::pipe();
+        for seen in &all {
+            let key = self.seen_key(&seen.pool, &seen.backend, minute);
+            let mut pfadd = redis::cmd("PFADD");
+            pfadd.arg(&key);
+            for id in &seen.ids {
+                pfadd.arg(&id.to_le_bytes()[..]);
+            }
+            pipe.add_command(pfadd).ignore();
+            pipe.cmd("EXPIRE").arg(&key).arg((seen.window_minutes + 1) * 60).ignore();
+        }
+        self.stats.operations.fetch_add(2 * all.len() as u64, Relaxed);
+        let mut conn = conn.clone();
+        if !matches!(tokio::time::timeout(CONTROL_TIMEOUT, pipe.query_async::<()>(&mut conn)).await, Ok(Ok(()))) {
+            // Lost: the sessions count again when they next come back.
+            self.failed(false);
+        }
+    }
+
+    /// The distinct sessions each of `backends` (pool, backend) served over the whole
+    /// fleet within `window` (at most an hour): the union of its minute buckets.
+    pub async fn fleet_sessions(&self, backends: &[(String, String)], window: Duration) -> Result<Vec<u64>, String> {
+        if backends.is_empty() {
+            return Ok(Vec::new());
+        }
+        let conn = self.conn.load_full().ok_or("Redis is down")?;
+        let now = crate::time::unix_millis() / 60_000;
+        let minutes = window_minutes(window);
+        let mut pipe = redis::pipe();
+        for (pool, backend) in backends {
+            let mut count = redis::cmd("PFCOUNT");
+            for m in now.saturating_sub(minutes)..=now {
+                count.arg(self.seen_key(pool, backend, m));
+            }
+            pipe.add_command(count);
+        }
+        let mut conn = (*conn).clone();
+        match tokio::time::timeout(CONTROL_TIMEOUT, pipe.query_async::<Vec<u64>>(&mut conn)).await {
+            Ok(Ok(counts)) => Ok(counts),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("Redis did not answer within {CONTROL_TIMEOUT:?}")),
+        }
+    }
+}
+
+/// Whole minutes of `window`, at least one and at most [`MAX_WINDOW_MINUTES`].
+fn window_minutes(window: Duration) -> u64 {
+    window.as_secs().div_ceil(60).clamp(1, MAX_WINDOW_MINUTES)
 }
 
 /// The label an instance is listed under: `ID HOST PID`.

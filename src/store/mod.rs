@@ -85,6 +85,9 @@ struct Shard {
     refreshed: HashMap<u128, u64>,
     /// Keys Redis did not know, with until when that is believed (ms).
     misses: HashMap<u128, u64>,
+    /// Sessions seen coming back since the last flush, by backend identity (see
+    /// `admin::Seen`).
+    seen: HashMap<u64, admin::Seen>,
 }
 
 /// What the store counts, read by `/metrics`.
@@ -666,6 +669,7 @@ impl Fleet {
 /// are queued again.
 async fn flush(f: &Arc<Fleet>) {
     let Some(conn) = f.conn.load_full() else { return };
+    f.flush_seen(&conn).await;
     // At most MAX_PER_FLUSH writes a flush: what Redis gets from one instance is bounded
     // (16,384 writes a second at the default interval); the rest waits for the next.
     let mut writes = Vec::new();

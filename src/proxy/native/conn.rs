@@ -379,6 +379,7 @@ impl<'c, S: ClientIo> Exchange<'c, S> {
         self.verdict = decision.verdict;
         self.session = self.client.shared.access_log.pseudonym(decision.identity());
         self.active = pool.affinity.as_ref().and_then(|a| a.begin(&decision, now_ms));
+        pool.note_session(&decision);
         let index = match decision.target {
             Target::Use(i) => i,
             Target::Strict(reason) => return Err(Refusal::SessionUnavailable(reason)),
