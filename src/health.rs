@@ -14,6 +14,7 @@ use tokio::sync::watch;
 
 use crate::backend::Backend;
 use crate::config::{CheckKind, Health};
+use crate::proxy_header::{Header, Version};
 use crate::state::Shared;
 use crate::time::unix_millis;
 
@@ -63,10 +64,11 @@ pub async fn supervise(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>)
                 pool.backends.iter().for_each(|b| b.forget_checks());
                 continue;
             };
+            let proxy = pool.config.send_proxy_protocol;
             for b in pool.backends.iter().filter(|b| b.health.claim_check(now)) {
                 let (b, cfg) = (b.clone(), cfg.clone());
                 tokio::spawn(async move {
-                    let result = probe(&b, &cfg).await;
+                    let result = probe(&b, &cfg, proxy).await;
                     b.record_check(&cfg, result);
                     // ±10% jitter so checks of many backends do not march in step.
                     let base = cfg.interval.as_millis() as u64;
@@ -78,16 +80,21 @@ pub async fn supervise(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>)
     }
 }
 
-/// One check on its own connection.
-async fn probe(b: &Backend, cfg: &Health) -> Result<(), ProbeError> {
-    match tokio::time::timeout(cfg.timeout, probe_inner(b, cfg)).await {
+/// One check on its own connection. To a pool that sends the PROXY protocol, the check
+/// sends a header too (one that names no client: v1 `UNKNOWN`, v2 `LOCAL`), since such
+/// backends refuse connections without one.
+async fn probe(b: &Backend, cfg: &Health, proxy: Option<Version>) -> Result<(), ProbeError> {
+    match tokio::time::timeout(cfg.timeout, probe_inner(b, cfg, proxy)).await {
         Ok(r) => r,
         Err(_) => Err(ProbeError::Timeout(cfg.timeout)),
     }
 }
 
-async fn probe_inner(b: &Backend, cfg: &Health) -> Result<(), ProbeError> {
+async fn probe_inner(b: &Backend, cfg: &Health, proxy: Option<Version>) -> Result<(), ProbeError> {
     let mut stream = TcpStream::connect(b.address).await.map_err(ProbeError::Connect)?;
+    if let Some(version) = proxy {
+        stream.write_all(Header::local(version).as_bytes()).await.map_err(ProbeError::Send)?;
+    }
     let CheckKind::Http { method, path, host, expect_status, expect_body } = &cfg.check else {
         return Ok(());
     };

@@ -130,9 +130,18 @@ impl Upstream {
         &stacks.get(crate::worker::index()).unwrap_or(&stacks[0]).0
     }
 
-    /// Opens a new socket to the backend within the connect timeout.
-    pub async fn connect(&self) -> Result<TcpStream, ConnectError> {
-        let stream = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.address)).await {
+    /// Opens a new socket to the backend within the connect timeout. A `proxy_header`
+    /// (PROXY protocol) is written whole as its first bytes within the same timeout: a
+    /// backend that expects one has not accepted the connection until it has it.
+    pub async fn connect(&self, proxy_header: Option<&[u8]>) -> Result<TcpStream, ConnectError> {
+        let open = async {
+            let mut stream = TcpStream::connect(self.address).await?;
+            if let Some(header) = proxy_header {
+                tokio::io::AsyncWriteExt::write_all(&mut stream, header).await?;
+            }
+            Ok::<_, io::Error>(stream)
+        };
+        let stream = match tokio::time::timeout(self.connect_timeout, open).await {
             Err(_) => return Err(ConnectError::Timeout(self.connect_timeout)),
             Ok(Err(e)) => return Err(ConnectError::Io(e)),
             Ok(Ok(s)) => s,
@@ -401,7 +410,7 @@ mod tests {
         crate::worker::set_count(2);
         let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let upstream = Upstream::new(backend.local_addr().unwrap(), &Timeouts::default());
-        let stream = upstream.connect().await.unwrap();
+        let stream = upstream.connect(None).await.unwrap();
         let _accepted = backend.accept().await.unwrap();
         // This test's thread plays worker 1, then worker 0 (the index is the thread's own).
         crate::worker::set_index(1);
