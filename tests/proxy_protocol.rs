@@ -423,3 +423,59 @@ async fn health_checks_send_a_header_to_a_pool_that_sends_them() {
         );
     }
 }
+
+#[tokio::test]
+async fn an_https_listener_reads_the_header_before_the_handshake() {
+    use rustls::pki_types::{CertificateDer, ServerName};
+    let b = Backend::http("b0", false).await;
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["shop.example".to_string()]).unwrap().self_signed(&key).unwrap();
+    let scratch = Scratch::new();
+    let cert_path = scratch.write("cert.pem", &cert.pem());
+    let key_path = scratch.write("key.pem", &key.serialize_pem());
+    let certificates = format!(
+        "{REQUIRED}\n[[listeners.certificates]]\ncert = \"{}\"\nkey = \"{}\"",
+        cert_path.display(),
+        key_path.display()
+    );
+    let t = Tether::start(&listener("https", &certificates, "", &[&b], ""));
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from(cert.der().to_vec())).unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    for version in [Version::V1, Version::V2] {
+        let mut s = TcpStream::connect(t.addr()).await.unwrap();
+        s.write_all(proxy_header::write(version, addr(CLIENT), t.addr()).as_bytes()).await.unwrap();
+        let name = ServerName::try_from("shop.example").unwrap();
+        let mut tls = tokio::time::timeout(LIMIT, connector.connect(name, s)).await.unwrap().expect("handshake");
+        tls.write_all(b"GET / HTTP/1.1\r\nHost: shop.example\r\nConnection: close\r\n\r\n").await.unwrap();
+        let mut out = String::new();
+        let _ = tokio::time::timeout(LIMIT, tls.read_to_string(&mut out)).await.unwrap();
+        let report = out.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+        assert_eq!(field(report, "xff"), "203.0.113.7", "{version:?}: {out}");
+    }
+}
+
+#[tokio::test]
+async fn a_reload_turns_the_header_on_for_new_connections() {
+    let b = Backend::http("b0", false).await;
+    let t = Tether::start(&listener("http", "", "", &[&b], ""));
+    let mut before = TcpStream::connect(t.addr()).await.unwrap();
+    assert_eq!(field(&get_on(&mut before).await, "xff"), "127.0.0.1");
+    reload(&t, &listener("http", REQUIRED, "", &[&b], ""), "listener \"edge\": proxy_protocol changed (now required")
+        .await;
+    // The listener kept its socket; new connections must now send a header.
+    let mut s = TcpStream::connect(t.addr()).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").await.unwrap();
+    assert!(until_closed(&mut s).await.is_empty());
+    let mut s = TcpStream::connect(t.addr()).await.unwrap();
+    s.write_all(proxy_header::write(Version::V1, addr(CLIENT), t.addr()).as_bytes()).await.unwrap();
+    assert_eq!(field(&get_on(&mut s).await, "xff"), "203.0.113.7");
+    // A connection accepted before the reload goes on as it began.
+    assert_eq!(field(&get_on(&mut before).await, "xff"), "127.0.0.1");
+}
