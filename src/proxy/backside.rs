@@ -271,9 +271,9 @@ pub struct Backside {
     pub rbuf: Buf,
     pub upload: Upload,
     rest: Rest,
-    /// The backend's connections, where `conn` goes back.
-    /// Where the connection goes back to when its response is read to the end; `None`:
-    /// it is closed then (it began with a PROXY protocol header for one client).
+    /// The backend's connections, where `conn` goes back when its response is read to the
+    /// end; `None`: it is closed then (it began with a PROXY protocol header for one
+    /// client).
     upstream: Option<Arc<Upstream>>,
 }
 
