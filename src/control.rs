@@ -884,8 +884,19 @@ pub fn diff(old: &Config, new: &Config) -> Vec<String> {
                     out.push(format!("listener \"{}\": routes or trusted proxies changed", l.name));
                 }
             }
-            Some(o) if o != l => out.push(format!("listener \"{}\": routes or trusted proxies changed", l.name)),
+            Some(o) if *o != (config::Listener { proxy_protocol: o.proxy_protocol.clone(), ..l.clone() }) => {
+                out.push(format!("listener \"{}\": routes or trusted proxies changed", l.name))
+            }
             Some(_) => {}
+        }
+        // Read by each connection when it is accepted, so new connections follow it.
+        if old.listeners.iter().any(|o| o.name == l.name && o.proxy_protocol != l.proxy_protocol) {
+            let now = match &l.proxy_protocol {
+                None => "off",
+                Some(p) if p.required => "required",
+                Some(_) => "optional",
+            };
+            out.push(format!("listener \"{}\": proxy_protocol changed (now {now}, for new connections)", l.name));
         }
     }
     for o in &old.listeners {

@@ -13,6 +13,7 @@ use tokio::sync::watch;
 
 use crate::backend::Backend;
 use crate::config::{CheckKind, Health};
+use crate::proxy_header::{Header, Version};
 use crate::state::Shared;
 use crate::time::unix_millis;
 use crate::upstream::{ConnectError, Upstream};
@@ -70,10 +71,11 @@ pub async fn supervise(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>)
                 pool.backends.iter().for_each(|b| b.forget_checks());
                 continue;
             };
+            let proxy = pool.config.send_proxy_protocol;
             for (b, upstream) in pool.backends.iter().zip(&pool.upstreams).filter(|(b, _)| b.health.claim_check(now)) {
                 let (b, upstream, cfg) = (b.clone(), upstream.clone(), cfg.clone());
                 tokio::spawn(async move {
-                    let result = probe(&b, &upstream, &cfg).await;
+                    let result = probe(&b, &upstream, &cfg, proxy).await;
                     b.record_check(&cfg, result);
                     // ±10% jitter so checks of many backends do not march in step.
                     let base = cfg.interval.as_millis() as u64;
@@ -86,19 +88,22 @@ pub async fn supervise(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>)
 }
 
 /// One check on its own connection, made the way the pool's requests reach the backend
-/// (over TLS when the pool's are).
-async fn probe(b: &Backend, upstream: &Upstream, cfg: &Health) -> Result<(), ProbeError> {
-    match tokio::time::timeout(cfg.timeout, probe_inner(b, upstream, cfg)).await {
+/// (over TLS and HTTP/2 when the pool's are). To a pool that sends the PROXY protocol, the
+/// check sends a header too (one that names no client: v1 `UNKNOWN`, v2 `LOCAL`), since
+/// such backends refuse connections without one.
+async fn probe(b: &Backend, upstream: &Upstream, cfg: &Health, proxy: Option<Version>) -> Result<(), ProbeError> {
+    match tokio::time::timeout(cfg.timeout, probe_inner(b, upstream, cfg, proxy)).await {
         Ok(r) => r,
         Err(_) => Err(ProbeError::Timeout(cfg.timeout)),
     }
 }
 
-async fn probe_inner(b: &Backend, upstream: &Upstream, cfg: &Health) -> Result<(), ProbeError> {
+async fn probe_inner(b: &Backend, upstream: &Upstream, cfg: &Health, proxy: Option<Version>) -> Result<(), ProbeError> {
     if upstream.is_http2() {
         return probe_h2(b, upstream, cfg).await;
     }
-    let mut stream = upstream.connect().await.map_err(ProbeError::Connect)?;
+    let header = proxy.map(Header::local);
+    let mut stream = upstream.connect(header.as_ref().map(|h| h.as_bytes())).await.map_err(ProbeError::Connect)?;
     let CheckKind::Http { method, path, host, expect_status, expect_body } = &cfg.check else {
         return Ok(());
     };

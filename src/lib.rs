@@ -9,6 +9,7 @@ pub mod config;
 pub mod h1;
 pub(crate) mod line_writer;
 pub(crate) mod net;
+pub mod proxy_header;
 pub(crate) mod random;
 pub mod sd_notify;
 pub mod time;

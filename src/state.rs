@@ -39,6 +39,9 @@ pub struct ListenerStats {
     pub accepted: AtomicU64,
     /// TLS handshakes that failed (on `https` listeners).
     pub tls_handshake_failures: AtomicU64,
+    /// Connections closed for their PROXY protocol header: missing where required,
+    /// malformed, late, or sent by a source not trusted to send one.
+    pub proxy_protocol_refused: AtomicU64,
 }
 
 impl Shared {

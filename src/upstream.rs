@@ -152,10 +152,19 @@ impl Upstream {
     }
 
     /// Opens a new connection to the backend within the connect timeout, its TLS
-    /// handshake included.
-    pub async fn connect(&self) -> Result<BackendConn, ConnectError> {
+    /// handshake included. A `proxy_header` (PROXY protocol) is written whole as its first
+    /// bytes within the same timeout, before any TLS: a backend that expects one has not
+    /// accepted the connection until it has it.
+    pub async fn connect(&self, proxy_header: Option<&[u8]>) -> Result<BackendConn, ConnectError> {
         let deadline = Instant::now() + self.connect_timeout;
-        let stream = match tokio::time::timeout_at(deadline, TcpStream::connect(self.address)).await {
+        let open = async {
+            let mut stream = TcpStream::connect(self.address).await?;
+            if let Some(header) = proxy_header {
+                tokio::io::AsyncWriteExt::write_all(&mut stream, header).await?;
+            }
+            Ok::<_, io::Error>(stream)
+        };
+        let stream = match tokio::time::timeout_at(deadline, open).await {
             Err(_) => return Err(ConnectError::Timeout(self.connect_timeout)),
             Ok(Err(e)) => return Err(ConnectError::Io(e)),
             Ok(Ok(s)) => s,
@@ -241,7 +250,7 @@ impl Upstream {
     /// `h2` agreed by ALPN over TLS, the connection's task spawned. It closes when the
     /// last clone of its sender is dropped.
     pub async fn h2_connect(&self) -> Result<http2::SendRequest<H2Body>, ConnectError> {
-        let conn = self.connect().await?;
+        let conn = self.connect(None).await?;
         if let BackendConn::Tls(s) = &conn {
             if s.get_ref().1.alpn_protocol() != Some(b"h2") {
                 return Err(ConnectError::Tls(io::Error::other("the backend did not agree to HTTP/2 (ALPN h2)")));
@@ -310,7 +319,7 @@ impl BackendConn {
     /// Whether the connection is usable for another request: see [`quiet`]. A TLS one is
     /// also read once without waiting, so records that arrived while it was idle (a TLS
     /// 1.3 session ticket is harmless; `close_notify` or data is not) are taken in.
-    fn quiet(&mut self) -> bool {
+    pub fn quiet(&mut self) -> bool {
         match self {
             BackendConn::Plain(s) => quiet(s),
             BackendConn::Tls(s) => {
@@ -641,7 +650,7 @@ mod tests {
         crate::worker::set_count(2);
         let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let upstream = Upstream::new(backend.local_addr().unwrap(), &Timeouts::default(), None);
-        let stream = upstream.connect().await.unwrap();
+        let stream = upstream.connect(None).await.unwrap();
         let _accepted = backend.accept().await.unwrap();
         // This test's thread plays worker 1, then worker 0 (the index is the thread's own).
         crate::worker::set_index(1);

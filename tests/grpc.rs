@@ -478,3 +478,14 @@ fn the_protocol_and_its_checks_are_checked_with_the_config() {
     let out = std::process::Command::new(bin()).arg("check").arg("-c").arg(&path).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn a_proxy_protocol_header_cannot_go_on_shared_http2_connections() {
+    let scratch = Scratch::new();
+    let src = "[[listeners]]\nbind = \"127.0.0.1:0\"\npool = \"p\"\n[pools.p]\nprotocol = \"http2\"\nsend_proxy_protocol = \"v2\"\nbackends = [{ address = \"127.0.0.1:1\" }]\n";
+    let path = scratch.write("t.toml", src);
+    let out = std::process::Command::new(bin()).arg("check").arg("-c").arg(&path).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("t.toml:6:23: pool \"p\": send_proxy_protocol is for protocol = \"http1\""), "{err}");
+}

@@ -18,6 +18,7 @@ const LAYERS: &[(&str, u8, &str)] = &[
     ("h1", 0, "primitives, depend on nothing"),
     ("worker", 0, "primitives, depend on nothing"),
     ("sd_notify", 0, "primitives, depend on nothing"),
+    ("proxy_header", 0, "primitives, depend on nothing"),
     ("tls", 0, "primitives, depend on nothing"),
     ("affinity::hash", 0, "primitives, depend on nothing"),
     ("affinity::token", 0, "primitives, depend on nothing"),

@@ -101,6 +101,12 @@ fn listeners(e: &mut DescriptorEncoder<'_>, shared: &Shared) -> std::fmt::Result
         .map(|(n, s)| (vec![("listener", n.as_str())], s.tls_handshake_failures.load(Ordering::Relaxed)))
         .collect();
     counter(e, "tether_tls_handshake_failures", "TLS handshakes that failed, by listener.", &rows)?;
+    let rows: Vec<_> = listeners
+        .iter()
+        .map(|(n, s)| (vec![("listener", n.as_str())], s.proxy_protocol_refused.load(Ordering::Relaxed)))
+        .collect();
+    let help = "Connections closed for their PROXY protocol header (missing, malformed or untrusted), by listener.";
+    counter(e, "tether_proxy_protocol_refused", help, &rows)?;
     let snapshot = shared.snapshot.load();
     let mut rows = Vec::new();
     for l in &snapshot.config.listeners {

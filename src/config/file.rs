@@ -173,6 +173,11 @@ pub struct Listener {
     /// without terminating TLS.
     #[serde(default)]
     pub sni_routes: Vec<SniRoute>,
+    /// `"off"` (the default), `"optional"` or `"required"`: whether connections from
+    /// `proxy_protocol_from` begin with a PROXY protocol header.
+    pub proxy_protocol: Option<Spanned<String>>,
+    /// The sources trusted to send a PROXY protocol header (addresses and networks).
+    pub proxy_protocol_from: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -243,6 +248,8 @@ pub struct Pool {
     pub panic_mode: Option<Spanned<bool>>,
     /// Protocols a client may upgrade to (`Upgrade:` tokens); default `["websocket"]`.
     pub upgrades: Option<Vec<Spanned<String>>>,
+    /// `"v1"` or `"v2"`: a PROXY protocol header first on every backend connection.
+    pub send_proxy_protocol: Option<Spanned<String>>,
     /// TLS to the backends (`[pools.NAME.tls]`).
     pub tls: Option<Spanned<PoolTls>>,
     /// What the pool speaks to its backends: "http1" (default) or "http2".

@@ -17,12 +17,13 @@ use toml::Spanned;
 use super::file;
 use super::types::{
     AccessLog, Admin, AdminState, Affinity, Algorithm, Backend, BackendProtocol, CheckKind, Config, CookieConfig, Dns,
-    DnsKind, DnsSource, Health, KeySource, Limits, Listener, LogFormat, Mapping, OnUnavailable, Pool, Rebalance, Route,
-    RouteTo, SameSite, Secret, SniRoute, Split, SplitMember, Store, TableConfig, TcpListener, Timeouts,
-    MAX_SPLIT_WEIGHT, MAX_WEIGHT,
+    DnsKind, DnsSource, Health, KeySource, Limits, Listener, LogFormat, Mapping, OnUnavailable, Pool, ProxyProtocol,
+    Rebalance, Route, RouteTo, SameSite, Secret, SniRoute, Split, SplitMember, Store, TableConfig, TcpListener,
+    Timeouts, MAX_SPLIT_WEIGHT, MAX_WEIGHT,
 };
 use super::{locate, parse_duration, Located};
 use crate::net::{strip_port, Cidr};
+use crate::proxy_header::Version;
 
 const LOG_FORMATS: &[(&str, LogFormat)] =
     &[("text", LogFormat::Text), ("json", LogFormat::Json), ("off", LogFormat::Off)];
@@ -591,6 +592,7 @@ impl Resolver<'_> {
                 (false, false)
             }
         };
+        let proxy_protocol = self.proxy_protocol(&name, l);
         if tcp {
             let tcp = self.tcp_listener(&name, l, pools);
             return Listener {
@@ -602,6 +604,7 @@ impl Resolver<'_> {
                 redirect_to_https: None,
                 hsts: None,
                 tcp: Some(tcp),
+                proxy_protocol,
             };
         }
         for r in &l.sni_routes {
@@ -639,7 +642,39 @@ impl Resolver<'_> {
             }
         }
         let routes = self.routes(&name, l, pools);
-        Listener { name, bind, trusted_proxies, routes, tls, redirect_to_https, hsts, tcp: None }
+        Listener { name, bind, trusted_proxies, routes, tls, redirect_to_https, hsts, tcp: None, proxy_protocol }
+    }
+
+    /// `proxy_protocol` and its trusted sources, `proxy_protocol_from`, which it needs
+    /// (a header from anyone would let anyone choose their address).
+    fn proxy_protocol(&mut self, name: &str, l: &file::Listener) -> Option<ProxyProtocol> {
+        let label = format!("listener \"{name}\": proxy_protocol");
+        let required = self.choice(
+            &l.proxy_protocol,
+            &label,
+            &[("off", None), ("optional", Some(false)), ("required", Some(true))],
+            None,
+        );
+        let mut from = Vec::new();
+        for c in l.proxy_protocol_from.iter().flat_map(|list| list.get_ref()) {
+            match Cidr::parse(c.get_ref()) {
+                Ok(c) => from.push(c),
+                Err(e) => self.error(c, format!("{label}_from: {e}")),
+            }
+        }
+        match (required, &l.proxy_protocol, &l.proxy_protocol_from) {
+            (Some(_), Some(at), None) => {
+                self.error(at, format!("{label} needs proxy_protocol_from, the addresses trusted to send it"));
+            }
+            (Some(_), _, Some(list)) if list.get_ref().is_empty() => {
+                self.error(list, format!("{label}_from is empty: no source could send the header"));
+            }
+            (None, off, Some(list)) if off.as_ref().is_none_or(|v| v.get_ref() == "off") => {
+                self.error(list, format!("{label}_from is set but proxy_protocol is off"));
+            }
+            _ => {}
+        }
+        required.map(|required| ProxyProtocol { required, from })
     }
 
     /// A `tcp` listener: its SNI routes and default pool; the keys of HTTP listeners are
@@ -1086,6 +1121,18 @@ impl Resolver<'_> {
         }
         let alpn: &[&[u8]] = if http2 { &[b"h2"] } else { &[b"http/1.1"] };
         let tls = f.tls.as_ref().and_then(|t| self.pool_tls(name, t, alpn));
+        let send_proxy_protocol = self.choice(
+            &f.send_proxy_protocol,
+            &format!("pool \"{name}\": send_proxy_protocol"),
+            &[("v1", Some(Version::V1)), ("v2", Some(Version::V2))],
+            None,
+        );
+        if let (true, Some(at)) = (http2, f.send_proxy_protocol.as_ref().filter(|_| send_proxy_protocol.is_some())) {
+            // A PROXY header describes one client connection; HTTP/2 backend connections
+            // are shared by the requests of many.
+            let message = format!("pool \"{name}\": send_proxy_protocol is for protocol = \"http1\": HTTP/2 backend connections are shared by many clients' requests, and a PROXY header names one client");
+            self.error(at, message);
+        }
         Pool {
             name: name.to_string(),
             algorithm,
@@ -1101,6 +1148,7 @@ impl Resolver<'_> {
             slow_start,
             panic_mode,
             upgrades,
+            send_proxy_protocol,
             tls,
             protocol,
         }

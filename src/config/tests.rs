@@ -865,3 +865,82 @@ fn rebalance_mistakes_are_located_errors() {
         assert!(e.iter().any(|l| l.contains(want) && l.starts_with("t.toml:")), "{want}: {e:?}\n{src}");
     }
 }
+
+#[test]
+fn proxy_protocol_settings_resolve() {
+    let src = r#"
+[[listeners]]
+name = "edge"
+bind = "127.0.0.1:8080"
+pool = "web"
+proxy_protocol = "required"
+proxy_protocol_from = ["10.0.0.0/8", "::1"]
+
+[[listeners]]
+name = "plain"
+bind = "127.0.0.1:8081"
+protocol = "tcp"
+pool = "web"
+proxy_protocol = "optional"
+proxy_protocol_from = ["127.0.0.1"]
+
+[[listeners]]
+name = "off"
+bind = "127.0.0.1:8082"
+pool = "web"
+
+[pools.web]
+send_proxy_protocol = "v2"
+backends = [{ address = "127.0.0.1:9001" }]
+
+[pools.other]
+send_proxy_protocol = "v1"
+backends = [{ address = "127.0.0.1:9002" }]
+"#;
+    let c = parse(src, "t.toml").unwrap();
+    let edge = c.listeners[0].proxy_protocol.as_ref().unwrap();
+    assert!(edge.required);
+    assert!(edge.trusts("10.1.2.3".parse().unwrap()) && edge.trusts("::1".parse().unwrap()));
+    assert!(!edge.trusts("11.1.2.3".parse().unwrap()));
+    let plain = c.listeners[1].proxy_protocol.as_ref().unwrap();
+    assert!(!plain.required && plain.trusts("::ffff:127.0.0.1".parse().unwrap()));
+    assert_eq!(c.listeners[2].proxy_protocol, None);
+    let version = |name: &str| c.pools.iter().find(|p| p.name == name).unwrap().send_proxy_protocol;
+    assert_eq!(version("web"), Some(crate::proxy_header::Version::V2));
+    assert_eq!(version("other"), Some(crate::proxy_header::Version::V1));
+}
+
+#[test]
+fn proxy_protocol_mistakes_are_located_errors() {
+    let listener = |keys: &str| {
+        format!("[[listeners]]\nname = \"l\"\nbind = \"127.0.0.1:8080\"\npool = \"web\"\n{keys}\n[pools.web]\nbackends = [{{ address = \"127.0.0.1:9001\" }}]\n")
+    };
+    for (src, want) in [
+        (
+            listener("proxy_protocol = \"always\"\nproxy_protocol_from = [\"10.0.0.0/8\"]\n"),
+            "t.toml:5:18: listener \"l\": proxy_protocol \"always\" is not known: expected \"off\", \"optional\" or \"required\"",
+        ),
+        (
+            listener("proxy_protocol = \"required\"\n"),
+            "t.toml:5:18: listener \"l\": proxy_protocol needs proxy_protocol_from, the addresses trusted to send it",
+        ),
+        (
+            listener("proxy_protocol = \"optional\"\nproxy_protocol_from = []\n"),
+            "t.toml:6:23: listener \"l\": proxy_protocol_from is empty: no source could send the header",
+        ),
+        (
+            listener("proxy_protocol_from = [\"10.0.0.0/8\"]\n"),
+            "t.toml:5:23: listener \"l\": proxy_protocol_from is set but proxy_protocol is off",
+        ),
+        (
+            listener("proxy_protocol = \"required\"\nproxy_protocol_from = [\"10.0.0.0/33\"]\n"),
+            "t.toml:6:24: listener \"l\": proxy_protocol_from: \"10.0.0.0/33\": prefix length must be 0 to 32",
+        ),
+        (
+            listener("").replace("backends", "send_proxy_protocol = \"v3\"\nbackends"),
+            "t.toml:7:23: pool \"web\": send_proxy_protocol \"v3\" is not known: expected \"v1\" or \"v2\"",
+        ),
+    ] {
+        assert_eq!(errors(&src), [want], "{src}");
+    }
+}

@@ -242,6 +242,24 @@ pub struct Listener {
     /// `protocol = "tcp"`: connections are forwarded whole to a pool (then `routes` is
     /// empty).
     pub tcp: Option<TcpListener>,
+    /// PROXY protocol headers read from trusted sources (`proxy_protocol`); `None`: off.
+    pub proxy_protocol: Option<ProxyProtocol>,
+}
+
+/// A listener's PROXY protocol settings: connections from `from` may (`required`: must)
+/// begin with a header, whose source address is then the client's; a header from
+/// anyone else is refused.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProxyProtocol {
+    pub required: bool,
+    pub from: Vec<Cidr>,
+}
+
+impl ProxyProtocol {
+    /// Whether `ip` may send a header.
+    pub fn trusts(&self, ip: std::net::IpAddr) -> bool {
+        self.from.iter().any(|c| c.contains(ip))
+    }
 }
 
 /// What a `tcp` listener does with a connection.
@@ -355,6 +373,9 @@ pub struct Pool {
     pub panic_mode: bool,
     /// Lower-case `Upgrade` protocol tokens a client may switch to (default: `websocket`).
     pub upgrades: Vec<String>,
+    /// A PROXY protocol header, of this version, first on every backend connection
+    /// (`send_proxy_protocol`); such a connection serves one client connection only.
+    pub send_proxy_protocol: Option<crate::proxy_header::Version>,
     /// TLS to the backends (`None`: plain TCP).
     pub tls: Option<std::sync::Arc<crate::tls::backend::BackendTls>>,
     /// What the pool speaks to its backends.

@@ -274,12 +274,20 @@ pub struct Backside {
     pub rbuf: Buf,
     pub upload: Upload,
     rest: Rest,
-    /// The backend's connections, where `conn` goes back.
-    upstream: Arc<Upstream>,
+    /// The backend's connections, where `conn` goes back when its response is read to the
+    /// end; `None`: it is closed then (it began with a PROXY protocol header for one
+    /// client).
+    upstream: Option<Arc<Upstream>>,
 }
 
 impl Backside {
-    pub fn new(conn: BackendConn, work: Work, mut rbuf: Buf, upload: Upload, upstream: Arc<Upstream>) -> Backside {
+    pub fn new(
+        conn: BackendConn,
+        work: Work,
+        mut rbuf: Buf,
+        upload: Upload,
+        upstream: Option<Arc<Upstream>>,
+    ) -> Backside {
         let head = &work.response;
         rbuf.start += head.len;
         let rest = match head.body {
@@ -391,8 +399,8 @@ impl Backside {
             && self.rbuf.filled().is_empty()
             && self.work.response.keep_alive
             && self.work.response.body != response::Body::UntilClose;
-        if reusable {
-            self.upstream.put_back(self.conn);
+        if let (true, Some(upstream)) = (reusable, self.upstream) {
+            upstream.put_back(self.conn);
         }
     }
 }

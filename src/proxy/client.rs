@@ -234,6 +234,8 @@ pub struct ConnCx {
     /// The listener's name, which finds its routes in the current snapshot.
     pub listener_name: Arc<str>,
     pub peer: SocketAddr,
+    /// The address the client connected to, for PROXY protocol headers to backends.
+    pub local: Option<SocketAddr>,
     /// The peer's IP, ready for `X-Forwarded-For`.
     pub peer_ip: HeaderValue,
     /// The connection came over TLS, terminated by Tether: `X-Forwarded-Proto` is `https`

@@ -5,7 +5,6 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -90,20 +89,7 @@ async fn sniff(stream: &TcpStream) -> Option<bool> {
 /// preface yet.
 fn peek_preface(stream: &TcpStream) -> io::Result<Option<bool>> {
     let mut buf = [0u8; H2_PREFACE.len()];
-    let n = loop {
-        // SAFETY: `buf` is valid for writes of `buf.len()` bytes, and the descriptor is
-        // open for as long as `stream` is borrowed.
-        let n = unsafe {
-            libc::recv(stream.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_PEEK | libc::MSG_DONTWAIT)
-        };
-        if n >= 0 {
-            break n as usize;
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    };
+    let n = super::peek(stream, &mut buf)?;
     if n == 0 {
         return Ok(None);
     }
@@ -136,7 +122,7 @@ pub async fn serve(
     stats: Arc<ListenerStats>,
     shutdown: watch::Receiver<bool>,
 ) {
-    let Accepted { stream, peer, permit } = accepted;
+    let Accepted { stream, mut peer, permit } = accepted;
     stats.connections.fetch_add(1, Ordering::Relaxed);
     struct Open(Arc<ListenerStats>);
     impl Drop for Open {
@@ -145,18 +131,55 @@ pub async fn serve(
         }
     }
     let _open = Open(stats.clone());
-    let (timeouts, tls, tcp) = {
+    let (timeouts, tls, tcp, proxy_protocol, sends_proxy) = {
         let snapshot = shared.snapshot.load();
         let l = snapshot.config.listeners.iter().find(|l| *l.name == *listener_name);
-        (snapshot.config.timeouts, l.and_then(|l| l.tls.clone()), l.and_then(|l| l.tcp.clone()))
+        let sends_proxy = snapshot.config.pools.iter().any(|p| p.send_proxy_protocol.is_some());
+        (
+            snapshot.config.timeouts,
+            l.and_then(|l| l.tls.clone()),
+            l.and_then(|l| l.tcp.clone()),
+            l.and_then(|l| l.proxy_protocol.clone()),
+            sends_proxy,
+        )
     };
+    // The address the client connected to, for PROXY protocol headers to backends: the
+    // one a header from the proxy in front carries, else the socket's own (a system call
+    // made only while some pool sends headers).
+    let mut local = None;
+    if let Some(pp) = proxy_protocol {
+        let mut stop = shutdown.clone();
+        let read = Box::pin(proxy_in(&stream, &pp, peer, tcp.is_some(), timeouts.request_header, &mut stop)).await;
+        match read {
+            ProxyIn::Peer { source, destination } => {
+                peer = source.unwrap_or(peer);
+                local = destination;
+            }
+            ProxyIn::Refused(why) => {
+                tracing::debug!(%peer, listener = %listener_name, "closing connection: PROXY protocol: {why}");
+                stats.proxy_protocol_refused.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            ProxyIn::Gone => return,
+        }
+    }
+    if local.is_none() && sends_proxy {
+        local = stream.local_addr().ok();
+    }
     if let Some(tcp) = tcp {
-        let conn =
-            super::tcp::TcpConn { stream, peer, shared, listener: listener_name, _shutdown: shutdown, _permit: permit };
+        let conn = super::tcp::TcpConn {
+            stream,
+            peer,
+            local,
+            shared,
+            listener: listener_name,
+            _shutdown: shutdown,
+            _permit: permit,
+        };
         // Boxed, as TLS below: a relay's state is not what HTTP connections should pay for.
         return Box::pin(super::tcp::serve(conn, tcp)).await;
     }
-    let conn = Conn { peer, shared, listener_name, stats, shutdown, permit };
+    let conn = Conn { peer, local, shared, listener_name, stats, shutdown, permit };
     if let Some(tls) = tls {
         // Boxed: a handshake and a TLS stream are large, and a task is as big as its
         // largest state, so inline they would make every plain connection pay for them.
@@ -182,9 +205,126 @@ pub async fn serve(
     Box::pin(serve_h2(stream, false, conn, &protocols)).await;
 }
 
+/// What the PROXY protocol step found at the start of a connection.
+enum ProxyIn {
+    /// Serve it: with the client address a header carried (`None`: the socket's peer),
+    /// and the address the client connected to, when the header said.
+    Peer { source: Option<SocketAddr>, destination: Option<SocketAddr> },
+    /// Close it and count it: a header that is malformed, late, or from a source not
+    /// trusted to send one, or none where one is required.
+    Refused(&'static str),
+    /// The client left, sent nothing in time on an HTTP listener, or Tether is shutting down.
+    Gone,
+}
+
+/// Reads a PROXY protocol header at the start of a connection on a listener with
+/// `proxy_protocol` on, within `request_header`, and only its bytes: they are peeked at
+/// until [`proxy_header::parse`](crate::proxy_header::parse) has a verdict, then exactly
+/// the header is read, so what follows (a ClientHello, an HTTP request) is still the
+/// socket's for the steps after. A partial header is waited on by readiness, as `sniff`
+/// does, never polled.
+///
+/// From a trusted source a header is taken (`optional`: or its absence); from anyone else
+/// a connection that begins with one is refused, and one that does not is served with
+/// its own address. A `tcp` listener whose client sends nothing in time (a protocol in
+/// which the server speaks first) goes on without a header, unless one is required.
+async fn proxy_in(
+    stream: &TcpStream,
+    pp: &crate::config::ProxyProtocol,
+    peer: SocketAddr,
+    tcp: bool,
+    within: Duration,
+    shutdown: &mut watch::Receiver<bool>,
+) -> ProxyIn {
+    use crate::proxy_header::Parsed;
+    let trusted = pp.trusts(peer.ip());
+    let mut buf = super::native::buffers::Buf::take();
+    let deadline = tokio::time::sleep(within);
+    tokio::pin!(deadline);
+    let mut seen = 0;
+    let peeked = tokio::select! {
+        r = peek_header(stream, buf.spare(), &mut seen) => r,
+        _ = &mut deadline => {
+            if seen > 0 {
+                return ProxyIn::Refused("no whole header within request_header");
+            }
+            if trusted && pp.required {
+                return ProxyIn::Refused("no header within request_header");
+            }
+            if !tcp {
+                tracing::debug!(%peer, "closing connection: nothing received within {within:?}");
+                return ProxyIn::Gone;
+            }
+            return ProxyIn::Peer { source: None, destination: None };
+        }
+        _ = shutdown.changed() => return ProxyIn::Gone,
+    };
+    let Some(verdict) = peeked else { return ProxyIn::Gone };
+    match verdict {
+        Parsed::NotProxy if trusted && pp.required => ProxyIn::Refused("no header from a trusted source"),
+        Parsed::NotProxy => ProxyIn::Peer { source: None, destination: None },
+        Parsed::Partial => ProxyIn::Gone,
+        Parsed::Invalid(why) => ProxyIn::Refused(why),
+        Parsed::Whole { .. } if !trusted => ProxyIn::Refused("header from a source not in proxy_protocol_from"),
+        Parsed::Whole { len, source, destination } => match take(stream, &mut buf.spare()[..len]) {
+            Ok(()) => ProxyIn::Peer { source, destination },
+            Err(_) => ProxyIn::Gone,
+        },
+    }
+}
+
+/// Peeks at the connection's first bytes (at most a header's worth) until they hold a
+/// verdict on a PROXY header; `seen` is how many there were at the last look. `None`: the
+/// client left, or the socket failed.
+async fn peek_header(stream: &TcpStream, buf: &mut [u8], seen: &mut usize) -> Option<crate::proxy_header::Parsed> {
+    use crate::proxy_header::{parse, Parsed, MAX};
+    let buf = &mut buf[..MAX];
+    loop {
+        let ready = stream.ready(Interest::READABLE).await.ok()?;
+        let looked = stream.try_io(Interest::READABLE, || {
+            let n = super::peek(stream, buf)?;
+            if n == 0 {
+                return Ok(None);
+            }
+            *seen = n;
+            match parse(&buf[..n]) {
+                // Wait for more: readiness is cleared as of before this peek.
+                Parsed::Partial => Err(io::ErrorKind::WouldBlock.into()),
+                v => Ok(Some(v)),
+            }
+        });
+        match looked {
+            Ok(v) => return v,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if ready.is_read_closed() {
+                    return None;
+                }
+            }
+            Err(_) => return None,
+        }
+    }
+}
+
+/// Reads exactly `buf.len()` bytes that a peek has already seen in the socket's receive
+/// queue, so the read cannot come up short or wait.
+fn take(stream: &TcpStream, buf: &mut [u8]) -> io::Result<()> {
+    let mut at = 0;
+    while at < buf.len() {
+        match stream.try_read(&mut buf[at..]) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => at += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// A client connection once accepted: what serving it needs besides its stream.
 struct Conn {
     peer: SocketAddr,
+    /// The address the client connected to, for PROXY protocol headers to backends.
+    local: Option<SocketAddr>,
     shared: Arc<Shared>,
     listener_name: Arc<str>,
     stats: Arc<ListenerStats>,
@@ -200,9 +340,11 @@ impl Conn {
             stream,
             peer: self.peer,
             shared: self.shared,
+            local: self.local,
             listener: self.listener_name,
             stats: self.stats,
             peer_ip,
+            own_backend: None,
             shutdown: self.shutdown,
             _permit: self.permit,
         }
@@ -259,6 +401,7 @@ where
         shared: conn.shared,
         listener_name: conn.listener_name,
         peer,
+        local: conn.local,
         peer_ip: HeaderValue::from_str(&ip).unwrap_or(HeaderValue::from_static("unknown")),
         tls,
         state: state.clone(),

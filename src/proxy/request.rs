@@ -131,6 +131,7 @@ async fn forward(
         RequestBody::client(body, snap.config.timeouts.client_body, snap.config.limits.max_request_body);
     attempt.body = body_state;
     attempt.max_body = snap.config.limits.max_request_body.unwrap_or(u64::MAX);
+    attempt.proxy_header = super::proxy_header(pool, cx.peer, cx.local);
     let upload = Upload::new(body, framing);
     let max_head = snap.config.limits.max_request_head as usize;
     let back =
@@ -305,6 +306,9 @@ struct Attempt<'p> {
     no_host: bool,
     /// `limits.max_request_body`, for the refusal of a body found to be over it.
     max_body: u64,
+    /// The PROXY protocol header the pool sends first on each connection, for this
+    /// request's client connection.
+    proxy_header: Option<crate::proxy_header::Header>,
 }
 
 impl<'p> Attempt<'p> {
@@ -320,6 +324,7 @@ impl<'p> Attempt<'p> {
             now_ms,
             no_host,
             max_body: u64::MAX,
+            proxy_header: None,
         }
     }
 
@@ -392,7 +397,8 @@ async fn send(
         if out.slot.is_none() {
             out.slot = pool.slot(attempt.index).await.map_err(|e| Refusal::of_slot(e, pool, attempt.index))?;
         }
-        let (mut conn, reused) = match connection(pool, attempt.index, attempt.stale >= STALE_RETRIES).await {
+        let header = attempt.proxy_header;
+        let (mut conn, reused) = match connection(pool, attempt.index, attempt.stale >= STALE_RETRIES, header).await {
             Ok(c) => c,
             Err(error) => {
                 tracing::warn!(pool = %pool.name, backend = %backend.name, address = %backend.address_text, "{error}");
@@ -419,7 +425,10 @@ async fn send(
         let fail = match tokio::time::timeout(timeouts.backend_response, exchange).await {
             Ok(Ok(())) => {
                 out.upstream = Some(sent.elapsed());
-                return Ok(Backside::new(conn, work, rbuf, upload, pool.upstreams[attempt.index].clone()));
+                // A connection that began with a PROXY protocol header is this request's
+                // alone: it is closed after it, never pooled.
+                let upstream = header.is_none().then(|| pool.upstreams[attempt.index].clone());
+                return Ok(Backside::new(conn, work, rbuf, upload, upstream));
             }
             Err(_) => return Err(timed_out(attempt, timeouts.backend_response)),
             Ok(Err(fail)) => fail,
@@ -597,15 +606,24 @@ fn broke(
 }
 
 /// A pooled native connection to backend `i` (`true`: reused), or a new one when there is
-/// none or `fresh`.
-async fn connection(pool: &Pool, i: usize, fresh: bool) -> Result<(BackendConn, bool), ConnectError> {
+/// none or `fresh`. A pool that sends PROXY protocol `header`s never shares a connection:
+/// each request of an HTTP/2 client gets a new one, with the header first.
+async fn connection(
+    pool: &Pool,
+    i: usize,
+    fresh: bool,
+    header: Option<crate::proxy_header::Header>,
+) -> Result<(BackendConn, bool), ConnectError> {
     let upstream = &pool.upstreams[i];
+    if let Some(header) = header {
+        return upstream.connect(Some(header.as_bytes())).await.map(|s| (s, false));
+    }
     if !fresh {
         if let Some(s) = upstream.take_idle() {
             return Ok((s, true));
         }
     }
-    upstream.connect().await.map(|s| (s, false))
+    upstream.connect(None).await.map(|s| (s, false))
 }
 
 /// RFC 9110 section 9.2.2.

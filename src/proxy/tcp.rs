@@ -13,9 +13,10 @@
 //!    the client IP (config refuses other keys on a pool behind a tcp listener); without,
 //!    the pool's algorithm.
 //! 3. `connect`: a `max_connections` slot (held for the connection's life), then a connect
-//!    within `timeouts.connect`; a failed connect counts against the backend's passive
-//!    health and moves the connection (and its session) to another backend, within the
-//!    pool's `retries` and retry budget.
+//!    within `timeouts.connect` (with the pool's PROXY protocol header first, if it sends
+//!    one); a failed connect counts against the backend's passive health and moves the
+//!    connection (and its session) to another backend, within the pool's `retries` and
+//!    retry budget.
 //! 4. `relay`: bytes both ways; a side that ends its sending (FIN) has it passed on while
 //!    the other direction goes on; the connection closes when both directions have ended,
 //!    when either side fails, when nothing moves either way for the idle timeout, or when
@@ -50,6 +51,8 @@ use crate::upstream::BackendConn;
 pub struct TcpConn {
     pub stream: TcpStream,
     pub peer: SocketAddr,
+    /// The address the client connected to, for PROXY protocol headers to backends.
+    pub local: Option<SocketAddr>,
     pub shared: Arc<Shared>,
     pub listener: Arc<str>,
     /// Held for the connection's life: shutdown waits for it (up to `shutdown_grace`).
@@ -181,7 +184,8 @@ async fn forward(conn: &mut TcpConn, tcp: &TcpListener, early: &mut Buf, line: &
                 return;
             }
         };
-        match pool.upstreams[index].connect().await {
+        let header = super::proxy_header(pool, conn.peer, conn.local);
+        match pool.upstreams[index].connect(header.as_ref().map(|h| h.as_bytes())).await {
             Ok(s) => {
                 backend.passive_success();
                 break (s, slot);

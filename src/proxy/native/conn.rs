@@ -51,11 +51,17 @@ use crate::upstream::{BackendConn, ConnectError};
 pub struct Client<S = TcpStream> {
     pub stream: S,
     pub peer: SocketAddr,
+    /// The address the client connected to, for PROXY protocol headers to backends.
+    pub local: Option<SocketAddr>,
     pub shared: Arc<Shared>,
     pub listener: Arc<str>,
     pub stats: Arc<ListenerStats>,
     /// The client's address as `X-Forwarded-For` gets it.
     pub peer_ip: Box<str>,
+    /// The idle backend connection this client connection owns: one that began with a
+    /// PROXY protocol header naming this client, so it serves no other (it never enters
+    /// the shared idle stacks). Its next request to the same backend reuses it.
+    pub own_backend: Option<(Arc<Backend>, BackendConn)>,
     pub shutdown: watch::Receiver<bool>,
     pub _permit: ConnPermit,
 }
@@ -397,6 +403,7 @@ impl<'c, S: ClientIo> Exchange<'c, S> {
             return Box::pin(self.forward_h2(buf, work, routes, pool, decision, index, trusted, https)).await;
         }
 
+        let proxy_header = crate::proxy::proxy_header(pool, self.client.peer, self.client.local);
         let mut attempt = Attempt { index, moves_left: pool.config.retries.max(1), stale: 0 };
         loop {
             let backend = &pool.backends[attempt.index];
@@ -424,7 +431,9 @@ impl<'c, S: ClientIo> Exchange<'c, S> {
             work.out.extend_from_slice(&data[head.len..head.len + taken]);
             let body_end = head.len + taken;
 
-            let (mut conn, reused) = match connection(pool, attempt.index, attempt.stale >= STALE_RETRIES).await {
+            let fresh = attempt.stale >= STALE_RETRIES;
+            let own = &mut self.client.own_backend;
+            let (mut conn, reused) = match connection(pool, attempt.index, fresh, proxy_header, own).await {
                 Ok(c) => c,
                 Err(error) => {
                     tracing::warn!(pool = %pool.name, backend = %backend.name, address = %backend.address_text, "{error}");
@@ -670,7 +679,11 @@ impl<'c, S: ClientIo> Exchange<'c, S> {
                 }
                 Ok(whole) => {
                     if whole && res_keep_alive {
-                        pool.upstreams[attempt.index].put_back(conn);
+                        if proxy_header.is_some() {
+                            self.client.own_backend = Some((pool.backends[attempt.index].clone(), conn));
+                        } else {
+                            pool.upstreams[attempt.index].put_back(conn);
+                        }
                     }
                     Ok(if close { After::Close } else { After::KeepAlive })
                 }
@@ -740,14 +753,32 @@ impl Attempt {
 }
 
 /// A pooled connection to backend `i` (`true`: reused), or a new one.
-async fn connection(pool: &Pool, i: usize, fresh: bool) -> Result<(BackendConn, bool), ConnectError> {
+///
+/// A pool that sends PROXY protocol `header`s pools nothing: the client connection's
+/// `own` connection is reused when it goes to the same backend and is still quiet;
+/// otherwise (it is dropped) a new one is opened with the header first.
+async fn connection(
+    pool: &Pool,
+    i: usize,
+    fresh: bool,
+    header: Option<crate::proxy_header::Header>,
+    own: &mut Option<(Arc<Backend>, BackendConn)>,
+) -> Result<(BackendConn, bool), ConnectError> {
     let upstream = &pool.upstreams[i];
+    if let Some(header) = header {
+        if let Some((backend, mut conn)) = own.take() {
+            if !fresh && Arc::ptr_eq(&backend, &pool.backends[i]) && conn.quiet() {
+                return Ok((conn, true));
+            }
+        }
+        return upstream.connect(Some(header.as_bytes())).await.map(|s| (s, false));
+    }
     if !fresh {
         if let Some(s) = upstream.take_idle() {
             return Ok((s, true));
         }
     }
-    upstream.connect().await.map(|s| (s, false))
+    upstream.connect(None).await.map(|s| (s, false))
 }
 
 /// Step 1: the listener's routes and the pool, by host then path.
