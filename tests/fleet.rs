@@ -620,3 +620,37 @@ async fn each_backends_sessions_are_counted_once_over_the_fleet_and_one_shot_cli
         assert!(found, "want {want:?}, got {}", last.lock().unwrap());
     }
 }
+
+/// `examples/fleet.sh` in its checking mode: Redis, three demo backends and three Tethers
+/// started by the script, a session kept through all three instances, a drain shared.
+#[test]
+fn the_fleet_example_starts_a_fleet_that_shares_sessions_and_drains() {
+    let installed = Command::new("redis-server").arg("--version").stdout(Stdio::null()).status().is_ok();
+    if !installed {
+        assert!(std::env::var_os("CI").is_none(), "redis-server is not installed: .ci/setup installs it");
+        eprintln!("SKIPPED: redis-server is not installed");
+        return;
+    }
+    // The script's ports shifted to a range that is free now (its defaults are 8081-8083,
+    // 9101-9103, 9981-9983 and 6390).
+    let free = |base: u16| {
+        [6390, 8081, 8082, 8083, 9101, 9102, 9103, 9981, 9982, 9983]
+            .iter()
+            .all(|p| TcpListener::bind(("127.0.0.1", p + base)).is_ok())
+    };
+    let base = (0..50).map(|i| 20_000 + ((rand() % 200) as u16) * 100 + i).find(|b| free(*b)).expect("free ports");
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new("bash")
+        .arg(root.join("examples/fleet.sh"))
+        .env("FLEET_CHECK", "1")
+        .env("TETHER", bin())
+        .env("BASE", base.to_string())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "fleet.sh failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("stayed on app-"), "{stdout}");
+    assert!(stdout.contains("reached instances 2 and 3"), "{stdout}");
+    assert!(stdout.contains("the fleet lists 3 instances"), "{stdout}");
+}

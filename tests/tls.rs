@@ -511,3 +511,59 @@ async fn client_certificates_are_verified_when_asked_for() {
     let out = std::process::Command::new(bin()).arg("check").arg("-c").arg(dir.write("m.toml", &bad)).output().unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("client_certificates \"sometimes\" is not known"));
 }
+
+/// Two instances with the same session-ticket secret resume each other's sessions; one
+/// with another secret does not (a full handshake, and the request is served all the same).
+#[tokio::test]
+async fn a_fleet_with_one_ticket_secret_resumes_sessions_on_any_instance() {
+    let dir = Scratch::new();
+    let shop = cert(&dir, "shop", &["shop.example"]);
+    let b = backends(1).await;
+    let secret = dir.write("tickets.key", "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\n");
+    let other = dir.write("other.key", "HxwdHhkaGxwVFhcYERITFA0ODxAJCgsMBQYHCAECAwQ=\n");
+    let with_secret = |path: &PathBuf| {
+        https_config(&[&b[0]], &[&shop], false).replace(
+            "protocol = \"https\"\n",
+            &format!("protocol = \"https\"\nsession_ticket_key_file = \"{}\"\n", path.display()),
+        )
+    };
+    let (a, a2) = (Tether::start(&with_secret(&secret)), Tether::start(&with_secret(&secret)));
+    let stranger = Tether::start(&with_secret(&other));
+    let plain = Tether::start(&https_config(&[&b[0]], &[&shop], false));
+    for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+        let fresh = || {
+            let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+            let mut store = rustls::RootCertStore::empty();
+            store.add(shop.der.clone()).unwrap();
+            let config = rustls::ClientConfig::builder_with_provider(provider)
+                .with_protocol_versions(&[version])
+                .unwrap()
+                .with_root_certificates(store)
+                .with_no_client_auth();
+            Arc::new(config)
+        };
+        // A full handshake on the first instance; the ticket it gives resumes on the second.
+        let config = fresh();
+        let first = connect_with(a.addr(), "shop.example", config.clone()).await;
+        assert_eq!(first.get_ref().1.handshake_kind(), Some(rustls::HandshakeKind::Full));
+        assert!(get_h1(first, "/").await.starts_with("HTTP/1.1 200"));
+        let second = connect_with(a2.addr(), "shop.example", config.clone()).await;
+        assert_eq!(second.get_ref().1.handshake_kind(), Some(rustls::HandshakeKind::Resumed), "{version:?}");
+        assert!(get_h1(second, "/").await.starts_with("HTTP/1.1 200"));
+        // Another secret, or none (this process's own keys): a full handshake, served.
+        for t in [&stranger, &plain] {
+            let config = fresh();
+            let first = connect_with(a.addr(), "shop.example", config.clone()).await;
+            assert!(get_h1(first, "/").await.starts_with("HTTP/1.1 200"));
+            let elsewhere = connect_with(t.addr(), "shop.example", config).await;
+            assert_eq!(elsewhere.get_ref().1.handshake_kind(), Some(rustls::HandshakeKind::Full), "{version:?}");
+            assert!(get_h1(elsewhere, "/").await.starts_with("HTTP/1.1 200"));
+        }
+    }
+    // The secret is checked with the config.
+    let short = dir.write("short.key", "AAEC\n");
+    let path = dir.write("bad.toml", &with_secret(&short));
+    let out = std::process::Command::new(bin()).arg("check").arg("-c").arg(&path).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.toml:6:27: listener \"web\": session_ticket_key:"), "{err}");
+}

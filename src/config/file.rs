@@ -164,6 +164,11 @@ pub struct Listener {
     pub client_ca: Option<Spanned<String>>,
     /// `"required"` (the default with `client_ca`) or `"optional"`.
     pub client_certificates: Option<Spanned<String>>,
+    /// For `protocol = "https"`: the secret (32 bytes, base64) session tickets are sealed
+    /// with, shared by a fleet so that resumption works on any instance; from a file or an
+    /// environment variable, never inline.
+    pub session_ticket_key_file: Option<Spanned<String>>,
+    pub session_ticket_key_env: Option<Spanned<String>>,
     /// For `protocol = "https"`: the certificates, chosen by SNI; the first is the default.
     #[serde(default)]
     pub certificates: Vec<Spanned<CertificateFiles>>,

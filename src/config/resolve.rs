@@ -276,9 +276,9 @@ impl Resolver<'_> {
 
     /// A store's secret from its `_file` or its `_env`, not both; `None` when neither is set
     /// (or it cannot be read, reported).
-    fn store_secret(
+    fn store_secret<T>(
         &mut self,
-        s: &Spanned<file::Store>,
+        s: &Spanned<T>,
         at: &str,
         what: &str,
         file: &Option<Spanned<String>>,
@@ -703,6 +703,9 @@ impl Resolver<'_> {
         if let Some(t) = &l.client_ca {
             self.error(t, not_tcp("client_ca"));
         }
+        if let Some(t) = l.session_ticket_key_file.as_ref().or(l.session_ticket_key_env.as_ref()) {
+            self.error(t, not_tcp("session tickets"));
+        }
         let default_pool = l.pool.as_ref().map(|p| self.pool_ref(name, p, pools));
         let mut sni = Vec::new();
         let mut seen = HashSet::new();
@@ -785,6 +788,24 @@ impl Resolver<'_> {
         }
     }
 
+    /// The fleet's session-ticket secret: `Some(None)` when the listener has none, `None`
+    /// (the error reported) when its setting is wrong.
+    fn ticket_secret(&mut self, name: &str, l: &file::Listener) -> Option<Option<[u8; 32]>> {
+        let at = format!("listener \"{name}\"");
+        let (file, env) = (&l.session_ticket_key_file, &l.session_ticket_key_env);
+        let Some(text) = self.store_secret(&l.bind, &at, "session_ticket_key", file, env) else {
+            return if file.is_some() || env.is_some() { None } else { Some(None) };
+        };
+        match crate::affinity::token::Key::from_base64(&text) {
+            Ok(k) => Some(Some(k.bytes())),
+            Err(e) => {
+                let place = file.as_ref().or(env.as_ref()).expect("a secret was read from one");
+                self.error(place, format!("{at}: session_ticket_key: {e}"));
+                None
+            }
+        }
+    }
+
     /// Client certificate verification: `Some(None)` when the listener asks for none, `None`
     /// (the error reported) when its settings are wrong.
     fn client_auth(&mut self, name: &str, l: &file::Listener) -> Option<Option<crate::tls::ClientAuth>> {
@@ -830,6 +851,9 @@ impl Resolver<'_> {
             if let Some(c) = &l.client_ca {
                 self.error(c, format!("listener \"{name}\": client_ca is only for protocol = \"https\""));
             }
+            if let Some(k) = l.session_ticket_key_file.as_ref().or(l.session_ticket_key_env.as_ref()) {
+                self.error(k, format!("listener \"{name}\": session tickets are only for protocol = \"https\""));
+            }
             return None;
         }
         if l.certificates.is_empty() {
@@ -873,7 +897,8 @@ impl Resolver<'_> {
             return None;
         }
         let client_auth = self.client_auth(name, l)?;
-        match crate::tls::ServerTls::new(loaded, client_auth) {
+        let ticket_secret = self.ticket_secret(name, l)?;
+        match crate::tls::ServerTls::new(loaded, client_auth, ticket_secret) {
             Ok(t) => Some(Arc::new(t)),
             Err(e) => {
                 self.error(&l.bind, format!("listener \"{name}\": TLS: {e}"));

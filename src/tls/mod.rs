@@ -13,6 +13,7 @@
 pub mod backend;
 pub mod client_hello;
 pub mod der;
+pub mod tickets;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -118,19 +119,28 @@ impl ClientAuth {
 pub struct ServerTls {
     pub certificates: Vec<Certificate>,
     pub client_auth: Option<ClientAuth>,
+    /// The fleet's session-ticket secret (`session_ticket_key_file` or `_env`), when one is
+    /// configured: see `tickets`.
+    pub ticket_secret: Option<[u8; 32]>,
     pub config: Arc<rustls::ServerConfig>,
 }
 
 impl PartialEq for ServerTls {
     fn eq(&self, other: &ServerTls) -> bool {
-        self.certificates == other.certificates && self.client_auth == other.client_auth
+        self.certificates == other.certificates
+            && self.client_auth == other.client_auth
+            && self.ticket_secret == other.ticket_secret
     }
 }
 
 impl ServerTls {
     /// The configuration for `certificates`; the first is the default, served to clients
     /// that send no SNI name or one no certificate is for.
-    pub fn new(certificates: Vec<Certificate>, client_auth: Option<ClientAuth>) -> Result<ServerTls, String> {
+    pub fn new(
+        certificates: Vec<Certificate>,
+        client_auth: Option<ClientAuth>,
+        ticket_secret: Option<[u8; 32]>,
+    ) -> Result<ServerTls, String> {
         let resolver = Arc::new(BySni::new(&certificates).ok_or("no certificate")?);
         let provider = Arc::new(provider::default_provider());
         let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
@@ -150,8 +160,13 @@ impl ServerTls {
         };
         let mut config = builder.with_cert_resolver(resolver);
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        config.ticketer = provider::Ticketer::new().map_err(|e| e.to_string())?;
-        Ok(ServerTls { certificates, client_auth, config: Arc::new(config) })
+        config.ticketer = match ticket_secret {
+            // Shared by every instance with the same secret.
+            Some(secret) => Arc::new(tickets::SharedTickets::new(secret)),
+            // This process's own, with random keys that rotate.
+            None => provider::Ticketer::new().map_err(|e| e.to_string())?,
+        };
+        Ok(ServerTls { certificates, client_auth, ticket_secret, config: Arc::new(config) })
     }
 }
 
@@ -254,7 +269,7 @@ mod tests {
         assert_eq!(pick(Some("a.b.shop.example")), 0);
         assert_eq!(pick(Some("elsewhere.example")), 0);
         assert_eq!(pick(None), 0);
-        assert!(ServerTls::new(certs, None).is_ok());
-        assert!(ServerTls::new(Vec::new(), None).is_err());
+        assert!(ServerTls::new(certs, None, None).is_ok());
+        assert!(ServerTls::new(Vec::new(), None, None).is_err());
     }
 }
