@@ -473,10 +473,10 @@ async fn reloads_bring_the_store_in_and_out_and_a_bad_one_changes_nothing() {
     }
 
     // A config the resolver refuses leaves the running one, store and all.
-    let bad = shared.replacen("prefix = \"test\"\n", "prefix = \"test\"\ntls = true\n", 1);
+    let bad = shared.replacen("prefix = \"test\"\n", "prefix = \"test\"\nca_file = \"ca.pem\"\n", 1);
     assert_ne!(bad, shared);
     reload(t, &bad, "reload rejected, the running config stays in force").await;
-    assert!(t.log().contains("plain TCP only"), "{}", t.log());
+    assert!(t.log().contains("ca_file is for tls = true"), "{}", t.log());
     assert_eq!(store_of().await["up"], true);
     stays(&f, &mut clients, 2, false).await;
 }
@@ -653,4 +653,95 @@ fn the_fleet_example_starts_a_fleet_that_shares_sessions_and_drains() {
     assert!(stdout.contains("stayed on app-"), "{stdout}");
     assert!(stdout.contains("reached instances 2 and 3"), "{stdout}");
     assert!(stdout.contains("the fleet lists 3 instances"), "{stdout}");
+}
+
+/// A CA and a certificate it signs for `names`, written as PEM files: (CA, cert, key).
+fn tls_files(
+    scratch: &Scratch,
+    tag: &str,
+    names: &[&str],
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params = rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+    let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+    (
+        scratch.write(&format!("{tag}-ca.pem"), &ca.pem()),
+        scratch.write(&format!("{tag}.pem"), &cert.pem()),
+        scratch.write(&format!("{tag}.key"), &key.serialize_pem()),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_are_shared_through_a_redis_that_speaks_tls() {
+    let installed = Command::new("redis-server").arg("--version").stdout(Stdio::null()).status().is_ok();
+    if !installed {
+        assert!(std::env::var_os("CI").is_none(), "redis-server is not installed: .ci/setup installs it");
+        return;
+    }
+    let scratch = Scratch::new();
+    let (ca, cert, key) = tls_files(&scratch, "redis", &["127.0.0.1"]);
+    let (other_ca, _, _) = tls_files(&scratch, "other", &["127.0.0.1"]);
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    // Redis on TLS only: its plain port off.
+    let mut child = Command::new("redis-server")
+        .args([
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .arg("--tls-cert-file")
+        .arg(&cert)
+        .arg("--tls-key-file")
+        .arg(&key)
+        .arg("--tls-ca-cert-file")
+        .arg(&ca)
+        .args(["--tls-auth-clients", "no"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Kill<'a>(&'a mut Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _redis = Kill(&mut child);
+    let backends = backends(3).await;
+    let store_key = scratch.write("store.key", "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\n");
+    let with_ca = |ca: &std::path::Path| {
+        fleet_config(&backends, port, &store_key).replacen(
+            "prefix = \"test\"\n",
+            &format!("prefix = \"test\"\ntls = true\nca_file = \"{}\"\n", ca.display()),
+            1,
+        )
+    };
+    let t: Vec<Tether> = (0..2).map(|_| Tether::start(&with_ca(&ca))).collect();
+    for t in &t {
+        wait_until_async("the store is up over TLS", Duration::from_secs(10), || store_up(t.admin())).await;
+    }
+    // A session learned on one instance keeps its backend on the other.
+    for i in 0..10 {
+        let mut c = Visitor::Header(format!("tls-user-{i}"));
+        let home = visit(&t[0], &mut c).await;
+        for _ in 0..3 {
+            assert_eq!(visit(&t[1], &mut c).await, home, "{c:?}");
+        }
+    }
+    // An instance that trusts another CA does not talk to this Redis, and says so.
+    let stranger = Tether::start(&with_ca(&other_ca));
+    stranger.wait_log("is down").await;
+    assert!(!store_up(stranger.admin()).await);
 }

@@ -100,7 +100,11 @@ pub struct Dns {
 pub struct Store {
     /// `HOST:PORT`.
     pub address: Spanned<String>,
+    /// Speak TLS to Redis.
     pub tls: Option<Spanned<bool>>,
+    /// With `tls`: PEM CA certificates Redis's certificate is verified against (default:
+    /// the system's).
+    pub ca_file: Option<Spanned<String>>,
     pub user: Option<Spanned<String>>,
     /// A file holding the password (never inline).
     pub password_file: Option<Spanned<String>>,

@@ -211,12 +211,25 @@ impl Resolver<'_> {
         if !port_ok {
             self.error(&f.address, format!("{at}: address \"{address}\" is not HOST:PORT, like 127.0.0.1:6379"));
         }
-        if let Some(tls) = f.tls.as_ref().filter(|t| *t.get_ref()) {
-            self.error(
-                tls,
-                format!("{at}: tls: this build speaks to Redis in plain TCP only; reach a TLS Redis through a local tunnel (stunnel, a sidecar)"),
-            );
-        }
+        let tls = match (f.tls.as_ref().is_some_and(|t| *t.get_ref()), &f.ca_file) {
+            (false, Some(ca)) => {
+                self.error(ca, format!("{at}: ca_file is for tls = true"));
+                None
+            }
+            (false, None) => None,
+            (true, None) => Some(Vec::new()),
+            (true, Some(ca)) => match std::fs::read(ca.get_ref()) {
+                Ok(pem) if crate::tls::backend::roots(&pem).is_ok() => Some(pem),
+                Ok(_) => {
+                    self.error(ca, format!("{at}: ca_file {} holds no PEM certificate", ca.get_ref()));
+                    None
+                }
+                Err(e) => {
+                    self.error(ca, format!("{at}: ca_file: cannot read {}: {}", ca.get_ref(), e.kind()));
+                    None
+                }
+            },
+        };
         let user = f.user.as_ref().map(|u| u.get_ref().clone());
         if let Some(u) = f.user.as_ref().filter(|u| u.get_ref().is_empty() || u.get_ref().contains(char::is_whitespace))
         {
@@ -263,6 +276,7 @@ impl Resolver<'_> {
         Store {
             name: name.to_string(),
             address,
+            tls,
             user,
             password,
             database,

@@ -777,7 +777,14 @@ fn store_mistakes_are_located_errors() {
     let cases: Vec<(String, &str)> = vec![
         (with_store("", &format!("address = \"nohost\"\n{key}"), "", ""), "is not HOST:PORT"),
         (with_store("", &format!("address = \"h:0\"\n{key}"), "", ""), "is not HOST:PORT"),
-        (with_store("", &format!("address = \"h:1\"\ntls = true\n{key}"), "", ""), "plain TCP only"),
+        (
+            with_store("", &format!("address = \"h:1\"\nca_file = \"ca.pem\"\n{key}"), "", ""),
+            "ca_file is for tls = true",
+        ),
+        (
+            with_store("", &format!("address = \"h:1\"\ntls = true\nca_file = \"/no/ca.pem\"\n{key}"), "", ""),
+            "ca_file: cannot read /no/ca.pem",
+        ),
         (with_store("", "address = \"h:1\"\n", "", ""), "set key_file or key_env"),
         (with_store("", "address = \"h:1\"\nkey_env = \"TETHER_TEST_NO_SUCH_VARIABLE\"\n", "", ""), "is not set"),
         (with_store("", "address = \"h:1\"\nkey_file = \"/no/such/file\"\n", "", ""), "cannot read /no/such/file"),

@@ -45,6 +45,9 @@ pub struct Store {
     pub name: String,
     /// `HOST:PORT`, resolved when connecting.
     pub address: String,
+    /// TLS to Redis, verifying its certificate for HOST against these PEM CA certificates
+    /// (empty: the system's); `None`: plain TCP.
+    pub tls: Option<Vec<u8>>,
     pub user: Option<String>,
     pub password: Option<Secret>,
     pub database: i64,

@@ -300,9 +300,16 @@ impl Fleet {
         if let Some(password) = &self.cfg.password {
             settings = settings.set_password(&**password);
         }
-        let info =
-            (host.trim_matches(|c| c == '[' || c == ']'), port).into_connection_info()?.set_redis_settings(settings);
-        redis::Client::open(info)
+        let host = host.trim_matches(|c| c == '[' || c == ']');
+        let Some(ca) = &self.cfg.tls else {
+            return redis::Client::open((host, port).into_connection_info()?.set_redis_settings(settings));
+        };
+        // TLS: Redis's certificate is verified for HOST (a name or an IP address), against
+        // the store's CA file or the system's CAs.
+        let addr = redis::ConnectionAddr::TcpTls { host: host.to_string(), port, insecure: false, tls_params: None };
+        let info = addr.into_connection_info()?.set_redis_settings(settings);
+        let root_cert = (!ca.is_empty()).then(|| ca.clone());
+        redis::Client::build_with_tls(info, redis::TlsCertificates { client_tls: None, root_cert })
     }
 }
 
@@ -821,6 +828,7 @@ mod tests {
         let cfg = config::Store {
             name: "s".into(),
             address: "127.0.0.1:1".into(),
+            tls: None,
             user: None,
             password: None,
             database: 0,
