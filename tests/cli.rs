@@ -31,7 +31,7 @@ fn every_example_config_passes_check() {
         checked.push(path.file_name().unwrap().to_string_lossy().into_owned());
     }
     checked.sort();
-    assert_eq!(checked, ["https.toml", "tcp.toml", "tether.toml"]);
+    assert_eq!(checked, ["grpc.toml", "https.toml", "tcp.toml", "tether.toml"]);
 }
 
 #[test]
