@@ -60,8 +60,9 @@ pub struct Client<S = TcpStream> {
     pub peer_ip: Box<str>,
     /// The idle backend connection this client connection owns: one that began with a
     /// PROXY protocol header naming this client, so it serves no other (it never enters
-    /// the shared idle stacks). Its next request to the same backend reuses it.
-    pub own_backend: Option<(Arc<Backend>, BackendConn)>,
+    /// the shared idle stacks). Its next request to the same backend reuses it. Boxed: an
+    /// idle client connection of a pool that sends no header carries one pointer for it.
+    pub own_backend: Option<Box<(Arc<Backend>, BackendConn)>>,
     pub shutdown: watch::Receiver<bool>,
     pub _permit: ConnPermit,
 }
@@ -680,7 +681,7 @@ impl<'c, S: ClientIo> Exchange<'c, S> {
                 Ok(whole) => {
                     if whole && res_keep_alive {
                         if proxy_header.is_some() {
-                            self.client.own_backend = Some((pool.backends[attempt.index].clone(), conn));
+                            self.client.own_backend = Some(Box::new((pool.backends[attempt.index].clone(), conn)));
                         } else {
                             pool.upstreams[attempt.index].put_back(conn);
                         }
@@ -762,11 +763,11 @@ async fn connection(
     i: usize,
     fresh: bool,
     header: Option<crate::proxy_header::Header>,
-    own: &mut Option<(Arc<Backend>, BackendConn)>,
+    own: &mut Option<Box<(Arc<Backend>, BackendConn)>>,
 ) -> Result<(BackendConn, bool), ConnectError> {
     let upstream = &pool.upstreams[i];
     if let Some(header) = header {
-        if let Some((backend, mut conn)) = own.take() {
+        if let Some((backend, mut conn)) = own.take().map(|b| *b) {
             if !fresh && Arc::ptr_eq(&backend, &pool.backends[i]) && conn.quiet() {
                 return Ok((conn, true));
             }
