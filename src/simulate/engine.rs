@@ -248,6 +248,15 @@ pub fn run(sc: &Scenario, strategy: &Strategy, seed: u64, progress: &mut dyn FnM
 impl<'a> Sim<'a> {
     fn new(sc: &'a Scenario, strategy: &Strategy, seed: u64) -> Sim<'a> {
         crate::random::reseed(seed);
+        // Tether's cookie: every request opens its client's token. A running Tether spreads
+        // its clients over its workers' open caches; this one thread holds them all, so its
+        // cache gets room for them (for a replay, whose sessions are not known ahead, 64K).
+        // It answers exactly what decrypting would: only the speed changes.
+        let mut affinities = strategy.config.pools.iter().filter_map(|p| p.affinity.as_ref());
+        if affinities.any(|a| a.keys.contains(&crate::config::KeySource::Cookie)) {
+            let sessions = if sc.workload.replay.is_some() { 1 << 16 } else { sc.workload.clients as usize };
+            crate::affinity::token::size_open_cache(sessions.min(1 << 18));
+        }
         let mut config = (*strategy.config).clone();
         let mut notes = Vec::new();
         if config.pools.iter_mut().any(|p| p.slow_start.take().is_some()) {
