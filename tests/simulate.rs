@@ -1051,3 +1051,48 @@ fn the_report_shows_a_split_per_pool() {
     // The same seed, the same split.
     assert_eq!(run(&split_scenario("17s"), None), r);
 }
+
+/// A split's two charts per split strategy in headless Chromium: laid out, with a line
+/// drawn for each pool.
+#[test]
+fn the_html_report_renders_a_splits_charts_in_a_browser() {
+    let node_path = root().join("target/pw/node_modules");
+    assert!(
+        node_path.join("playwright-core").exists() && Path::new("/usr/bin/chromium").exists(),
+        "the report test needs Chromium and playwright-core: run .ci/setup first"
+    );
+    let report = run(&split_scenario("17s"), None);
+    let dir = temp_dir("browser-split");
+    let html = dir.join("report.html");
+    std::fs::write(&html, report.html()).unwrap();
+    let screenshot = root().join("target/simulate-split-report.png");
+    let _ = std::fs::remove_file(&screenshot);
+    let out = Command::new("node")
+        .arg(root().join("tests/simulate/check.mjs"))
+        .arg(&html)
+        .arg(&screenshot)
+        .env("NODE_PATH", &node_path)
+        .output()
+        .expect("node runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "browser check failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let charts: Vec<&str> =
+        stdout.lines().filter_map(|l| l.strip_prefix("CHART ")).map(|c| c.split(' ').next().unwrap()).collect();
+    assert_eq!(
+        &charts[charts.len() - 4..],
+        ["split-sessions-0", "split-requests-0", "split-sessions-1", "split-requests-1"],
+        "{stdout}"
+    );
+    let paths: Vec<Vec<&str>> =
+        stdout.lines().filter_map(|l| l.strip_prefix("PATH ")).map(|l| l.split(' ').collect()).collect();
+    for id in &charts[charts.len() - 4..] {
+        let lines: Vec<&Vec<&str>> = paths.iter().filter(|p| p[0] == *id).collect();
+        assert_eq!(lines.len(), 2, "one line per pool on {id}: {stdout}");
+        for p in lines {
+            let (points, width): (usize, f64) = (p[2].parse().unwrap(), p[3].parse().unwrap());
+            assert!(points >= 2 && width > 100.0, "a line that did not draw: {p:?}");
+        }
+    }
+    assert!(screenshot.exists(), "no screenshot");
+    let _ = std::fs::remove_dir_all(dir);
+}
