@@ -225,6 +225,14 @@ impl Routes {
             To::Pool(_) => None,
         })
     }
+
+    /// The listener's splits, to change (the simulator puts them on simulated time).
+    pub fn splits_mut(&mut self) -> impl Iterator<Item = &mut Split> {
+        self.routes.iter_mut().filter_map(|r| match &mut r.to {
+            To::Split(s) => Some(s),
+            To::Pool(_) => None,
+        })
+    }
 }
 
 /// Everything a request needs, swapped whole on reload.

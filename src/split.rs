@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::affinity::explain::KeyError;
-use crate::affinity::stick_table::StickTable;
+use crate::affinity::stick_table::{Clock, StickTable};
 use crate::affinity::{self, cookies, hash, PinKind, PoolAffinity, RequestKeys};
 use crate::config::{self, KeySource, Mapping};
 
@@ -385,6 +385,23 @@ impl Split {
             Some(id) => self.members.iter().position(|m| m.id == id),
             None => self.members.iter().position(|m| affinity(m.pool).is_some_and(|a| a.ids.contains(&token.backend))),
         }
+    }
+
+    /// The split on the simulator's terms: a fresh store whose table reads `clock`
+    /// (simulated seconds) and hashes with `seed`, so a simulated run is reproducible.
+    /// Reloads built on it keep it (`build` keeps a previous store with the same settings).
+    pub fn simulated(&mut self, clock: &Clock, seed: u64) {
+        let (capacity, idle) = (self.store.capacity, self.store.idle);
+        let store = SplitStore {
+            table: StickTable::with_clock(capacity, idle, 16, clock.clone(), seed),
+            capacity,
+            idle,
+            stats: Mutex::default(),
+        };
+        for m in &mut self.members {
+            m.stats = store.stats(&m.name);
+        }
+        self.store = Arc::new(store);
     }
 
     /// Drops the expired entries of the split's key table (housekeeping, once a second).

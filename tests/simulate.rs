@@ -339,7 +339,7 @@ fn scenario_errors_say_file_line_and_key() {
     check_error(
         "action = \"fail\"",
         "action = \"explode\"",
-        "s.toml:9:10: unknown action \"explode\": expected \"fail\", \"recover\", \"drain\", \"enable\", \"disable\", \"remove\", \"add\", \"weight\" or \"reload\"",
+        "s.toml:9:10: unknown action \"explode\": expected \"fail\", \"recover\", \"drain\", \"enable\", \"disable\", \"remove\", \"add\", \"weight\", \"reload\" or \"split_weight\"",
     );
     check_error("at = \"5m\"", "at = \"11m\"", "s.toml:8:6: this event is after the end of the run (`duration`)");
     // serde's errors, located and naming the key, as `tether check` reports them.
@@ -487,15 +487,34 @@ fn the_command_reports_located_errors_and_fails() {
 
 #[test]
 fn every_example_scenario_is_valid() {
-    let mut n = 0;
+    let mut checked = Vec::new();
     for e in std::fs::read_dir(root().join("examples/simulate")).unwrap() {
         let path = e.unwrap().path();
         if path.extension().is_some_and(|x| x == "toml") {
             simulate::scenario::load(&path).unwrap_or_else(|e| panic!("{e}"));
-            n += 1;
+            checked.push(path.file_name().unwrap().to_string_lossy().into_owned());
         }
     }
-    assert!(n >= 2);
+    checked.sort();
+    assert_eq!(checked, ["canary.toml", "drain.toml", "failure_at_peak.toml", "rebalance.toml", "replay.toml"]);
+}
+
+/// The canary example, as docs/simulate.md shows it: Tether's cookie keeps every session in
+/// its pool through the weight changes; the hashed header moves some.
+#[test]
+fn the_canary_example_changes_no_sessions_pool_by_cookie() {
+    let sc = simulate::scenario::load(&root().join("examples/simulate/canary.toml")).unwrap();
+    let r = simulate::run(&sc, None, &mut |_, _| {});
+    let split = |name: &str| r.strategies.iter().find(|s| s.name == name).unwrap().split.clone().unwrap();
+    let (cookie, hashed) = (split("release"), split("release_hashed"));
+    assert_eq!((cookie.pool_changes, cookie.sessions_changed_pool), (0, 0));
+    assert!(hashed.sessions_changed_pool > 0);
+    // From 20 minutes on, the canary at 0 takes no new session.
+    for s in [&cookie, &hashed] {
+        let last = s.segments.last().unwrap();
+        assert_eq!((last.from_ms, last.sessions[1]), (20 * 60_000, 0));
+        assert!(last.sessions[0] > 0);
+    }
 }
 
 // === the report in a browser ===
@@ -910,4 +929,170 @@ address = "10.0.0.3:80"
         assert_eq!((verdict(s, "new"), verdict(s, "hit"), s.moved(), s.broken), (6, 24, 0, 0), "{name}");
         assert_eq!(at(s, 9000), (3, 3, 0), "{name}");
     }
+}
+
+// === traffic splits ===
+
+/// Two splits of a blue and a green pool (one backend each) at 50/50: one by Tether's
+/// cookie, one by a hashed header; green goes to weight 0 at 17 s.
+fn split_scenario(green_to_zero_at: &str) -> String {
+    let pool = |name: &str, backend: &str, affinity: &str| {
+        format!(
+            "[pools.{name}]\nbackends = [{{ name = \"{backend}\", address = \"10.0.0.1:80\" }}]\n[pools.{name}.affinity]\n{}\n",
+            affinity.replace("POOL", name)
+        )
+    };
+    let cookie = "keys = [\"cookie\"]\n[pools.POOL.affinity.cookie]\ntoken_version = 2";
+    let hashed = "keys = [\"header:X-User\"]\nmapping = \"hash\"";
+    format!(
+        r#"
+[simulate]
+duration = "60s"
+sample = "5s"
+seed = 3
+strategies = ["by_cookie", "by_hash"]
+[workload]
+clients = 400
+ramp = "0s"
+requests_per_session = 5
+think_time = "1s"
+away_time = "1s"
+header = "X-User"
+[[events]]
+at = "{green_to_zero_at}"
+action = "split_weight"
+pool = "green"
+weight = 0
+[[events]]
+at = "{green_to_zero_at}"
+action = "split_weight"
+pool = "green_h"
+weight = 0
+[[listeners]]
+bind = "127.0.0.1:8080"
+[[listeners.routes]]
+name = "by_cookie"
+split = [{{ pool = "blue", weight = 50 }}, {{ pool = "green", weight = 50 }}]
+[[listeners.routes]]
+path_prefix = "/h/"
+name = "by_hash"
+split = [{{ pool = "blue_h", weight = 50 }}, {{ pool = "green_h", weight = 50 }}]
+{}{}{}{}"#,
+        pool("blue", "b1", cookie),
+        pool("green", "g1", cookie),
+        pool("blue_h", "b1", hashed),
+        pool("green_h", "g1", hashed),
+    )
+}
+
+/// Worked by hand. 400 clients start at t=0 (no ramp); a session is 5 requests a second
+/// apart, then the client is away 1 s, so every client starts sessions at 0, 5, 10, ... 60 s
+/// (13 each, the one at 60 s cut to its first request by the end): 5200 sessions and
+/// 400 x (12 x 5 + 1) = 24 400 requests. Green goes to weight 0 at 17 s, between the
+/// sessions of 15 s (requests at 15 to 19 s) and those of 20 s.
+///
+/// With the cookie: the 1600 sessions of 0 to 15 s pick a pool by weight, each green with
+/// chance 1/2 (within 4.5 standard deviations of 800); from 17 s, the 3600 new sessions
+/// (20 to 60 s) all go blue, and green gets exactly the rest of its sessions of 15 s: 3
+/// requests each (17, 18, 19 s), however many there were (the sample at 20 s counts them:
+/// it holds the requests of 15 to 19 s). No session ever changes pool.
+///
+/// With a hashed header, each client's pool is its hash's, so a client's sessions stay in
+/// one pool while the weights stay; at 17 s green takes no key, and its sessions of 15 s
+/// move to blue mid-session: exactly those sessions change pool, once each.
+#[test]
+fn golden_split_weight_to_zero_shifts_only_new_sessions() {
+    let r = run(&split_scenario("17s"), None);
+    let [cookie, hashed] = &r.strategies[..] else { panic!("two strategies") };
+    for s in [cookie, hashed] {
+        assert_eq!((s.sessions, s.requests, s.failed, s.refused), (5200, 24_400, 0, 0), "{}", s.name);
+    }
+    let split = cookie.split.as_ref().expect("a split strategy has its split's report");
+    assert_eq!(split.pools, ["blue", "green"]);
+    assert_eq!(split.segments.iter().map(|x| x.from_ms).collect::<Vec<_>>(), [0, 17_000]);
+    let (before, after) = (&split.segments[0], &split.segments[1]);
+    assert_eq!(before.sessions.iter().sum::<u64>(), 1600);
+    let sd = (1600.0f64 * 0.25).sqrt();
+    assert!((before.sessions[1] as f64 - 800.0).abs() <= 4.5 * sd, "green's sessions: {:?}", before.sessions);
+    assert_eq!(after.sessions, [3600, 0], "a pool at weight 0 takes no new session");
+    let green_at_15 = cookie.samples.iter().find(|x| x.t_ms == 20_000).unwrap().pool_sessions[1];
+    assert!(green_at_15 > 0, "some sessions of 15 s in green");
+    assert_eq!(after.requests[1], 3 * green_at_15, "green keeps exactly its sessions in progress");
+    assert_eq!(split.requests.iter().sum::<u64>(), 24_400);
+    assert_eq!(split.sessions, [before.sessions[0] + 3600, before.sessions[1]]);
+    assert_eq!((split.pool_changes, split.sessions_changed_pool), (0, 0));
+    assert_eq!((cookie.moved(), cookie.broken), (0, 0));
+
+    let split = hashed.split.as_ref().unwrap();
+    let green_at_15 = hashed.samples.iter().find(|x| x.t_ms == 20_000).unwrap().pool_sessions[1];
+    assert!(green_at_15 > 0);
+    assert_eq!(split.segments[1].requests[1], 0, "a hashed key keeps nothing at weight 0");
+    assert_eq!((split.pool_changes, split.sessions_changed_pool), (green_at_15, green_at_15));
+    assert_eq!(split.segments[1].sessions, [3600, 0]);
+    // The clients' share of green within the binomial tolerance, every session the same.
+    let sd = (400.0f64 * 0.25).sqrt();
+    assert!((green_at_15 as f64 - 200.0).abs() <= 4.5 * sd, "{green_at_15} of 400 clients hash to green");
+    assert_eq!(split.segments[0].sessions[1], 4 * green_at_15);
+}
+
+/// A split's table shows each pool's new sessions and requests between events, and the
+/// sessions that changed pool; the HTML report charts both per pool.
+#[test]
+fn the_report_shows_a_split_per_pool() {
+    let r = run(&split_scenario("17s"), None);
+    let table = r.table();
+    assert!(table.contains("traffic split by_cookie: 0 sessions changed pool (0 requests"), "{table}");
+    let line = table.lines().find(|l| l.trim_start().starts_with("17s")).expect("a row from the event");
+    assert!(line.contains("3600 100.0%") && line.contains("0   0.0%"), "{line}");
+    let html = r.html();
+    for id in ["split-sessions-0", "split-requests-0", "split-sessions-1", "split-requests-1"] {
+        assert!(html.contains(&format!("id=\"{id}\"")), "{id}");
+    }
+    // The same seed, the same split.
+    assert_eq!(run(&split_scenario("17s"), None), r);
+}
+
+/// A split's two charts per split strategy in headless Chromium: laid out, with a line
+/// drawn for each pool.
+#[test]
+fn the_html_report_renders_a_splits_charts_in_a_browser() {
+    let node_path = root().join("target/pw/node_modules");
+    assert!(
+        node_path.join("playwright-core").exists() && Path::new("/usr/bin/chromium").exists(),
+        "the report test needs Chromium and playwright-core: run .ci/setup first"
+    );
+    let report = run(&split_scenario("17s"), None);
+    let dir = temp_dir("browser-split");
+    let html = dir.join("report.html");
+    std::fs::write(&html, report.html()).unwrap();
+    let screenshot = root().join("target/simulate-split-report.png");
+    let _ = std::fs::remove_file(&screenshot);
+    let out = Command::new("node")
+        .arg(root().join("tests/simulate/check.mjs"))
+        .arg(&html)
+        .arg(&screenshot)
+        .env("NODE_PATH", &node_path)
+        .output()
+        .expect("node runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "browser check failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let charts: Vec<&str> =
+        stdout.lines().filter_map(|l| l.strip_prefix("CHART ")).map(|c| c.split(' ').next().unwrap()).collect();
+    assert_eq!(
+        &charts[charts.len() - 4..],
+        ["split-sessions-0", "split-requests-0", "split-sessions-1", "split-requests-1"],
+        "{stdout}"
+    );
+    let paths: Vec<Vec<&str>> =
+        stdout.lines().filter_map(|l| l.strip_prefix("PATH ")).map(|l| l.split(' ').collect()).collect();
+    for id in &charts[charts.len() - 4..] {
+        let lines: Vec<&Vec<&str>> = paths.iter().filter(|p| p[0] == *id).collect();
+        assert_eq!(lines.len(), 2, "one line per pool on {id}: {stdout}");
+        for p in lines {
+            let (points, width): (usize, f64) = (p[2].parse().unwrap(), p[3].parse().unwrap());
+            assert!(points >= 2 && width > 100.0, "a line that did not draw: {p:?}");
+        }
+    }
+    assert!(screenshot.exists(), "no screenshot");
+    let _ = std::fs::remove_dir_all(dir);
 }

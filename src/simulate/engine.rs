@@ -2,6 +2,12 @@
 //! own `decide`, `failover` and `learn` over a real [`Snapshot`] built from the strategy's
 //! config, while the timeline fails, drains, adds and removes backends.
 //!
+//! A split strategy's snapshot holds the split's pools and the route that splits between
+//! them: each request first goes through the split's own `choose` (its key table on the
+//! same manual clock, its weighted pick drawing from the reseeded `random_below`), then the
+//! chosen pool's `decide`; a `split_weight` event is a reload with the new weight, which
+//! keeps the split's table as a real reload does.
+//!
 //! Time is simulated: every call into Tether gets `now_ms` (a fixed epoch plus simulated
 //! milliseconds), the affinity tables read a `Clock::manual` the loop advances, drains
 //! are stamped with simulated time, and the once-a-second housekeeping (`recount_sessions`,
@@ -33,7 +39,7 @@ use crate::config::{AdminState, Config};
 use crate::pool::Snapshot;
 
 use super::replay::{Reader, Request};
-use super::report::{DrainReport, ReplayReport, Sample, StrategyReport};
+use super::report::{DrainReport, ReplayReport, Sample, SplitReport, SplitSegment, StrategyReport};
 use super::scenario::{Action, Dist, Scenario, Strategy, MAX_BACKENDS};
 
 /// Simulated time starts at this Unix time (2027-01-15T08:00:00Z), so tokens carry
@@ -42,6 +48,9 @@ pub const EPOCH_MS: u64 = 1_800_000_000_000;
 
 /// No backend (a client between sessions, or before its first request).
 const NONE: u16 = u16::MAX;
+
+/// No pool yet (a split strategy's client before the first request of its session).
+const NO_POOL: u16 = u16::MAX;
 
 /// SplitMix64: small, fast, and good enough for workload draws (not for secrets).
 #[derive(Debug, Clone)]
@@ -73,6 +82,9 @@ impl Rng {
     }
 }
 
+/// A request a rebalancing pool counts in flight, with the pool's index.
+type PoolBegan = (usize, Began);
+
 /// One simulated client.
 #[derive(Debug)]
 struct Client {
@@ -90,8 +102,13 @@ struct Client {
     broken: bool,
     /// The backend holding the client's request, while it is in flight.
     in_flight: Option<Arc<Backend>>,
-    /// The request in flight as a rebalancing pool counts it (`PoolAffinity::begin_at`).
-    began: Option<Began>,
+    /// The request in flight as a rebalancing pool counts it (`PoolAffinity::begin_at`),
+    /// with the pool's index.
+    began: Option<PoolBegan>,
+    /// The pool (index) of the session's last request, in a split strategy.
+    pool: u16,
+    /// The session has already been counted as having changed pool.
+    changed_pool: bool,
 }
 
 /// What a simulated request shows `decide`: Tether's cookie and the app's, the id header.
@@ -151,10 +168,17 @@ struct Sim<'a> {
     clients: Vec<Client>,
     header_values: Vec<Box<str>>,
     heap: BinaryHeap<Reverse<u64>>,
-    /// Every backend name the run has seen; its index is the backend's sim id.
-    names: Vec<String>,
-    /// Sim id by index in the current pool.
-    sim_of: Vec<u16>,
+    /// Every backend the run has seen, as (pool, backend) names; its index is the
+    /// backend's sim id.
+    names: Vec<(String, String)>,
+    /// How the report names each sim id: the backend's name, or `pool/backend` in a split.
+    labels: Vec<String>,
+    /// Sim id by pool index, then by index in that pool.
+    sim_of: Vec<Vec<u16>>,
+    /// Whether the strategy is a split (its route's split chooses each request's pool).
+    split: bool,
+    /// A split's requests and new sessions per pool in the current sample interval.
+    interval_pools: Vec<(u64, u64)>,
     /// By sim id: the backend refuses connections (a `fail` event).
     dead: Vec<bool>,
     /// By sim id: sessions in progress whose last request went there.
@@ -174,7 +198,7 @@ struct Sim<'a> {
     pseudonyms: Vec<(u64, u64)>,
     free_slots: Vec<u32>,
     /// Replayed requests in flight, by slot, and the free slots.
-    flights: Vec<Option<(Arc<Backend>, Option<Began>)>>,
+    flights: Vec<Option<(Arc<Backend>, Option<PoolBegan>)>>,
     free_flights: Vec<u32>,
     /// Requests of no session so far (each gets an address of its own).
     sessionless: u64,
@@ -224,29 +248,44 @@ pub fn run(sc: &Scenario, strategy: &Strategy, seed: u64, progress: &mut dyn FnM
 impl<'a> Sim<'a> {
     fn new(sc: &'a Scenario, strategy: &Strategy, seed: u64) -> Sim<'a> {
         crate::random::reseed(seed);
+        // Tether's cookie: every request opens its client's token. A running Tether spreads
+        // its clients over its workers' open caches; this one thread holds them all, so its
+        // cache gets room for them (for a replay, whose sessions are not known ahead, 64K).
+        // It answers exactly what decrypting would: only the speed changes.
+        let mut affinities = strategy.config.pools.iter().filter_map(|p| p.affinity.as_ref());
+        if affinities.any(|a| a.keys.contains(&crate::config::KeySource::Cookie)) {
+            let sessions = if sc.workload.replay.is_some() { 1 << 16 } else { sc.workload.clients as usize };
+            crate::affinity::token::size_open_cache(sessions.min(1 << 18));
+        }
         let mut config = (*strategy.config).clone();
         let mut notes = Vec::new();
-        if config.pools[0].slow_start.take().is_some() {
+        if config.pools.iter_mut().any(|p| p.slow_start.take().is_some()) {
             notes.push("slow_start is not simulated (its ramp reads the wall clock): off in this run".to_string());
         }
-        if config.pools[0].health.as_ref().is_some_and(|h| h.eject_after > 0) {
+        if config.pools.iter().any(|p| p.health.as_ref().is_some_and(|h| h.eject_after > 0)) {
             notes.push(
                 "passive ejection is not simulated (its ejection time reads the wall clock): requests to a failed \
                  backend move, but it is not ejected"
                     .to_string(),
             );
         }
-        if config.pools[0].backends.iter().any(|b| b.max_connections.is_some()) {
+        if config.pools.iter().any(|p| p.backends.iter().any(|b| b.max_connections.is_some())) {
             notes.push("max_connections queues are not simulated".to_string());
         }
         let secs = Arc::new(AtomicU32::new(0));
+        let clock = Clock::manual(secs.clone());
         let mut snapshot = Snapshot::build(Arc::new(config.clone()), None);
-        if let Some(a) = snapshot.pools[0].affinity.as_mut() {
-            a.store = Arc::new(Store::simulated(&a.cfg, &Clock::manual(secs.clone()), seed));
+        for a in snapshot.pools.iter_mut().filter_map(|p| p.affinity.as_mut()) {
+            a.store = Arc::new(Store::simulated(&a.cfg, &clock, seed));
         }
+        // A split's table on simulated time too (a seed of its own, as each pool table's).
+        for s in snapshot.listeners.iter_mut().flat_map(|l| l.splits_mut()) {
+            s.simulated(&clock, seed ^ 0x5b1f_7e11_0000_0000);
+        }
+        let split = snapshot.listeners.iter().any(|l| l.splits().next().is_some());
         // A replay runs at the log's own times, so that its tokens carry them.
         let epoch_ms = sc.workload.replay.as_ref().map_or(EPOCH_MS, |r| r.first_ms);
-        for b in &snapshot.pools[0].backends {
+        for b in snapshot.pools.iter().flat_map(|p| &p.backends) {
             b.restamp_drain(epoch_ms);
         }
         let w = &sc.workload;
@@ -256,16 +295,7 @@ impl<'a> Sim<'a> {
             .map(|c| {
                 let start = (rng.unit() * w.ramp_ms as f64) as u64;
                 heap.push(Reverse(pack(start, c, false)));
-                Client {
-                    token: None,
-                    app: None,
-                    left: 0,
-                    last: NONE,
-                    used: 0,
-                    broken: false,
-                    in_flight: None,
-                    began: None,
-                }
+                Client::empty()
             })
             .collect();
         let header_values = match &w.header {
@@ -277,12 +307,28 @@ impl<'a> Sim<'a> {
             Some(a) => describe_keys(&a.cfg),
             None => "none".into(),
         };
+        // A split's pools may each have their own algorithm.
+        let mut algorithms: Vec<String> = Vec::new();
+        for p in &snapshot.pools {
+            let a = format!("{:?}", p.config.algorithm).to_lowercase();
+            if !algorithms.contains(&a) {
+                algorithms.push(a);
+            }
+        }
+        let n_pools = snapshot.pools.len();
         let out = StrategyReport {
             name: strategy.name.clone(),
             keys,
-            algorithm: format!("{:?}", pool.config.algorithm).to_lowercase(),
+            algorithm: algorithms.join("/"),
             notes,
             replay: w.replay.as_ref().map(|_| ReplayReport::default()),
+            split: split.then(|| SplitReport {
+                pools: snapshot.pools.iter().map(|p| p.name.to_string()).collect(),
+                requests: vec![0; n_pools],
+                sessions: vec![0; n_pools],
+                segments: vec![SplitSegment { from_ms: 0, requests: vec![0; n_pools], sessions: vec![0; n_pools] }],
+                ..SplitReport::default()
+            }),
             ..StrategyReport::default()
         };
         let mut sim = Sim {
@@ -295,7 +341,10 @@ impl<'a> Sim<'a> {
             header_values,
             heap,
             names: Vec::new(),
+            labels: Vec::new(),
             sim_of: Vec::new(),
+            split,
+            interval_pools: vec![(0, 0); n_pools],
             dead: Vec::new(),
             active_on: Vec::new(),
             interval_requests: Vec::new(),
@@ -315,34 +364,76 @@ impl<'a> Sim<'a> {
         sim
     }
 
-    /// Gives every backend of the current pool its sim id (new names get new ids).
+    /// Gives every backend of the current pools its sim id (new names get new ids).
     fn map_backends(&mut self) {
         let mut sim_of = Vec::new();
-        for b in &self.snapshot.pools[0].backends {
-            let id = match self.names.iter().position(|n| *n == b.name) {
-                Some(i) => i,
-                None => {
-                    assert!(
-                        self.names.len() < MAX_BACKENDS,
-                        "checked by the scenario: at most {MAX_BACKENDS} backends"
-                    );
-                    self.names.push(b.name.clone());
-                    self.dead.push(false);
-                    self.active_on.push(0);
-                    self.interval_requests.push(0);
-                    self.names.len() - 1
-                }
-            };
-            sim_of.push(id as u16);
+        for pool in &self.snapshot.pools {
+            let mut ids = Vec::new();
+            for b in &pool.backends {
+                let id = match self.names.iter().position(|(p, n)| **p == *pool.name && *n == b.name) {
+                    Some(i) => i,
+                    None => {
+                        assert!(
+                            self.names.len() < MAX_BACKENDS,
+                            "checked by the scenario: at most {MAX_BACKENDS} backends"
+                        );
+                        self.names.push((pool.name.to_string(), b.name.clone()));
+                        self.labels.push(if self.split { format!("{}/{}", pool.name, b.name) } else { b.name.clone() });
+                        self.dead.push(false);
+                        self.active_on.push(0);
+                        self.interval_requests.push(0);
+                        self.names.len() - 1
+                    }
+                };
+                ids.push(id as u16);
+            }
+            sim_of.push(ids);
         }
         self.sim_of = sim_of;
     }
 
+    /// The pool (index) a request goes to: the split's choice (Tether's `Split::choose`)
+    /// in a split strategy, else the strategy's one pool.
+    fn choose_pool(&self, req: &SimRequest<'_>, ip: IpAddr, now_ms: u64) -> usize {
+        let Some(split) = self.snapshot.listeners.first().and_then(|l| l.splits().next()) else { return 0 };
+        split.choose(|p| self.snapshot.pools.get(p)?.affinity.as_ref(), req, || ip, now_ms)
+    }
+
+    /// A split strategy's bookkeeping of a request of client `c` sent to pool `p`: per
+    /// pool, the request and (on the session's first request, `new_session`) the session,
+    /// and whether the session changed pool.
+    fn account_pool(&mut self, c: Option<usize>, p: usize, new_session: bool) {
+        let Some(out) = self.out.split.as_mut() else { return };
+        out.requests[p] += 1;
+        self.interval_pools[p].0 += 1;
+        let segment = out.segments.last_mut().expect("a split report starts with a segment");
+        segment.requests[p] += 1;
+        if new_session {
+            out.sessions[p] += 1;
+            segment.sessions[p] += 1;
+            self.interval_pools[p].1 += 1;
+        }
+        let Some(client) = c.map(|c| &mut self.clients[c]) else { return };
+        let p = p as u16;
+        if client.pool != NO_POOL && client.pool != p {
+            out.pool_changes += 1;
+            if !client.changed_pool {
+                client.changed_pool = true;
+                out.sessions_changed_pool += 1;
+            }
+        }
+        client.pool = p;
+    }
+
     fn run(&mut self, progress: &mut dyn FnMut(u64)) {
         let end = self.sc.duration_ms;
-        let health = self.snapshot.pools[0].config.health.clone();
-        let check_every = health.as_ref().map_or(u64::MAX, |h| (h.interval.as_millis() as u64).max(1));
-        let (mut next_second, mut next_check, mut next_event) = (1000u64, check_every, 0usize);
+        // Each pool's active checks on its own interval.
+        let health: Vec<Option<crate::config::Health>> =
+            self.snapshot.pools.iter().map(|p| p.config.health.clone()).collect();
+        let check_every: Vec<u64> =
+            health.iter().map(|h| h.as_ref().map_or(u64::MAX, |h| (h.interval.as_millis() as u64).max(1))).collect();
+        let mut next_checks = check_every.clone();
+        let (mut next_second, mut next_event) = (1000u64, 0usize);
         let mut handled = 0u64;
         let mut reader = match &self.sc.workload.replay {
             None => None,
@@ -364,6 +455,7 @@ impl<'a> Sim<'a> {
                 next_client = next_client.min(r.peek_time().unwrap_or(u64::MAX));
             }
             let event_at = self.sc.events.get(next_event).map_or(u64::MAX, |e| e.at_ms);
+            let next_check = next_checks.iter().copied().min().unwrap_or(u64::MAX);
             let tick = next_second.min(next_check).min(event_at).min(self.next_sample);
             if tick <= next_client {
                 if tick > end {
@@ -374,8 +466,9 @@ impl<'a> Sim<'a> {
                     self.apply(next_event, tick);
                     next_event += 1;
                 } else if next_check == tick {
-                    self.health_checks(health.as_ref().expect("checks are scheduled only with a [health]"));
-                    next_check += check_every;
+                    let p = next_checks.iter().position(|&n| n == tick).expect("the earliest check");
+                    self.health_checks(p, health[p].as_ref().expect("checks are scheduled only with a [health]"));
+                    next_checks[p] += check_every[p];
                 } else if next_second == tick {
                     self.housekeeping(tick);
                     next_second += 1000;
@@ -442,7 +535,7 @@ impl<'a> Sim<'a> {
         }
         // Token session ids come from the system's random source (see ARCHITECTURE.md,
         // "The simulator"); they only decide which entries a full table drops.
-        if let Some(a) = &self.snapshot.pools[0].affinity {
+        for a in self.snapshot.pools.iter().filter_map(|p| p.affinity.as_ref()) {
             let (pins, sessions) = (a.store.pin_stats(), a.store.sessions.stats());
             let dropped = sessions.evictions + sessions.rejections;
             if dropped > 0 {
@@ -468,14 +561,27 @@ impl<'a> Sim<'a> {
         let now_ms = self.epoch_ms + t;
         let sc = self.sc;
         let w = &sc.workload;
-        if self.clients[c].left == 0 {
+        let new_session = self.clients[c].left == 0;
+        if new_session {
             let n = self.rng.draw(w.requests_per_session).round().max(1.0);
             let client = &mut self.clients[c];
             // A new browser session: no cookies.
             *client = Client { left: n.min(f64::from(u32::MAX)) as u32, ..Client::empty() };
             self.out.sessions += 1;
         }
-        let pool = &self.snapshot.pools[0];
+        let ip = IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + c as u32 / w.clients_per_ip));
+        let client = &self.clients[c];
+        // A split's pools share one cookie name (the config requires it).
+        let req = SimRequest {
+            token_name: self.snapshot.pools[0].affinity.as_ref().and_then(|a| a.cookie_name()).unwrap_or(""),
+            token: client.token.as_deref(),
+            app_name: w.app_cookie.as_deref().unwrap_or(""),
+            app: client.app.as_ref().map(|(v, _)| &**v),
+            header_name: w.header.as_deref().unwrap_or(""),
+            header: self.header_values.get(c).map_or(&[], |h| h.as_bytes()),
+        };
+        let p = if self.split { self.choose_pool(&req, ip, now_ms) } else { 0 };
+        let pool = &self.snapshot.pools[p];
         let group = Group {
             backends: &pool.backends,
             balancer: &pool.balancer,
@@ -483,25 +589,15 @@ impl<'a> Sim<'a> {
             panic_mode: pool.config.panic_mode,
         };
         pool.retry_budget.deposit(pool.config.retry_budget);
-        let ip = IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + c as u32 / w.clients_per_ip));
-        let client = &self.clients[c];
         let mut d = match &pool.affinity {
-            Some(a) => {
-                let req = SimRequest {
-                    token_name: a.cookie_name().unwrap_or(""),
-                    token: client.token.as_deref(),
-                    app_name: w.app_cookie.as_deref().unwrap_or(""),
-                    app: client.app.as_ref().map(|(v, _)| &**v),
-                    header_name: w.header.as_deref().unwrap_or(""),
-                    header: self.header_values.get(c).map_or(&[], |h| h.as_bytes()),
-                };
-                a.decide(&group, &req, ip, now_ms)
-            }
+            Some(a) => a.decide(&group, &req, ip, now_ms),
             None => Decision::plain(group.pick(None)),
         };
         // A backend that fails refuses connections: the proxy moves the request (and
         // re-pins its session) as it would, within `retries` and the retry budget.
-        let target = self.past_dead(pool, &mut d, now_ms);
+        let target = self.past_dead(p, &mut d, now_ms);
+        self.account_pool(Some(c), p, new_session);
+        let pool = &self.snapshot.pools[p];
         let left = {
             let client = &mut self.clients[c];
             client.left -= 1;
@@ -524,7 +620,7 @@ impl<'a> Sim<'a> {
             self.end_request(c, t, None, think);
             return;
         };
-        let b = self.sim_of[i];
+        let b = self.sim_of[p][i];
         self.out.requests += 1;
         self.out.verdicts[d.verdict.index()] += 1;
         self.interval_requests[usize::from(b)] += 1;
@@ -549,7 +645,7 @@ impl<'a> Sim<'a> {
             }
         }
         // A pool that rebalances sees the request in flight until it ends.
-        let began = pool.affinity.as_ref().and_then(|a| a.begin_at(&d, now_ms));
+        let began = pool.affinity.as_ref().and_then(|a| a.begin_at(&d, now_ms)).map(|g| (p, g));
         self.account(c, b, d.verdict, left == 0);
         self.clients[c].began = began;
         self.end_request(c, t, Some(backend), think);
@@ -617,14 +713,14 @@ impl<'a> Sim<'a> {
         self.heap.push(Reverse(pack(next, c, false)));
     }
 
-    /// One replayed request: the log's `q`, of its session (if any), at its logged time.
-    /// The decision's backend, or, where it has failed (refusing connections), the one the
-    /// proxy moves the request to (re-pinning its session) within `retries`.
-    fn past_dead(&self, pool: &crate::pool::Pool, d: &mut Decision, now_ms: u64) -> Option<usize> {
+    /// The decision's backend in pool `p`, or, where it has failed (refusing connections),
+    /// the one the proxy moves the request to (re-pinning its session) within `retries`.
+    fn past_dead(&self, p: usize, d: &mut Decision, now_ms: u64) -> Option<usize> {
+        let pool = &self.snapshot.pools[p];
         let mut target = d.backend();
         let mut moves = 0;
         while let Some(i) = target {
-            if !self.dead[usize::from(self.sim_of[i])] {
+            if !self.dead[usize::from(self.sim_of[p][i])] {
                 break;
             }
             target = if moves < pool.config.retries { pool.move_from(i, d, now_ms) } else { None };
@@ -633,11 +729,14 @@ impl<'a> Sim<'a> {
         target
     }
 
+    /// One replayed request: the log's `q`, of its session (if any), at its logged time.
     fn replay_request(&mut self, q: &Request, reader: &Reader) {
         let t = q.t_ms;
         let now_ms = self.epoch_ms + t;
         let sc = self.sc;
         let w = &sc.workload;
+        // Whether this request opens its session here (for a split's new sessions).
+        let mut opened = false;
         let slot = match q.session {
             None => None,
             Some(p) => match self.sessions.get(&p) {
@@ -645,7 +744,10 @@ impl<'a> Sim<'a> {
                     self.pseudonyms[slot as usize].1 = t;
                     Some(slot as usize)
                 }
-                None => self.open_session(p, q, reader),
+                None => {
+                    opened = true;
+                    self.open_session(p, q, reader)
+                }
             },
         };
         // What the request shows the key chain, made from its pseudonym only: an address
@@ -670,7 +772,17 @@ impl<'a> Sim<'a> {
             }
             _ => &[],
         };
-        let pool = &self.snapshot.pools[0];
+        let client = slot.map(|c| &self.clients[c]);
+        let req = SimRequest {
+            token_name: self.snapshot.pools[0].affinity.as_ref().and_then(|a| a.cookie_name()).unwrap_or(""),
+            token: client.and_then(|c| c.token.as_deref()),
+            app_name: w.app_cookie.as_deref().unwrap_or(""),
+            app: client.and_then(|c| c.app.as_ref().map(|(v, _)| &**v)),
+            header_name: w.header.as_deref().unwrap_or(""),
+            header,
+        };
+        let p = if self.split { self.choose_pool(&req, ip, now_ms) } else { 0 };
+        let pool = &self.snapshot.pools[p];
         let group = Group {
             backends: &pool.backends,
             balancer: &pool.balancer,
@@ -678,22 +790,15 @@ impl<'a> Sim<'a> {
             panic_mode: pool.config.panic_mode,
         };
         pool.retry_budget.deposit(pool.config.retry_budget);
-        let client = slot.map(|c| &self.clients[c]);
         let mut d = match &pool.affinity {
-            Some(a) => {
-                let req = SimRequest {
-                    token_name: a.cookie_name().unwrap_or(""),
-                    token: client.and_then(|c| c.token.as_deref()),
-                    app_name: w.app_cookie.as_deref().unwrap_or(""),
-                    app: client.and_then(|c| c.app.as_ref().map(|(v, _)| &**v)),
-                    header_name: w.header.as_deref().unwrap_or(""),
-                    header,
-                };
-                a.decide(&group, &req, ip, now_ms)
-            }
+            Some(a) => a.decide(&group, &req, ip, now_ms),
             None => Decision::plain(group.pick(None)),
         };
-        let target = self.past_dead(pool, &mut d, now_ms);
+        let target = self.past_dead(p, &mut d, now_ms);
+        if self.split {
+            self.account_pool(slot, p, opened);
+        }
+        let pool = &self.snapshot.pools[p];
         // The logged run's strategy against the log: the same backend?
         if let (true, Some(logged)) = (reader.pool_name(q.pool) == self.strategy, q.backend) {
             let same = target.is_some_and(|i| pool.backends[i].name == reader.backend_name(logged));
@@ -715,7 +820,7 @@ impl<'a> Sim<'a> {
             }
             return;
         };
-        let b = self.sim_of[i];
+        let b = self.sim_of[p][i];
         self.out.requests += 1;
         self.interval_requests[usize::from(b)] += 1;
         let backend = pool.backends[i].clone();
@@ -741,7 +846,7 @@ impl<'a> Sim<'a> {
                 }
             }
         }
-        let began = pool.affinity.as_ref().and_then(|a| a.begin_at(&d, now_ms));
+        let began = pool.affinity.as_ref().and_then(|a| a.begin_at(&d, now_ms)).map(|g| (p, g));
         if let Some(c) = slot {
             self.account(c, b, d.verdict, false);
         }
@@ -797,9 +902,18 @@ impl<'a> Sim<'a> {
     /// have issued it), and the application's cookie set by it. Keys Tether maps in a
     /// table or hashes are not seeded: their first request here places them.
     fn seed(&mut self, slot: usize, name: &str, t: u64) {
-        let pool = &self.snapshot.pools[0];
-        let Some(i) = pool.backends.iter().position(|b| b.name == name) else { return };
-        let b = self.sim_of[i];
+        // In a split, the first of its pools with a backend of that name.
+        let Some((p, i)) = self
+            .snapshot
+            .pools
+            .iter()
+            .enumerate()
+            .find_map(|(p, pool)| Some((p, pool.backends.iter().position(|b| b.name == name)?)))
+        else {
+            return;
+        };
+        let pool = &self.snapshot.pools[p];
+        let b = self.sim_of[p][i];
         let mut seeded = false;
         if let Some(a) = pool.affinity.as_ref().filter(|a| a.cookie_name().is_some()) {
             if let Ok(mut token) = Token::issue(a.ids[i], (self.epoch_ms + t) / 1000) {
@@ -823,6 +937,7 @@ impl<'a> Sim<'a> {
         }
         if seeded {
             let client = &mut self.clients[slot];
+            client.pool = p as u16;
             client.last = b;
             client.used = 1u128 << b;
             self.active_on[usize::from(b)] += 1;
@@ -840,8 +955,9 @@ impl<'a> Sim<'a> {
     }
 
     /// A request a rebalancing pool counted in flight ended at `t`.
-    fn end_began(&self, began: Option<Began>, t: u64) {
-        if let (Some(began), Some(a)) = (began, &self.snapshot.pools[0].affinity) {
+    fn end_began(&self, began: Option<PoolBegan>, t: u64) {
+        let Some((p, began)) = began else { return };
+        if let Some(a) = self.snapshot.pools.get(p).and_then(|p| p.affinity.as_ref()) {
             a.end_at(began, self.epoch_ms + t);
         }
     }
@@ -867,97 +983,124 @@ impl<'a> Sim<'a> {
     /// What housekeeping does once a second, on simulated seconds; and whether drained
     /// backends have emptied.
     fn housekeeping(&mut self, t: u64) {
-        let pool = &self.snapshot.pools[0];
-        if let Some(a) = &pool.affinity {
-            a.recount_sessions(&pool.backends);
+        for pool in &self.snapshot.pools {
+            if let Some(a) = &pool.affinity {
+                a.recount_sessions(&pool.backends);
+            }
+            pool.retry_budget.refill();
         }
-        pool.retry_budget.refill();
+        for s in self.snapshot.listeners.iter().flat_map(|l| l.splits()) {
+            s.sweep();
+        }
         for d in self.out.drains.iter_mut().filter(|d| d.empty_after_ms.is_none() || d.counted_empty_after_ms.is_none())
         {
-            let id = self.names.iter().position(|n| *n == d.backend).expect("drained backends have ids");
+            let id = self.labels.iter().position(|n| *n == d.backend).expect("drained backends have ids");
             // A backend removed before it emptied is never counted empty.
-            let Some(k) = self.sim_of.iter().position(|&x| usize::from(x) == id) else { continue };
+            let Some((p, k)) = self
+                .sim_of
+                .iter()
+                .enumerate()
+                .find_map(|(p, ids)| Some((p, ids.iter().position(|&x| usize::from(x) == id)?)))
+            else {
+                continue;
+            };
             if d.empty_after_ms.is_none() && self.active_on[id] == 0 {
                 d.empty_after_ms = Some(t - d.at_ms);
             }
-            let backend = &pool.backends[k];
+            let backend = &self.snapshot.pools[p].backends[k];
             if d.counted_empty_after_ms.is_none() && backend.sessions() == 0 {
                 d.counted_empty_after_ms = Some(t - d.at_ms);
             }
         }
     }
 
-    fn health_checks(&self, health: &crate::config::Health) {
-        for (b, &id) in self.snapshot.pools[0].backends.iter().zip(&self.sim_of) {
+    /// Pool `p`'s active checks: a failed backend refuses them.
+    fn health_checks(&self, p: usize, health: &crate::config::Health) {
+        for (b, &id) in self.snapshot.pools[p].backends.iter().zip(&self.sim_of[p]) {
             let result = if self.dead[usize::from(id)] { Err("connection refused (simulated)") } else { Ok(()) };
             b.record_check(health, result);
         }
     }
 
-    /// Applies timeline event `k` at `t`.
+    /// Applies timeline event `k` at `t`. An event naming a backend acts on each backend of
+    /// that name (in a split, each of its pools may have one).
     fn apply(&mut self, k: usize, t: u64) {
         let now_ms = self.epoch_ms + t;
         let sc = self.sc;
         let action = &sc.events[k].action;
         self.out.events.push((t, action.label()));
-        let id = |names: &[String], n: &str| names.iter().position(|x| x == n);
         match action {
             Action::Fail(n) | Action::Recover(n) => {
-                let i = id(&self.names, n).expect("checked by the scenario");
-                self.dead[i] = matches!(action, Action::Fail(_));
+                for (i, _) in self.names.iter().enumerate().filter(|(_, (_, b))| b == n) {
+                    self.dead[i] = matches!(action, Action::Fail(_));
+                }
             }
             Action::State(n, state) => {
                 // Kept in the config too, as `control` keeps admin actions over reloads.
-                let pool = &mut self.config.pools[0];
-                if let Some(b) = pool.backends.iter_mut().find(|b| b.name == *n) {
+                for b in self.config.pools.iter_mut().flat_map(|p| &mut p.backends).filter(|b| b.name == *n) {
                     b.state = *state;
                 }
-                if let Some(b) = self.snapshot.pools[0].backends.iter().find(|b| b.name == *n) {
-                    b.set_admin_state_at(*state, now_ms);
-                }
-                if *state == AdminState::Draining {
-                    self.out.drains.push(DrainReport { backend: n.clone(), at_ms: t, ..DrainReport::default() });
+                for (p, pool) in self.snapshot.pools.iter().enumerate() {
+                    for (b, &id) in pool.backends.iter().zip(&self.sim_of[p]).filter(|(b, _)| b.name == *n) {
+                        b.set_admin_state_at(*state, now_ms);
+                        if *state == AdminState::Draining {
+                            let backend = self.labels[usize::from(id)].clone();
+                            self.out.drains.push(DrainReport { backend, at_ms: t, ..DrainReport::default() });
+                        }
+                    }
                 }
             }
             Action::Remove(n) => {
-                self.config.pools[0].backends.retain(|b| b.name != *n);
+                for p in &mut self.config.pools {
+                    p.backends.retain(|b| b.name != *n);
+                }
                 self.reload();
             }
             Action::Add(b) => {
+                // The scenario refuses `add` for a split: a one-pool strategy's pool.
                 self.config.pools[0].backends.push(b.clone());
                 self.reload();
-                if let Some(i) = id(&self.names, &b.name) {
+                let pool = &self.config.pools[0].name;
+                if let Some(i) = self.names.iter().position(|(p, x)| p == pool && *x == b.name) {
                     self.dead[i] = false;
                 }
             }
             Action::Weight(n, w) => {
-                if let Some(b) = self.config.pools[0].backends.iter_mut().find(|b| b.name == *n) {
+                for b in self.config.pools.iter_mut().flat_map(|p| &mut p.backends).filter(|b| b.name == *n) {
                     b.weight = *w;
                 }
                 self.reload();
             }
             Action::Reload => self.reload(),
+            Action::SplitWeight(pool, w) => {
+                let Some(p) = self.config.pools.iter().position(|x| x.name == *pool) else { return };
+                let route = self.config.listeners.iter_mut().flat_map(|l| &mut l.routes).next();
+                let Some(crate::config::Route { to: crate::config::RouteTo::Split(split), .. }) = route else { return };
+                for m in split.members.iter_mut().filter(|m| m.pool == p) {
+                    m.weight = *w;
+                }
+                self.reload();
+            }
+        }
+        // A split's counts start a new segment at each moment with events.
+        if let Some(out) = self.out.split.as_mut().filter(|o| o.segments.last().is_some_and(|s| s.from_ms != t)) {
+            let n = out.pools.len();
+            out.segments.push(SplitSegment { from_ms: t, requests: vec![0; n], sessions: vec![0; n] });
         }
     }
 
     /// A reload: a new snapshot from the (changed) config, built on the current one as
-    /// `control` builds it, so backends, their state and the affinity store carry over.
+    /// `control` builds it, so backends, their state, the affinity stores and a split's
+    /// table carry over.
     fn reload(&mut self) {
         let next = Snapshot::build(Arc::new(self.config.clone()), Some(&self.snapshot));
         self.snapshot = next;
         self.map_backends();
     }
 
-    /// Closes the sample interval ending at `t`.
+    /// Closes the sample interval ending at `t`. In a split, imbalance is within a pool
+    /// (the pools' shares are the weights'): the largest of the pools'.
     fn sample(&mut self, t: u64) {
-        let pool = &self.snapshot.pools[0];
-        let serving: Vec<usize> = pool
-            .backends
-            .iter()
-            .zip(&self.sim_of)
-            .filter(|(b, &id)| !self.dead[usize::from(id)] && b.is_healthy() && b.admin_state() == AdminState::Enabled)
-            .map(|(_, &id)| usize::from(id))
-            .collect();
         let ratio = |values: &mut dyn Iterator<Item = f64>| {
             let (mut max, mut sum, mut n) = (0f64, 0f64, 0f64);
             for v in values {
@@ -971,28 +1114,53 @@ impl<'a> Sim<'a> {
                 0.0
             }
         };
-        let requests = ratio(&mut serving.iter().map(|&i| self.interval_requests[i] as f64));
-        let sessions = ratio(&mut serving.iter().map(|&i| f64::from(self.active_on[i])));
-        let per_backend: Vec<(String, u32)> = pool
-            .backends
-            .iter()
-            .zip(&self.sim_of)
-            .map(|(b, &id)| (b.name.clone(), self.active_on[usize::from(id)]))
-            .collect();
+        let (mut requests, mut sessions) = (0f64, 0f64);
+        let mut per_backend: Vec<(String, u32)> = Vec::new();
+        for (pool, ids) in self.snapshot.pools.iter().zip(&self.sim_of) {
+            let serving: Vec<usize> = pool
+                .backends
+                .iter()
+                .zip(ids)
+                .filter(|(b, &id)| {
+                    !self.dead[usize::from(id)] && b.is_healthy() && b.admin_state() == AdminState::Enabled
+                })
+                .map(|(_, &id)| usize::from(id))
+                .collect();
+            requests = requests.max(ratio(&mut serving.iter().map(|&i| self.interval_requests[i] as f64)));
+            sessions = sessions.max(ratio(&mut serving.iter().map(|&i| f64::from(self.active_on[i]))));
+            per_backend
+                .extend(ids.iter().map(|&id| (self.labels[usize::from(id)].clone(), self.active_on[usize::from(id)])));
+        }
+        let (pool_requests, pool_sessions) =
+            if self.split { self.interval_pools.iter().copied().unzip() } else { (Vec::new(), Vec::new()) };
         self.out.samples.push(Sample {
             t_ms: t,
             requests_imbalance: requests,
             sessions_imbalance: sessions,
             broken: self.out.broken,
             sessions_per_backend: per_backend,
+            pool_requests,
+            pool_sessions,
         });
         self.interval_requests.iter_mut().for_each(|x| *x = 0);
+        self.interval_pools.iter_mut().for_each(|x| *x = (0, 0));
     }
 }
 
 impl Client {
     fn empty() -> Client {
-        Client { token: None, app: None, left: 0, last: NONE, used: 0, broken: false, in_flight: None, began: None }
+        Client {
+            token: None,
+            app: None,
+            left: 0,
+            last: NONE,
+            used: 0,
+            broken: false,
+            in_flight: None,
+            began: None,
+            pool: NO_POOL,
+            changed_pool: false,
+        }
     }
 }
 

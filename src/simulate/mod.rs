@@ -11,9 +11,12 @@
 //! page. A run is single-threaded and
 //! reproducible: the same scenario and seed give the same report, bit for bit.
 //!
+//! A strategy is one pool, or a traffic split between pools (a route's `split`, named
+//! by its `name`): then Tether's `split::Split::choose` finds each request's pool before
+//! that pool's `decide`, on the simulator's clock, and the report counts per pool.
+//!
 //! It sits above the policy layer and below the entry points; it never touches sockets,
-//! the data path (`proxy`, `listener`, `upstream`) or a running server. Rebalancing idle
-//! sessions and traffic splits are not simulated yet.
+//! the data path (`proxy`, `listener`, `upstream`) or a running server.
 
 pub mod engine;
 pub mod replay;

@@ -55,6 +55,34 @@ pub struct StrategyReport {
     pub samples: Vec<Sample>,
     /// What a replayed log gave, and how this strategy compares with the logged run.
     pub replay: Option<ReplayReport>,
+    /// A split strategy's pools: what the split sent to each.
+    pub split: Option<SplitReport>,
+}
+
+/// What a traffic split did: requests and new sessions per pool, overall and between
+/// events, and the sessions that changed pool (Tether's split never moves one: 0 unless a
+/// session's pool left the split, or its token or pin expired while it was in progress).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SplitReport {
+    /// The split's pools, in its order: the index of every per-pool count.
+    pub pools: Vec<String>,
+    pub requests: Vec<u64>,
+    /// Sessions whose first request went to each pool.
+    pub sessions: Vec<u64>,
+    /// The counts from each event to the next (the first from the start).
+    pub segments: Vec<SplitSegment>,
+    /// Requests of a session in progress sent to another pool than its last request's.
+    pub pool_changes: u64,
+    /// Sessions that changed pool at least once while in progress.
+    pub sessions_changed_pool: u64,
+}
+
+/// A split's counts from `from_ms` to the next event (or the end).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SplitSegment {
+    pub from_ms: u64,
+    pub requests: Vec<u64>,
+    pub sessions: Vec<u64>,
 }
 
 /// A strategy's replay of an access log.
@@ -99,8 +127,11 @@ pub struct Sample {
     pub sessions_imbalance: f64,
     /// Sessions broken so far.
     pub broken: u64,
-    /// Sessions in progress per backend of the pool.
+    /// Sessions in progress per backend of the pool (`pool/backend` in a split).
     pub sessions_per_backend: Vec<(String, u32)>,
+    /// A split's requests and new sessions per pool in the interval (empty otherwise).
+    pub pool_requests: Vec<u64>,
+    pub pool_sessions: Vec<u64>,
 }
 
 // === impl StrategyReport ===
@@ -272,6 +303,11 @@ impl Report {
                 }
             }
         }
+        for s in &self.strategies {
+            if let Some(split) = &s.split {
+                split_table(&mut o, &s.name, split);
+            }
+        }
         if let Some(r) = self.strategies.first().and_then(|s| s.replay.as_ref()) {
             let c = &r.counts;
             let _ = writeln!(
@@ -332,6 +368,42 @@ impl Report {
         }
         o
     }
+}
+
+/// A split strategy's table: per pool, new sessions (with their share) and requests from
+/// each event to the next, then over the run; and the sessions that changed pool.
+fn split_table(o: &mut String, name: &str, split: &SplitReport) {
+    let _ = writeln!(
+        o,
+        "\ntraffic split {name}: {} sessions changed pool ({} requests sent to another pool than their session's last)",
+        split.sessions_changed_pool, split.pool_changes
+    );
+    let width = split.pools.iter().map(|p| p.len()).max().unwrap_or(0).max(27);
+    let _ = write!(o, "  {:>8}", "");
+    for p in &split.pools {
+        let _ = write!(o, "  {p:>width$}");
+    }
+    let _ = write!(o, "\n  {:>8}", "from");
+    for _ in &split.pools {
+        let _ = write!(o, "  {:>w$}  {:>10}", "new sessions", "requests", w = width - 12);
+    }
+    let _ = writeln!(o);
+    let row = |o: &mut String, label: &str, sessions: &[u64], requests: &[u64]| {
+        let total: u64 = sessions.iter().sum();
+        let _ = write!(o, "  {label:>8}");
+        for (n, r) in sessions.iter().zip(requests) {
+            let pct = if total == 0 { 0.0 } else { *n as f64 * 100.0 / total as f64 };
+            let _ = write!(o, "  {:>w$} {:>5.1}%  {:>10}", n, pct, r, w = width - 19);
+        }
+        let _ = writeln!(o);
+    };
+    if split.segments.len() > 1 {
+        for seg in &split.segments {
+            let from = if seg.from_ms == 0 { "0s".to_string() } else { fmt_ms(seg.from_ms) };
+            row(o, &from, &seg.sessions, &seg.requests);
+        }
+    }
+    row(o, "all", &split.sessions, &split.requests);
 }
 
 // === the HTML report ===
@@ -520,6 +592,30 @@ impl Report {
                 &format!("backends-{k}"),
                 &format!("{}: sessions in progress per backend", s.name),
                 &series,
+                self.duration_ms,
+                events,
+            ));
+        }
+        for (k, s) in self.strategies.iter().enumerate() {
+            let Some(split) = &s.split else { continue };
+            let per_pool = |f: &dyn Fn(&Sample) -> &[u64]| -> Vec<Series> {
+                let series = split.pools.iter().enumerate().map(|(p, name)| Series {
+                    name: name.clone(),
+                    points: s.samples.iter().map(|x| (x.t_ms, f(x).get(p).map(|v| *v as f64))).collect(),
+                });
+                series.collect()
+            };
+            o.push_str(&line_chart(
+                &format!("split-sessions-{k}"),
+                &format!("{}: new sessions per pool, per sample interval", s.name),
+                &per_pool(&|x| &x.pool_sessions),
+                self.duration_ms,
+                events,
+            ));
+            o.push_str(&line_chart(
+                &format!("split-requests-{k}"),
+                &format!("{}: requests per pool, per sample interval", s.name),
+                &per_pool(&|x| &x.pool_requests),
                 self.duration_ms,
                 events,
             ));

@@ -3,8 +3,9 @@
 //! A scenario is one TOML file. Its `[simulate]`, `[workload]` and `[[events]]` tables are
 //! the simulator's; everything else is a Tether config (`[pools.NAME]` and the rest), read
 //! by `config::parse` exactly as `tether check` reads it: each pool is one strategy, so a
-//! strategy is exactly what Tether would run. Or `[simulate] config = "tether.toml"` takes
-//! the pools of an existing config file instead.
+//! strategy is exactly what Tether would run, and so is each traffic split of its
+//! listeners' routes (named by the route's `name`), with its pools. Or `[simulate] config =
+//! "tether.toml"` takes the pools and splits of an existing config file instead.
 //!
 //! Errors are `config::ConfigError`s, located by file, line and column like `tether
 //! check`'s: the config part is parsed from a copy of the file whose simulator tables are
@@ -94,6 +95,8 @@ struct EventFile {
     backend: Option<Spanned<String>>,
     weight: Option<Spanned<i64>>,
     address: Option<Spanned<String>>,
+    /// The pool whose weight a `split_weight` event sets.
+    pool: Option<Spanned<String>>,
 }
 
 /// A number or a text: `requests_per_session = 20` and `= "exp(20)"` both read.
@@ -121,11 +124,19 @@ pub struct Scenario {
     pub strategies: Vec<Strategy>,
 }
 
-/// One strategy: a Tether config holding exactly one pool (and no listeners).
+/// One strategy: a Tether config holding exactly one pool (and no listeners), or a
+/// split: its pools, in the split's order, and one listener whose one route is the split.
 #[derive(Debug, Clone)]
 pub struct Strategy {
     pub name: String,
     pub config: Arc<Config>,
+}
+
+impl Strategy {
+    /// The split a split strategy runs (member `k` is pool `k` of its config).
+    pub fn split(&self) -> Option<&config::Split> {
+        self.config.splits().next().map(|(_, s)| s)
+    }
 }
 
 /// Synthetic clients. Each client runs sessions one after the other: a session is a number
@@ -205,6 +216,10 @@ pub enum Action {
     Weight(String, u32),
     /// A reload of the same config.
     Reload,
+    /// A reload with this pool's weight in the split changed (0 to 1000), as the admin
+    /// API's `PUT /api/splits/NAME/weights` or an edited file makes it. Strategies that
+    /// are not splits, or whose split lacks the pool, are not changed.
+    SplitWeight(String, u32),
 }
 
 impl Action {
@@ -218,6 +233,7 @@ impl Action {
             Action::Add(b) => format!("{} added", b.name),
             Action::Weight(b, w) => format!("{b} weight {w}"),
             Action::Reload => "reload".to_string(),
+            Action::SplitWeight(p, w) => format!("split weight {p} {w}"),
         }
     }
 }
@@ -407,17 +423,46 @@ fn strategies(
         c.pools = vec![p.clone()];
         Strategy { name: p.name.clone(), config: Arc::new(c) }
     };
+    let splits: Vec<(&config::Listener, &config::Route, &config::Split)> = config
+        .listeners
+        .iter()
+        .flat_map(|l| {
+            l.routes.iter().filter_map(move |r| match &r.to {
+                config::RouteTo::Split(s) => Some((l, r, s)),
+                config::RouteTo::Pool(_) => None,
+            })
+        })
+        .collect();
+    // A split: its pools (in the split's order, so member `k` is pool `k`) and one
+    // listener with the one route, which is all `Snapshot::build` needs to build it.
+    let split = |(l, r, s): &(&config::Listener, &config::Route, &config::Split)| {
+        let mut c = config.clone();
+        c.pools = s.members.iter().map(|m| config.pools[m.pool].clone()).collect();
+        let members = s.members.iter().enumerate().map(|(k, m)| config::SplitMember { pool: k, weight: m.weight });
+        let split = config::Split { name: s.name.clone(), members: members.collect() };
+        let route = config::Route { to: config::RouteTo::Split(split), ..(*r).clone() };
+        c.listeners = vec![config::Listener { routes: vec![route], tcp: None, ..(*l).clone() }];
+        Strategy { name: s.name.clone(), config: Arc::new(c) }
+    };
     let Some(names) = &sim.strategies else {
         if config.pools.is_empty() {
             errors.push(at(src, table, "no strategy to simulate: add a `[pools.NAME]` table for each".into()));
         }
-        return config.pools.iter().map(one).collect();
+        return config.pools.iter().map(one).chain(splits.iter().map(split)).collect();
     };
     let mut out = Vec::new();
     for n in names {
-        match config.pools.iter().find(|p| p.name == *n.get_ref()) {
-            Some(p) => out.push(one(p)),
-            None => errors.push(at(src, n.span(), format!("strategy \"{}\" is not a pool of the config", n.get_ref()))),
+        // A pool's name first, then a split's (a route's `name`).
+        if let Some(p) = config.pools.iter().find(|p| p.name == *n.get_ref()) {
+            out.push(one(p));
+        } else if let Some(s) = splits.iter().find(|(_, _, s)| s.name == *n.get_ref()) {
+            out.push(split(s));
+        } else {
+            errors.push(at(
+                src,
+                n.span(),
+                format!("strategy \"{}\" is neither a pool nor a split of the config", n.get_ref()),
+            ));
         }
     }
     if names.is_empty() {
@@ -638,18 +683,29 @@ fn events(
     duration_ms: u64,
     errors: &mut Vec<Located>,
 ) -> Vec<Event> {
-    // The backends of each strategy's pool as the timeline changes them, to check names.
-    let mut members: Vec<Vec<String>> =
-        strategies.iter().map(|s| s.config.pools[0].backends.iter().map(|b| b.name.clone()).collect()).collect();
+    // The backends of each strategy's pools as the timeline changes them, to check names
+    // (a split's pools may share a name: an event acts on each backend of that name).
+    let mut members: Vec<Vec<String>> = strategies
+        .iter()
+        .map(|s| s.config.pools.iter().flat_map(|p| p.backends.iter().map(|b| b.name.clone())).collect())
+        .collect();
+    // Each split strategy's weights by pool name, as the timeline changes them.
+    let mut weights: Vec<Vec<(String, u32)>> = strategies
+        .iter()
+        .map(|s| {
+            let members = s.split().map_or(&[][..], |sp| &sp.members[..]);
+            members.iter().map(|m| (s.config.pools[m.pool].name.clone(), m.weight)).collect()
+        })
+        .collect();
     // Every name a strategy ever has, for the engine's limit on backends.
     let mut seen: Vec<Vec<String>> = members.clone();
     for s in strategies {
         // Backends from DNS are found by looking names up, which a simulation does not do:
         // it would silently run without them.
-        if !s.config.pools[0].dns.is_empty() {
+        if let Some(p) = s.config.pools.iter().find(|p| !p.dns.is_empty()) {
             let msg = format!(
                 "pool \"{}\" takes backends from DNS, which the simulator does not look up: list them in `backends` (and add or remove them with events)",
-                s.name
+                p.name
             );
             errors.push(Located { line: 0, column: 0, message: msg });
         }
@@ -677,8 +733,13 @@ fn events(
                 .as_ref()
                 .ok_or_else(|| at(src, e.action.span(), format!("`{}` needs `backend`", e.action.get_ref())))
         };
+        if let (Some(p), false) = (&e.pool, e.action.get_ref() == "split_weight") {
+            errors.push(at(src, p.span(), "`pool` is for `split_weight` events".into()));
+            continue;
+        }
         let action = match e.action.get_ref().as_str() {
             "reload" => Ok(Action::Reload),
+            "split_weight" => split_weight(src, e),
             "fail" => backend().map(|b| Action::Fail(b.get_ref().clone())),
             "recover" => backend().map(|b| Action::Recover(b.get_ref().clone())),
             "drain" => backend().map(|b| Action::State(b.get_ref().clone(), AdminState::Draining)),
@@ -709,7 +770,7 @@ fn events(
                 src,
                 e.action.span(),
                 format!(
-                    "unknown action \"{other}\": expected \"fail\", \"recover\", \"drain\", \"enable\", \"disable\", \"remove\", \"add\", \"weight\" or \"reload\""
+                    "unknown action \"{other}\": expected \"fail\", \"recover\", \"drain\", \"enable\", \"disable\", \"remove\", \"add\", \"weight\", \"reload\" or \"split_weight\""
                 ),
             )),
         };
@@ -720,10 +781,37 @@ fn events(
                 continue;
             }
         };
-        // Every strategy's pool must have (or, for `add`, not have) the backend.
+        if let Action::SplitWeight(pool, weight) = &action {
+            let span = e.pool.as_ref().map_or(e.action.span(), |p| p.span());
+            let mut any = false;
+            for (s, w) in strategies.iter().zip(&mut weights) {
+                let Some(k) = w.iter().position(|(p, _)| p == pool) else { continue };
+                any = true;
+                w[k].1 = *weight;
+                if w.iter().all(|(_, w)| *w == 0) {
+                    let msg = format!("this would leave every pool of split \"{}\" at weight 0", s.name);
+                    errors.push(at(src, e.weight.as_ref().map_or(span.clone(), |w| w.span()), msg));
+                }
+            }
+            if !any {
+                errors.push(at(src, span, format!("no split strategy has a pool \"{pool}\"")));
+            }
+            out.push(Event { at_ms, action });
+            continue;
+        }
+        // Every strategy's pools must have (or, for `add`, not have) the backend.
         for (k, (s, names)) in strategies.iter().zip(&mut members).enumerate() {
+            let span = e.backend.as_ref().map_or(e.action.span(), |b| b.span());
+            if let (Action::Add(_), Some(_)) = (&action, s.split()) {
+                let msg = format!(
+                    "strategy \"{}\" is a split: `add` is not simulated for splits (list the backend in its pool)",
+                    s.name
+                );
+                errors.push(at(src, span, msg));
+                break;
+            }
             let (name, must_exist) = match &action {
-                Action::Reload => continue,
+                Action::Reload | Action::SplitWeight(..) => continue,
                 Action::Add(b) => (&b.name, false),
                 Action::Fail(n)
                 | Action::Recover(n)
@@ -731,10 +819,11 @@ fn events(
                 | Action::Remove(n)
                 | Action::Weight(n, _) => (n, true),
             };
-            let span = e.backend.as_ref().map_or(e.action.span(), |b| b.span());
             let exists = names.contains(name);
             if exists != must_exist {
-                let msg = if must_exist {
+                let msg = if must_exist && s.split().is_some() {
+                    format!("split \"{}\" has no backend \"{name}\" in any of its pools at this point", s.name)
+                } else if must_exist {
                     format!("pool \"{}\" has no backend \"{name}\" at this point", s.name)
                 } else {
                     format!("pool \"{}\" already has a backend \"{name}\"", s.name)
@@ -767,6 +856,24 @@ fn events(
     out
 }
 
+/// A `split_weight` event: `pool` and `weight` (0 to 1000), nothing else.
+fn split_weight(src: &str, e: &EventFile) -> Result<Action, Located> {
+    if let Some(b) = &e.backend {
+        return Err(at(src, b.span(), "`split_weight` takes `pool` and `weight`, not `backend`".into()));
+    }
+    let Some(pool) = &e.pool else {
+        return Err(at(src, e.action.span(), "`split_weight` needs `pool`".into()));
+    };
+    let max = i64::from(config::MAX_SPLIT_WEIGHT);
+    match &e.weight {
+        Some(w) if (0..=max).contains(w.get_ref()) => {
+            Ok(Action::SplitWeight(pool.get_ref().clone(), *w.get_ref() as u32))
+        }
+        Some(w) => Err(at(src, w.span(), format!("`weight` must be 0 to {max}, not {}", w.get_ref()))),
+        None => Err(at(src, e.action.span(), "`split_weight` needs `weight`".into())),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -786,6 +893,106 @@ mod tests {
         let src = "[simulate]\nduration = \"1m\"\n[pools.a]\nbackends = []\n[[events]]\nat = \"1s\"\n";
         let b = blank_sim_tables(src);
         assert_eq!(b, "\n\n[pools.a]\nbackends = []\n\n\n");
+    }
+
+    /// A scenario with a split strategy; the error tests break one line of it.
+    const SPLIT: &str = r#"[simulate]
+duration = "10m"
+strategies = ["release"]
+[workload]
+clients = 10
+[[events]]
+at = "5m"
+action = "split_weight"
+pool = "canary"
+weight = 0
+[[listeners]]
+bind = "127.0.0.1:8080"
+[[listeners.routes]]
+name = "release"
+split = [{ pool = "stable", weight = 90 }, { pool = "canary", weight = 10 }]
+[pools.other]
+backends = [{ name = "o", address = "10.0.9.1:80" }]
+[pools.canary]
+backends = [{ name = "c", address = "10.0.1.1:80" }]
+[pools.stable]
+backends = [{ name = "s", address = "10.0.0.1:80" }, { name = "c", address = "10.0.0.2:80" }]
+"#;
+
+    fn split_error(from: &str, to: &str, expected: &str) {
+        assert!(SPLIT.contains(from), "{from}");
+        let src = SPLIT.replacen(from, to, 1);
+        let err = parse(&src, "s.toml", None).expect_err("must be refused").to_string();
+        assert_eq!(err, expected, "for {to:?}");
+    }
+
+    #[test]
+    fn a_split_strategy_holds_its_pools_in_the_splits_order() {
+        let sc = parse(SPLIT, "s.toml", None).unwrap();
+        let [s] = &sc.strategies[..] else { panic!("one strategy") };
+        let names: Vec<&str> = s.config.pools.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["stable", "canary"]);
+        let split = s.split().expect("a split strategy");
+        let members: Vec<(usize, u32)> = split.members.iter().map(|m| (m.pool, m.weight)).collect();
+        assert_eq!((split.name.as_str(), members), ("release", vec![(0, 90), (1, 10)]));
+        assert_eq!(sc.events[0].action, Action::SplitWeight("canary".into(), 0));
+        assert_eq!(sc.events[0].action.label(), "split weight canary 0");
+        // Without `strategies`: every pool, then every split.
+        let all = parse(&SPLIT.replace("strategies = [\"release\"]\n", ""), "s.toml", None).unwrap();
+        let names: Vec<&str> = all.strategies.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["canary", "other", "stable", "release"]);
+        assert!(all.strategies[0].split().is_none());
+    }
+
+    #[test]
+    fn split_events_are_checked_where_they_are_written() {
+        split_error(
+            "pool = \"canary\"\nweight",
+            "pool = \"beta\"\nweight",
+            "s.toml:9:8: no split strategy has a pool \"beta\"",
+        );
+        split_error("weight = 0", "weight = 1001", "s.toml:10:10: `weight` must be 0 to 1000, not 1001");
+        split_error("weight = 0", "", "s.toml:8:10: `split_weight` needs `weight`");
+        split_error("pool = \"canary\"\nweight", "weight", "s.toml:8:10: `split_weight` needs `pool`");
+        split_error(
+            "pool = \"canary\"\nweight",
+            "backend = \"c\"\npool = \"canary\"\nweight",
+            "s.toml:9:11: `split_weight` takes `pool` and `weight`, not `backend`",
+        );
+        split_error(
+            "weight = 90 }, { pool = \"canary\", weight = 10 }]",
+            "weight = 0 }, { pool = \"canary\", weight = 0 }]",
+            "s.toml:15:9: listener \"listener-1\": split \"release\": every weight is 0, so a new session has no pool to go to",
+        );
+        split_error(
+            "action = \"split_weight\"\npool = \"canary\"\nweight = 0",
+            "action = \"split_weight\"\npool = \"stable\"\nweight = 0\n[[events]]\nat = \"6m\"\naction = \"split_weight\"\npool = \"canary\"\nweight = 0",
+            "s.toml:15:10: this would leave every pool of split \"release\" at weight 0",
+        );
+        split_error(
+            "action = \"split_weight\"\npool = \"canary\"\nweight = 0",
+            "action = \"drain\"\npool = \"canary\"",
+            "s.toml:9:8: `pool` is for `split_weight` events",
+        );
+        split_error(
+            "action = \"split_weight\"\npool = \"canary\"\nweight = 0",
+            "action = \"add\"\nbackend = \"n\"\naddress = \"10.0.0.9:80\"",
+            "s.toml:9:11: strategy \"release\" is a split: `add` is not simulated for splits (list the backend in its pool)",
+        );
+        split_error(
+            "strategies = [\"release\"]",
+            "strategies = [\"relase\"]",
+            "s.toml:3:15: strategy \"relase\" is neither a pool nor a split of the config\ns.toml:9:8: no split strategy has a pool \"canary\"",
+        );
+        // A backend event acts on a backend of that name in any pool of the split.
+        let both = SPLIT
+            .replace("action = \"split_weight\"\npool = \"canary\"\nweight = 0", "action = \"fail\"\nbackend = \"c\"");
+        assert_eq!(parse(&both, "s.toml", None).unwrap().events[0].action, Action::Fail("c".into()));
+        split_error(
+            "action = \"split_weight\"\npool = \"canary\"\nweight = 0",
+            "action = \"fail\"\nbackend = \"o\"",
+            "s.toml:9:11: split \"release\" has no backend \"o\" in any of its pools at this point",
+        );
     }
 
     #[test]
