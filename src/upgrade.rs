@@ -39,6 +39,10 @@ pub const FD_ENV: &str = "TETHER_UPGRADE_FD";
 /// is bounded well within this.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long a new process that failed gets to exit on its own before it is killed (it
+/// flushes its log on the way out, which says why it failed).
+const EXIT_WAIT: Duration = Duration::from_secs(5);
+
 /// How long the new process waits for each read of what the old one hands over (it is
 /// all written at once, so any wait at all means the old process is gone).
 const RECEIVE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -120,10 +124,9 @@ fn start_and_hand_over(executable: PathBuf, sockets: Vec<HandedSocket>, state: V
     drop(theirs);
     let pid = child.id();
     let fail = |child: &mut std::process::Child, why: String| -> String {
-        let _ = child.kill();
-        match child.wait() {
-            Ok(status) => format!("the new process (pid {pid}) {why}; it ended with {status}"),
-            Err(_) => format!("the new process (pid {pid}) {why}"),
+        match reap(child) {
+            Some(status) => format!("the new process (pid {pid}) {why}; it ended with {status} (its log says why)"),
+            None => format!("the new process (pid {pid}) {why}"),
         }
     };
     if let Err(e) = send(&ours, &sockets, &state) {
@@ -140,6 +143,22 @@ fn start_and_hand_over(executable: PathBuf, sockets: Vec<HandedSocket>, state: V
         }
         Err(e) => Err(fail(&mut child, format!("failed before it was ready: {e}"))),
     }
+}
+
+/// Ends a new process that failed: it closed its end of the socket and is exiting, so it
+/// gets a little while to finish (and write its log, which says why); one that has not
+/// ended by then is killed.
+fn reap(child: &mut std::process::Child) -> Option<std::process::ExitStatus> {
+    let deadline = std::time::Instant::now() + EXIT_WAIT;
+    while std::time::Instant::now() < deadline {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(status),
+            Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+            Err(_) => break,
+        }
+    }
+    let _ = child.kill();
+    child.wait().ok()
 }
 
 /// Writes the manifest, then each socket as one byte carrying its descriptor, then the

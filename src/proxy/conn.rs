@@ -186,16 +186,15 @@ pub async fn serve(
         return Box::pin(serve_tls(stream, tls, conn, protocols, timeouts)).await;
     }
     let mut shutdown = conn.shutdown.clone();
-    let h2 = tokio::select! {
-        r = sniff(&stream) => match r {
-            Some(h2) => h2,
-            None => return,
-        },
-        _ = tokio::time::sleep(timeouts.request_header) => {
-            tracing::debug!(%peer, "closing connection: nothing received within {:?}", timeouts.request_header);
+    // Shutdown does not close a new connection before its first request (see
+    // `client::first_request`).
+    let h2 = match super::client::first_request(sniff(&stream), timeouts.request_header, &mut shutdown).await {
+        Some(Some(h2)) => h2,
+        Some(None) => return,
+        None => {
+            tracing::debug!(%peer, "closing connection: nothing received in time");
             return;
         }
-        _ = shutdown.changed() => return,
     };
     if !h2 {
         return super::native::conn::serve(conn.native(stream)).await;
@@ -362,20 +361,17 @@ async fn serve_tls(
 ) {
     let mut shutdown = conn.shutdown.clone();
     let accept = tokio_rustls::TlsAcceptor::from(tls.config.clone()).accept(stream);
-    let stream = tokio::select! {
-        r = accept => match r {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::debug!(peer = %conn.peer, "TLS handshake failed: {e}");
-                conn.stats.tls_handshake_failures.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
-        },
-        _ = tokio::time::sleep(timeouts.request_header) => {
-            tracing::debug!(peer = %conn.peer, "closing connection: no TLS handshake within {:?}", timeouts.request_header);
+    let stream = match super::client::first_request(accept, timeouts.request_header, &mut shutdown).await {
+        Some(Ok(s)) => s,
+        Some(Err(e)) => {
+            tracing::debug!(peer = %conn.peer, "TLS handshake failed: {e}");
+            conn.stats.tls_handshake_failures.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        _ = shutdown.changed() => return,
+        None => {
+            tracing::debug!(peer = %conn.peer, "closing connection: no TLS handshake in time");
+            return;
+        }
     };
     if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
         serve_h2(stream, true, conn, &protocols).await;
