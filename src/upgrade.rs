@@ -108,7 +108,13 @@ fn start_and_hand_over(executable: PathBuf, sockets: Vec<HandedSocket>, state: V
     let (ours, theirs) = UnixStream::pair().map_err(|e| format!("cannot make a unix socket pair: {e}"))?;
     let their_fd = theirs.as_raw_fd();
     let mut command = Command::new(&executable);
-    command.args(std::env::args_os().skip(1)).env(FD_ENV, their_fd.to_string()).stdin(Stdio::null());
+    // `WATCHDOG_PID` names this process: the new one, which becomes the service's main
+    // process, pings systemd's watchdog without it (see `sd_notify::watchdog_interval`).
+    command
+        .args(std::env::args_os().skip(1))
+        .env(FD_ENV, their_fd.to_string())
+        .env_remove("WATCHDOG_PID")
+        .stdin(Stdio::null());
     // SAFETY: the closure runs in the child between fork and exec and only calls fcntl,
     // which is async-signal-safe, on a descriptor the child inherited open.
     unsafe {
