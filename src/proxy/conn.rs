@@ -238,26 +238,41 @@ async fn proxy_in(
     use crate::proxy_header::Parsed;
     let trusted = pp.trusts(peer.ip());
     let mut buf = super::native::buffers::Buf::take();
+    // Shutdown shortens the wait to `LAST_CALL` rather than ending it, as for a new
+    // connection's first request (`client::first_request`).
+    let mut stopping = *shutdown.borrow();
+    let within = if stopping { within.min(super::client::LAST_CALL) } else { within };
     let deadline = tokio::time::sleep(within);
     tokio::pin!(deadline);
     let mut seen = 0;
-    let peeked = tokio::select! {
-        r = peek_header(stream, buf.spare(), &mut seen) => r,
-        _ = &mut deadline => {
-            if seen > 0 {
-                return ProxyIn::Refused("no whole header within request_header");
+    let mut peek = Box::pin(peek_header(stream, buf.spare(), &mut seen));
+    let peeked = loop {
+        tokio::select! {
+            r = &mut peek => break r,
+            _ = &mut deadline => {
+                drop(peek);
+                if seen > 0 {
+                    return ProxyIn::Refused("no whole header within request_header");
+                }
+                if trusted && pp.required {
+                    return ProxyIn::Refused("no header within request_header");
+                }
+                if !tcp {
+                    tracing::debug!(%peer, "closing connection: nothing received within {within:?}");
+                    return ProxyIn::Gone;
+                }
+                return ProxyIn::Peer { source: None, destination: None };
             }
-            if trusted && pp.required {
-                return ProxyIn::Refused("no header within request_header");
+            _ = shutdown.changed(), if !stopping => {
+                stopping = true;
+                let last = tokio::time::Instant::now() + super::client::LAST_CALL;
+                if last < deadline.deadline() {
+                    deadline.as_mut().reset(last);
+                }
             }
-            if !tcp {
-                tracing::debug!(%peer, "closing connection: nothing received within {within:?}");
-                return ProxyIn::Gone;
-            }
-            return ProxyIn::Peer { source: None, destination: None };
         }
-        _ = shutdown.changed() => return ProxyIn::Gone,
     };
+    drop(peek);
     let Some(verdict) = peeked else { return ProxyIn::Gone };
     match verdict {
         Parsed::NotProxy if trusted && pp.required => ProxyIn::Refused("no header from a trusted source"),
