@@ -873,6 +873,15 @@ impl Control {
     pub async fn shutdown(&self) {
         let grace = self.shared.snapshot.load().config.shutdown_grace;
         let _ = self.shutdown.send(true);
+        // The descriptors kept for an upgrade go too, so that each socket closes once its
+        // accept loop ends: new connections are refused, not queued unanswered (after an
+        // upgrade the new process holds the sockets open).
+        for open in lock(&self.listeners).values_mut() {
+            open.fds.clear();
+        }
+        if let Some(open) = lock(&self.admin_listener).as_mut() {
+            open.fds.clear();
+        }
         tracing::info!("no longer accepting; waiting up to {grace:?} for open connections to finish");
         match tokio::time::timeout(grace, self.shutdown.closed()).await {
             Ok(()) => tracing::info!("all connections finished; bye"),
