@@ -430,3 +430,63 @@ fn bind_abstract(name: &str) -> io::Result<UnixDatagram> {
 fn bind_abstract(_: &str) -> io::Result<UnixDatagram> {
     Err(io::Error::new(io::ErrorKind::Unsupported, "abstract unix sockets are Linux only"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::IntoRawFd as _;
+
+    fn handed(listener: Option<&str>, socket: &std::net::TcpListener) -> HandedSocket {
+        let bind = "127.0.0.1:0".parse().unwrap();
+        HandedSocket { listener: listener.map(str::to_string), bind, fd: socket.as_fd().try_clone_to_owned().unwrap() }
+    }
+
+    #[test]
+    fn sockets_and_state_arrive_whole_and_are_the_same_sockets() {
+        let web: Vec<std::net::TcpListener> =
+            (0..2).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+        let admin = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let sockets = vec![handed(Some("web"), &web[0]), handed(Some("web"), &web[1]), handed(None, &admin)];
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let state = b"{\"some\": \"state\"}".repeat(1000);
+        send(&ours, &sockets, &state).unwrap();
+        let mut got = receive_from(&theirs.into_raw_fd().to_string()).unwrap();
+        assert_eq!(got.state, state);
+        let bind: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        assert!(got.take_listener("web", "127.0.0.1:1".parse().unwrap()).is_none(), "matched by address too");
+        let web_got = got.take_listener("web", bind).unwrap();
+        assert_eq!(web_got.len(), 2);
+        for (sent, received) in web.iter().zip(&web_got) {
+            // The same socket: a connection made to the one sent is accepted on the one received.
+            assert_eq!(sent.local_addr().unwrap(), received.local_addr().unwrap());
+            let _client = std::net::TcpStream::connect(sent.local_addr().unwrap()).unwrap();
+            received.accept().unwrap();
+        }
+        let (admin_bind, admin_got) = got.admin.take().unwrap();
+        assert_eq!((admin_bind, admin_got.local_addr().unwrap()), (bind, admin.local_addr().unwrap()));
+        // The ready byte goes back.
+        got.ready();
+        let mut answer = [0u8; 1];
+        (&ours).read_exact(&mut answer).unwrap();
+        assert_eq!(answer[0], READY);
+    }
+
+    #[test]
+    fn a_damaged_or_cut_stream_is_an_error_not_a_panic() {
+        for bytes in [
+            &[0xff, 0xff, 0xff, 0xff][..],                  // a manifest too long
+            &[0, 0, 0, 5, b'{', b'x'][..],                  // cut short
+            &[0, 0, 0, 2, b'{', b'}'][..],                  // not a manifest
+            b"\0\0\0\x1d{\"sockets\":[],\"state_len\":99}", // the state cut short
+            b"\0\0\0\x42{\"sockets\":[{\"listener\":null,\"bind\":\"127.0.0.1:1\"}],\"state_len\":0}F", // no descriptor
+        ] {
+            let (ours, theirs) = UnixStream::pair().unwrap();
+            (&ours).write_all(bytes).unwrap();
+            drop(ours);
+            assert!(receive_from(&theirs.into_raw_fd().to_string()).is_err(), "{:?}", String::from_utf8_lossy(bytes));
+        }
+        for value in ["", "x", "-1", "1", "999999"] {
+            assert!(receive_from(value).is_err(), "{value:?}");
+        }
+    }
+}
