@@ -31,7 +31,12 @@ impl Drop for Pid {
 
 /// Runs `tether upgrade --pid` on `t`: its exit status, stdout and stderr.
 async fn upgrade(t: &Tether) -> (bool, String, String) {
-    let pid = t.child.id().to_string();
+    upgrade_pid(t.child.id()).await
+}
+
+/// Runs `tether upgrade --pid PID`: its exit status, stdout and stderr.
+async fn upgrade_pid(pid: u32) -> (bool, String, String) {
+    let pid = pid.to_string();
     let out = tokio::task::spawn_blocking(move || {
         Command::new(bin()).args(["upgrade", "--pid", &pid, "--timeout", "30"]).output().unwrap()
     })
@@ -252,7 +257,7 @@ async fn an_upgrade_keeps_learned_sessions_and_the_drain() {
 
     let (ok, stdout, stderr) = upgrade(&t).await;
     assert!(ok, "tether upgrade failed: {stderr}\n{}", t.log());
-    let _new = Pid(stdout.trim().parse().unwrap());
+    let new = Pid(stdout.trim().parse().unwrap());
     wait_old_exit(&mut t).await;
     assert!(t.log().contains("upgrade: restored 30 table entries and 1 admin overrides"), "{}", t.log());
 
@@ -264,6 +269,24 @@ async fn an_upgrade_keeps_learned_sessions_and_the_drain() {
     for i in 0..30 {
         let r = c.request(user(&format!("new-{i}"))).await;
         assert_ne!(r.backend(), "app-1", "a drained backend took a new session after the upgrade");
+    }
+    drop(c);
+
+    // And again, from the process the first upgrade started (not the test's child).
+    let (ok, stdout, stderr) = upgrade_pid(new.0).await;
+    assert!(ok, "the second upgrade failed: {stderr}\n{}", t.log());
+    let newer = Pid(stdout.trim().parse().unwrap());
+    assert_ne!(newer.0, new.0);
+    let gone = || {
+        // Exited, or a zombie nobody reaps (its parent, the test's child, is gone).
+        std::fs::read_to_string(format!("/proc/{}/stat", new.0))
+            .map_or(true, |stat| stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')))
+    };
+    wait_until("the first new process exited", Duration::from_secs(30), gone).await;
+    assert_eq!(admin_state(&admin_json(admin, "/api/pools/web").await, "app-1"), "draining");
+    let mut c = Client::connect(addr).await;
+    for (u, home) in &homes {
+        assert_eq!(&c.request(user(u)).await.backend(), home, "session {u} moved in the second upgrade");
     }
 }
 
