@@ -41,7 +41,7 @@ enum Command {
     /// dropping a connection: sends it SIGUSR2 and waits until the new process serves
     /// (exit 0, its pid on stdout) or the upgrade failed (exit 1; the old process serves on).
     Upgrade {
-        /// The running Tether's process id.
+        /// The running Tether's process id (SIGUSR2 ends a process that is not a Tether).
         #[arg(long, required_unless_present = "pid_file", conflicts_with = "pid_file")]
         pid: Option<u32>,
         /// A file holding the running Tether's process id.
