@@ -1,4 +1,5 @@
-//! The command line: `tether run`, `tether check`, `tether demo`, `tether simulate`.
+//! The command line: `tether run`, `tether check`, `tether demo`, `tether simulate`,
+//! `tether upgrade`.
 
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
@@ -35,6 +36,20 @@ enum Command {
         /// N single-threaded workers with a SO_REUSEPORT socket each per listener).
         #[arg(long)]
         threads: Option<usize>,
+    },
+    /// Upgrade a running Tether to the binary now at the path it was started from, without
+    /// dropping a connection: sends it SIGUSR2 and waits until the new process serves
+    /// (exit 0, its pid on stdout) or the upgrade failed (exit 1; the old process serves on).
+    Upgrade {
+        /// The running Tether's process id (SIGUSR2 ends a process that is not a Tether).
+        #[arg(long, required_unless_present = "pid_file", conflicts_with = "pid_file")]
+        pid: Option<u32>,
+        /// A file holding the running Tether's process id.
+        #[arg(long, value_name = "FILE")]
+        pid_file: Option<PathBuf>,
+        /// Seconds to wait for the outcome.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
     },
     /// Check a config file and exit: 0 when it is valid, 1 with located errors otherwise.
     Check {
@@ -130,6 +145,9 @@ fn run_command(cli: Cli) -> ExitCode {
             }
         },
         Command::Run { config, threads } => run(config, threads),
+        Command::Upgrade { pid, pid_file, timeout } => {
+            return upgrade(pid, pid_file, Duration::from_secs(timeout));
+        }
         Command::Demo { port, https_port, backend_port, admin_port, threads } => {
             run_demo(port, https_port, backend_port, admin_port, threads)
         }
@@ -283,7 +301,34 @@ impl tracing_subscriber::fmt::MakeWriter<'_> for &'static LogOutput {
     }
 }
 
+/// `tether upgrade`: the outcome on stdout (the new pid) or stderr.
+fn upgrade(pid: Option<u32>, pid_file: Option<PathBuf>, limit: Duration) -> ExitCode {
+    let pid = match (pid, pid_file) {
+        (Some(pid), _) => Ok(pid),
+        (None, Some(file)) => std::fs::read_to_string(&file)
+            .map_err(|e| format!("cannot read {}: {e}", file.display()))
+            .and_then(|t| t.trim().parse().map_err(|_| format!("{} does not hold a process id", file.display()))),
+        (None, None) => Err("give --pid or --pid-file".to_string()),
+    };
+    let result = pid.map_err(anyhow::Error::msg).and_then(|pid| crate::upgrade::request(pid, limit));
+    match result {
+        Ok(new) => {
+            println!("{new}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tether upgrade: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn run(path: PathBuf, threads: Option<usize>) -> anyhow::Result<()> {
+    // The path of this binary as it is now: an upgrade starts what that path names then.
+    crate::upgrade::remember_executable();
+    // Started by an upgrade: take what the old process hands over before anything else,
+    // so that a failure ends this process (and the old one serves on) before it serves.
+    let handed = crate::upgrade::receive().transpose().map_err(|e| e.context("upgrade: nothing was handed over"))?;
     let mut config = match config::load(&path) {
         Ok(c) => c,
         Err(e) => anyhow::bail!("invalid config:\n{e}"),
@@ -295,7 +340,9 @@ fn run(path: PathBuf, threads: Option<usize>) -> anyhow::Result<()> {
     tracing::info!(version = env!("CARGO_PKG_VERSION"), threads = config.threads, "starting tether");
     let runtimes = server::Runtimes::new(config.threads)?;
     let workers = runtimes.worker_handles();
-    runtimes.block_on(async move { Server::start(config, Some(path), workers).await?.run_until_signal().await })
+    runtimes.block_on(
+        async move { Server::start_with(config, Some(path), workers, handed).await?.run_until_signal().await },
+    )
 }
 
 /// Lets the demo's user stop and restart backends by typing their number.

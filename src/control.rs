@@ -11,6 +11,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
+use std::os::fd::{AsFd as _, OwnedFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -54,7 +55,7 @@ impl std::error::Error for ReloadError {}
 /// Sockets a reload has bound but not yet serves: each new or moved listener's, one per
 /// worker.
 struct Bound<'c> {
-    listeners: Vec<(&'c config::Listener, Vec<TcpListener>)>,
+    listeners: Vec<(&'c config::Listener, Vec<(TcpListener, usize)>)>,
     admin: Option<(SocketAddr, TcpListener)>,
 }
 
@@ -86,9 +87,8 @@ pub struct Control {
     /// The worker runtimes traffic is served on, by worker index: a listener has a socket
     /// on each.
     workers: Vec<Handle>,
-    /// Open listeners by name: their configured address and the switch that stops them
-    /// (the accept loops of all its sockets).
-    listeners: Mutex<HashMap<String, (SocketAddr, watch::Sender<bool>)>>,
+    /// Open listeners by name.
+    listeners: Mutex<HashMap<String, Open>>,
     /// The config as the file says it; the snapshot's config is this plus `overrides`.
     file_config: Mutex<Arc<Config>>,
     /// Admin API changes by (pool, backend), kept across reloads until the file changes
@@ -113,11 +113,29 @@ pub struct Control {
     /// The admin listener's settings as the file says them now. The admin API reads them
     /// for every request, so a token changed by a reload applies at once.
     admin: ArcSwapOption<config::Admin>,
-    /// The open admin listener: its configured address and the switch that stops it.
-    admin_listener: Mutex<Option<(SocketAddr, watch::Sender<bool>)>>,
+    /// The open admin listener.
+    admin_listener: Mutex<Option<Open>>,
     /// Starts serving the admin API on a bound socket until the switch says stop (set by
     /// the server, which knows the admin module; control sits below it).
     admin_server: Mutex<Option<AdminServer>>,
+}
+
+/// An open listener: its configured address, the switch that stops it (the accept loops of
+/// all its sockets), and a duplicate of each socket's descriptor, which a binary upgrade
+/// hands the new process (`upgrade`). The duplicates go when the listener is stopped, so
+/// that a closed listener's socket is really closed.
+struct Open {
+    bind: SocketAddr,
+    stop: watch::Sender<bool>,
+    fds: Vec<OwnedFd>,
+}
+
+/// A listening socket handed to a new process by a binary upgrade: its listener's name
+/// (`None` for the admin listener), configured address, and a duplicate of its descriptor.
+pub struct HandedSocket {
+    pub listener: Option<String>,
+    pub bind: SocketAddr,
+    pub fd: OwnedFd,
 }
 
 /// Serves the admin API on a bound listener until the receiver sees `true`.
@@ -260,24 +278,38 @@ impl Control {
 
     /// Opens the admin listener the config asks for, served by `server` (also on every
     /// later reload that moves it). Returns the address it got.
-    pub fn start_admin(&self, server: AdminServer) -> anyhow::Result<Option<SocketAddr>> {
+    /// `handed` is the admin socket a binary upgrade handed over, with the address it was
+    /// configured with: used instead of binding when the config still says that address,
+    /// else closed.
+    pub fn start_admin(
+        &self,
+        server: AdminServer,
+        handed: Option<(SocketAddr, std::net::TcpListener)>,
+    ) -> anyhow::Result<Option<SocketAddr>> {
         let _one_at_a_time = lock(&self.changing);
         *lock(&self.admin_server) = Some(server);
         let Some(cfg) = self.admin_config() else { return Ok(None) };
-        let listener = bind_admin(cfg.bind)?;
+        let listener = match handed {
+            Some((bind, socket)) if bind == cfg.bind => {
+                socket.set_nonblocking(true)?;
+                TcpListener::from_std(socket)?
+            }
+            _ => bind_admin(cfg.bind)?,
+        };
         Ok(Some(self.serve_admin(cfg.bind, listener)?))
     }
 
     /// Hands a bound admin socket to the admin server; stops the previous one, if any.
     fn serve_admin(&self, bind: SocketAddr, listener: TcpListener) -> anyhow::Result<SocketAddr> {
         let address = listener.local_addr()?;
+        let fds = listener.as_fd().try_clone_to_owned().into_iter().collect();
         let (stop, stopped) = watch::channel(false);
         if let Some(serve) = lock(&self.admin_server).as_ref() {
             serve(listener, stopped);
         }
         tracing::info!(listener = "admin", "admin listening on {address} (dashboard, API, metrics)");
-        if let Some((_, old)) = lock(&self.admin_listener).replace((bind, stop)) {
-            let _ = old.send(true);
+        if let Some(old) = lock(&self.admin_listener).replace(Open { bind, stop, fds }) {
+            let _ = old.stop.send(true);
         }
         Ok(address)
     }
@@ -288,16 +320,62 @@ impl Control {
     }
 
     /// Binds listener `l` and starts accepting on it; returns the address it got.
-    pub(crate) fn open_listener(&self, l: &config::Listener) -> anyhow::Result<SocketAddr> {
-        let sockets = self.bind_listener(l)?;
+    /// `handed`: the sockets a binary upgrade handed over for a listener of this name and
+    /// configured address, used as they are (the same sockets, so their accept queues are
+    /// shared with the old process) instead of binding new ones.
+    pub(crate) fn open_listener(
+        &self,
+        l: &config::Listener,
+        handed: Option<Vec<std::net::TcpListener>>,
+    ) -> anyhow::Result<SocketAddr> {
+        let sockets = match handed {
+            Some(handed) if !handed.is_empty() => self.adopt(handed)?,
+            _ => self.bind_listener(l)?,
+        };
         self.serve_listener(l, sockets)
+    }
+
+    /// Registers handed-over sockets with the worker runtimes, the i-th with worker i
+    /// (round the workers again when there are more sockets than workers: every socket is
+    /// accepted on, none is closed with connections in its queue).
+    fn adopt(&self, handed: Vec<std::net::TcpListener>) -> anyhow::Result<Vec<(TcpListener, usize)>> {
+        let mut sockets = Vec::with_capacity(handed.len());
+        for (i, socket) in handed.into_iter().enumerate() {
+            let worker = i % self.workers.len();
+            let _runtime = self.workers[worker].enter();
+            socket.set_nonblocking(true)?;
+            sockets.push((TcpListener::from_std(socket)?, worker));
+        }
+        Ok(sockets)
+    }
+
+    /// Every open listening socket (traffic listeners' and the admin listener's), for a
+    /// binary upgrade to hand over. A socket whose descriptor cannot be duplicated is left
+    /// out (the new process binds that listener anew).
+    pub fn handover_sockets(&self) -> Vec<HandedSocket> {
+        let mut out = Vec::new();
+        for (name, open) in lock(&self.listeners).iter() {
+            for fd in &open.fds {
+                if let Ok(fd) = fd.try_clone() {
+                    out.push(HandedSocket { listener: Some(name.clone()), bind: open.bind, fd });
+                }
+            }
+        }
+        if let Some(open) = lock(&self.admin_listener).as_ref() {
+            for fd in &open.fds {
+                if let Ok(fd) = fd.try_clone() {
+                    out.push(HandedSocket { listener: None, bind: open.bind, fd });
+                }
+            }
+        }
+        out
     }
 
     /// Starts accepting on `sockets`, bound for `l` (one per worker, in worker order), under
     /// `l`'s name, each on its own worker; a listener of the same name that was open is
     /// stopped.
-    fn serve_listener(&self, l: &config::Listener, sockets: Vec<TcpListener>) -> anyhow::Result<SocketAddr> {
-        let address = sockets.first().context("no socket bound")?.local_addr()?;
+    fn serve_listener(&self, l: &config::Listener, sockets: Vec<(TcpListener, usize)>) -> anyhow::Result<SocketAddr> {
+        let address = sockets.first().context("no socket bound")?.0.local_addr()?;
         if sockets.len() > 1 {
             tracing::info!(listener = %l.name, "listening on {address} (a socket on each of {} workers)", sockets.len());
         } else {
@@ -305,8 +383,12 @@ impl Control {
         }
         let (stop, stopped) = watch::channel(false);
         let name: Arc<str> = Arc::from(l.name.as_str());
-        for (socket, worker) in sockets.into_iter().zip(&self.workers) {
-            worker.spawn(listener::accept_loop(
+        let mut fds = Vec::with_capacity(sockets.len());
+        for (socket, worker) in sockets {
+            if let Ok(fd) = socket.as_fd().try_clone_to_owned() {
+                fds.push(fd);
+            }
+            self.workers[worker].spawn(listener::accept_loop(
                 socket,
                 name.clone(),
                 self.shared.clone(),
@@ -315,8 +397,8 @@ impl Control {
                 stopped.clone(),
             ));
         }
-        if let Some((_, old)) = lock(&self.listeners).insert(l.name.clone(), (l.bind, stop)) {
-            let _ = old.send(true);
+        if let Some(old) = lock(&self.listeners).insert(l.name.clone(), Open { bind: l.bind, stop, fds }) {
+            let _ = old.stop.send(true);
         }
         Ok(address)
     }
@@ -386,15 +468,16 @@ impl Control {
 
     /// Binds the sockets `config` needs that are not open yet.
     fn bind_new<'c>(&self, config: &'c Config) -> Result<Bound<'c>, ReloadError> {
-        let open = lock(&self.listeners).clone();
+        let open: HashMap<String, SocketAddr> =
+            lock(&self.listeners).iter().map(|(name, o)| (name.clone(), o.bind)).collect();
         let mut listeners = Vec::new();
         for l in &config.listeners {
-            if open.get(&l.name).is_some_and(|(bind, _)| *bind == l.bind) {
+            if open.get(&l.name) == Some(&l.bind) {
                 continue;
             }
             listeners.push((l, self.bind_listener(l).map_err(reject)?));
         }
-        let admin_open = lock(&self.admin_listener).as_ref().map(|(bind, _)| *bind);
+        let admin_open = lock(&self.admin_listener).as_ref().map(|o| o.bind);
         let has_admin_server = lock(&self.admin_server).is_some();
         let admin = match config.admin.as_ref().map(|a| a.bind) {
             Some(bind) if has_admin_server && admin_open != Some(bind) => {
@@ -413,10 +496,10 @@ impl Control {
                 tracing::warn!(listener = %l.name, "{e:#}");
             }
         }
-        lock(&self.listeners).retain(|name, (_, stop)| {
+        lock(&self.listeners).retain(|name, open| {
             let keep = config.listeners.iter().any(|l| &l.name == name);
             if !keep {
-                let _ = stop.send(true);
+                let _ = open.stop.send(true);
             }
             keep
         });
@@ -426,8 +509,8 @@ impl Control {
                 tracing::warn!(listener = "admin", "{e:#}");
             }
         } else if config.admin.is_none() {
-            if let Some((_, stop)) = lock(&self.admin_listener).take() {
-                let _ = stop.send(true);
+            if let Some(open) = lock(&self.admin_listener).take() {
+                let _ = open.stop.send(true);
             }
         }
     }
@@ -780,15 +863,25 @@ impl Control {
     }
 
     /// Binds the sockets of traffic listener `l`, one per worker.
-    fn bind_listener(&self, l: &config::Listener) -> anyhow::Result<Vec<TcpListener>> {
-        listener::bind_for_workers(l.bind, &self.workers)
-            .with_context(|| format!("listener \"{}\": cannot bind {}", l.name, l.bind))
+    fn bind_listener(&self, l: &config::Listener) -> anyhow::Result<Vec<(TcpListener, usize)>> {
+        let sockets = listener::bind_for_workers(l.bind, &self.workers)
+            .with_context(|| format!("listener \"{}\": cannot bind {}", l.name, l.bind))?;
+        Ok(sockets.into_iter().enumerate().map(|(worker, s)| (s, worker)).collect())
     }
 
     /// Stops accepting, lets requests in flight finish within the grace period, returns.
     pub async fn shutdown(&self) {
         let grace = self.shared.snapshot.load().config.shutdown_grace;
         let _ = self.shutdown.send(true);
+        // The descriptors kept for an upgrade go too, so that each socket closes once its
+        // accept loop ends: new connections are refused, not queued unanswered (after an
+        // upgrade the new process holds the sockets open).
+        for open in lock(&self.listeners).values_mut() {
+            open.fds.clear();
+        }
+        if let Some(open) = lock(&self.admin_listener).as_mut() {
+            open.fds.clear();
+        }
         tracing::info!("no longer accepting; waiting up to {grace:?} for open connections to finish");
         match tokio::time::timeout(grace, self.shutdown.closed()).await {
             Ok(()) => tracing::info!("all connections finished; bye"),

@@ -42,6 +42,7 @@ pub(crate) mod admin;
 pub(crate) mod control;
 pub(crate) mod discovery;
 pub(crate) mod fleet;
+pub(crate) mod upgrade;
 pub(crate) mod warm;
 
 // Simulation of the policy code (above it, beside the data path, which it never uses).

@@ -13,6 +13,10 @@
 //! saved are restored before the first listener opens, and saved again once shutdown is
 //! done (`warm`). Under systemd, readiness, reloads and stopping are reported through
 //! `sd_notify`.
+//!
+//! SIGUSR2 upgrades the binary (`upgrade`): a new process gets the listening sockets and
+//! the learned state, and once it serves this one stops accepting, finishes its
+//! connections within the grace period and exits, saving nothing (the new process has it).
 
 use std::future::Future;
 use std::io;
@@ -135,9 +139,11 @@ pub struct Server {
     pub addresses: Vec<(String, SocketAddr)>,
     /// The admin listener's address, when the config has `[admin]`.
     pub admin_address: Option<SocketAddr>,
-    /// SIGTERM, SIGINT and SIGHUP, caught from before the first listener opens so that
-    /// a signal sent as soon as Tether says it listens is never missed.
-    signals: [tokio::signal::unix::Signal; 3],
+    /// SIGTERM, SIGINT, SIGHUP and SIGUSR2, caught from before the first listener opens so
+    /// that a signal sent as soon as Tether says it listens is never missed.
+    signals: [tokio::signal::unix::Signal; 4],
+    /// When an upgrade started this process: the old process, told once this one serves.
+    upgraded_from: Option<crate::upgrade::Received>,
 }
 
 impl Server {
@@ -146,9 +152,25 @@ impl Server {
     /// (the admin listener, health checks, housekeeping) runs on the runtime this is called
     /// on.
     pub async fn start(config: Config, source: Option<PathBuf>, workers: Vec<Handle>) -> anyhow::Result<Server> {
+        Server::start_with(config, source, workers, None).await
+    }
+
+    /// [`Server::start`], with what an old process handed over when an upgrade started
+    /// this one: its sockets are used instead of binding where a listener's name and
+    /// address match, and its state is restored instead of the state file's.
+    pub(crate) async fn start_with(
+        config: Config,
+        source: Option<PathBuf>,
+        workers: Vec<Handle>,
+        mut handed: Option<crate::upgrade::Received>,
+    ) -> anyhow::Result<Server> {
         use tokio::signal::unix::{signal, SignalKind};
-        let signals =
-            [signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?, signal(SignalKind::hangup())?];
+        let signals = [
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::interrupt())?,
+            signal(SignalKind::hangup())?,
+            signal(SignalKind::user_defined2())?,
+        ];
         let access_log = AccessLog::open(&config.access_log).context("cannot open the access log")?;
         // State kept per worker (connection counts, backends' idle sockets) is sized by
         // this, so it is set before anything is built.
@@ -160,20 +182,37 @@ impl Server {
         // first request (and the warm restart's restore) finds their backends.
         crate::discovery::first_round(&control).await;
         // Before any listener opens, so that the first request already finds its session.
-        let restored = config.state_dir.as_deref().and_then(|dir| crate::warm::restore(&control, dir));
+        // An upgrade hands over the old process's state, newer than any file.
+        let restored = match &handed {
+            Some(h) => {
+                if let Err(e) = crate::warm::restore_bytes(&control, &h.state) {
+                    tracing::warn!("upgrade: the handed-over state is not used: it {e}");
+                }
+                None
+            }
+            None => config.state_dir.as_deref().and_then(|dir| crate::warm::restore(&control, dir)),
+        };
         let mut addresses = Vec::new();
         for l in &config.listeners {
-            addresses.push((l.name.clone(), control.open_listener(l)?));
+            let sockets = handed.as_mut().and_then(|h| h.take_listener(&l.name, l.bind));
+            addresses.push((l.name.clone(), control.open_listener(l, sockets)?));
+        }
+        let handed_admin = handed.as_mut().and_then(|h| h.admin.take());
+        if let Some(h) = handed.as_mut() {
+            h.close_unused();
         }
         // The admin listener is control's to move on reload; what serves it is the admin
         // module's, handed over here. It holds the control weakly, so the two do not keep
         // each other alive.
         let weak = Arc::downgrade(&control);
-        let admin_address = control.start_admin(Box::new(move |listener, stopped| {
-            if let Some(control) = weak.upgrade() {
-                tokio::spawn(crate::admin::serve(listener, control, stopped));
-            }
-        }))?;
+        let admin_address = control.start_admin(
+            Box::new(move |listener, stopped| {
+                if let Some(control) = weak.upgrade() {
+                    tokio::spawn(crate::admin::serve(listener, control, stopped));
+                }
+            }),
+            handed_admin,
+        )?;
         tokio::spawn(crate::housekeeping::run(shared.clone(), control.shutdown_signal()));
         tokio::spawn(crate::health::supervise(shared.clone(), control.shutdown_signal()));
         tokio::spawn(crate::discovery::run(control.clone(), control.shutdown_signal()));
@@ -183,16 +222,22 @@ impl Server {
         if let (Some(_), Some(dir)) = (restored, &config.state_dir) {
             crate::warm::set_aside(dir);
         }
-        Ok(Server { control, addresses, admin_address, signals })
+        Ok(Server { control, addresses, admin_address, signals, upgraded_from: handed })
     }
 
     /// Serves until SIGTERM or SIGINT, reloading on SIGHUP, then shuts down gracefully.
     pub async fn run_until_signal(self) -> anyhow::Result<()> {
-        let Server { control, signals, addresses, .. } = self;
-        let [mut term, mut int, mut hup] = signals;
-        // Every listener is bound and its accept loops are running: ready.
+        let Server { control, signals, addresses, upgraded_from, .. } = self;
+        let [mut term, mut int, mut hup, mut usr2] = signals;
+        // Every listener is bound and its accept loops are running: ready. Under systemd
+        // after an upgrade, `MAINPID` moves to this process before the old one stops.
         let listening: Vec<String> = addresses.iter().map(|(name, a)| format!("{name} on {a}")).collect();
         crate::sd_notify::ready(&format!("serving: {}", listening.join(", ")));
+        if let Some(old) = upgraded_from {
+            tracing::info!("upgrade: serving; the old process stops accepting");
+            old.ready();
+        }
+        let mut upgraded = false;
         if let Some(every) = crate::sd_notify::watchdog_interval() {
             tokio::spawn(watchdog(control.clone(), every));
         }
@@ -200,6 +245,19 @@ impl Server {
             tokio::select! {
                 _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break }
                 _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break }
+                _ = usr2.recv() => {
+                    tracing::info!("SIGUSR2: upgrading");
+                    let outcome = crate::upgrade::hand_over(&control).await;
+                    crate::upgrade::report(&outcome);
+                    match outcome {
+                        Ok(pid) => {
+                            tracing::info!("upgrade: the new process (pid {pid}) serves; this one finishes its connections and exits");
+                            upgraded = true;
+                            break;
+                        }
+                        Err(e) => tracing::error!("upgrade failed, this process keeps serving: {e}"),
+                    }
+                }
                 _ = hup.recv() => {
                     crate::sd_notify::reloading();
                     // Ready again either way: a rejected reload leaves the running config
@@ -211,6 +269,13 @@ impl Server {
                     crate::sd_notify::ready(&status);
                 }
             }
+        }
+        if upgraded {
+            // Not STOPPING=1: the service goes on in the new process, which systemd now
+            // knows as its main process. Nothing is saved: the new process has the state,
+            // and a file written now would be older than what it learns.
+            control.shutdown().await;
+            return Ok(());
         }
         crate::sd_notify::stopping();
         control.shutdown().await;

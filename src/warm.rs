@@ -184,17 +184,8 @@ pub fn set_aside(dir: &Path) {
 /// Writes the running Tether's learned tables and admin overrides to `dir`, atomically.
 /// Logs the outcome; a failure is logged, never fatal (the process is stopping anyway).
 pub fn save(control: &Control, dir: &Path) {
-    let snapshot = control.shared.snapshot.load_full();
-    let mut file = collect(&snapshot, control.saved_overrides());
-    file.splits = collect_splits(&snapshot);
-    file.split_overrides = control
-        .saved_split_overrides()
-        .into_iter()
-        .map(|o| SplitOverrideRecord { split: o.split, pool: o.pool, weight: o.weight, file_weight: o.file_weight })
-        .collect();
-    let entries: usize = file.pools.iter().flat_map(|p| p.tables.values()).map(Vec::len).sum::<usize>()
-        + file.splits.iter().map(|s| s.entries.len()).sum::<usize>();
-    let overrides = file.overrides.len() + file.split_overrides.len();
+    let file = state_of(control);
+    let (entries, overrides) = counts(&file);
     let target = path(dir);
     match write_atomically(&target, &file) {
         Ok(()) => tracing::info!(
@@ -203,6 +194,51 @@ pub fn save(control: &Control, dir: &Path) {
         ),
         Err(e) => tracing::error!(path = %target.display(), "warm restart: cannot save the state file: {e}"),
     }
+}
+
+/// The running Tether's learned tables and admin overrides, as the state file holds them.
+fn state_of(control: &Control) -> StateFile {
+    let snapshot = control.shared.snapshot.load_full();
+    let mut file = collect(&snapshot, control.saved_overrides());
+    file.splits = collect_splits(&snapshot);
+    file.split_overrides = control
+        .saved_split_overrides()
+        .into_iter()
+        .map(|o| SplitOverrideRecord { split: o.split, pool: o.pool, weight: o.weight, file_weight: o.file_weight })
+        .collect();
+    file
+}
+
+/// Table entries and admin overrides in `file`, for the log.
+fn counts(file: &StateFile) -> (usize, usize) {
+    let entries: usize = file.pools.iter().flat_map(|p| p.tables.values()).map(Vec::len).sum::<usize>()
+        + file.splits.iter().map(|s| s.entries.len()).sum::<usize>();
+    (entries, file.overrides.len() + file.split_overrides.len())
+}
+
+/// The state file's content for the running Tether, as bytes: what a binary upgrade hands
+/// the new process (`upgrade`) instead of writing a file.
+pub fn to_bytes(control: &Control) -> Vec<u8> {
+    // Serialising plain structs of strings and numbers cannot fail; an empty answer
+    // would be refused by the reader as damaged, never misread.
+    serde_json::to_vec(&state_of(control)).unwrap_or_default()
+}
+
+/// Restores state given as bytes ([`to_bytes`] of another process), as [`restore`] does
+/// a file. An error says why nothing was restored.
+pub fn restore_bytes(control: &Control, bytes: &[u8]) -> Result<Restored, LoadError> {
+    let file: StateFile = serde_json::from_slice(bytes).map_err(LoadError::Damaged)?;
+    check(&file)?;
+    let restored = apply(control, &file);
+    tracing::info!(
+        "upgrade: restored {} table entries and {} admin overrides handed over by the old process \
+         ({} expired, {} of pools or backends no longer configured)",
+        restored.entries,
+        restored.overrides,
+        restored.expired,
+        restored.dropped,
+    );
+    Ok(restored)
 }
 
 /// The state of `snapshot` as the file holds it.

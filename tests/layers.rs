@@ -47,6 +47,7 @@ const LAYERS: &[(&str, u8, &str)] = &[
     ("warm", 5, "control: change a running Tether"),
     ("discovery", 5, "control: change a running Tether"),
     ("fleet", 5, "control: change a running Tether"),
+    ("upgrade", 5, "control: change a running Tether"),
     ("admin", 6, "operator interface"),
     ("server", 7, "entry points"),
     ("demo", 7, "entry points"),

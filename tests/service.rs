@@ -1,7 +1,7 @@
 //! Running as a service: the sd_notify protocol as systemd's `Type=notify` sees it, over a
 //! socket the test binds (READY=1 once serving, RELOADING=1 then READY=1 around a SIGHUP
-//! whether the reload is accepted or rejected, STOPPING=1 on SIGTERM), and the unit file
-//! in `packaging/`.
+//! whether the reload is accepted or rejected, STOPPING=1 on SIGTERM, MAINPID moved by an
+//! upgrade), and the unit file in `packaging/`.
 
 mod common;
 
@@ -242,4 +242,43 @@ fn the_unit_file_is_a_notify_service_that_reloads_with_sighup() {
     let out = Command::new("systemd-analyze").arg("verify").arg(&copy).output().unwrap();
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && said.trim().is_empty(), "systemd-analyze verify:\n{said}");
+}
+
+/// A binary upgrade (`tether upgrade`): the new process says READY=1 with its own pid as
+/// MAINPID (heard under the unit's `NotifyAccess=all`), and the old one, which exits as a
+/// mere child, never says STOPPING=1: to systemd the service goes on.
+#[tokio::test]
+async fn an_upgrade_moves_mainpid_to_the_new_process() {
+    let b = backends(1).await;
+    let scratch = Scratch::new();
+    let path = scratch.write("tether.toml", &config("round_robin", &[&b[0]], &[], ""));
+    let socket_path = scratch.0.join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    let mut t = Notified::start(&path, socket_path.to_str().unwrap());
+    let ready = next(&socket, &t);
+    assert_eq!(field(&ready, "MAINPID"), Some(t.child.id().to_string().as_str()), "{ready:?}");
+
+    let pid = t.child.id().to_string();
+    let out = Command::new(bin()).args(["upgrade", "--pid", &pid]).output().unwrap();
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stderr), t.log());
+    let new_pid = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    struct Kill(String);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = Command::new("kill").arg("-KILL").arg(&self.0).status();
+        }
+    }
+    let _new = Kill(new_pid.clone());
+    let ready = next(&socket, &t);
+    assert_eq!(field(&ready, "READY"), Some("1"), "{ready:?}");
+    assert_eq!(field(&ready, "MAINPID"), Some(new_pid.as_str()), "{ready:?}");
+    assert_eq!(get(serving_address(&ready), "/").await.status, 200);
+    assert!(poll_until_blocking(WAIT, || t.child.try_wait().unwrap().is_some()), "{}", t.log());
+    // Whatever the old process sent is queued by now: no STOPPING=1 among it.
+    socket.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = socket.recv(&mut buf) {
+        let message = String::from_utf8_lossy(&buf[..n]);
+        assert!(field(&message, "STOPPING").is_none(), "the old process said {message:?}");
+    }
 }

@@ -249,3 +249,36 @@ pub struct ConnCx {
     /// This connection's place under `[limits]`, given back when the last holder drops.
     pub(super) _permit: ConnPermit,
 }
+
+/// How long a connection accepted before shutdown (or a binary upgrade) began still gets
+/// to send its first request once it has begun: the client connected while Tether was
+/// accepting and is sending, so closing it unread would fail that request (with a reset,
+/// when its bytes are already here). A client that has not sent within this is closed.
+pub(crate) const LAST_CALL: Duration = Duration::from_secs(1);
+
+/// `fut` (the wait for a new connection's first bytes or its TLS handshake), or `None`
+/// once `wait` passes. Shutdown does not end the wait: it shortens it to [`LAST_CALL`].
+pub(crate) async fn first_request<F: std::future::Future>(
+    fut: F,
+    wait: Duration,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<F::Output> {
+    let mut stopping = *shutdown.borrow();
+    let now = Instant::now();
+    let deadline = if stopping { now + wait.min(LAST_CALL) } else { now + wait };
+    let sleep = tokio::time::sleep_until(deadline);
+    tokio::pin!(fut, sleep);
+    loop {
+        tokio::select! {
+            r = &mut fut => return Some(r),
+            _ = &mut sleep => return None,
+            _ = shutdown.changed(), if !stopping => {
+                stopping = true;
+                let last = Instant::now() + LAST_CALL;
+                if last < sleep.deadline() {
+                    sleep.as_mut().reset(last);
+                }
+            }
+        }
+    }
+}

@@ -186,16 +186,15 @@ pub async fn serve(
         return Box::pin(serve_tls(stream, tls, conn, protocols, timeouts)).await;
     }
     let mut shutdown = conn.shutdown.clone();
-    let h2 = tokio::select! {
-        r = sniff(&stream) => match r {
-            Some(h2) => h2,
-            None => return,
-        },
-        _ = tokio::time::sleep(timeouts.request_header) => {
-            tracing::debug!(%peer, "closing connection: nothing received within {:?}", timeouts.request_header);
+    // Shutdown does not close a new connection before its first request (see
+    // `client::first_request`).
+    let h2 = match super::client::first_request(sniff(&stream), timeouts.request_header, &mut shutdown).await {
+        Some(Some(h2)) => h2,
+        Some(None) => return,
+        None => {
+            tracing::debug!(%peer, "closing connection: nothing received in time");
             return;
         }
-        _ = shutdown.changed() => return,
     };
     if !h2 {
         return super::native::conn::serve(conn.native(stream)).await;
@@ -239,26 +238,41 @@ async fn proxy_in(
     use crate::proxy_header::Parsed;
     let trusted = pp.trusts(peer.ip());
     let mut buf = super::native::buffers::Buf::take();
+    // Shutdown shortens the wait to `LAST_CALL` rather than ending it, as for a new
+    // connection's first request (`client::first_request`).
+    let mut stopping = *shutdown.borrow();
+    let within = if stopping { within.min(super::client::LAST_CALL) } else { within };
     let deadline = tokio::time::sleep(within);
     tokio::pin!(deadline);
     let mut seen = 0;
-    let peeked = tokio::select! {
-        r = peek_header(stream, buf.spare(), &mut seen) => r,
-        _ = &mut deadline => {
-            if seen > 0 {
-                return ProxyIn::Refused("no whole header within request_header");
+    let mut peek = Box::pin(peek_header(stream, buf.spare(), &mut seen));
+    let peeked = loop {
+        tokio::select! {
+            r = &mut peek => break r,
+            _ = &mut deadline => {
+                drop(peek);
+                if seen > 0 {
+                    return ProxyIn::Refused("no whole header within request_header");
+                }
+                if trusted && pp.required {
+                    return ProxyIn::Refused("no header within request_header");
+                }
+                if !tcp {
+                    tracing::debug!(%peer, "closing connection: nothing received within {within:?}");
+                    return ProxyIn::Gone;
+                }
+                return ProxyIn::Peer { source: None, destination: None };
             }
-            if trusted && pp.required {
-                return ProxyIn::Refused("no header within request_header");
+            _ = shutdown.changed(), if !stopping => {
+                stopping = true;
+                let last = tokio::time::Instant::now() + super::client::LAST_CALL;
+                if last < deadline.deadline() {
+                    deadline.as_mut().reset(last);
+                }
             }
-            if !tcp {
-                tracing::debug!(%peer, "closing connection: nothing received within {within:?}");
-                return ProxyIn::Gone;
-            }
-            return ProxyIn::Peer { source: None, destination: None };
         }
-        _ = shutdown.changed() => return ProxyIn::Gone,
     };
+    drop(peek);
     let Some(verdict) = peeked else { return ProxyIn::Gone };
     match verdict {
         Parsed::NotProxy if trusted && pp.required => ProxyIn::Refused("no header from a trusted source"),
@@ -362,20 +376,17 @@ async fn serve_tls(
 ) {
     let mut shutdown = conn.shutdown.clone();
     let accept = tokio_rustls::TlsAcceptor::from(tls.config.clone()).accept(stream);
-    let stream = tokio::select! {
-        r = accept => match r {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::debug!(peer = %conn.peer, "TLS handshake failed: {e}");
-                conn.stats.tls_handshake_failures.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
-        },
-        _ = tokio::time::sleep(timeouts.request_header) => {
-            tracing::debug!(peer = %conn.peer, "closing connection: no TLS handshake within {:?}", timeouts.request_header);
+    let stream = match super::client::first_request(accept, timeouts.request_header, &mut shutdown).await {
+        Some(Ok(s)) => s,
+        Some(Err(e)) => {
+            tracing::debug!(peer = %conn.peer, "TLS handshake failed: {e}");
+            conn.stats.tls_handshake_failures.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        _ = shutdown.changed() => return,
+        None => {
+            tracing::debug!(peer = %conn.peer, "closing connection: no TLS handshake in time");
+            return;
+        }
     };
     if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
         serve_h2(stream, true, conn, &protocols).await;

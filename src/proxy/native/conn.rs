@@ -40,6 +40,7 @@ use crate::h1::request::{self, Body, Method, RequestHead};
 use crate::h1::response::{self, ResponseHead};
 use crate::h1::Known;
 use crate::pool::{Pool, Routes, Snapshot};
+use crate::proxy::client::first_request;
 use crate::proxy::refusal::Refusal;
 use crate::proxy::rewrite;
 use crate::proxy::tcp::relay;
@@ -89,10 +90,17 @@ pub async fn serve<S: ClientIo>(mut client: Client<S>) {
     tokio::pin!(idle);
     loop {
         let timeouts = client.shared.snapshot.load().config.timeouts;
-        if carry.is_none() {
-            // Wait for the next request without holding anything.
-            let wait = if first { timeouts.request_header } else { timeouts.client_idle };
-            idle.as_mut().reset(tokio::time::Instant::now() + wait);
+        if carry.is_none() && first {
+            // A new connection's first request is served even when shutdown comes first
+            // (within `LAST_CALL`): its client connected while Tether accepted.
+            let ready = first_request(client.stream.readable(), timeouts.request_header, &mut client.shutdown);
+            if !matches!(ready.await, Some(Ok(()))) {
+                return;
+            }
+        } else if carry.is_none() {
+            // Wait for the next request without holding anything. An idle keep-alive
+            // connection closes at shutdown: between requests, a client retries.
+            idle.as_mut().reset(tokio::time::Instant::now() + timeouts.client_idle);
             tokio::select! {
                 r = client.stream.readable() => if r.is_err() { return },
                 _ = &mut idle => return,
