@@ -810,35 +810,23 @@ impl Control {
                 here.is_none_or(|c| c.state != s.state || c.weight != s.weight)
             })
             .collect();
-        if changed.is_empty() {
-            return Vec::new();
-        }
-        let since: HashMap<(String, String), u64> =
-            changed.iter().filter_map(|(o, ms)| Some(((o.pool.clone(), o.backend.clone()), (*ms)?))).collect();
-        let applied = self.restore_overrides(changed.into_iter().map(|(o, _)| o).collect());
-        let snapshot = self.shared.snapshot.load_full();
-        for o in &applied {
-            if let (Some(ms), Some(b)) =
-                (since.get(&(o.pool.clone(), o.backend.clone())), snapshot.backend(&o.pool, &o.backend))
-            {
-                b.restamp_drain(*ms);
-            }
-        }
-        applied
+        self.restore_overrides(changed)
     }
 
     /// Re-applies overrides a warm restart saved, by the rule reloads keep them by: only to
     /// a backend the file still has, with the state and weight the override was made over
-    /// (a file that changed them since wins). Returns those applied; the snapshot is
-    /// rebuilt once if any was.
-    pub fn restore_overrides(&self, saved: Vec<SavedOverride>) -> Vec<SavedOverride> {
+    /// (a file that changed them since wins). Each comes with the Unix milliseconds its drain
+    /// began, if it drains: the drain keeps that start, so its `drain_timeout` runs from
+    /// then. Returns those applied; the snapshot is rebuilt once if any was.
+    pub fn restore_overrides(&self, saved: Vec<(SavedOverride, Option<u64>)>) -> Vec<SavedOverride> {
         let _one_at_a_time = lock(&self.changing);
         let file = lock(&self.file_config).clone();
         let sourced = self.sourced(&file);
         let mut applied = Vec::new();
+        let mut since = Vec::new();
         {
             let mut overrides = lock(&self.overrides);
-            for s in saved {
+            for (s, drain_ms) in saved {
                 let still = sourced
                     .pools
                     .iter()
@@ -851,12 +839,18 @@ impl Control {
                 let o =
                     Override { state: s.state, weight: s.weight, file_state: s.file_state, file_weight: s.file_weight };
                 overrides.insert((s.pool.clone(), s.backend.clone()), o);
+                since.push(drain_ms);
                 applied.push(s);
             }
         }
         if !applied.is_empty() {
             let old = self.shared.snapshot.load_full();
             let snapshot = Snapshot::build(Arc::new(self.effective(&file)), Some(&old));
+            for (o, ms) in applied.iter().zip(since) {
+                if let (Some(ms), Some(b)) = (ms, snapshot.backend(&o.pool, &o.backend)) {
+                    b.restamp_drain(ms);
+                }
+            }
             self.shared.snapshot.store(Arc::new(snapshot));
         }
         applied

@@ -14,29 +14,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::config::AdminState;
-use crate::control::{ActionError, BackendAction, Control, SavedOverride};
+use crate::control::{ActionError, BackendAction, Control};
 use crate::pool::Snapshot;
 use crate::store::Fleet;
+use crate::warm::OverrideRecord;
 
 /// How often the fleet's admin state is read even when nothing announced a change.
 const RESYNC: Duration = Duration::from_secs(5);
-
-/// One backend's override as the fleet's admin hash holds it.
-#[derive(Debug, Serialize, Deserialize)]
-struct Record {
-    pool: String,
-    backend: String,
-    state: Option<String>,
-    weight: Option<u32>,
-    file_state: String,
-    file_weight: u32,
-    /// When the drain began (Unix milliseconds), for an override that drains.
-    draining_since_ms: Option<u64>,
-}
 
 /// What became of an admin action, for the fleet.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,18 +78,7 @@ pub async fn act(
 /// Writes this instance's override on one backend to the fleet's admin hash.
 async fn share(control: &Control, fleet: &Fleet, pool: &str, backend: &str) -> Result<(), String> {
     let Some(o) = control.override_of(pool, backend) else { return Ok(()) };
-    let draining_since_ms = (o.state == Some(AdminState::Draining))
-        .then(|| control.shared.snapshot.load().backend(pool, backend).map(|b| b.draining_since()))
-        .flatten();
-    let record = Record {
-        pool: o.pool,
-        backend: o.backend,
-        state: o.state.map(|s| s.as_str().to_string()),
-        weight: o.weight,
-        file_state: o.file_state.as_str().to_string(),
-        file_weight: o.file_weight,
-        draining_since_ms,
-    };
+    let record = OverrideRecord::of(o, &control.shared.snapshot.load());
     let value = serde_json::to_string(&record).map_err(|e| e.to_string())?;
     fleet.admin_set(&field(pool, backend), &value).await
 }
@@ -111,10 +86,6 @@ async fn share(control: &Control, fleet: &Fleet, pool: &str, backend: &str) -> R
 /// A backend's field in the admin hash.
 fn field(pool: &str, backend: &str) -> String {
     format!("{pool}\n{backend}")
-}
-
-fn admin_state(s: &str) -> Option<AdminState> {
-    [AdminState::Enabled, AdminState::Draining, AdminState::Disabled].into_iter().find(|a| a.as_str() == s)
 }
 
 /// Keeps this instance's overrides in step with the fleet's until shutdown: shares what
@@ -159,24 +130,8 @@ async fn step(control: &Control, fleet: &Fleet) {
             return;
         }
     };
-    let records: Vec<(SavedOverride, Option<u64>)> = fields
-        .iter()
-        .filter_map(|(_, value)| {
-            let r: Record = serde_json::from_str(value).ok()?;
-            let o = SavedOverride {
-                pool: r.pool,
-                backend: r.backend,
-                state: match &r.state {
-                    Some(s) => Some(admin_state(s)?),
-                    None => None,
-                },
-                weight: r.weight,
-                file_state: admin_state(&r.file_state)?,
-                file_weight: r.file_weight,
-            };
-            Some((o, r.draining_since_ms))
-        })
-        .collect();
+    let records =
+        fields.iter().filter_map(|(_, value)| serde_json::from_str::<OverrideRecord>(value).ok()?.saved()).collect();
     for o in control.apply_shared_overrides(records) {
         tracing::info!(
             pool = %o.pool,

@@ -106,9 +106,11 @@ struct SavedBackend {
 #[derive(Debug, Serialize, Deserialize)]
 struct SavedEntry(String, usize, u64, bool);
 
+/// An admin override as it is written down: in the state file, and in a fleet's admin
+/// hash in Redis (`fleet`).
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct OverrideRecord {
+pub(crate) struct OverrideRecord {
     pool: String,
     backend: String,
     state: Option<String>,
@@ -118,6 +120,40 @@ struct OverrideRecord {
     /// When the drain began (Unix milliseconds), for an override that drains: the drain's
     /// timeout keeps running from then, not from the restart.
     draining_since_ms: Option<u64>,
+}
+
+impl OverrideRecord {
+    /// `o`, with its drain's start as `snapshot`'s backend has it.
+    pub(crate) fn of(o: SavedOverride, snapshot: &Snapshot) -> OverrideRecord {
+        let draining_since_ms = (o.state == Some(AdminState::Draining))
+            .then(|| snapshot.backend(&o.pool, &o.backend).map(|b| b.draining_since()))
+            .flatten();
+        OverrideRecord {
+            pool: o.pool,
+            backend: o.backend,
+            state: o.state.map(|s| s.as_str().to_string()),
+            weight: o.weight,
+            file_state: o.file_state.as_str().to_string(),
+            file_weight: o.file_weight,
+            draining_since_ms,
+        }
+    }
+
+    /// The override, with its drain's start; `None` when a state is not one Tether knows.
+    pub(crate) fn saved(&self) -> Option<(SavedOverride, Option<u64>)> {
+        let saved = SavedOverride {
+            pool: self.pool.clone(),
+            backend: self.backend.clone(),
+            state: match &self.state {
+                Some(s) => Some(admin_state(s)?),
+                None => None,
+            },
+            weight: self.weight,
+            file_state: admin_state(&self.file_state)?,
+            file_weight: self.file_weight,
+        };
+        Some((saved, self.draining_since_ms))
+    }
 }
 
 /// Why a state file was not used.
@@ -277,23 +313,7 @@ fn collect(snapshot: &Snapshot, overrides: Vec<SavedOverride>) -> StateFile {
         }
         pools.push(SavedPool { name: p.name.to_string(), id: hex64(affinity::pool_id(&p.name)), backends, tables });
     }
-    let overrides = overrides
-        .into_iter()
-        .map(|o| {
-            let draining_since_ms = (o.state == Some(AdminState::Draining))
-                .then(|| snapshot.backend(&o.pool, &o.backend).map(|b| b.draining_since()))
-                .flatten();
-            OverrideRecord {
-                pool: o.pool,
-                backend: o.backend,
-                state: o.state.map(|s| s.as_str().to_string()),
-                weight: o.weight,
-                file_state: o.file_state.as_str().to_string(),
-                file_weight: o.file_weight,
-                draining_since_ms,
-            }
-        })
-        .collect();
+    let overrides = overrides.into_iter().map(|o| OverrideRecord::of(o, snapshot)).collect();
     StateFile {
         format: FORMAT.into(),
         version: VERSION,
@@ -505,37 +525,9 @@ fn apply(control: &Control, file: &StateFile) -> Restored {
         })
         .collect();
     restored.overrides += control.restore_split_overrides(split_overrides);
-    let wanted: Vec<(SavedOverride, Option<u64>)> = file
-        .overrides
-        .iter()
-        .filter_map(|o| {
-            let saved = SavedOverride {
-                pool: o.pool.clone(),
-                backend: o.backend.clone(),
-                state: match &o.state {
-                    Some(s) => Some(admin_state(s)?),
-                    None => None,
-                },
-                weight: o.weight,
-                file_state: admin_state(&o.file_state)?,
-                file_weight: o.file_weight,
-            };
-            Some((saved, o.draining_since_ms))
-        })
-        .collect();
-    let since: HashMap<(String, String), u64> =
-        wanted.iter().filter_map(|(o, since)| Some(((o.pool.clone(), o.backend.clone()), (*since)?))).collect();
-    let applied = control.restore_overrides(wanted.into_iter().map(|(o, _)| o).collect());
-    restored.overrides += applied.len();
     // A drain keeps the start it had: its `drain_timeout` runs from then.
-    let snapshot = control.shared.snapshot.load_full();
-    for o in &applied {
-        if let (Some(ms), Some(b)) =
-            (since.get(&(o.pool.clone(), o.backend.clone())), snapshot.backend(&o.pool, &o.backend))
-        {
-            b.restamp_drain(*ms);
-        }
-    }
+    let wanted = file.overrides.iter().filter_map(OverrideRecord::saved).collect();
+    restored.overrides += control.restore_overrides(wanted).len();
     restored
 }
 
