@@ -348,6 +348,27 @@ impl<'p> Attempt<'p> {
         true
     }
 
+    /// A connect to the current backend failed: a strike against it when it was its fault,
+    /// and the request moves to another (`Ok`, its headers saying why) or is refused.
+    fn connect_failed(
+        &mut self,
+        error: ConnectError,
+        decision: &mut Decision,
+        out: &mut Outcome,
+        headers: &mut HeaderMap,
+    ) -> Result<(), Refusal> {
+        let (pool, backend) = (self.pool, self.backend());
+        tracing::warn!(pool = %pool.name, backend = %backend.name, address = %backend.address_text, "{error}");
+        if error.is_backend_fault() {
+            passive_failure(&pool.backends, self.index, pool.config.health.as_ref(), &error.to_string());
+        }
+        if self.move_on(decision, out) {
+            self.rewrite_moved(headers, decision);
+            return Ok(());
+        }
+        Err(Refusal::Connect { backend: backend.name.clone(), error })
+    }
+
     /// The request headers after a move: the re-pin header says why.
     fn rewrite_moved(&self, headers: &mut HeaderMap, decision: &Decision) {
         if let Some(a) = &self.pool.affinity {
@@ -381,7 +402,6 @@ async fn send(
     max_head: usize,
 ) -> Result<Backside, Refusal> {
     let pool = attempt.pool;
-    let health = pool.config.health.as_ref();
     let is_head = parts.method == Method::HEAD;
     let mut work = Work::take();
     loop {
@@ -401,15 +421,8 @@ async fn send(
         let (mut conn, reused) = match connection(pool, attempt.index, attempt.stale >= STALE_RETRIES, header).await {
             Ok(c) => c,
             Err(error) => {
-                tracing::warn!(pool = %pool.name, backend = %backend.name, address = %backend.address_text, "{error}");
-                if error.is_backend_fault() {
-                    passive_failure(&pool.backends, attempt.index, health, &error.to_string());
-                }
-                if attempt.move_on(decision, out) {
-                    attempt.rewrite_moved(&mut parts.headers, decision);
-                    continue;
-                }
-                return Err(Refusal::Connect { backend: backend.name.clone(), error });
+                attempt.connect_failed(error, decision, out, &mut parts.headers)?;
+                continue;
             }
         };
         work.out.clear();
@@ -475,15 +488,8 @@ async fn send_h2(
         let (mut sender, stream, reused) = match upstream.h2_stream(attempt.stale >= STALE_RETRIES).await {
             Ok(s) => s,
             Err(error) => {
-                tracing::warn!(pool = %pool.name, backend = %backend.name, address = %backend.address_text, "{error}");
-                if error.is_backend_fault() {
-                    passive_failure(&pool.backends, attempt.index, health, &error.to_string());
-                }
-                if attempt.move_on(decision, out) {
-                    attempt.rewrite_moved(&mut parts.headers, decision);
-                    continue;
-                }
-                return Err(Refusal::Connect { backend: backend.name.clone(), error });
+                attempt.connect_failed(error, decision, out, &mut parts.headers)?;
+                continue;
             }
         };
         // HTTP/2 names the authority in `:authority`, not `Host`; without one from the

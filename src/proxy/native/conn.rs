@@ -293,6 +293,29 @@ impl<'c, S: ClientIo> Exchange<'c, S> {
         };
     }
 
+    /// A connect to the attempt's backend failed: a strike against it when it was its
+    /// fault, then a move to another backend (`Ok`; the old one's slot given back) or the
+    /// refusal.
+    fn connect_failed(
+        &mut self,
+        pool: &Pool,
+        attempt: &mut Attempt,
+        decision: &mut Decision,
+        error: ConnectError,
+    ) -> Step<()> {
+        let backend = &pool.backends[attempt.index];
+        tracing::warn!(pool = %pool.name, backend = %backend.name, address = %backend.address_text, "{error}");
+        if error.is_backend_fault() {
+            passive_failure(&pool.backends, attempt.index, pool.config.health.as_ref(), &error.to_string());
+        }
+        if attempt.move_on(pool, decision) {
+            self.slot = None;
+            self.verdict = decision.verdict;
+            return Ok(());
+        }
+        Err(Refusal::Connect { backend: backend.name.clone(), error })
+    }
+
     /// Charges the request to `backend`: its in-flight count is up until the end.
     fn charge(&mut self, backend: &Arc<Backend>) {
         if self.backend.as_ref().is_some_and(|b| Arc::ptr_eq(b, backend)) {
@@ -445,16 +468,8 @@ impl<'c, S: ClientIo> Exchange<'c, S> {
             let (mut conn, reused) = match connection(pool, attempt.index, fresh, proxy_header, own).await {
                 Ok(c) => c,
                 Err(error) => {
-                    tracing::warn!(pool = %pool.name, backend = %backend.name, address = %backend.address_text, "{error}");
-                    if error.is_backend_fault() {
-                        passive_failure(&pool.backends, attempt.index, pool.config.health.as_ref(), &error.to_string());
-                    }
-                    if attempt.move_on(pool, &mut decision) {
-                        self.slot = None;
-                        self.verdict = decision.verdict;
-                        continue;
-                    }
-                    return Err(Refusal::Connect { backend: backend.name.clone(), error });
+                    self.connect_failed(pool, &mut attempt, &mut decision, error)?;
+                    continue;
                 }
             };
             let sent = async {

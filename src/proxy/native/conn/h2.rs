@@ -169,16 +169,8 @@ impl<S: ClientIo> Exchange<'_, S> {
             let (mut sender, stream, reused) = match upstream.h2_stream(attempt.stale >= STALE_RETRIES).await {
                 Ok(s) => s,
                 Err(error) => {
-                    tracing::warn!(pool = %pool.name, backend = %backend.name, address = %backend.address_text, "{error}");
-                    if error.is_backend_fault() {
-                        passive_failure(&pool.backends, attempt.index, pool.config.health.as_ref(), &error.to_string());
-                    }
-                    if attempt.move_on(pool, &mut decision) {
-                        self.slot = None;
-                        self.verdict = decision.verdict;
-                        continue;
-                    }
-                    return Err(Refusal::Connect { backend: backend.name.clone(), error });
+                    self.connect_failed(pool, &mut attempt, &mut decision, error)?;
+                    continue;
                 }
             };
             let (tx, pieces) = mpsc::channel::<Piece>(2);
