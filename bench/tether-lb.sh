@@ -12,6 +12,8 @@
 #               the pool then keeps sessions with Tether's own cookie (a fixed bench key)
 #   LB_TLS      1 when clients speak TLS (run.sh's TLS=1): the listener is https, with the
 #               certificate and key run.sh made (TLS_CERT, TLS_KEY, PEM paths)
+#   LB_TLS_VERSIONS  with LB_TLS=1, the listener's tls_versions, e.g. "1.2" to speak the
+#               version the harness's NGINX does (nginx 1.22 offers TLS 1.3 only when told)
 # And two of Tether's own, for the shared store's bench (issue 13):
 #   LB_KEYS     the sticky pool's key chain instead of Tether's cookie, e.g. "query:u"
 #               (table-mapped: the harness's clients send ?u=USER)
@@ -32,7 +34,9 @@ conf="${TMPDIR:-/tmp}/tether-bench-$LB_PORT.toml"
   printf '[[listeners]]\nname = "bench"\nbind = "127.0.0.1:%s"\npool = "bench"\n' "$LB_PORT"
   if [ "${LB_TLS:-0}" = 1 ]; then
     : "${TLS_CERT:?LB_TLS=1 needs TLS_CERT}" "${TLS_KEY:?LB_TLS=1 needs TLS_KEY}"
-    printf 'protocol = "https"\n[[listeners.certificates]]\ncert = "%s"\nkey = "%s"\n' "$TLS_CERT" "$TLS_KEY"
+    printf 'protocol = "https"\n'
+    [ -n "${LB_TLS_VERSIONS:-}" ] && printf 'tls_versions = ["%s"]\n' "$LB_TLS_VERSIONS"
+    printf '[[listeners.certificates]]\ncert = "%s"\nkey = "%s"\n' "$TLS_CERT" "$TLS_KEY"
   fi
   printf '\n'
   printf '[pools.bench]\nalgorithm = "round_robin"\nbackends = [\n'

@@ -965,8 +965,12 @@ pub fn diff(old: &Config, new: &Config) -> Vec<String> {
                 out.push(format!("listener \"{}\" moved from {} to {}", l.name, o.bind, l.bind))
             }
             Some(o) if o.tls != l.tls => {
-                let certs = l.tls.as_ref().map_or(0, |t| t.certificates.len());
-                out.push(format!("listener \"{}\": TLS certificates changed ({certs} loaded)", l.name));
+                if o.tls.as_ref().map(|t| &t.certificates) != l.tls.as_ref().map(|t| &t.certificates) {
+                    let n = l.tls.as_ref().map_or(0, |t| t.certificates.len());
+                    out.push(format!("listener \"{}\": TLS certificates changed ({n} loaded)", l.name));
+                } else {
+                    out.push(format!("listener \"{}\": TLS settings changed", l.name));
+                }
                 if o.routes != l.routes || o.trusted_proxies != l.trusted_proxies {
                     out.push(format!("listener \"{}\": routes or trusted proxies changed", l.name));
                 }

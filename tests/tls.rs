@@ -567,3 +567,94 @@ async fn a_fleet_with_one_ticket_secret_resumes_sessions_on_any_instance() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("bad.toml:6:27: listener \"web\": session_ticket_key:"), "{err}");
 }
+
+/// A client of `versions` offering `suites` in that order, accepting any certificate.
+fn client_of(
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    suites: &[rustls::SupportedCipherSuite],
+) -> Arc<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::CryptoProvider {
+        cipher_suites: suites.to_vec(),
+        ..rustls::crypto::aws_lc_rs::default_provider()
+    });
+    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(versions)
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
+        .with_no_client_auth();
+    Arc::new(config)
+}
+
+#[tokio::test]
+async fn the_listener_chooses_aes_128_first_and_takes_only_its_tls_versions() {
+    use rustls::crypto::aws_lc_rs::cipher_suite as cs;
+    let dir = Scratch::new();
+    let shop = cert(&dir, "shop", &["shop.example"]);
+    let b = backends(1).await;
+    let both = https_config(&[&b[0]], &[&shop], false);
+    let t = Tether::start(&both);
+    let suite = |tls: &TlsStream<TcpStream>| tls.get_ref().1.negotiated_cipher_suite().unwrap().suite();
+    // Clients that list AES-256 first (as OpenSSL, curl and browsers do) get AES-128 with
+    // SHA-256, whose handshake costs less; a client offering only AES-256 still gets it.
+    let tls13_first = [cs::TLS13_AES_256_GCM_SHA384, cs::TLS13_CHACHA20_POLY1305_SHA256, cs::TLS13_AES_128_GCM_SHA256];
+    let tls = connect_with(t.addr(), "shop.example", client_of(&[&rustls::version::TLS13], &tls13_first)).await;
+    assert_eq!(suite(&tls), rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    assert!(get_h1(tls, "/").await.starts_with("HTTP/1.1 200"));
+    let only256 = client_of(&[&rustls::version::TLS13], &[cs::TLS13_AES_256_GCM_SHA384]);
+    let tls = connect_with(t.addr(), "shop.example", only256).await;
+    assert_eq!(suite(&tls), rustls::CipherSuite::TLS13_AES_256_GCM_SHA384);
+    let tls12_first = [
+        cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+        cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+        cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+    ];
+    let tls = connect_with(t.addr(), "shop.example", client_of(&[&rustls::version::TLS12], &tls12_first)).await;
+    assert_eq!(suite(&tls), rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256);
+    assert!(get_h1(tls, "/").await.starts_with("HTTP/1.1 200"));
+
+    // `tls_versions`: a TLS 1.3-only listener refuses a TLS 1.2 client, and a TLS 1.2-only
+    // one negotiates 1.2 with a client that offers both. Each is taken by a reload.
+    let all_suites = rustls::crypto::aws_lc_rs::DEFAULT_CIPHER_SUITES;
+    let with = |versions: &str| {
+        both.replace("protocol = \"https\"\n", &format!("protocol = \"https\"\ntls_versions = {versions}\n"))
+    };
+    reload(&t, &with("[\"1.3\"]"), "TLS settings changed").await;
+    let tcp = TcpStream::connect(t.addr()).await.unwrap();
+    let name = ServerName::try_from("shop.example").unwrap();
+    let refused =
+        tokio_rustls::TlsConnector::from(client_of(&[&rustls::version::TLS12], all_suites)).connect(name, tcp).await;
+    assert!(refused.is_err(), "a TLS 1.2 client was served by a TLS 1.3-only listener");
+    let tls = connect_with(
+        t.addr(),
+        "shop.example",
+        client_of(&[&rustls::version::TLS13, &rustls::version::TLS12], all_suites),
+    )
+    .await;
+    assert_eq!(tls.get_ref().1.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_3));
+    reload(&t, &with("[\"1.2\"]"), "TLS settings changed").await;
+    let tls = connect_with(
+        t.addr(),
+        "shop.example",
+        client_of(&[&rustls::version::TLS13, &rustls::version::TLS12], all_suites),
+    )
+    .await;
+    assert_eq!(tls.get_ref().1.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_2));
+    assert!(get_h1(tls, "/").await.starts_with("HTTP/1.1 200"));
+
+    // Located errors.
+    for (versions, says) in
+        [("[\"1.3\", \"1.1\"]", "tls_versions: \"1.1\" is not supported"), ("[]", "tls_versions needs at least one of")]
+    {
+        let cfg = with(versions);
+        let path = dir.write("v.toml", &cfg);
+        let out = std::process::Command::new(bin()).arg("check").arg("-c").arg(&path).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        let line = cfg.lines().position(|l| l.starts_with("tls_versions")).unwrap() + 1;
+        assert!(!out.status.success() && err.contains(&format!("v.toml:{line}:")) && err.contains(says), "{err}");
+    }
+    let plain = both.replace("protocol = \"https\"\n", "tls_versions = [\"1.3\"]\n");
+    let out =
+        std::process::Command::new(bin()).arg("check").arg("-c").arg(dir.write("p.toml", &plain)).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("tls_versions are only for protocol = \"https\""));
+}

@@ -173,6 +173,9 @@ pub struct Listener {
     /// environment variable, never inline.
     pub session_ticket_key_file: Option<Spanned<String>>,
     pub session_ticket_key_env: Option<Spanned<String>>,
+    /// For `protocol = "https"`: the TLS versions accepted, of `"1.2"` and `"1.3"` (both
+    /// by default).
+    pub tls_versions: Option<Spanned<Vec<Spanned<String>>>>,
     /// For `protocol = "https"`: the certificates, chosen by SNI; the first is the default.
     #[serde(default)]
     pub certificates: Vec<Spanned<CertificateFiles>>,

@@ -720,6 +720,9 @@ impl Resolver<'_> {
         if let Some(t) = l.session_ticket_key_file.as_ref().or(l.session_ticket_key_env.as_ref()) {
             self.error(t, not_tcp("session tickets"));
         }
+        if let Some(t) = &l.tls_versions {
+            self.error(t, not_tcp("tls_versions"));
+        }
         let default_pool = l.pool.as_ref().map(|p| self.pool_ref(name, p, pools));
         let mut sni = Vec::new();
         let mut seen = HashSet::new();
@@ -820,6 +823,34 @@ impl Resolver<'_> {
         }
     }
 
+    /// The TLS versions an `https` listener accepts; `None` (the error reported) when its
+    /// `tls_versions` names none or one that is not known.
+    fn tls_versions(&mut self, name: &str, l: &file::Listener) -> Option<crate::tls::Versions> {
+        let Some(list) = &l.tls_versions else {
+            return Some(crate::tls::Versions::ALL);
+        };
+        let mut versions = crate::tls::Versions { tls12: false, tls13: false };
+        let mut ok = true;
+        for v in list.get_ref() {
+            match v.get_ref().as_str() {
+                "1.2" => versions.tls12 = true,
+                "1.3" => versions.tls13 = true,
+                other => {
+                    let message = format!(
+                        "listener \"{name}\": tls_versions: \"{other}\" is not supported: expected \"1.2\" or \"1.3\""
+                    );
+                    self.error(v, message);
+                    ok = false;
+                }
+            }
+        }
+        if ok && versions == (crate::tls::Versions { tls12: false, tls13: false }) {
+            self.error(list, format!("listener \"{name}\": tls_versions needs at least one of \"1.2\" and \"1.3\""));
+            ok = false;
+        }
+        ok.then_some(versions)
+    }
+
     /// Client certificate verification: `Some(None)` when the listener asks for none, `None`
     /// (the error reported) when its settings are wrong.
     fn client_auth(&mut self, name: &str, l: &file::Listener) -> Option<Option<crate::tls::ClientAuth>> {
@@ -868,6 +899,9 @@ impl Resolver<'_> {
             if let Some(k) = l.session_ticket_key_file.as_ref().or(l.session_ticket_key_env.as_ref()) {
                 self.error(k, format!("listener \"{name}\": session tickets are only for protocol = \"https\""));
             }
+            if let Some(v) = &l.tls_versions {
+                self.error(v, format!("listener \"{name}\": tls_versions are only for protocol = \"https\""));
+            }
             return None;
         }
         if l.certificates.is_empty() {
@@ -912,7 +946,8 @@ impl Resolver<'_> {
         }
         let client_auth = self.client_auth(name, l)?;
         let ticket_secret = self.ticket_secret(name, l)?;
-        match crate::tls::ServerTls::new(loaded, client_auth, ticket_secret) {
+        let versions = self.tls_versions(name, l)?;
+        match crate::tls::ServerTls::new(loaded, client_auth, ticket_secret, versions) {
             Ok(t) => Some(Arc::new(t)),
             Err(e) => {
                 self.error(&l.bind, format!("listener \"{name}\": TLS: {e}"));

@@ -7,7 +7,7 @@
 //! serving. An expired certificate is loaded (a restart must not fail on it) and reported.
 //!
 //! The crypto provider is aws-lc-rs, chosen by measurement (see ARCHITECTURE.md, "TLS"). Handshakes offer TLS 1.3
-//! and 1.2, ALPN `h2` and `http/1.1`, and resume sessions both ways: stateful (a cache of
+//! and 1.2 (or the one `tls_versions` names), the listener's cipher suite order, ALPN `h2` and `http/1.1`, and resume sessions both ways: stateful (a cache of
 //! 256 sessions per listener config) and by tickets whose keys rotate.
 
 pub mod backend;
@@ -114,11 +114,36 @@ impl ClientAuth {
     }
 }
 
+/// The TLS versions a listener accepts (`tls_versions`): 1.2 and 1.3 unless the config
+/// names fewer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Versions {
+    pub tls12: bool,
+    pub tls13: bool,
+}
+
+impl Versions {
+    pub const ALL: Versions = Versions { tls12: true, tls13: true };
+
+    /// rustls' list, the newest first; empty when neither is on.
+    fn list(self) -> Vec<&'static rustls::SupportedProtocolVersion> {
+        let mut v = Vec::new();
+        if self.tls13 {
+            v.push(&rustls::version::TLS13);
+        }
+        if self.tls12 {
+            v.push(&rustls::version::TLS12);
+        }
+        v
+    }
+}
+
 /// A listener's TLS: its certificates and the rustls configuration built on them.
 #[derive(Debug)]
 pub struct ServerTls {
     pub certificates: Vec<Certificate>,
     pub client_auth: Option<ClientAuth>,
+    pub versions: Versions,
     /// The fleet's session-ticket secret (`session_ticket_key_file` or `_env`), when one is
     /// configured: see `tickets`.
     pub ticket_secret: Option<[u8; 32]>,
@@ -130,6 +155,7 @@ impl PartialEq for ServerTls {
         self.certificates == other.certificates
             && self.client_auth == other.client_auth
             && self.ticket_secret == other.ticket_secret
+            && self.versions == other.versions
     }
 }
 
@@ -140,11 +166,15 @@ impl ServerTls {
         certificates: Vec<Certificate>,
         client_auth: Option<ClientAuth>,
         ticket_secret: Option<[u8; 32]>,
+        versions: Versions,
     ) -> Result<ServerTls, String> {
         let resolver = Arc::new(BySni::new(&certificates).ok_or("no certificate")?);
-        let provider = Arc::new(provider::default_provider());
+        let provider = Arc::new(rustls::crypto::CryptoProvider {
+            cipher_suites: SERVER_SUITES.to_vec(),
+            ..provider::default_provider()
+        });
         let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .with_protocol_versions(&versions.list())
             .map_err(|e| e.to_string())?;
         let builder = match &client_auth {
             None => builder.with_no_client_auth(),
@@ -159,6 +189,10 @@ impl ServerTls {
             }
         };
         let mut config = builder.with_cert_resolver(resolver);
+        // The server's order, not the client's: OpenSSL, curl and most browsers list
+        // AES-256 first, and its SHA-384 key schedule costs a full handshake more than
+        // the rest of it does (see ARCHITECTURE.md, "TLS").
+        config.ignore_client_order = true;
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         config.ticketer = match ticket_secret {
             // Shared by every instance with the same secret.
@@ -166,9 +200,26 @@ impl ServerTls {
             // This process's own, with random keys that rotate.
             None => provider::Ticketer::new().map_err(|e| e.to_string())?,
         };
-        Ok(ServerTls { certificates, client_auth, ticket_secret, config: Arc::new(config) })
+        Ok(ServerTls { certificates, client_auth, versions, ticket_secret, config: Arc::new(config) })
     }
 }
+
+/// The cipher suites a listener offers, in the order it chooses them. AES-128-GCM with
+/// SHA-256 comes first in both versions: SHA-256 runs on the CPU's SHA extensions where
+/// SHA-384 does not (a TLS 1.3 handshake hashes its transcript and derives every secret
+/// with the suite's hash), and AES-128 takes fewer rounds than AES-256 for every record.
+/// AES-256 and ChaCha20 stay for clients that offer nothing else.
+const SERVER_SUITES: &[rustls::SupportedCipherSuite] = &[
+    provider::cipher_suite::TLS13_AES_128_GCM_SHA256,
+    provider::cipher_suite::TLS13_AES_256_GCM_SHA384,
+    provider::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+    provider::cipher_suite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+    provider::cipher_suite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+    provider::cipher_suite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+    provider::cipher_suite::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+    provider::cipher_suite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+    provider::cipher_suite::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+];
 
 /// Chooses a certificate by the client's SNI name: an exact name first, then a wildcard
 /// for the name's parent, then the default.
@@ -269,7 +320,7 @@ mod tests {
         assert_eq!(pick(Some("a.b.shop.example")), 0);
         assert_eq!(pick(Some("elsewhere.example")), 0);
         assert_eq!(pick(None), 0);
-        assert!(ServerTls::new(certs, None, None).is_ok());
-        assert!(ServerTls::new(Vec::new(), None, None).is_err());
+        assert!(ServerTls::new(certs, None, None, Versions::ALL).is_ok());
+        assert!(ServerTls::new(Vec::new(), None, None, Versions::ALL).is_err());
     }
 }
