@@ -8,9 +8,10 @@
 # run.sh measures one LB_CMD per invocation, so this invokes it 2 x PAIRS times, alternating
 # off, on, off, on, ... with ROUNDS=1 (and no idle-connection test) and HAProxy sticky
 # beside Tether in each as the anchor (run.sh interleaves the two), so that both states
-# meet the same machine within minutes. It prints, per concurrency, Tether's req/s with Redis on over off for each pair,
-# raw and against the anchor of its own invocation, and their medians; and the commands
-# Redis processed in each "on" invocation, per new session and per request measured.
+# meet the same machine within minutes. It prints, per concurrency, Tether's req/s with
+# Redis on over off for each pair, raw and against the anchor of its own invocation, and
+# their medians; and the commands Redis processed in each "on" invocation, per new
+# session and per request measured.
 # Needs redis-server (apt-get install -y redis-server) besides what run.sh needs.
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
@@ -64,7 +65,7 @@ ratios = {}
 for i in range(1, pairs + 1):
     off, _ = rows(f"store-off-{i}")
     on, requests = rows(f"store-on-{i}")
-    ops = int(open(f"{work}/store-on-{i}.ops").read().strip() or 0) - 1  # less the INFO that read it
+    ops = int(open(f"{work}/store-on-{i}.ops").read().strip() or 0) - 1  # less CONFIG RESETSTAT, counted after its own reset
     print(f"pair {i}: Redis processed {ops} commands in the \"on\" run, {ops / users:.2f} per new session "
           f"({users} virtual users) and {ops / requests:.5f} per request measured ({requests})")
     for c in sorted({k[1] for k in on}):

@@ -844,7 +844,7 @@ impl Resolver<'_> {
                 }
             }
         }
-        if ok && versions == (crate::tls::Versions { tls12: false, tls13: false }) {
+        if ok && !versions.tls12 && !versions.tls13 {
             self.error(list, format!("listener \"{name}\": tls_versions needs at least one of \"1.2\" and \"1.3\""));
             ok = false;
         }

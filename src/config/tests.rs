@@ -562,6 +562,11 @@ fn tcp_listener_errors_are_located() {
         "t.toml:12:9: listener \"edge\": an sni_route needs at least one name",
     ];
     assert_eq!(e, expected, "{e:#?}");
+    // TLS versions are for terminating TLS, which a tcp listener does not.
+    let e = errors(&format!(
+        "[[listeners]]\nbind = \"127.0.0.1:0\"\nprotocol = \"tcp\"\npool = \"web\"\ntls_versions = [\"1.3\"]\n{TCP_POOLS}"
+    ));
+    assert_eq!(e, ["t.toml:5:16: listener \"listener-1\": tls_versions is not for protocol = \"tcp\""]);
     // A tcp listener needs somewhere to send connections.
     let e = errors(&format!("[[listeners]]\nbind = \"127.0.0.1:0\"\nprotocol = \"tcp\"\n{TCP_POOLS}"));
     assert_eq!(
